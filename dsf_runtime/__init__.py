@@ -1,0 +1,1 @@
+"""dsf-runtime: run double-sparse-factorized LLMs sparsely."""

@@ -1,0 +1,310 @@
+"""DSF checkpoints: a Hugging Face style directory, safetensors + JSON, never pickle.
+
+    config.json        the model config plus quantization_config (quant_method "dsf",
+                       version, format, value dtype, per-module shapes and nonzeros)
+    model.safetensors  dense parts under their usual names; each compressed linear as
+                       <module>.L.<tensor> and <module>.R.<tensor> in the stored format
+    tokenizer files
+
+Loading builds the model skeleton without allocating weights, swaps in DSFLinear
+modules, and checks every tensor (name, shape, dtype, index ranges, offsets, finite
+values) before anything runs on it. A dense W is never built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import nn
+
+from dsf_runtime.errors import CheckpointError, ConfigError, UnsupportedModelError
+from dsf_runtime.formats import FORMATS, get_format
+from dsf_runtime.linear import DSFLinear
+from dsf_runtime.patch import dsf_modules, set_backend, set_submodule
+
+CHECKPOINT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_ST_DTYPES = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class ModuleEntry(BaseModel):
+    """Shape and nonzero counts of one compressed linear."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out_features: int = Field(gt=0)
+    in_features: int = Field(gt=0)
+    rank: int = Field(gt=0)
+    nnz_left: int = Field(ge=0)
+    nnz_right: int = Field(ge=0)
+    bias: bool = False
+
+    @model_validator(mode="after")
+    def _fits(self) -> "ModuleEntry":
+        if self.nnz_left > self.out_features * self.rank or self.nnz_right > self.rank * self.in_features:
+            raise ValueError("nonzero count larger than the factor")
+        return self
+
+
+class DSFQuantConfig(BaseModel):
+    """The ``quantization_config`` section of a DSF checkpoint's config.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quant_method: Literal["dsf"] = "dsf"
+    version: int = CHECKPOINT_VERSION
+    format: str = "csr"
+    value_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    sparsity: float = Field(gt=0.0, lt=1.0)
+    method: str = "dsf"
+    factorization: dict = Field(default_factory=dict)
+    modules: dict[str, ModuleEntry]
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {v} is not supported (this dsf-runtime reads {CHECKPOINT_VERSION})")
+        return v
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in FORMATS:
+            raise ValueError(f"unknown format {v!r}; known: {', '.join(sorted(FORMATS))}")
+        return v
+
+
+def is_dsf_checkpoint(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a directory whose config.json declares quant_method "dsf"."""
+    config = Path(path) / CONFIG_NAME
+    if not config.is_file():
+        return False
+    try:
+        qc = json.loads(config.read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "dsf"
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without tied aliases (e.g. lm_head.weight tied to embeddings)."""
+    unique = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in unique}
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | os.PathLike, quant: DSFQuantConfig, overwrite: bool = False) -> Path:
+    """Write ``model`` (with DSFLinear modules) as a checkpoint directory, atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not (overwrite and is_dsf_checkpoint(out)):
+            raise ConfigError(f"{out} exists and is not empty; choose another directory (or --overwrite a DSF checkpoint)")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        config = model.config.to_dict()
+        config["quantization_config"] = quant.model_dump()
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        state = {k: v.detach().to("cpu").contiguous() for k, v in _unique_state(model).items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "dsf_version": str(CHECKPOINT_VERSION)})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)  # a crash before this line leaves only the hidden temporary directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_quant_config(ckpt_dir: str | os.PathLike) -> tuple[dict, DSFQuantConfig]:
+    """(model config dict without quantization_config, validated DSF section)."""
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt} is not a directory")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt} is missing {name}")
+    try:
+        config = json.loads((ckpt / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{ckpt / CONFIG_NAME} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{ckpt / CONFIG_NAME} does not hold a JSON object")
+    qc = config.pop("quantization_config", None)
+    if not isinstance(qc, dict) or qc.get("quant_method") != "dsf":
+        raise CheckpointError(f"{ckpt} is not a DSF checkpoint (config.json has no quantization_config with quant_method 'dsf')")
+    try:
+        quant = DSFQuantConfig.model_validate(qc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CheckpointError(f"{ckpt / CONFIG_NAME}: quantization_config.{where}: {first['msg']}") from None
+    return config, quant
+
+
+def _build_skeleton(config: dict, quant: DSFQuantConfig, dtype: torch.dtype) -> nn.Module:
+    """The model with every weight on the meta device and DSF modules swapped in."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dsf_runtime.models import architecture_for
+
+    model_type = config.get("model_type", "<missing>")
+    architecture_for(model_type)
+    try:
+        hf_config = AutoConfig.for_model(**config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"config.json cannot be read as a {model_type} config: {exc}") from None
+    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers stay real
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    value_dtype = _DTYPES[quant.value_dtype]
+    for name, entry in quant.modules.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"quantization_config names module {name!r}, which the model does not have") from None
+        if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (
+            entry.out_features,
+            entry.in_features,
+        ):
+            raise CheckpointError(f"{name}: declared {entry.out_features}x{entry.in_features} does not match the model")
+        if (linear.bias is not None) != entry.bias:
+            raise CheckpointError(f"{name}: bias={entry.bias} does not match the model")
+        with torch.device("meta"):
+            module = DSFLinear(
+                entry.in_features, entry.out_features, entry.rank, quant.format,
+                entry.nnz_left, entry.nnz_right, value_dtype, entry.bias, dtype,
+            )
+        set_submodule(model, name, module)
+    return model
+
+
+def _read_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read exactly the expected tensors, checking names, shapes and dtypes from the
+    header before any data is read (memory is bounded by the file, not by metadata)."""
+    from safetensors import safe_open
+
+    state = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            missing = sorted(set(expected) - keys)
+            extra = sorted(keys - set(expected))
+            if missing:
+                raise CheckpointError(f"{path.name} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+            if extra:
+                raise CheckpointError(f"{path.name} has {len(extra)} unexpected tensors, e.g. {', '.join(extra[:3])}")
+            for key, meta in expected.items():
+                sl = f.get_slice(key)
+                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                want = _ST_DTYPES.get(meta.dtype, str(meta.dtype))
+                if shape != tuple(meta.shape) or dtype != want:
+                    raise CheckpointError(
+                        f"tensor {key}: stored {dtype}{list(shape)}, expected {want}{list(meta.shape)}"
+                    )
+                state[key] = f.get_tensor(key)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path} is unreadable or truncated: {str(exc).splitlines()[0]}") from None
+    return state
+
+
+def _validate_content(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for name, module in dsf_modules(model).items():
+        for side in ("L", "R"):
+            factor = getattr(module, side)
+            prefix = f"{name}.{side}"
+            tensors = {k: state[f"{prefix}.{k}"] for k, _ in factor.named_buffers()}
+            try:
+                get_format(factor.fmt).validate(tensors, factor.shape, factor.nnz)
+            except ValueError as exc:
+                raise CheckpointError(f"{prefix}: {exc}") from None
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"tensor {key} contains NaN or Inf")
+
+
+def load_model(
+    ckpt_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+    with_tokenizer: bool = True,
+):
+    """Load a DSF checkpoint as (model, tokenizer) with DSFLinear modules on ``device``."""
+    ckpt = Path(ckpt_dir)
+    config, quant = read_quant_config(ckpt)
+    if dtype is None:
+        dtype = _DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+    try:
+        model = _build_skeleton(config, quant, dtype)
+    except UnsupportedModelError as exc:
+        raise CheckpointError(f"{ckpt}: {exc}") from None
+    expected = _unique_state(model)
+    state = _read_tensors(ckpt / WEIGHTS_NAME, expected)
+    _validate_content(model, state)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if leftover:
+        raise CheckpointError(f"tensors never loaded: {', '.join(leftover[:3])}")
+    model = model.to(device).eval()
+    set_backend(model, backend)
+    for module in dsf_modules(model).values():
+        module.prepare(dtype)  # choose and report the backend now, not at the first token
+    tokenizer = None
+    if with_tokenizer:
+        if not any((ckpt / f).is_file() for f in TOKENIZER_FILES):
+            raise CheckpointError(f"{ckpt} has no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    return model, tokenizer
+
+
+def backend_summary(model: nn.Module) -> str:
+    """e.g. 'torch-csr x210' — the kernels the DSF modules really use."""
+    counts: dict[str, int] = {}
+    for module in dsf_modules(model).values():
+        counts[module.backend_name] = counts.get(module.backend_name, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none (dense model)"
+
+
+def load_any(name_or_path: str | os.PathLike, device: str = "cpu", backend: str = "auto"):
+    """A DSF checkpoint (sparse) or a dense model directory / embedded name: (model, tokenizer)."""
+    from dsf_runtime.models import load_dense
+
+    if is_dsf_checkpoint(name_or_path):
+        return load_model(name_or_path, device=device, backend=backend)
+    path = Path(str(name_or_path))
+    if path.is_dir() and not (path / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{path} is missing {CONFIG_NAME}: neither a DSF checkpoint nor a model directory")
+    return load_dense(name_or_path, device=device)

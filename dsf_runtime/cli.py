@@ -1,0 +1,212 @@
+"""`dsf` command line: compress, generate, info, eval, compare, demo.
+
+User errors (bad paths, unsupported models, out-of-range options, corrupt
+checkpoints) print one line and exit with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dsf_runtime.errors import ConfigError, DSFError
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_PROMPT = "It is a truth universally acknowledged, that"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's code too)
+        self.exit(2, f"dsf: error: {message} (see dsf {self.prog.split()[-1]} --help)\n")
+
+
+def _add_device(p: argparse.ArgumentParser, backend: bool = True) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    if backend:
+        p.add_argument("--backend", default="auto", help="kernel backend for DSF layers (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dsf", description="Compress LLaMA-family models with Double Sparse Factorization and run them sparsely.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("compress", help="compress a dense model with DSF and save a checkpoint")
+    p.add_argument("model", help=f"Hugging Face model directory or {DEFAULT_MODEL!r}")
+    p.add_argument("out", help="output checkpoint directory (must not exist or be empty)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed, in (0, 1) (default 0.5)")
+    p.add_argument("--preset", default="fast", help="fast (demo) or paper (the paper's settings) (default: fast)")
+    p.add_argument("--calib", action="append", metavar="FILE", help="calibration text file(s) (default: bundled Austen novels)")
+    p.add_argument("--nsamples", type=int, help="calibration windows (preset default)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration window (preset default)")
+    p.add_argument("--value-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
+    _add_device(p, backend=False)
+
+    p = sub.add_parser("generate", help="complete a prompt with a DSF checkpoint or a dense model")
+    p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    _add_device(p)
+
+    p = sub.add_parser("info", help="per-layer shapes, factor densities and bytes of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("eval", help="perplexity on held-out text (default: Pride and Prejudice)")
+    p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
+    p.add_argument("--text", action="append", metavar="FILE", help="evaluation text file(s)")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--stride", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=16384, help="evaluate the first N tokens (0: all)")
+    _add_device(p)
+
+    p = sub.add_parser("compare", help="dense vs DSF side by side: perplexity, bytes, tokens/s, text")
+    p.add_argument("dense", help="dense model directory or embedded model name")
+    p.add_argument("checkpoint", help="DSF checkpoint")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per model")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity")
+    _add_device(p)
+
+    p = sub.add_parser("demo", help="compress the embedded model, generate, and compare with dense")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", default=os.path.join("out", "smollm2-135m-dsf50"))
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--preset", default="fast")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--reuse", action="store_true", help="reuse an existing checkpoint at --out instead of recompressing")
+    return parser
+
+
+def _positive(value: int, flag: str) -> int:
+    if value is None or value < 1:
+        raise ConfigError(f"{flag} must be a positive integer, got {value}")
+    return value
+
+
+def cmd_compress(args) -> None:
+    from dsf_runtime.converters.pipeline import make_job, run_compress
+
+    job = make_job(
+        args.model, args.out, sparsity=args.sparsity, preset_name=args.preset, calib_files=args.calib,
+        device=args.device, nsamples=args.nsamples, seqlen=args.seqlen,
+        value_dtype=args.value_dtype, overwrite=args.overwrite,
+    )
+    out, result = run_compress(job)
+    errs = [r.rel_error for r in result.reports]
+    print(f"compressed {len(result.reports)} linears in {result.seconds:.0f}s "
+          f"(mean weighted rel. error {sum(errs) / len(errs):.4f}); checkpoint: {out}")
+
+
+def cmd_generate(args) -> None:
+    from dsf_runtime.checkpoint import backend_summary, load_any
+    from dsf_runtime.generate import generate_text
+
+    _positive(args.max_tokens, "--max-tokens")
+    model, tokenizer = load_any(args.model, device=args.device, backend=args.backend)
+    gen = generate_text(model, tokenizer, args.prompt, args.max_tokens, chat=args.chat)
+    print(f"[backend: {backend_summary(model)}; {gen.new_tokens} tokens, {gen.tokens_per_second:.1f} tok/s]", file=sys.stderr)
+    print(args.prompt + gen.text if not args.chat else gen.text)
+
+
+def cmd_info(args) -> None:
+    from dsf_runtime.checkpoint import load_model, read_quant_config
+    from dsf_runtime.report import format_bytes, layer_infos
+
+    _, quant = read_quant_config(args.checkpoint)
+    model, _ = load_model(args.checkpoint, with_tokenizer=False)
+    rows = layer_infos(model)
+    if args.json:
+        print(json.dumps({"quantization_config": quant.model_dump(), "layers": [r.__dict__ for r in rows]}, indent=2))
+        return
+    print(f"{args.checkpoint}: method={quant.method} format={quant.format} values={quant.value_dtype} "
+          f"sparsity={quant.sparsity} version={quant.version}")
+    print(f"{'module':44s} {'shape':>11s} {'rank':>5s} {'dens L':>7s} {'dens R':>7s} {'total':>6s} {'bytes':>10s} {'vs bf16':>7s}")
+    for r in rows:
+        print(f"{r.name:44s} {r.out_features:>5d}x{r.in_features:<5d} {r.rank:>5d} {r.density_left:7.3f} "
+              f"{r.density_right:7.3f} {r.total_density:6.3f} {format_bytes(r.nbytes):>10s} {r.nbytes / r.dense_bf16_bytes:7.2f}")
+    total = sum(r.nbytes for r in rows)
+    dense = sum(r.dense_bf16_bytes for r in rows)
+    density = sum(r.total_density * r.out_features * r.in_features for r in rows) / sum(r.out_features * r.in_features for r in rows)
+    print(f"{len(rows)} compressed linears: total density {density:.3f}, {format_bytes(total)} "
+          f"= {total / dense:.2f}x dense bf16 ({format_bytes(dense)}), {total / (2 * dense):.2f}x dense fp32")
+
+
+def cmd_eval(args) -> None:
+    from dsf_runtime.benchmarks.quality import perplexity
+    from dsf_runtime.checkpoint import backend_summary, load_any
+    from dsf_runtime.converters.data import evaluation_text, tokenize
+
+    if args.window < 2 or not 1 <= args.stride <= args.window:
+        raise ConfigError("need --window >= 2 and 1 <= --stride <= --window")
+    model, tokenizer = load_any(args.model, device=args.device, backend=args.backend)
+    ids = tokenize(tokenizer, evaluation_text(args.text))
+    ppl = perplexity(model, ids, args.window, args.stride, args.max_tokens or None)
+    n = min(ids.numel(), args.max_tokens or ids.numel())
+    print(f"perplexity {ppl:.3f} on {n} tokens (window {args.window}, stride {args.stride}; backend: {backend_summary(model)})")
+
+
+def cmd_compare(args) -> None:
+    from dsf_runtime.benchmarks.compare import compare, format_table
+
+    rows = compare(args.dense, args.checkpoint, prompt=args.prompt, max_tokens=args.max_tokens,
+                   eval_tokens=args.eval_tokens, device=args.device, backend=args.backend)
+    print(format_table(rows))
+
+
+def cmd_demo(args) -> None:
+    from dsf_runtime.benchmarks.compare import compare, format_table
+    from dsf_runtime.checkpoint import is_dsf_checkpoint
+    from dsf_runtime.converters.pipeline import make_job, run_compress
+
+    out = Path(args.out)
+    if args.reuse and is_dsf_checkpoint(out):
+        print(f"[1/2] reusing the DSF checkpoint at {out}")
+    else:
+        print(f"[1/2] compressing {args.model} with DSF at sparsity {args.sparsity} (preset {args.preset}) -> {out}")
+        job = make_job(args.model, out, sparsity=args.sparsity, preset_name=args.preset, overwrite=True)
+        _, result = run_compress(job)
+        print(f"      {len(result.reports)} linears factorized in {result.seconds:.0f}s")
+    print("[2/2] loading it back sparse, generating, and comparing with dense")
+    rows = compare(args.model, out, prompt=DEFAULT_PROMPT, max_tokens=32, eval_tokens=args.eval_tokens)
+    print(format_table(rows))
+
+
+COMMANDS = {
+    "compress": cmd_compress,
+    "generate": cmd_generate,
+    "info": cmd_info,
+    "eval": cmd_eval,
+    "compare": cmd_compare,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
+    try:
+        from transformers.utils import logging as hf_logging
+
+        if not args.verbose:
+            hf_logging.set_verbosity_error()
+        COMMANDS[args.command](args)
+    except DSFError as exc:
+        print(f"dsf: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsf: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

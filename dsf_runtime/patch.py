@@ -1,0 +1,42 @@
+"""Swap nn.Linear modules of a model for DSFLinear, by module name."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsf_runtime.linear import DSFLinear
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replace_with_factors(
+    model: nn.Module,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    fmt: str = "csr",
+    value_dtype: torch.dtype | None = None,
+) -> None:
+    """Replace each named nn.Linear by a DSFLinear packed from its (L, R) pair."""
+    for name, (L, R) in factors.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, not nn.Linear")
+        if (L.shape[0], R.shape[1]) != (linear.out_features, linear.in_features):
+            raise ValueError(
+                f"{name}: factors give {L.shape[0]}x{R.shape[1]}, layer is {linear.out_features}x{linear.in_features}"
+            )
+        bias = linear.bias.detach() if linear.bias is not None else None
+        set_submodule(model, name, DSFLinear.from_factors(L, R, bias, fmt, value_dtype))
+
+
+def dsf_modules(model: nn.Module) -> dict[str, DSFLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, DSFLinear)}
+
+
+def set_backend(model: nn.Module, backend: str = "auto") -> None:
+    for module in dsf_modules(model).values():
+        module.set_backend(backend)
