@@ -1,6 +1,6 @@
 """End to end on the real embedded model (SmolLM2-135M): compress -> save -> load ->
 generate, checked against the dense product of the stored factors. Marked slow
-(about 2-3 minutes on 2 cores); run with `pytest -m slow`."""
+(about 2 minutes on 2 cores); CI runs it, `pytest -m "not slow"` skips it."""
 
 from __future__ import annotations
 
