@@ -2,29 +2,37 @@
 
 Decoder layers are processed in order. For each layer: forward the calibration
 activations through it with hooks accumulating the Gram matrix H = X^T X / n of every
-compressible linear's input, factorize all of them, write the product back so the
-layer behaves as compressed, and forward again to produce the next layer's inputs.
-The algorithm itself is a pure function passed in (``factorize``); this module owns
-hooks, devices and progress bars only.
+compressible linear's input, compress all of them with the given method, write the
+product back so the layer behaves as compressed, and forward again to produce the
+next layer's inputs. The method is a pure function passed in; this module owns hooks,
+devices, resumption and progress bars only.
+
+Memory: the model stays on the CPU; only the decoder layer being processed and the
+calibration activations live on ``device``. With a ``work_dir`` every finished layer's
+factors are saved, so a killed run resumes after its last finished layer.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsf_runtime.errors import FactorizationError
+from dsf_runtime.converters.factorize import weighted_error
+from dsf_runtime.converters.methods import Factors, Method
+from dsf_runtime.errors import ConfigError, FactorizationError
+from dsf_runtime.formats import get_format
 from dsf_runtime.models import architecture_for
 
 log = logging.getLogger(__name__)
-
-FactorizeFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -33,19 +41,32 @@ class LayerReport:
     shape: tuple[int, int]
     nnz_left: int
     nnz_right: int
-    rel_error: float  # H-weighted relative reconstruction error
+    rel_error: float  # H-weighted relative reconstruction error of the stored factors
     seconds: float
+    info: dict[str, float] = field(default_factory=dict)  # method diagnostics
 
 
 @dataclass
 class CompressionResult:
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (L, R) on CPU
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)  # on CPU
     reports: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_layers: int = 0
 
 
 class _StopForward(Exception):
     pass
+
+
+def _to(obj: Any, device) -> Any:
+    """Move tensors inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
 
 
 def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]):
@@ -75,72 +96,155 @@ def _layer_out(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+class _WorkDir:
+    """Finished layers of an interrupted run: factors in CSR + a JSON report each."""
+
+    def __init__(self, path: Path, fingerprint: dict):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        job = path / "job.json"
+        if job.exists():
+            try:
+                stored = json.loads(job.read_text())
+            except json.JSONDecodeError:
+                stored = None
+            if stored != fingerprint:
+                raise ConfigError(
+                    f"{path} holds a partial run with other settings; delete it to start over"
+                )
+        else:
+            job.write_text(json.dumps(fingerprint, sort_keys=True))
+
+    def _files(self, i: int) -> tuple[Path, Path]:
+        return self.path / f"layer_{i:04d}.safetensors", self.path / f"layer_{i:04d}.json"
+
+    def load(self, i: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], list[LayerReport]] | None:
+        from safetensors.torch import load_file
+
+        tensors_file, report_file = self._files(i)
+        if not (tensors_file.exists() and report_file.exists()):
+            return None
+        meta = json.loads(report_file.read_text())
+        tensors = load_file(tensors_file)
+        csr = get_format("csr")
+        factors = {}
+        for name, shapes in meta["shapes"].items():
+            parts = []
+            for side, shape in zip(("L", "R"), shapes):
+                if shape is None:
+                    parts.append(None)
+                    continue
+                sub = {k: tensors[f"{name}.{side}.{k}"] for k in ("crow_indices", "col_indices", "values")}
+                parts.append(csr.unpack(sub, tuple(shape)))
+            factors[name] = (parts[0], parts[1])
+        reports = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in meta["reports"]]
+        return factors, reports
+
+    def save(self, i: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]], reports: list[LayerReport]) -> None:
+        from safetensors.torch import save_file
+
+        csr = get_format("csr")
+        tensors, shapes = {}, {}
+        for name, (L, R) in factors.items():
+            shapes[name] = [list(L.shape), None if R is None else list(R.shape)]
+            for side, mat in (("L", L), ("R", R)):
+                if mat is not None:
+                    for k, t in csr.pack(mat, torch.float32).items():
+                        tensors[f"{name}.{side}.{k}"] = t
+        tensors_file, report_file = self._files(i)
+        save_file(tensors, str(tensors_file) + ".tmp")
+        os.replace(str(tensors_file) + ".tmp", tensors_file)
+        report_file.write_text(json.dumps({"shapes": shapes, "reports": [asdict(r) for r in reports]}))
+
+
 @torch.no_grad()
 def compress_sequential(
     model: nn.Module,
     calib_ids: torch.Tensor,
-    factorize: FactorizeFn,
+    method: Method,
     *,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    work_dir: str | os.PathLike | None = None,
+    fingerprint: dict | None = None,
 ) -> CompressionResult:
-    """Factorize every compressible linear of ``model`` given calibration windows
+    """Compress every compressible linear of ``model`` given calibration windows
     ``calib_ids`` (nsamples, seqlen). The model is modified in place: each compressed
-    weight is replaced by the dense product L @ R. Returns the factor pairs."""
-    from dsf_runtime.converters.factorize import weighted_error
-
+    weight is replaced by its dense product. Returns the factors (CPU) and a report
+    per linear. ``work_dir`` (with a ``fingerprint`` of the settings) enables resuming."""
     start = time.perf_counter()
     arch = architecture_for(model.config.model_type)
     layers = model.get_submodule(arch.layers)
     model.eval()
-    model.to(device)
-    batches = [b.to(device) for b in calib_ids.split(batch_size)]
+    model.to("cpu")
+    work = _WorkDir(Path(work_dir), fingerprint or {}) if work_dir is not None else None
+    batches = list(calib_ids.split(batch_size))
     hidden, layer_kwargs = _capture_layer_inputs(model, layers, batches)
+    hidden = [_to(h, device) for h in hidden]
+    layer_kwargs = [_to(kw, device) for kw in layer_kwargs]
     result = CompressionResult()
 
-    bar = tqdm(range(len(layers)), desc="DSF layers", unit="layer", disable=not progress)
+    bar = tqdm(range(len(layers)), desc="compressing layers", unit="layer", disable=not progress)
     for i in bar:
-        layer = layers[i]
+        layer = layers[i].to(device)
         linears = {name: layer.get_submodule(name) for name in arch.linears}
-        grams = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
-        counts = dict.fromkeys(linears, 0)
-
-        def make_hook(name):
-            def hook(_module, args):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-                grams[name].addmm_(x.t(), x)
-                counts[name] += x.shape[0]
-
-            return hook
-
-        handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in linears.items()]
-        try:
-            for h, kw in zip(hidden, layer_kwargs):
-                layer(h, **kw)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-        for name, linear in linears.items():
-            full = f"{arch.layers}.{i}.{name}"
-            t0 = time.perf_counter()
-            H = grams[name] / max(1, counts[name])
-            W = linear.weight.data.float()
-            L, R = factorize(W, H)
-            if not (torch.isfinite(L).all() and torch.isfinite(R).all()):
-                raise FactorizationError(f"{full}: factorization produced NaN or Inf")
-            product = L @ R
-            err = weighted_error(W, product, H)
-            linear.weight.data.copy_(product.to(linear.weight.dtype))
-            result.factors[full] = (L.cpu(), R.cpu())
-            result.reports.append(
-                LayerReport(full, tuple(W.shape), int((L != 0).sum()), int((R != 0).sum()), err, time.perf_counter() - t0)
-            )
-            log.info("%s %s rel.err %.4f (%.1fs)", full, tuple(W.shape), err, result.reports[-1].seconds)
-        del grams
+        done = work.load(i) if work is not None else None
+        if done is not None:
+            factors, reports = done
+            for name, linear in linears.items():
+                L, R = factors[f"{arch.layers}.{i}.{name}"]
+                linear.weight.data.copy_((L if R is None else L @ R).to(linear.weight.dtype))
+            result.resumed_layers += 1
+        else:
+            factors, reports = _compress_layer(layer, linears, hidden, layer_kwargs, method, f"{arch.layers}.{i}", device)
+            if work is not None:
+                work.save(i, factors, reports)
+        result.factors.update(factors)
+        result.reports.extend(reports)
         hidden = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, layer_kwargs)]
-        mean_err = sum(r.rel_error for r in result.reports[-len(linears):]) / len(linears)
-        bar.set_postfix(err=f"{mean_err:.4f}")
+        layer.to("cpu")
+        bar.set_postfix(err=f"{sum(r.rel_error for r in reports) / len(reports):.4f}")
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _compress_layer(layer, linears, hidden, layer_kwargs, method: Method, prefix: str, device):
+    """Collect H for every linear of one layer in one pass, then compress each."""
+    grams = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
+    counts = dict.fromkeys(linears, 0)
+
+    def make_hook(name):
+        def hook(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            grams[name].addmm_(x.t(), x)
+            counts[name] += x.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in linears.items()]
+    try:
+        for h, kw in zip(hidden, layer_kwargs):
+            layer(h, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    factors, reports = {}, []
+    for name, linear in linears.items():
+        full = f"{prefix}.{name}"
+        t0 = time.perf_counter()
+        H = grams.pop(name) / max(1, counts[name])
+        W = linear.weight.data.float()
+        out: Factors = method(W, H)
+        product = out.product()
+        if not bool(torch.isfinite(product).all()):
+            raise FactorizationError(f"{full}: compression produced NaN or Inf (check the calibration data)")
+        err = weighted_error(W, product, H)
+        linear.weight.data.copy_(product.to(linear.weight.dtype))
+        factors[full] = (out.L.cpu(), None if out.R is None else out.R.cpu())
+        nnz_r = 0 if out.R is None else int((out.R != 0).sum())
+        reports.append(LayerReport(full, tuple(W.shape), int((out.L != 0).sum()), nnz_r, err,
+                                   time.perf_counter() - t0, out.info))
+        log.info("%s %s rel.err %.4f %s (%.1fs)", full, tuple(W.shape), err, out.info, reports[-1].seconds)
+    return factors, reports

@@ -23,6 +23,10 @@ class DSFConfig(BaseModel):
     finalize: bool = Field(True, description="refit the second factor's values for the true objective")
     finalize_iters: int = Field(20, ge=1)
     square_density: float | None = Field(None, gt=0.0, le=1.0, description="None: 0.16 for square W, 0.25 otherwise")
+    square_mask: Literal["adaptive", "random"] = Field(
+        "adaptive", description="random: the paper's ablation with a fixed random mask (diagonal included) for the square factor"
+    )
+    seed: int = 0
     dtype: Literal["float32", "float64"] = "float32"
 
     @property

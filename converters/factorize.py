@@ -102,6 +102,20 @@ def sparse_lstsq_admm(
     return Zs / norms[:, None], Un / norms[:, None]
 
 
+def random_square_mask(n: int, nnz: int, seed: int, device=None) -> torch.Tensor:
+    """A fixed random n x n mask with ``nnz`` entries, the diagonal first."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.eye(n, dtype=torch.bool)
+    if nnz < n:
+        keep = torch.randperm(n, generator=g)[:nnz]
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        mask[keep, keep] = True
+    else:
+        off = (~mask).flatten().nonzero().squeeze(1)
+        mask.view(-1)[off[torch.randperm(off.numel(), generator=g)[: nnz - n]]] = True
+    return mask.to(device)
+
+
 def _factorize_tall(Wn: torch.Tensor, budget: Budget, config: DSFConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Wn (m x n, m >= n) ~ A (m x n) @ B (n x n), B the square factor."""
     m, n = Wn.shape
@@ -111,10 +125,13 @@ def _factorize_tall(Wn: torch.Tensor, budget: Budget, config: DSFConfig) -> tupl
     UB = torch.zeros_like(B)
     WnT = Wn.T
     common = dict(iters=config.admm_iters, mask_iters=config.mask_iters, ridge=config.ridge)
+    square_mask = random_square_mask(n, budget.square, config.seed, Wn.device) if config.square_mask == "random" else None
     for it in range(config.outer_iters):
         warm_rho = min(1.0, it / config.anneal) ** 3
         # B given A: min ||A B - Wn||, M = A, Z = B.
-        B, UB = sparse_lstsq_admm(A.T @ A, A.T @ Wn, B, UB, budget.square, warm_rho=warm_rho, **common)
+        B, UB = sparse_lstsq_admm(
+            A.T @ A, A.T @ Wn, B, UB, budget.square, warm_rho=warm_rho, fixed_mask=square_mask, **common
+        )
         # A given B: min ||B^T A^T - Wn^T||, M = B^T, Z = A^T.
         At, UA = sparse_lstsq_admm(B @ B.T, B @ WnT, A.T, UA, budget.other, warm_rho=warm_rho, **common)
         A = At.T
@@ -150,6 +167,15 @@ def dsf_factorize(W: torch.Tensor, H: torch.Tensor, config: DSFConfig) -> tuple[
 
     Returns dense-with-zeros tensors L (out x r), R (r x in) in W's dtype with
     nnz(L) + nnz(R) <= split_budget(...).total."""
+    L, R, _ = dsf_factorize_info(W, H, config)
+    return L, R
+
+
+def dsf_factorize_info(
+    W: torch.Tensor, H: torch.Tensor, config: DSFConfig
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """dsf_factorize plus diagnostics: the H-weighted relative error before and after
+    finalisation."""
     out_features, in_features = W.shape
     if H.shape != (in_features, in_features):
         raise ValueError(f"H has shape {tuple(H.shape)}, expected ({in_features}, {in_features})")
@@ -165,9 +191,11 @@ def dsf_factorize(W: torch.Tensor, H: torch.Tensor, config: DSFConfig) -> tuple[
     else:
         A, B = _factorize_tall(Wn, budget, config)  # Wn ~ A B
         L, R = A, B / d[None, :]
+    info = {"error_before_finalize": weighted_error(W64, L @ R, H64)}
     if config.finalize:
         L = refit_left(L, R, W64, H64, config)
-    return L.to(W.dtype).contiguous(), R.to(W.dtype).contiguous()
+    info["error_after_finalize"] = weighted_error(W64, L @ R, H64) if config.finalize else info["error_before_finalize"]
+    return L.to(W.dtype).contiguous(), R.to(W.dtype).contiguous(), info
 
 
 def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

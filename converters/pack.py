@@ -16,7 +16,7 @@ VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 
 def pack_model(
     model: nn.Module,
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
     *,
     sparsity: float,
     fmt: str = "csr",
@@ -33,7 +33,7 @@ def pack_model(
             in_features=m.in_features,
             rank=m.rank,
             nnz_left=m.L.nnz,
-            nnz_right=m.R.nnz,
+            nnz_right=m.R.nnz if m.R is not None else 0,
             bias=m.bias is not None,
         )
         for name, m in dsf_modules(model).items()
@@ -54,8 +54,9 @@ def write_packed(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     out_dir: str | os.PathLike,
     overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
     **pack_options,
 ) -> Path:
-    """pack_model + save_checkpoint."""
+    """pack_model + save_checkpoint (``extra_files``: name -> text written beside it)."""
     quant = pack_model(model, factors, **pack_options)
-    return save_checkpoint(model, tokenizer, out_dir, quant, overwrite=overwrite)
+    return save_checkpoint(model, tokenizer, out_dir, quant, overwrite=overwrite, extra_files=extra_files)

@@ -1,25 +1,28 @@
-"""The compress job end to end: dense model + text -> DSF factors -> checkpoint."""
+"""The compress job end to end: dense model + text -> factors -> checkpoint."""
 
 from __future__ import annotations
 
-import functools
+import json
 import logging
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from dsf_runtime.checkpoint import is_dsf_checkpoint
 from dsf_runtime.converters.calibrate import CompressionResult, compress_sequential
 from dsf_runtime.converters.config import CALIB_PRESETS, CalibConfig, DSFConfig, preset
 from dsf_runtime.converters.data import calibration_text, sample_windows, tokenize
-from dsf_runtime.converters.factorize import dsf_factorize
+from dsf_runtime.converters.methods import make_method
 from dsf_runtime.converters.pack import write_packed
-from dsf_runtime.checkpoint import is_dsf_checkpoint
 from dsf_runtime.errors import ConfigError
 from dsf_runtime.models import load_dense
 
 log = logging.getLogger(__name__)
+
+LOG_NAME = "compression_log.json"
 
 
 @dataclass
@@ -28,12 +31,28 @@ class CompressJob:
     out_dir: Path
     dsf: DSFConfig
     calib: CalibConfig
+    method: str = "dsf"
     calib_files: list[str] | None = None
     device: str = "cpu"
     value_dtype: str = "float16"
     fmt: str = "csr"
     overwrite: bool = False
     progress: bool = True
+    resume: bool = True
+
+    @property
+    def work_dir(self) -> Path:
+        """Where finished layers of an interrupted run are kept."""
+        return self.out_dir.with_name(f".{self.out_dir.name}.partial")
+
+    def fingerprint(self) -> dict:
+        return {
+            "model": str(self.model),
+            "method": self.method,
+            "dsf": self.dsf.model_dump(),
+            "calib": self.calib.model_dump(),
+            "calib_files": [str(Path(f).resolve()) for f in self.calib_files or []],
+        }
 
 
 def make_job(
@@ -45,10 +64,13 @@ def make_job(
     device: str = "cpu",
     nsamples: int | None = None,
     seqlen: int | None = None,
+    method: str = "dsf",
+    dsf_overrides: dict | None = None,
     **options,
 ) -> CompressJob:
     """Build a validated job from CLI-style arguments (errors are ConfigError)."""
-    dsf = preset(preset_name, sparsity=sparsity)
+    dsf = preset(preset_name, sparsity=sparsity, **(dsf_overrides or {}))
+    make_method(method, sparsity, dsf)  # validates the method name early
     calib_args = dict(CALIB_PRESETS[preset_name])
     if nsamples is not None:
         calib_args["nsamples"] = nsamples
@@ -64,22 +86,38 @@ def make_job(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not (options.get("overwrite") and is_dsf_checkpoint(out)):
             raise ConfigError(f"{out} exists and is not empty; choose another directory (or --overwrite a DSF checkpoint)")
-    return CompressJob(model, out, dsf, calib, calib_files, device, **options)
+    return CompressJob(model, out, dsf, calib, method, calib_files, device, **options)
 
 
 def run_compress(job: CompressJob) -> tuple[Path, CompressionResult]:
-    """Load, calibrate and factorize layer by layer, pack, and save atomically."""
+    """Load, calibrate and compress layer by layer, pack, and save atomically.
+
+    Finished layers are kept in ``job.work_dir`` until the checkpoint is written, so
+    running the same job again after a crash resumes where it stopped."""
     model, tokenizer = load_dense(job.model)
     max_len = getattr(model.config, "max_position_embeddings", None)
     seqlen = min(job.calib.seqlen, max_len) if max_len else job.calib.seqlen
     ids = tokenize(tokenizer, calibration_text(job.calib_files))
     windows = sample_windows(ids, job.calib.nsamples, seqlen, job.calib.seed)
     log.info("calibrating on %d windows of %d tokens", *windows.shape)
-    factorize = functools.partial(dsf_factorize, config=job.dsf)
+    if not job.resume and job.work_dir.exists():
+        shutil.rmtree(job.work_dir)
     result = compress_sequential(
-        model, windows, factorize, batch_size=job.calib.batch_size, device=job.device, progress=job.progress
+        model,
+        windows,
+        make_method(job.method, job.dsf.sparsity, job.dsf),
+        batch_size=job.calib.batch_size,
+        device=job.device,
+        progress=job.progress,
+        work_dir=job.work_dir,
+        fingerprint=job.fingerprint(),
     )
-    model.to("cpu")
+    if result.resumed_layers:
+        log.warning("resumed: %d layers were taken from %s", result.resumed_layers, job.work_dir)
+    settings = {"calibration": {**job.calib.model_dump(), "seqlen": seqlen}}
+    if job.method == "dsf":
+        settings.update(job.dsf.model_dump())
+    log_json = json.dumps({"seconds": result.seconds, "layers": [asdict(r) for r in result.reports]}, indent=1)
     out = write_packed(
         model,
         tokenizer,
@@ -89,7 +127,9 @@ def run_compress(job: CompressJob) -> tuple[Path, CompressionResult]:
         sparsity=job.dsf.sparsity,
         fmt=job.fmt,
         value_dtype=job.value_dtype,
-        method="dsf",
-        factorization={**job.dsf.model_dump(), "calibration": {**job.calib.model_dump(), "seqlen": seqlen}},
+        method=job.method,
+        factorization=settings,
+        extra_files={LOG_NAME: log_json},
     )
+    shutil.rmtree(job.work_dir, ignore_errors=True)
     return out, result

@@ -55,14 +55,16 @@ class ModuleEntry(BaseModel):
 
     out_features: int = Field(gt=0)
     in_features: int = Field(gt=0)
-    rank: int = Field(gt=0)
+    rank: int | None = Field(gt=0, description="None: one sparse matrix L (out x in), no R")
     nnz_left: int = Field(ge=0)
     nnz_right: int = Field(ge=0)
     bias: bool = False
 
     @model_validator(mode="after")
     def _fits(self) -> "ModuleEntry":
-        if self.nnz_left > self.out_features * self.rank or self.nnz_right > self.rank * self.in_features:
+        left_cols = self.in_features if self.rank is None else self.rank
+        right_size = 0 if self.rank is None else self.rank * self.in_features
+        if self.nnz_left > self.out_features * left_cols or self.nnz_right > right_size:
             raise ValueError("nonzero count larger than the factor")
         return self
 
@@ -114,8 +116,16 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in unique}
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | os.PathLike, quant: DSFQuantConfig, overwrite: bool = False) -> Path:
-    """Write ``model`` (with DSFLinear modules) as a checkpoint directory, atomically."""
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    quant: DSFQuantConfig,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write ``model`` (with DSFLinear modules) as a checkpoint directory, atomically.
+    ``extra_files`` (name -> text, e.g. the compression log) are written beside it."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -134,6 +144,8 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | os.PathLike, qua
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "dsf_version": str(CHECKPOINT_VERSION)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)  # a crash before this line leaves only the hidden temporary directory
@@ -242,6 +254,8 @@ def _validate_content(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for name, module in dsf_modules(model).items():
         for side in ("L", "R"):
             factor = getattr(module, side)
+            if factor is None:
+                continue
             prefix = f"{name}.{side}"
             tensors = {k: state[f"{prefix}.{k}"] for k, _ in factor.named_buffers()}
             try:

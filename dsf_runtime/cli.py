@@ -129,8 +129,10 @@ def cmd_info(args) -> None:
           f"sparsity={quant.sparsity} version={quant.version}")
     print(f"{'module':44s} {'shape':>11s} {'rank':>5s} {'dens L':>7s} {'dens R':>7s} {'total':>6s} {'bytes':>10s} {'vs bf16':>7s}")
     for r in rows:
-        print(f"{r.name:44s} {r.out_features:>5d}x{r.in_features:<5d} {r.rank:>5d} {r.density_left:7.3f} "
-              f"{r.density_right:7.3f} {r.total_density:6.3f} {format_bytes(r.nbytes):>10s} {r.nbytes / r.dense_bf16_bytes:7.2f}")
+        rank = "-" if r.rank is None else str(r.rank)
+        right = "-" if r.density_right is None else f"{r.density_right:.3f}"
+        print(f"{r.name:44s} {r.out_features:>5d}x{r.in_features:<5d} {rank:>5s} {r.density_left:7.3f} "
+              f"{right:>7s} {r.total_density:6.3f} {format_bytes(r.nbytes):>10s} {r.nbytes / r.dense_bf16_bytes:7.2f}")
     total = sum(r.nbytes for r in rows)
     dense = sum(r.dense_bf16_bytes for r in rows)
     density = sum(r.total_density * r.out_features * r.in_features for r in rows) / sum(r.out_features * r.in_features for r in rows)

@@ -50,6 +50,9 @@ class SparseFactor(nn.Module):
 class DSFLinear(nn.Module):
     """y = L (R x) + b with R (rank x in) applied first and L (out x rank) second.
 
+    With ``rank=None`` the layer holds one sparse matrix L (out x in) and computes
+    y = L x + b: how one-matrix pruning baselines (SparseGPT, Wanda, magnitude) are
+    stored and run, so every method is loaded and benchmarked the same way.
     The kernel backend is chosen per device when the layer is first run (or by
     ``set_backend``); its prepared operands are cached until the module moves."""
 
@@ -57,7 +60,7 @@ class DSFLinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        rank: int,
+        rank: int | None,
         fmt: str,
         nnz_left: int,
         nnz_right: int,
@@ -69,8 +72,8 @@ class DSFLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
-        self.L = SparseFactor((out_features, rank), fmt, nnz_left, value_dtype)
-        self.R = SparseFactor((rank, in_features), fmt, nnz_right, value_dtype)
+        self.L = SparseFactor((out_features, in_features if rank is None else rank), fmt, nnz_left, value_dtype)
+        self.R = None if rank is None else SparseFactor((rank, in_features), fmt, nnz_right, value_dtype)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
         self.requested_backend = "auto"
         self._backend: Backend | None = None
@@ -78,15 +81,24 @@ class DSFLinear(nn.Module):
 
     @classmethod
     def from_factors(
-        cls, L: torch.Tensor, R: torch.Tensor, bias: torch.Tensor | None, fmt: str = "csr", value_dtype: torch.dtype | None = None
+        cls,
+        L: torch.Tensor,
+        R: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        fmt: str = "csr",
+        value_dtype: torch.dtype | None = None,
     ) -> "DSFLinear":
-        """Pack dense-with-zeros factors L (out x r), R (r x in) into a new layer."""
-        if L.shape[1] != R.shape[0]:
+        """Pack dense-with-zeros factors L (out x r), R (r x in) into a new layer;
+        R=None packs a single sparse matrix L (out x in)."""
+        if R is not None and L.shape[1] != R.shape[0]:
             raise ValueError(f"factor shapes do not chain: L {tuple(L.shape)}, R {tuple(R.shape)}")
         value_dtype = value_dtype or L.dtype
-        layer = cls(R.shape[1], L.shape[0], L.shape[1], fmt, 0, 0, value_dtype, bias is not None)
+        in_features = L.shape[1] if R is None else R.shape[1]
+        rank = None if R is None else L.shape[1]
+        layer = cls(in_features, L.shape[0], rank, fmt, 0, 0, value_dtype, bias is not None)
         layer.L = SparseFactor.from_dense(L, fmt, value_dtype)
-        layer.R = SparseFactor.from_dense(R, fmt, value_dtype)
+        if R is not None:
+            layer.R = SparseFactor.from_dense(R, fmt, value_dtype)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer
@@ -109,10 +121,8 @@ class DSFLinear(nn.Module):
         device = next(self.L.buffers()).device
         backend = choose_backend(self.fmt, device, self.requested_backend)
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        self._prepared = (
-            backend.prepare(self.fmt, self.R.stored(), self.R.shape, dtype),
-            backend.prepare(self.fmt, self.L.stored(), self.L.shape, dtype),
-        )
+        right = None if self.R is None else backend.prepare(self.fmt, self.R.stored(), self.R.shape, dtype)
+        self._prepared = (right, backend.prepare(self.fmt, self.L.stored(), self.L.shape, dtype))
         self._backend = backend
 
     def _apply(self, fn, *args, **kwargs):
@@ -124,8 +134,9 @@ class DSFLinear(nn.Module):
         if self._prepared is None:
             self.prepare(x.dtype)
         right, left = self._prepared
-        x2 = x.reshape(-1, self.in_features)  # (N, in)
-        h = self._backend.matmul(right, x2)  # (N, rank)
+        h = x.reshape(-1, self.in_features)  # (N, in)
+        if right is not None:
+            h = self._backend.matmul(right, h)  # (N, rank)
         y = self._backend.matmul(left, h)  # (N, out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -133,10 +144,20 @@ class DSFLinear(nn.Module):
 
     def nbytes(self) -> int:
         extra = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
-        return self.L.nbytes() + self.R.nbytes() + extra
+        return self.L.nbytes() + (self.R.nbytes() if self.R is not None else 0) + extra
+
+    @property
+    def nnz(self) -> int:
+        return self.L.nnz + (self.R.nnz if self.R is not None else 0)
+
+    def to_dense_weight(self) -> torch.Tensor:
+        """The dense product L @ R (or L): for reference checks only."""
+        left = self.L.to_dense().double()
+        return (left if self.R is None else left @ self.R.to_dense().double()).float()
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"{'single sparse matrix' if self.rank is None else f'rank={self.rank}'}, "
             f"format={self.fmt}, backend={self.backend_name}, bias={self.bias is not None}"
         )

@@ -16,18 +16,20 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def replace_with_factors(
     model: nn.Module,
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
     fmt: str = "csr",
     value_dtype: torch.dtype | None = None,
 ) -> None:
-    """Replace each named nn.Linear by a DSFLinear packed from its (L, R) pair."""
+    """Replace each named nn.Linear by a DSFLinear packed from its (L, R) pair
+    (R None: a single pruned matrix)."""
     for name, (L, R) in factors.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, not nn.Linear")
-        if (L.shape[0], R.shape[1]) != (linear.out_features, linear.in_features):
+        cols = L.shape[1] if R is None else R.shape[1]
+        if (L.shape[0], cols) != (linear.out_features, linear.in_features):
             raise ValueError(
-                f"{name}: factors give {L.shape[0]}x{R.shape[1]}, layer is {linear.out_features}x{linear.in_features}"
+                f"{name}: factors give {L.shape[0]}x{cols}, layer is {linear.out_features}x{linear.in_features}"
             )
         bias = linear.bias.detach() if linear.bias is not None else None
         set_submodule(model, name, DSFLinear.from_factors(L, R, bias, fmt, value_dtype))

@@ -16,9 +16,9 @@ class LayerInfo:
     name: str
     out_features: int
     in_features: int
-    rank: int
+    rank: int | None  # None: one sparse matrix
     density_left: float
-    density_right: float
+    density_right: float | None
     total_density: float  # (nnz L + nnz R) / (out * in)
     nbytes: int
     dense_bf16_bytes: int
@@ -33,9 +33,9 @@ def layer_infos(model: nn.Module) -> list[LayerInfo]:
                 out_features=m.out_features,
                 in_features=m.in_features,
                 rank=m.rank,
-                density_left=m.L.nnz / (m.out_features * m.rank),
-                density_right=m.R.nnz / (m.rank * m.in_features),
-                total_density=(m.L.nnz + m.R.nnz) / (m.out_features * m.in_features),
+                density_left=m.L.nnz / (m.L.shape[0] * m.L.shape[1]),
+                density_right=None if m.R is None else m.R.nnz / (m.R.shape[0] * m.R.shape[1]),
+                total_density=m.nnz / (m.out_features * m.in_features),
                 nbytes=m.nbytes(),
                 dense_bf16_bytes=2 * m.out_features * m.in_features,
             )

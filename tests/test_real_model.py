@@ -4,8 +4,6 @@ generate, checked against the dense product of the stored factors. Marked slow
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -14,7 +12,8 @@ from dsf_runtime.checkpoint import load_model
 from dsf_runtime.converters.calibrate import compress_sequential
 from dsf_runtime.converters.config import DSFConfig
 from dsf_runtime.converters.data import calibration_text, evaluation_text, sample_windows, tokenize
-from dsf_runtime.converters.factorize import dsf_factorize, split_budget
+from dsf_runtime.converters.factorize import split_budget
+from dsf_runtime.converters.methods import make_method
 from dsf_runtime.converters.pack import write_packed
 from dsf_runtime.models import load_dense
 from dsf_runtime.patch import dsf_modules
@@ -30,7 +29,7 @@ def real(tmp_path_factory):
     dense_ppl = perplexity(model, eval_ids, window=512, stride=512, progress=False)
     windows = sample_windows(tokenize(tokenizer, calibration_text()), 8, 256)
     config = DSFConfig(sparsity=0.5, outer_iters=4, finalize_iters=5)
-    result = compress_sequential(model, windows, functools.partial(dsf_factorize, config=config), progress=False)
+    result = compress_sequential(model, windows, make_method("dsf", 0.5, config), progress=False)
     out = tmp_path_factory.mktemp("real") / "smollm2-dsf"
     write_packed(model, tokenizer, result.factors, out, sparsity=0.5, factorization=config.model_dump())
     return out, eval_ids, dense_ppl

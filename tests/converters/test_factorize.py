@@ -8,15 +8,7 @@ import torch
 from dsf_runtime.converters.config import DSFConfig, preset
 from dsf_runtime.converters.factorize import dsf_factorize, split_budget, topk_mask, weighted_error
 from dsf_runtime.errors import ConfigError
-
-
-def correlated_problem(out_features: int, in_features: int, seed: int = 0, tokens: int = 2048):
-    """Random W and the Gram matrix of correlated, unevenly scaled inputs."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(out_features, in_features, generator=g) / in_features**0.5
-    mix = torch.eye(in_features) + 0.5 * torch.randn(in_features, in_features, generator=g) / in_features**0.5
-    X = torch.randn(tokens, in_features, generator=g) @ mix * (0.2 + 3 * torch.rand(in_features, generator=g))
-    return W, X.T @ X / tokens
+from helpers import correlated_problem
 
 
 @pytest.mark.parametrize(
@@ -102,3 +94,27 @@ def test_shape_mismatch_and_bad_settings():
             preset("fast", sparsity=bad)
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("turbo")
+
+
+def test_random_square_mask_variant_is_fixed_and_worse():
+    W, H = correlated_problem(64, 64, seed=4)
+    adaptive = DSFConfig(sparsity=0.5, outer_iters=20)
+    fixed = adaptive.model_copy(update={"square_mask": "random"})
+    La, Ra = dsf_factorize(W, H, adaptive)
+    Lf, Rf = dsf_factorize(W, H, fixed)
+    b = split_budget(64, 64, 0.5)
+    from dsf_runtime.converters.factorize import random_square_mask
+
+    mask = random_square_mask(64, b.square, 0)
+    assert int(mask.sum()) == b.square and bool(mask.diagonal().all())
+    assert not bool(((Rf != 0) & ~mask).any())  # R (square here) stays inside the fixed mask
+    assert weighted_error(W, La @ Ra, H) < weighted_error(W, Lf @ Rf, H)
+
+
+def test_info_reports_errors_before_and_after_finalize():
+    from dsf_runtime.converters.factorize import dsf_factorize_info
+
+    W, H = correlated_problem(40, 56, seed=5)
+    L, R, info = dsf_factorize_info(W, H, DSFConfig(sparsity=0.5, outer_iters=6))
+    assert info["error_after_finalize"] < info["error_before_finalize"]
+    assert info["error_after_finalize"] == pytest.approx(weighted_error(W, L @ R, H), rel=1e-3)
