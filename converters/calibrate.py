@@ -197,7 +197,9 @@ def compress_sequential(
                 linear.weight.data.copy_((L if R is None else L @ R).to(linear.weight.dtype))
             result.resumed_layers += 1
         else:
-            factors, reports = _compress_layer(layer, linears, hidden, layer_kwargs, method, f"{arch.layers}.{i}", device)
+            factors, reports = _compress_layer(
+                layer, linears, arch.input_groups(), hidden, layer_kwargs, method, f"{arch.layers}.{i}", device
+            )
             if work is not None:
                 work.save(i, factors, reports)
         result.factors.update(factors)
@@ -209,10 +211,12 @@ def compress_sequential(
     return result
 
 
-def _compress_layer(layer, linears, hidden, layer_kwargs, method: Method, prefix: str, device):
-    """Collect H for every linear of one layer in one pass, then compress each."""
-    grams = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
-    counts = dict.fromkeys(linears, 0)
+def _compress_layer(layer, linears, groups, hidden, layer_kwargs, method: Method, prefix: str, device):
+    """Collect H for every linear of one layer in one pass (one H per group of linears
+    that read the same input, e.g. q/k/v), then compress each linear."""
+    group_of = {name: g[0] for g in groups for name in g}
+    grams = {g[0]: torch.zeros(linears[g[0]].in_features, linears[g[0]].in_features, device=device) for g in groups}
+    counts = dict.fromkeys(grams, 0)
 
     def make_hook(name):
         def hook(_module, args):
@@ -222,7 +226,7 @@ def _compress_layer(layer, linears, hidden, layer_kwargs, method: Method, prefix
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in linears.items()]
+    handles = [linears[g[0]].register_forward_pre_hook(make_hook(g[0])) for g in groups]
     try:
         for h, kw in zip(hidden, layer_kwargs):
             layer(h, **kw)
@@ -234,7 +238,8 @@ def _compress_layer(layer, linears, hidden, layer_kwargs, method: Method, prefix
     for name, linear in linears.items():
         full = f"{prefix}.{name}"
         t0 = time.perf_counter()
-        H = grams.pop(name) / max(1, counts[name])
+        key = group_of[name]
+        H = grams[key] / max(1, counts[key])
         W = linear.weight.data.float()
         out: Factors = method(W, H)
         product = out.product()

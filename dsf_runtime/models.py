@@ -29,6 +29,13 @@ class Architecture:
 
     layers: str  # attribute path of the decoder layer list
     linears: tuple[str, ...]  # module paths inside one decoder layer
+    shared_inputs: tuple[tuple[str, ...], ...] = ()  # linears fed the same tensor share one Gram matrix
+
+    def input_groups(self) -> list[tuple[str, ...]]:
+        """Linears grouped by input: the calibration driver accumulates one H per group."""
+        grouped = [g for g in self.shared_inputs]
+        seen = {name for g in grouped for name in g}
+        return grouped + [(name,) for name in self.linears if name not in seen]
 
 
 _LLAMA_LIKE = Architecture(
@@ -42,6 +49,7 @@ _LLAMA_LIKE = Architecture(
         "mlp.up_proj",
         "mlp.down_proj",
     ),
+    shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {"llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE}

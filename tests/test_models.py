@@ -44,3 +44,27 @@ def test_non_causal_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}')
     with pytest.raises(UnsupportedModelError, match="not a causal language model"):
         models.load_dense(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", sorted(models.ARCHITECTURES))
+def test_shared_input_groups_really_share_inputs(model_type, tiny_tokenizer):
+    """The driver computes one Gram matrix per group: members must see the same input."""
+    import torch
+
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(tiny_tokenizer), model_type=model_type)
+    arch = models.architecture_for(model_type)
+    layer = model.get_submodule(arch.layers)[0]
+    seen = {}
+    handles = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].clone()))
+               for n in arch.linears]
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 12)))
+    for h in handles:
+        h.remove()
+    groups = arch.input_groups()
+    assert sorted(n for g in groups for n in g) == sorted(arch.linears)
+    for group in groups:
+        for name in group[1:]:
+            assert torch.equal(seen[name], seen[group[0]]), (group[0], name)
