@@ -35,7 +35,7 @@ class CompressJob:
     calib_files: list[str] | None = None
     device: str = "cpu"
     value_dtype: str = "float16"
-    fmt: str = "csr"
+    fmt: str = "bitmap"
     overwrite: bool = False
     progress: bool = True
     resume: bool = True

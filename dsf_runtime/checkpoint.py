@@ -59,6 +59,8 @@ class ModuleEntry(BaseModel):
     nnz_left: int = Field(ge=0)
     nnz_right: int = Field(ge=0)
     bias: bool = False
+    extra_left: dict[str, int] = Field(default_factory=dict, description="format-specific counts, e.g. BSR nblocks")
+    extra_right: dict[str, int] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _fits(self) -> "ModuleEntry":
@@ -76,7 +78,8 @@ class DSFQuantConfig(BaseModel):
 
     quant_method: Literal["dsf"] = "dsf"
     version: int = CHECKPOINT_VERSION
-    format: str = "csr"
+    format: str = "bitmap"
+    format_options: dict[str, int] = Field(default_factory=dict)
     value_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     sparsity: float = Field(gt=0.0, lt=1.0)
     method: str = "dsf"
@@ -214,6 +217,7 @@ def _build_skeleton(config: dict, quant: DSFQuantConfig, dtype: torch.dtype) -> 
             module = DSFLinear(
                 entry.in_features, entry.out_features, entry.rank, quant.format,
                 entry.nnz_left, entry.nnz_right, value_dtype, entry.bias, dtype,
+                entry.extra_left, entry.extra_right,
             )
         set_submodule(model, name, module)
     return model

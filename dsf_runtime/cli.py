@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="ignore finished layers of an interrupted run and start over")
     _add_device(p, backend=False)
 
+    p = sub.add_parser("pack", help="repack a checkpoint in another format, or pack external factor pairs")
+    p.add_argument("source", help="a DSF checkpoint, or a safetensors file of factors (<module>.L / <module>.R, "
+                   "or <module>.weight) made by any DSF implementation (needs --base)")
+    p.add_argument("out", help="output checkpoint directory")
+    p.add_argument("--base", help="dense model the external factors belong to (directory or embedded name)")
+    p.add_argument("--format", default="bitmap", help="bitmap (compact default), csr or bsr")
+    p.add_argument("--block", type=int, help="block size for bsr (default 16)")
+    p.add_argument("--value-dtype", choices=["float16", "bfloat16", "float32"], help="default: keep (repack) / float16")
+    p.add_argument("--transposed", action="store_true", help="external factors are stored as L^T (r x out), R^T (in x r)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
+
     p = sub.add_parser("generate", help="complete a prompt with a DSF checkpoint or a dense model")
     p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -126,6 +137,33 @@ def cmd_compress(args) -> None:
     errs = [r.rel_error for r in result.reports]
     print(f"compressed {len(result.reports)} linears in {result.seconds:.0f}s "
           f"(mean weighted rel. error {sum(errs) / len(errs):.4f}); checkpoint: {out}")
+
+
+def cmd_pack(args) -> None:
+    from dsf_runtime.checkpoint import is_dsf_checkpoint
+    from dsf_runtime.converters.pack import pack_external, repack
+    from dsf_runtime.formats import FORMATS
+
+    if args.format not in FORMATS:
+        raise ConfigError(f"unknown format {args.format!r}; choose from {', '.join(sorted(FORMATS))}")
+    options = {}
+    if args.block is not None:
+        if args.format != "bsr" or args.block < 1:
+            raise ConfigError("--block takes a positive size and only applies to --format bsr")
+        options["block"] = args.block
+    src = Path(args.source)
+    if is_dsf_checkpoint(src):
+        if args.base:
+            raise ConfigError("--base is only for external factor files; the checkpoint already has its model")
+        out = repack(src, args.out, args.format, args.value_dtype, overwrite=args.overwrite, **options)
+    elif src.is_file():
+        if not args.base:
+            raise ConfigError("packing external factors needs --base MODEL (the dense model they belong to)")
+        out = pack_external(src, args.base, args.out, args.format, args.value_dtype or "float16",
+                            transposed=args.transposed, overwrite=args.overwrite, **options)
+    else:
+        raise ConfigError(f"{src} is neither a DSF checkpoint nor a safetensors file")
+    print(f"wrote {out} (format {args.format})")
 
 
 def cmd_generate(args) -> None:
@@ -233,6 +271,7 @@ def cmd_demo(args) -> None:
 
 COMMANDS = {
     "compress": cmd_compress,
+    "pack": cmd_pack,
     "generate": cmd_generate,
     "info": cmd_info,
     "eval": cmd_eval,

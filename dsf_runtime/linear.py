@@ -15,19 +15,20 @@ class SparseFactor(nn.Module):
     """One stored sparse matrix: its format's tensors as buffers (so they follow
     ``.to(device)`` and appear in the state dict as ``<factor>.<tensor name>``)."""
 
-    def __init__(self, shape: tuple[int, int], fmt: str, nnz: int, value_dtype: torch.dtype):
+    def __init__(self, shape: tuple[int, int], fmt: str, nnz: int, value_dtype: torch.dtype, extra: dict | None = None):
         super().__init__()
         self.shape = tuple(shape)
         self.fmt = fmt
         self.nnz = nnz
-        for name, spec in get_format(fmt).specs(self.shape, nnz, value_dtype).items():
+        self.extra = dict(extra or {})  # format-specific counts, e.g. BSR's nblocks
+        for name, spec in get_format(fmt).specs(self.shape, nnz, value_dtype, self.extra).items():
             self.register_buffer(name, torch.empty(spec.shape, dtype=spec.dtype))
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor, fmt: str, value_dtype: torch.dtype) -> "SparseFactor":
-        tensors = get_format(fmt).pack(dense, value_dtype)
+    def from_dense(cls, dense: torch.Tensor, fmt: str, value_dtype: torch.dtype, **options) -> "SparseFactor":
+        tensors = get_format(fmt).pack(dense, value_dtype, **options)
         nnz = int((dense != 0).sum())
-        factor = cls(tuple(dense.shape), fmt, nnz, value_dtype)
+        factor = cls(tuple(dense.shape), fmt, nnz, value_dtype, get_format(fmt).extra(tensors))
         for name, tensor in tensors.items():
             setattr(factor, name, tensor)
         return factor
@@ -67,13 +68,16 @@ class DSFLinear(nn.Module):
         value_dtype: torch.dtype,
         bias: bool = False,
         bias_dtype: torch.dtype = torch.float32,
+        extra_left: dict | None = None,
+        extra_right: dict | None = None,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
-        self.L = SparseFactor((out_features, in_features if rank is None else rank), fmt, nnz_left, value_dtype)
-        self.R = None if rank is None else SparseFactor((rank, in_features), fmt, nnz_right, value_dtype)
+        left_shape = (out_features, in_features if rank is None else rank)
+        self.L = SparseFactor(left_shape, fmt, nnz_left, value_dtype, extra_left)
+        self.R = None if rank is None else SparseFactor((rank, in_features), fmt, nnz_right, value_dtype, extra_right)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
         self.requested_backend = "auto"
         self._backend: Backend | None = None
@@ -85,8 +89,9 @@ class DSFLinear(nn.Module):
         L: torch.Tensor,
         R: torch.Tensor | None,
         bias: torch.Tensor | None,
-        fmt: str = "csr",
+        fmt: str = "bitmap",
         value_dtype: torch.dtype | None = None,
+        **format_options,
     ) -> "DSFLinear":
         """Pack dense-with-zeros factors L (out x r), R (r x in) into a new layer;
         R=None packs a single sparse matrix L (out x in)."""
@@ -96,9 +101,9 @@ class DSFLinear(nn.Module):
         in_features = L.shape[1] if R is None else R.shape[1]
         rank = None if R is None else L.shape[1]
         layer = cls(in_features, L.shape[0], rank, fmt, 0, 0, value_dtype, bias is not None)
-        layer.L = SparseFactor.from_dense(L, fmt, value_dtype)
+        layer.L = SparseFactor.from_dense(L, fmt, value_dtype, **format_options)
         if R is not None:
-            layer.R = SparseFactor.from_dense(R, fmt, value_dtype)
+            layer.R = SparseFactor.from_dense(R, fmt, value_dtype, **format_options)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer

@@ -17,14 +17,15 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def replace_with_factors(
     model: nn.Module,
     factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-    fmt: str = "csr",
+    fmt: str = "bitmap",
     value_dtype: torch.dtype | None = None,
+    **format_options,
 ) -> None:
     """Replace each named nn.Linear by a DSFLinear packed from its (L, R) pair
     (R None: a single pruned matrix)."""
     for name, (L, R) in factors.items():
         linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, (nn.Linear, DSFLinear)):  # DSFLinear: repacking
             raise TypeError(f"{name} is a {type(linear).__name__}, not nn.Linear")
         cols = L.shape[1] if R is None else R.shape[1]
         if (L.shape[0], cols) != (linear.out_features, linear.in_features):
@@ -32,7 +33,7 @@ def replace_with_factors(
                 f"{name}: factors give {L.shape[0]}x{cols}, layer is {linear.out_features}x{linear.in_features}"
             )
         bias = linear.bias.detach() if linear.bias is not None else None
-        set_submodule(model, name, DSFLinear.from_factors(L, R, bias, fmt, value_dtype))
+        set_submodule(model, name, DSFLinear.from_factors(L, R, bias, fmt, value_dtype, **format_options))
 
 
 def dsf_modules(model: nn.Module) -> dict[str, DSFLinear]:

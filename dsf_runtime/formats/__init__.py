@@ -23,11 +23,17 @@ class TensorSpec:
 class SparseFormat(Protocol):
     name: str
 
-    def specs(self, shape: tuple[int, int], nnz: int, value_dtype: torch.dtype) -> dict[str, TensorSpec]:
-        """Expected tensors (name -> spec) of a matrix of this shape and nonzero count."""
+    def specs(
+        self, shape: tuple[int, int], nnz: int, value_dtype: torch.dtype, extra: dict | None = None
+    ) -> dict[str, TensorSpec]:
+        """Expected tensors (name -> spec) of a matrix of this shape and nonzero count;
+        ``extra`` holds format-specific counts from the metadata (e.g. BSR's nblocks)."""
 
-    def pack(self, dense: torch.Tensor, value_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def pack(self, dense: torch.Tensor, value_dtype: torch.dtype, **options) -> dict[str, torch.Tensor]:
         """Dense-with-zeros matrix -> this format's tensors (on CPU)."""
+
+    def extra(self, tensors: dict[str, torch.Tensor]) -> dict:
+        """Format-specific counts to record in the metadata (may be empty)."""
 
     def unpack(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """This format's tensors -> dense matrix (values' dtype)."""
@@ -56,4 +62,4 @@ def tensors_nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-from dsf_runtime.formats import csr  # noqa: E402,F401  (registers the built-in formats)
+from dsf_runtime.formats import bitmap, bsr, csr  # noqa: E402,F401  (registers the built-in formats)

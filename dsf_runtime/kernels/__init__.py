@@ -56,4 +56,4 @@ def choose_backend(fmt: str, device: torch.device | str, requested: str = "auto"
     return max(candidates, key=lambda b: b.priority)
 
 
-from dsf_runtime.kernels import dense_ref, torch_csr  # noqa: E402,F401  (registers the built-in backends)
+from dsf_runtime.kernels import dense_ref, torch_sparse  # noqa: E402,F401  (registers the built-in backends)

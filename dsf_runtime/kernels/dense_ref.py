@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import torch
 
-from dsf_runtime.formats import get_format
+from dsf_runtime.formats import FORMATS, get_format
 from dsf_runtime.kernels import register_backend
 
 
 @register_backend
 class DenseReferenceBackend:
     name = "dense-ref"
-    formats = ("csr",)
     devices = ("cpu", "cuda")
     priority = 0  # never chosen automatically
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return tuple(FORMATS)
 
     def available(self) -> bool:
         return True

@@ -20,7 +20,7 @@ def test_round_trip_exact(name, shape, density):
     dense = random_sparse(*shape, density, empty_rows=min(3, shape[0] // 2)).half()
     tensors = fmt.pack(dense, torch.float16)
     nnz = int((dense != 0).sum())
-    specs = fmt.specs(shape, nnz, torch.float16)
+    specs = fmt.specs(shape, nnz, torch.float16, fmt.extra(tensors))
     assert set(tensors) == set(specs)
     for key, spec in specs.items():
         assert tuple(tensors[key].shape) == spec.shape and tensors[key].dtype == spec.dtype, key
@@ -70,6 +70,67 @@ def _corruptions():
         "unsorted columns": (unsorted_cols, "increasing"),
         "values too short": (short_values, "sizes"),
     }
+
+
+def test_csr_uses_int16_indices_when_they_fit():
+    fmt = get_format("csr")
+    assert fmt.pack(torch.eye(300), torch.float16)["col_indices"].dtype == torch.int16
+    assert fmt.extra(fmt.pack(torch.eye(3), torch.float16)) == {"index_bits": 16}
+    wide = torch.zeros(2, 40000)
+    wide[1, 39999] = 1.0
+    tensors = fmt.pack(wide, torch.float16)
+    assert tensors["col_indices"].dtype == torch.int32
+    assert torch.equal(fmt.unpack(tensors, (2, 40000)), wide.half())
+
+
+def test_bitmap_bytes_match_the_design_budget():
+    """4096x4096 DSF pair at 50%: 1 bit per factor entry + fp16 values ~ 1.25 B/weight."""
+    fmt = get_format("bitmap")
+    n = 512  # same ratios at a smaller size
+    square = random_sparse(n, n, 0.16, seed=1)
+    other = random_sparse(n, n, 0.34, seed=2)
+    total = sum(tensors_nbytes(fmt.pack(m, torch.float16)) for m in (square, other))
+    per_weight = total / (n * n)
+    assert per_weight == pytest.approx(0.25 + 2 * 0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("block", [4, 16, 32])
+def test_bsr_block_sizes(block):
+    fmt = get_format("bsr")
+    dense = random_sparse(70, 45, 0.3, seed=block)
+    tensors = fmt.pack(dense, torch.float32, block=block)
+    assert fmt.extra(tensors) == {"block": block, "nblocks": tensors["col_indices"].numel()}
+    fmt.validate(tensors, (70, 45), int((dense != 0).sum()))
+    assert torch.equal(fmt.unpack(tensors, (70, 45)), dense)
+
+
+def _bitmap_corruptions():
+    def extra_bit(t):
+        t["bitmap"][0, -1] |= 1 << 30  # beyond column 45 of 64 bits
+
+    def drop_bit(t):
+        t["bitmap"][3, 0] &= ~1
+
+    def offsets(t):
+        t["row_offsets"][2] += 1
+
+    def nan(t):
+        t["values"][0] = float("inf")
+
+    return {"bit past last column": (extra_bit, "beyond"), "popcount mismatch": (drop_bit, "popcounts"),
+            "offsets": (offsets, "popcounts|monotone"), "inf": (nan, "NaN or Inf")}
+
+
+@pytest.mark.parametrize("case", sorted(_bitmap_corruptions()))
+def test_bitmap_validate_rejects_corruption(case):
+    corrupt, message = _bitmap_corruptions()[case]
+    fmt = get_format("bitmap")
+    dense = random_sparse(40, 45, 0.5, seed=1)
+    dense[3, 0] = 1.0
+    tensors = {k: v.clone() for k, v in fmt.pack(dense, torch.float32).items()}
+    corrupt(tensors)
+    with pytest.raises(ValueError, match=message):
+        fmt.validate(tensors, (40, 45), int((dense != 0).sum()))
 
 
 @pytest.mark.parametrize("case", sorted(_corruptions()))
