@@ -1,6 +1,7 @@
 """dsf-runtime: compress LLaMA-family models with Double Sparse Factorization and run them sparsely.
 
-Public API:
+Public API (importing the package also lets transformers'
+AutoModelForCausalLM.from_pretrained load DSF checkpoints):
     load_model(ckpt_dir, device="cpu", backend="auto") -> (model, tokenizer)
     compress(model, out_dir, sparsity=0.5, preset="fast", ...) -> checkpoint path
     DSFLinear: the y = L (R x) + b module
@@ -9,7 +10,10 @@ Public API:
 from __future__ import annotations
 
 from dsf_runtime.checkpoint import load_model
+from dsf_runtime.hf import register as _register_with_transformers
 from dsf_runtime.linear import DSFLinear
+
+_register_with_transformers()  # AutoModelForCausalLM.from_pretrained(dsf_checkpoint) works after import
 
 __all__ = ["DSFLinear", "compress", "load_model"]
 __version__ = "0.1.0"

@@ -175,13 +175,17 @@ def read_quant_config(ckpt_dir: str | os.PathLike) -> tuple[dict, DSFQuantConfig
     qc = config.pop("quantization_config", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != "dsf":
         raise CheckpointError(f"{ckpt} is not a DSF checkpoint (config.json has no quantization_config with quant_method 'dsf')")
+    return config, parse_quant_config(qc, str(ckpt / CONFIG_NAME))
+
+
+def parse_quant_config(qc: dict, where: str) -> DSFQuantConfig:
+    """Validate a quantization_config dict; errors name the offending field."""
     try:
-        quant = DSFQuantConfig.model_validate(qc)
+        return DSFQuantConfig.model_validate(qc)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise CheckpointError(f"{ckpt / CONFIG_NAME}: quantization_config.{where}: {first['msg']}") from None
-    return config, quant
+        loc = ".".join(str(p) for p in first["loc"])
+        raise CheckpointError(f"{where}: quantization_config.{loc}: {first['msg']}") from None
 
 
 def _build_skeleton(config: dict, quant: DSFQuantConfig, dtype: torch.dtype) -> nn.Module:
@@ -200,27 +204,36 @@ def _build_skeleton(config: dict, quant: DSFQuantConfig, dtype: torch.dtype) -> 
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers stay real
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.tie_weights()  # tied aliases (lm_head -> embeddings) are stored once
+    swap_in_dsf_modules(model, quant, dtype, CheckpointError)
+    return model
+
+
+def swap_in_dsf_modules(model: nn.Module, quant: DSFQuantConfig, dtype: torch.dtype, error=CheckpointError) -> None:
+    """Replace each module named in ``quant`` by an empty DSFLinear on the meta device,
+    after checking that it is a linear of the declared shape."""
     value_dtype = _DTYPES[quant.value_dtype]
     for name, entry in quant.modules.items():
         try:
             linear = model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"quantization_config names module {name!r}, which the model does not have") from None
+            raise error(f"quantization_config names module {name!r}, which the model does not have") from None
         if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (
             entry.out_features,
             entry.in_features,
         ):
-            raise CheckpointError(f"{name}: declared {entry.out_features}x{entry.in_features} does not match the model")
+            raise error(f"{name}: declared {entry.out_features}x{entry.in_features} does not match the model")
         if (linear.bias is not None) != entry.bias:
-            raise CheckpointError(f"{name}: bias={entry.bias} does not match the model")
-        with torch.device("meta"):
-            module = DSFLinear(
-                entry.in_features, entry.out_features, entry.rank, quant.format,
-                entry.nnz_left, entry.nnz_right, value_dtype, entry.bias, dtype,
-                entry.extra_left, entry.extra_right,
-            )
+            raise error(f"{name}: bias={entry.bias} does not match the model")
+        try:
+            with torch.device("meta"):
+                module = DSFLinear(
+                    entry.in_features, entry.out_features, entry.rank, quant.format,
+                    entry.nnz_left, entry.nnz_right, value_dtype, entry.bias, dtype,
+                    entry.extra_left, entry.extra_right,
+                )
+        except ValueError as exc:
+            raise error(f"{name}: {exc}") from None
         set_submodule(model, name, module)
-    return model
 
 
 def _read_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -254,7 +267,10 @@ def _read_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
     return state
 
 
-def _validate_content(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def validate_dsf_modules(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Check every DSF factor's content (index ranges, offsets, counts, finite values)
+    before any kernel runs on it; ``state`` (name -> tensor) defaults to the model's."""
+    state = state if state is not None else model.state_dict()
     for name, module in dsf_modules(model).items():
         for side in ("L", "R"):
             factor = getattr(module, side)
@@ -289,7 +305,7 @@ def load_model(
         raise CheckpointError(f"{ckpt}: {exc}") from None
     expected = _unique_state(model)
     state = _read_tensors(ckpt / WEIGHTS_NAME, expected)
-    _validate_content(model, state)
+    validate_dsf_modules(model, state)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]

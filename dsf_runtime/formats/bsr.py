@@ -94,6 +94,6 @@ class BSRFormat:
             row = torch.repeat_interleave(torch.arange(br), crow64.diff())
             if bool(((row * bc + col64).diff() <= 0).any()):
                 raise ValueError("col_indices are not strictly increasing within a block row")
+        check_values(values)
         if int((values != 0).sum()) != nnz:
             raise ValueError(f"blocks hold {int((values != 0).sum())} nonzeros, metadata says {nnz}")
-        check_values(values)
