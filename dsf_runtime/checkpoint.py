@@ -64,6 +64,8 @@ class ModuleEntry(BaseModel):
 
     @model_validator(mode="after")
     def _fits(self) -> "ModuleEntry":
+        if self.rank is not None and self.rank > max(self.out_features, self.in_features):
+            raise ValueError(f"rank {self.rank} exceeds the layer's larger dimension")
         left_cols = self.in_features if self.rank is None else self.rank
         right_size = 0 if self.rank is None else self.rank * self.in_features
         if self.nnz_left > self.out_features * left_cols or self.nnz_right > right_size:
@@ -231,8 +233,8 @@ def swap_in_dsf_modules(model: nn.Module, quant: DSFQuantConfig, dtype: torch.dt
                     entry.nnz_left, entry.nnz_right, value_dtype, entry.bias, dtype,
                     entry.extra_left, entry.extra_right,
                 )
-        except ValueError as exc:
-            raise error(f"{name}: {exc}") from None
+        except (ValueError, RuntimeError) as exc:
+            raise error(f"{name}: cannot build the declared layout: {str(exc).splitlines()[0]}") from None
         set_submodule(model, name, module)
 
 
