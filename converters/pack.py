@@ -59,11 +59,13 @@ def write_packed(
     out_dir: str | os.PathLike,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    max_shard_bytes: int | None = None,
     **pack_options,
 ) -> Path:
     """pack_model + save_checkpoint (``extra_files``: name -> text written beside it)."""
     quant = pack_model(model, factors, **pack_options)
-    return save_checkpoint(model, tokenizer, out_dir, quant, overwrite=overwrite, extra_files=extra_files)
+    shard = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    return save_checkpoint(model, tokenizer, out_dir, quant, overwrite=overwrite, extra_files=extra_files, **shard)
 
 
 def repack(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str, value_dtype: str | None = None,

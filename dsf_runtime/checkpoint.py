@@ -30,6 +30,8 @@ from dsf_runtime.patch import dsf_modules, set_backend, set_submodule
 
 CHECKPOINT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2 * 1024**3  # Hugging Face's convention: shards of a few GB plus an index
 CONFIG_NAME = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -128,9 +130,12 @@ def save_checkpoint(
     quant: DSFQuantConfig,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Write ``model`` (with DSFLinear modules) as a checkpoint directory, atomically.
-    ``extra_files`` (name -> text, e.g. the compression log) are written beside it."""
+    Tensors larger in total than ``max_shard_bytes`` go into numbered shards with a
+    model.safetensors.index.json, as transformers does. ``extra_files`` (name -> text,
+    e.g. the compression log) are written beside them."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -146,7 +151,7 @@ def save_checkpoint(
         config["quantization_config"] = quant.model_dump()
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         state = {k: v.detach().to("cpu").contiguous() for k, v in _unique_state(model).items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "dsf_version": str(CHECKPOINT_VERSION)})
+        _write_shards(state, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
@@ -160,14 +165,61 @@ def save_checkpoint(
     return out
 
 
+def _write_shards(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt", "dsf_version": str(CHECKPOINT_VERSION)}
+    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
+    total = sum(sizes.values())
+    if total <= max_shard_bytes:
+        save_file(state, str(out / WEIGHTS_NAME), metadata=metadata)
+        return
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key in state:  # keep the model's order; a tensor larger than a shard gets its own
+        if shards[-1] and used + sizes[key] > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += sizes[key]
+    weight_map = {}
+    for i, keys in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: state[k] for k in keys}, str(out / name), metadata=metadata)
+        weight_map.update(dict.fromkeys(keys, name))
+    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def _weight_files(ckpt: Path) -> dict[Path, list[str] | None]:
+    """Weight file -> the tensor names the index maps to it (None: a single file)."""
+    index = ckpt / INDEX_NAME
+    if not index.is_file():
+        return {ckpt / WEIGHTS_NAME: None}
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        raise CheckpointError(f"{index} is not a valid safetensors index") from None
+    files: dict[Path, list[str]] = {}
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+            raise CheckpointError(f"{index}: shard name {name!r} for {key} is not a plain file name")
+        files.setdefault(ckpt / name, []).append(key)
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt} is missing {path.name} (listed in {INDEX_NAME})")
+    return files
+
+
 def read_quant_config(ckpt_dir: str | os.PathLike) -> tuple[dict, DSFQuantConfig]:
     """(model config dict without quantization_config, validated DSF section)."""
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt} is not a directory")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (ckpt / name).is_file():
-            raise CheckpointError(f"{ckpt} is missing {name}")
+    if not (ckpt / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{ckpt} is missing {CONFIG_NAME}")
+    if not (ckpt / WEIGHTS_NAME).is_file() and not (ckpt / INDEX_NAME).is_file():
+        raise CheckpointError(f"{ckpt} is missing {WEIGHTS_NAME} (or {INDEX_NAME} with shards)")
     try:
         config = json.loads((ckpt / CONFIG_NAME).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -238,34 +290,45 @@ def swap_in_dsf_modules(model: nn.Module, quant: DSFQuantConfig, dtype: torch.dt
         set_submodule(model, name, module)
 
 
-def _read_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Read exactly the expected tensors, checking names, shapes and dtypes from the
-    header before any data is read (memory is bounded by the file, not by metadata)."""
+def _read_tensors(ckpt: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read exactly the expected tensors from the weight file(s), checking names, shapes
+    and dtypes from each header before any data is read (memory is bounded by the
+    files, not by metadata)."""
     from safetensors import safe_open
 
-    state = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            missing = sorted(set(expected) - keys)
-            extra = sorted(keys - set(expected))
-            if missing:
-                raise CheckpointError(f"{path.name} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
-            if extra:
-                raise CheckpointError(f"{path.name} has {len(extra)} unexpected tensors, e.g. {', '.join(extra[:3])}")
-            for key, meta in expected.items():
-                sl = f.get_slice(key)
-                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                want = _ST_DTYPES.get(meta.dtype, str(meta.dtype))
-                if shape != tuple(meta.shape) or dtype != want:
-                    raise CheckpointError(
-                        f"tensor {key}: stored {dtype}{list(shape)}, expected {want}{list(meta.shape)}"
-                    )
-                state[key] = f.get_tensor(key)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"{path} is unreadable or truncated: {str(exc).splitlines()[0]}") from None
+    state: dict[str, torch.Tensor] = {}
+    files = _weight_files(ckpt)
+    seen: set[str] = set()
+    for path, mapped in files.items():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = set(f.keys())
+                if mapped is not None and set(mapped) != keys:
+                    raise CheckpointError(f"{path.name} does not hold the tensors {INDEX_NAME} lists for it")
+                dupes = keys & seen
+                if dupes:
+                    raise CheckpointError(f"tensor {sorted(dupes)[0]} is stored twice")
+                seen |= keys
+                extra = sorted(keys - set(expected))
+                if extra:
+                    raise CheckpointError(f"{path.name} has {len(extra)} unexpected tensors, e.g. {', '.join(extra[:3])}")
+                for key in sorted(keys):
+                    meta = expected[key]
+                    sl = f.get_slice(key)
+                    shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                    want = _ST_DTYPES.get(meta.dtype, str(meta.dtype))
+                    if shape != tuple(meta.shape) or dtype != want:
+                        raise CheckpointError(
+                            f"tensor {key}: stored {dtype}{list(shape)}, expected {want}{list(meta.shape)}"
+                        )
+                    state[key] = f.get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"{path} is unreadable or truncated: {str(exc).splitlines()[0]}") from None
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
     return state
 
 
@@ -306,7 +369,7 @@ def load_model(
     except UnsupportedModelError as exc:
         raise CheckpointError(f"{ckpt}: {exc}") from None
     expected = _unique_state(model)
-    state = _read_tensors(ckpt / WEIGHTS_NAME, expected)
+    state = _read_tensors(ckpt, expected)
     validate_dsf_modules(model, state)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()

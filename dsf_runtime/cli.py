@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="per-layer shapes, factor densities and bytes of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--formats", action="store_true", help="also compute the bytes of every storage format")
 
     p = sub.add_parser("eval", help="perplexity on held-out text (default: Pride and Prejudice)")
     p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
@@ -104,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens (0: the whole novel)")
     q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where JSON/markdown/PNG go")
     q.add_argument("--work-dir", default=os.path.join("out", "bench-quality"), help="checkpoints (reused when present)")
+
+    q = bench.add_parser("storage", help="bytes per format (LLaMA-7B-shaped layer, a checkpoint) and load time/memory")
+    q.add_argument("--checkpoint", help="DSF checkpoint to measure")
+    q.add_argument("--dense", help="dense model to compare loading with (directory or embedded name)")
+    q.add_argument("--sparsity", type=float, default=0.5)
+    q.add_argument("--out", default=os.path.join("benchmarks", "results"))
 
     p = sub.add_parser("demo", help="compress the embedded model, generate, and compare with dense")
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -200,6 +207,14 @@ def cmd_info(args) -> None:
     density = sum(r.total_density * r.out_features * r.in_features for r in rows) / sum(r.out_features * r.in_features for r in rows)
     print(f"{len(rows)} compressed linears: total density {density:.3f}, {format_bytes(total)} "
           f"= {total / dense:.2f}x dense bf16 ({format_bytes(dense)}), {total / (2 * dense):.2f}x dense fp32")
+    if args.formats:
+        from dsf_runtime.benchmarks.storage import model_format_bytes
+        from dsf_runtime.converters.pack import VALUE_DTYPES
+
+        sizes, dense_bf16 = model_format_bytes(model, VALUE_DTYPES[quant.value_dtype])
+        for fmt, nbytes in sizes.items():
+            mark = " (stored)" if fmt == quant.format else ""
+            print(f"  as {fmt:7s} {format_bytes(nbytes):>10s} = {nbytes / dense_bf16:.3f}x dense bf16{mark}")
 
 
 def cmd_eval(args) -> None:
@@ -235,6 +250,13 @@ def _float_list(text: str, flag: str) -> list[float]:
 
 
 def cmd_bench(args) -> None:
+    if args.bench == "storage":
+        from dsf_runtime.benchmarks.storage import run_storage_bench
+
+        payload = run_storage_bench(args.checkpoint, args.dense, args.out, _float_list(str(args.sparsity), "--sparsity")[0])
+        print(payload["table"])
+        print("written: " + ", ".join(payload["files"].values()))
+        return
     from dsf_runtime.benchmarks.quality import run_quality_bench
 
     from dsf_runtime.converters.methods import make_method

@@ -166,3 +166,48 @@ def test_header_declares_enormous_tensor(copy):
     f.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
     with pytest.raises(CheckpointError):
         load_model(copy)
+
+
+@pytest.fixture(scope="module")
+def sharded(ckpt, tmp_path_factory):
+    from dsf_runtime.checkpoint import save_checkpoint
+
+    model, tok = load_model(ckpt)
+    _, quant = read_quant_config(ckpt)
+    out = tmp_path_factory.mktemp("sharded") / "ck"
+    save_checkpoint(model, tok, out, quant, max_shard_bytes=64 * 1024)
+    return out
+
+
+def test_sharded_checkpoint_round_trip(sharded, ckpt):
+    from transformers import AutoModelForCausalLM
+
+    shards = sorted(sharded.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    assert not (sharded / "model.safetensors").exists()
+    a, tok = load_model(sharded)
+    b, _ = load_model(ckpt)
+    c = AutoModelForCausalLM.from_pretrained(sharded)
+    ids = tok("Mrs. Smith", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+        assert torch.equal(c(ids).logits, b(ids).logits)
+
+
+def test_sharded_checkpoint_errors(sharded, tmp_path):
+    broken = tmp_path / "b"
+    shutil.copytree(sharded, broken)
+    next(iter(sorted(broken.glob("model-*.safetensors")))).unlink()
+    with pytest.raises(CheckpointError, match="missing model-00001"):
+        load_model(broken)
+    evil = tmp_path / "e"
+    shutil.copytree(sharded, evil)
+    index = json.loads((evil / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../../etc/passwd"
+    (evil / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        load_model(evil)
+    (evil / "model.safetensors.index.json").write_text("[1, 2")
+    with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+        load_model(evil)
