@@ -194,8 +194,10 @@ def cmd_info(args) -> None:
     if args.json:
         print(json.dumps({"quantization_config": quant.model_dump(), "layers": [r.__dict__ for r in rows]}, indent=2))
         return
+    from dsf_runtime.checkpoint import backend_summary
+
     print(f"{args.checkpoint}: method={quant.method} format={quant.format} values={quant.value_dtype} "
-          f"sparsity={quant.sparsity} version={quant.version}")
+          f"sparsity={quant.sparsity} version={quant.version}; CPU backend: {backend_summary(model)}")
     print(f"{'module':44s} {'shape':>11s} {'rank':>5s} {'dens L':>7s} {'dens R':>7s} {'total':>6s} {'bytes':>10s} {'vs bf16':>7s}")
     for r in rows:
         rank = "-" if r.rank is None else str(r.rank)

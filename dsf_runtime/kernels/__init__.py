@@ -38,8 +38,16 @@ def register_backend(cls: Callable[[], Backend]):
     return cls
 
 
-def choose_backend(fmt: str, device: torch.device | str, requested: str = "auto") -> Backend:
-    """The backend to use for ``fmt`` on ``device``; ``requested`` may name one."""
+def _accepts(backend: Backend, tensors: dict[str, torch.Tensor] | None) -> bool:
+    check = getattr(backend, "accepts", None)
+    return tensors is None or check is None or check(tensors)
+
+
+def choose_backend(
+    fmt: str, device: torch.device | str, requested: str = "auto", tensors: dict[str, torch.Tensor] | None = None
+) -> Backend:
+    """The backend to use for ``fmt`` on ``device``; ``requested`` may name one.
+    ``tensors`` (a factor's stored tensors) lets a backend decline e.g. a value dtype."""
     device_type = torch.device(device).type
     if requested != "auto":
         if requested not in BACKENDS:
@@ -47,13 +55,17 @@ def choose_backend(fmt: str, device: torch.device | str, requested: str = "auto"
         backend = BACKENDS[requested]
         if fmt not in backend.formats or device_type not in backend.devices or not backend.available():
             raise ConfigError(f"backend {requested!r} cannot run format {fmt!r} on {device_type}")
+        if not _accepts(backend, tensors):
+            raise ConfigError(f"backend {requested!r} does not accept this checkpoint's values")
         return backend
     candidates = [
-        b for b in BACKENDS.values() if fmt in b.formats and device_type in b.devices and b.available() and b.priority > 0
+        b
+        for b in BACKENDS.values()
+        if fmt in b.formats and device_type in b.devices and b.priority > 0 and _accepts(b, tensors) and b.available()
     ]
     if not candidates:
         raise ConfigError(f"no backend runs format {fmt!r} on {device_type}")
     return max(candidates, key=lambda b: b.priority)
 
 
-from dsf_runtime.kernels import dense_ref, torch_sparse  # noqa: E402,F401  (registers the built-in backends)
+from dsf_runtime.kernels import cpu_bitmap, dense_ref, torch_sparse  # noqa: E402,F401  (registers the built-in backends)

@@ -1,0 +1,50 @@
+"""The C++ bitmap kernel: both instruction paths, fp16 and bf16, odd shapes and batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsf_runtime.formats import get_format
+from dsf_runtime.kernels import BACKENDS, choose_backend
+from dsf_runtime.linear import DSFLinear
+from helpers import random_sparse
+
+backend = BACKENDS["cpu-bitmap"]
+pytestmark = pytest.mark.skipif(not backend.available(), reason="CPU kernel could not be built here")
+
+
+@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(830, 545), (1, 33), (64, 1), (300, 4096)])
+@pytest.mark.parametrize("density", [0.01, 0.5, 0.9])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 17])
+def test_matches_dense(monkeypatch, isa, value_dtype, shape, density, batch):
+    if isa == "portable":
+        monkeypatch.setenv("DSF_CPU_ISA", "portable")
+    dense = random_sparse(*shape, density, seed=batch, empty_rows=2).to(value_dtype)
+    tensors = get_format("bitmap").pack(dense, value_dtype)
+    p = backend.prepare("bitmap", tensors, shape, torch.float32)
+    x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(3))
+    y = backend.matmul(p, x)
+    ref = x.double() @ dense.double().t()
+    scale = ref.abs().max().clamp_min(1.0)
+    assert y.shape == (batch, shape[0])
+    assert float((y.double() - ref).abs().max() / scale) < 1e-5
+
+
+def test_auto_prefers_the_kernel_for_fp16_bitmap_and_declines_fp32():
+    fp16 = get_format("bitmap").pack(torch.eye(8), torch.float16)
+    fp32 = get_format("bitmap").pack(torch.eye(8), torch.float32)
+    assert choose_backend("bitmap", "cpu", tensors=fp16).name == "cpu-bitmap"
+    assert choose_backend("bitmap", "cpu", tensors=fp32).name == "torch-csr"
+
+
+def test_dsf_linear_uses_kernel():
+    L = random_sparse(50, 40, 0.34).half().float()
+    R = random_sparse(40, 70, 0.16, seed=1).half().float()
+    layer = DSFLinear.from_factors(L, R, torch.randn(50), fmt="bitmap", value_dtype=torch.float16)
+    x = torch.randn(2, 7, 70)
+    y = layer(x)
+    assert layer.backend_name == "cpu-bitmap"
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, L @ R, layer.bias), rtol=1e-4, atol=1e-4)
