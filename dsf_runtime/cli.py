@@ -112,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sparsity", type=float, default=0.5)
     q.add_argument("--out", default=os.path.join("benchmarks", "results"))
 
+    q = bench.add_parser("layer", help="one layer: dense fp32/bf16 vs DSF on every CPU backend, weights rotated past the LLC")
+    q.add_argument("--shapes", default="all", help="'all', 'llama7b', 'smollm2' or comma-separated OUTxIN")
+    q.add_argument("--batch", default="1,4,16")
+    q.add_argument("--sparsity", type=float, default=0.5)
+    q.add_argument("--out", default=os.path.join("benchmarks", "results"))
+
+    q = bench.add_parser("decode", help="pp/tg tokens/s: dense fp32, dense bf16, DSF (SmolLM2 and a LLaMA-7B-shaped stack)")
+    q.add_argument("--checkpoint", help="DSF checkpoint of --dense (omit to run only the LLaMA-7B-shaped stack)")
+    q.add_argument("--dense", default=DEFAULT_MODEL)
+    q.add_argument("--stack-layers", type=int, default=4, help="LLaMA-7B-shaped layers (0: skip)")
+    q.add_argument("--gen-tokens", type=int, default=32)
+    q.add_argument("--prompt-tokens", type=int, default=64)
+    q.add_argument("--out", default=os.path.join("benchmarks", "results"))
+
     p = sub.add_parser("demo", help="compress the embedded model, generate, and compare with dense")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default=os.path.join("out", "smollm2-135m-dsf50"))
@@ -251,7 +265,53 @@ def _float_list(text: str, flag: str) -> list[float]:
     return values
 
 
+def _shapes(text: str) -> dict:
+    from dsf_runtime.benchmarks.layer import SHAPES
+
+    if text == "all":
+        return SHAPES
+    if text in ("llama7b", "smollm2"):
+        return {k: v for k, v in SHAPES.items() if k.startswith(text)}
+    shapes = {}
+    for part in text.split(","):
+        try:
+            out_f, in_f = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--shapes takes 'all', 'llama7b', 'smollm2' or OUTxIN,... (got {part!r})") from None
+        if out_f < 1 or in_f < 1:
+            raise ConfigError(f"layer shape {part!r} must be positive")
+        shapes[f"{out_f}x{in_f}"] = (out_f, in_f)
+    return shapes
+
+
 def cmd_bench(args) -> None:
+    if args.bench == "decode":
+        from dsf_runtime.benchmarks.decode import run_decode_bench
+        from dsf_runtime.checkpoint import is_dsf_checkpoint
+
+        if args.checkpoint and not is_dsf_checkpoint(args.checkpoint):
+            raise ConfigError(f"{args.checkpoint} is not a DSF checkpoint")
+        if args.stack_layers < 0 or args.gen_tokens < 1 or args.prompt_tokens < 1:
+            raise ConfigError("--stack-layers must be >= 0, --gen-tokens and --prompt-tokens >= 1")
+        payload = run_decode_bench(args.checkpoint, args.dense, args.stack_layers, args.out, args.gen_tokens,
+                                   args.prompt_tokens)
+        print(payload["table"])
+        print("written: " + ", ".join(payload["files"].values()))
+        return
+    if args.bench == "layer":
+        from dsf_runtime.benchmarks.layer import run_layer_bench
+
+        try:
+            batches = tuple(int(b) for b in args.batch.split(","))
+        except ValueError:
+            raise ConfigError(f"--batch takes comma-separated integers, got {args.batch!r}") from None
+        if any(b < 1 for b in batches):
+            raise ConfigError("--batch values must be positive")
+        sparsity = _float_list(str(args.sparsity), "--sparsity")[0]
+        payload = run_layer_bench(_shapes(args.shapes), batches, args.out, sparsity)
+        print(payload["table"])
+        print("written: " + ", ".join(payload["files"].values()))
+        return
     if args.bench == "storage":
         from dsf_runtime.benchmarks.storage import run_storage_bench
 

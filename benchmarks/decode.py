@@ -1,0 +1,115 @@
+"""Decode benchmark (llama-bench style): prompt processing (pp) and token generation
+(tg) tokens/s with batch-1 greedy decoding and a KV cache, for dense fp32, dense bf16
+and DSF, on SmolLM2-135M and on a stack of LLaMA-7B-shaped decoder layers with random
+factors at DSF densities (speed at the shapes that matter, without 7B weights)."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dsf_runtime.checkpoint import backend_summary
+
+
+@torch.inference_mode()
+def time_decode(model: nn.Module, prompt_tokens: int = 64, gen_tokens: int = 32, vocab: int | None = None,
+                repeats: int = 3) -> dict:
+    """Median pp and tg tokens/s over ``repeats`` runs (after one warm-up)."""
+    vocab = vocab or model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (1, prompt_tokens), generator=g)
+    pps, tgs = [], []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        t1 = time.perf_counter()
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(gen_tokens):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+        if r:
+            pps.append(prompt_tokens / (t1 - t0))
+            tgs.append(gen_tokens / (t2 - t1))
+    return {"pp_tok_s": statistics.median(pps), "tg_tok_s": statistics.median(tgs)}
+
+
+def llama7b_stack(num_layers: int = 4, vocab: int = 2048, seed: int = 0) -> nn.Module:
+    """A LLaMA model with LLaMA-7B's layer shapes, a few layers and a small vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+                         tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def dsf_stack(model: nn.Module, sparsity: float = 0.5) -> nn.Module:
+    """Replace every decoder linear by random DSF factors (bitmap, fp16)."""
+    from dsf_runtime.benchmarks.storage import random_dsf_pair
+    from dsf_runtime.models import compressible_linears
+    from dsf_runtime.patch import replace_with_factors
+
+    factors = {}
+    for i, name in enumerate(compressible_linears(model)):
+        lin = model.get_submodule(name)
+        factors[name] = random_dsf_pair(lin.out_features, lin.in_features, sparsity, seed=i)
+    replace_with_factors(model, factors, "bitmap", torch.float16)
+    return model
+
+
+def run_decode_bench(checkpoint: str | None, dense: str = "smollm2-135m", stack_layers: int = 4,
+                     out_dir: str = "benchmarks/results", gen_tokens: int = 32, prompt_tokens: int = 64) -> dict:
+    from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
+    from dsf_runtime.checkpoint import load_model
+    from dsf_runtime.models import load_dense
+
+    rows = []
+
+    def record(subject: str, variant: str, model: nn.Module, **kw):
+        res = time_decode(model, prompt_tokens, gen_tokens, **kw)
+        rows.append({"model": subject, "variant": variant, "backend": backend_summary(model), **res})
+        print(f"{subject} {variant}: pp {res['pp_tok_s']:.1f} tok/s, tg {res['tg_tok_s']:.2f} tok/s", flush=True)
+
+    if checkpoint:
+        model, _ = load_dense(dense)
+        record(dense, "dense fp32", model)
+        record(dense, "dense bf16", model.to(torch.bfloat16))
+        del model
+        gc.collect()
+        model, _ = load_model(checkpoint, with_tokenizer=False)
+        record(dense, "DSF", model)
+        model, _ = load_model(checkpoint, with_tokenizer=False, backend="torch-csr")
+        record(dense, "DSF (torch-csr)", model)
+        del model
+        gc.collect()
+    if stack_layers:
+        subject = f"LLaMA-7B shapes x{stack_layers} layers"
+        model = llama7b_stack(stack_layers)
+        record(subject, "dense fp32", model)
+        record(subject, "dense bf16", model.to(torch.bfloat16))
+        model = dsf_stack(model.to(torch.float32))
+        gc.collect()
+        record(subject, "DSF", model)
+        del model
+        gc.collect()
+    for subject in dict.fromkeys(r["model"] for r in rows):
+        base = next(r for r in rows if r["model"] == subject and r["variant"] == "dense fp32")
+        for r in rows:
+            if r["model"] == subject:
+                r["tg_vs_fp32"] = r["tg_tok_s"] / base["tg_tok_s"]
+    payload = {"benchmark": "decode", "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+               "environment": environment(), "rows": rows}
+    table = markdown_table(rows, [("model", "model", ""), ("variant", "variant", ""), ("backend", "backend", ""),
+                                  ("pp_tok_s", f"pp{prompt_tokens} tok/s", ".1f"),
+                                  ("tg_tok_s", f"tg{gen_tokens} tok/s", ".2f"), ("tg_vs_fp32", "tg x fp32", ".2f")])
+    paths = write_results(Path(out_dir), "decode", payload, table)
+    payload["files"] = {k: str(v) for k, v in paths.items()}
+    payload["table"] = table
+    return payload

@@ -1,0 +1,68 @@
+"""Layer benchmark plumbing on small shapes (numbers are measured, not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from dsf_runtime.benchmarks import layer
+
+
+def test_every_case_computes_the_same_product(monkeypatch):
+    monkeypatch.setattr(layer, "ROTATE_BYTES", 1 << 16)
+    cases = {c.name: c for c in layer.build_cases(48, 80)}
+    assert {"dense fp32", "dense bf16", "DSF torch-csr", "DSF scipy-csr"} <= set(cases)
+    x = torch.randn(3, 80)
+    ref = cases["DSF torch-csr"].fn(0, x)
+    for name in ("DSF scipy-csr", "DSF cpu-bitmap"):
+        if name in cases:
+            torch.testing.assert_close(cases[name].fn(cases[name].copies - 1, x).float(), ref, rtol=1e-4, atol=1e-4)
+    assert all(c.copies >= 2 and c.weight_bytes > 0 for c in cases.values())
+
+
+def test_bench_writes_results(monkeypatch, tmp_path):
+    monkeypatch.setattr(layer, "ROTATE_BYTES", 1 << 16)
+    monkeypatch.setattr(layer, "memory_bandwidth", lambda: 10.0)
+    monkeypatch.setattr(layer, "time_case", lambda case, x: 1e-3)
+    payload = layer.run_layer_bench({"t 32x40": (32, 40)}, (1, 2), str(tmp_path), progress=False)
+    data = json.loads((tmp_path / "layer.json").read_text())
+    assert {r["batch"] for r in data["rows"]} == {1, 2}
+    assert all(abs(r["speedup_vs_fp32"] - 1.0) < 1e-9 for r in data["rows"])
+    assert (tmp_path / "layer.png").stat().st_size > 1000
+    assert "memory bandwidth" in payload["table"]
+
+
+def test_decode_bench_on_tiny_models(tiny_model_dir, tmp_path, monkeypatch):
+    from dsf_runtime.benchmarks import decode
+    from dsf_runtime.converters.pipeline import make_job, run_compress
+
+    ckpt, _ = run_compress(make_job(str(tiny_model_dir), tmp_path / "ck", nsamples=4, seqlen=32, progress=False))
+    from conftest import make_tiny_llama
+
+    monkeypatch.setattr(decode, "llama7b_stack", lambda n: make_tiny_llama(300, num_hidden_layers=n))
+    payload = decode.run_decode_bench(str(ckpt), str(tiny_model_dir), 1, str(tmp_path / "res"), gen_tokens=4,
+                                      prompt_tokens=8)
+    rows = json.loads((tmp_path / "res" / "decode.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense fp32", "dense bf16", "DSF", "DSF (torch-csr)",
+                                            "dense fp32", "dense bf16", "DSF"]
+    assert all(r["tg_tok_s"] > 0 and r["pp_tok_s"] > 0 for r in rows)
+    assert "cpu-bitmap" in rows[2]["backend"] and "torch-csr" in rows[3]["backend"]
+    assert "tg4 tok/s" in payload["table"]
+
+
+def test_greedy_decode_loop_matches_generate(tiny_model_dir):
+    """time_decode's manual KV-cache loop is the same computation as generate."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(3, 300, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        past, nxt, toks = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        for _ in range(5):
+            toks.append(int(nxt))
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        ref = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert toks == ref[0, 8:].tolist()
