@@ -16,6 +16,13 @@ from torch import nn
 from dsf_runtime.checkpoint import backend_summary
 
 
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers 5 calls the KV cache argument ``cache``; 4.x ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def time_decode(model: nn.Module, prompt_tokens: int = 64, gen_tokens: int = 32, vocab: int | None = None,
                 repeats: int = 3) -> dict:
@@ -24,13 +31,14 @@ def time_decode(model: nn.Module, prompt_tokens: int = 64, gen_tokens: int = 32,
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (1, prompt_tokens), generator=g)
     pps, tgs = [], []
+    kw = _cache_kwarg(model)
     for r in range(repeats + 1):
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True)
         t1 = time.perf_counter()
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(gen_tokens):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            out = model(input_ids=nxt, use_cache=True, **{kw: past})
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         t2 = time.perf_counter()
         if r:

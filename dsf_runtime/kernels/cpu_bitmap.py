@@ -1,10 +1,10 @@
 """cpu-bitmap: a fast CPU kernel for the bitmap format (C++, AVX-512 with a portable
 fallback, OpenMP over rows), compiled on first use and cached.
 
-Batch 1..4 expands each 32-column bitmap word's packed fp16/bf16 values into vector
-lanes (AVX-512 VBMI2 vpexpandw) and fuses multiply-adds with x, so the kernel reads
-1 bit per weight plus the nonzero values; larger batches iterate nonzeros against
-x laid out [in][batch]. Where no C++ compiler is found (or the build fails) the
+With AVX-512 VBMI2 it expands each 32-column bitmap word's packed fp16/bf16 values
+into vector lanes (vpexpandw) and fuses multiply-adds with x for tiles of up to 12
+batch rows, so the kernel reads 1 bit per weight plus the nonzero values once per
+tile; the portable path iterates nonzeros against x laid out [in][batch]. Where no C++ compiler is found (or the build fails) the
 backend reports itself unavailable and ``auto`` picks torch-csr instead; the reason
 is in ``unavailable_reason()``.
 """
@@ -76,10 +76,10 @@ def build(force: bool = False) -> ctypes.CDLL | None:
         _REASON = f"loading the CPU kernel failed: {exc}"
         return None
     lib.dsf_has_avx512.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_narrow.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
-    lib.dsf_bitmap_spmm_narrow.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_wide.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int]
-    lib.dsf_bitmap_spmm_wide.restype = ctypes.c_int
+    lib.dsf_bitmap_spmm_avx512.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_avx512.restype = ctypes.c_int
+    lib.dsf_bitmap_spmm_portable.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_portable.restype = ctypes.c_int
     _LIB, _REASON = lib, None
     return lib
 
@@ -93,7 +93,7 @@ def unavailable_reason() -> str | None:
 class Prepared:
     bitmap: torch.Tensor  # (rows, words) int32
     offsets: torch.Tensor  # (rows + 1,) int32
-    values: torch.Tensor  # (nnz,) fp16 or bf16
+    values: torch.Tensor  # (nnz + 32,) fp16 or bf16: padded so vector loads never read past it
     rows: int
     cols: int
     is_bf16: int
@@ -128,8 +128,10 @@ class CPUBitmapBackend:
         values = tensors["values"]
         if not self.accepts(tensors):
             raise ValueError(f"cpu-bitmap needs fp16 or bf16 values, got {values.dtype}")
+        padded = torch.zeros(values.numel() + 32, dtype=values.dtype)
+        padded[: values.numel()] = values
         return Prepared(
-            tensors["bitmap"].contiguous(), tensors["row_offsets"].contiguous(), values.contiguous(),
+            tensors["bitmap"].contiguous(), tensors["row_offsets"].contiguous(), padded,
             shape[0], shape[1], int(values.dtype == torch.bfloat16),
         )
 
@@ -139,21 +141,18 @@ class CPUBitmapBackend:
         padded_cols = p.words * 32
         xf = x.detach().to(torch.float32)
         args = (p.bitmap.data_ptr(), p.offsets.data_ptr(), p.values.data_ptr())
-        avx = self.isa == "avx512-vbmi2"
-        if n <= 4 and avx:
+        if self.isa == "avx512-vbmi2":
             xp = torch.zeros(n, padded_cols, dtype=torch.float32)
             xp[:, : p.cols] = xf
             y = torch.empty(n, p.rows, dtype=torch.float32)
-            rc = lib.dsf_bitmap_spmm_narrow(*args, xp.data_ptr(), padded_cols, y.data_ptr(), p.rows,
+            rc = lib.dsf_bitmap_spmm_avx512(*args, xp.data_ptr(), padded_cols, y.data_ptr(), p.rows,
                                             p.rows, p.words, n, p.is_bf16)
         else:
-            use_avx = int(avx)
-            nb = (n + 15) // 16 * 16 if use_avx else n
-            xt = torch.zeros(padded_cols, nb, dtype=torch.float32)
-            xt[: p.cols, :n] = xf.t()
-            yt = torch.empty(p.rows, nb, dtype=torch.float32)
-            rc = lib.dsf_bitmap_spmm_wide(*args, xt.data_ptr(), yt.data_ptr(), p.rows, p.words, nb, p.is_bf16, use_avx)
-            y = yt[:, :n].t()
+            xt = torch.zeros(padded_cols, n, dtype=torch.float32)
+            xt[: p.cols] = xf.t()
+            yt = torch.empty(p.rows, n, dtype=torch.float32)
+            rc = lib.dsf_bitmap_spmm_portable(*args, xt.data_ptr(), yt.data_ptr(), p.rows, p.words, n, p.is_bf16)
+            y = yt.t()
         if rc != 0:
             raise RuntimeError("cpu-bitmap kernel refused its arguments")
         return y.to(x.dtype)

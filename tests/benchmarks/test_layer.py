@@ -55,14 +55,17 @@ def test_greedy_decode_loop_matches_generate(tiny_model_dir):
     """time_decode's manual KV-cache loop is the same computation as generate."""
     from transformers import AutoModelForCausalLM
 
+    from dsf_runtime.benchmarks.decode import _cache_kwarg
+
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    kw = _cache_kwarg(model)
     ids = torch.randint(3, 300, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
         past, nxt, toks = out.past_key_values, out.logits[:, -1:].argmax(-1), []
         for _ in range(5):
             toks.append(int(nxt))
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            out = model(input_ids=nxt, use_cache=True, **{kw: past})
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         ref = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
     assert toks == ref[0, 8:].tolist()

@@ -6,12 +6,12 @@
 // threads.
 //
 // Paths:
-//  * AVX-512 (F + BW + VBMI2), batch <= 4: per 32-column word, expand-load the row's
-//    packed 16-bit values into the word's lanes (vpexpandw), convert to fp32 and FMA
-//    with x: the bitmap streams at memory speed with no index arithmetic.
-//  * larger batches: iterate the set bits (tzcnt) and FMA each value into all batch
-//    columns of x^T (x laid out [in][batch]), so work scales with nonzeros.
-//  * portable scalar fallback for CPUs without AVX-512 (chosen at run time).
+//  * AVX-512 (F + BW + VBMI2): per 32-column word, expand the row's packed 16-bit
+//    values into the word's lanes (vpexpandw), convert to fp32 and FMA with x, for a
+//    tile of up to 12 batch rows at once: the bitmap and values stream once per tile
+//    with no index arithmetic.
+//  * portable fallback for CPUs without AVX-512 (chosen at run time): iterate the set
+//    bits (ctz) and FMA each value into all batch columns of x^T ([in][batch]).
 // The caller (Python) validated every index and offset when the checkpoint was loaded.
 
 #include <cstdint>
@@ -76,9 +76,14 @@ void rows_scalar(const int32_t* bitmap, const int32_t* offsets, const uint16_t* 
 }
 
 #ifdef DSF_X86
-__attribute__((target("avx512f,avx512bw,avx512vbmi2")))
-inline void expand32(const uint16_t* src, uint32_t bits, int is_bf16, __m512& lo, __m512& hi) {
-  __m512i packed = _mm512_maskz_expandloadu_epi16(bits, src);  // 32 lanes of 16 bits
+#define DSF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
+
+// Expand the next popcount(bits) packed 16-bit values into the lanes of the set bits
+// and convert them to two vectors of 16 fp32. ``src`` must have 32 readable values
+// (the caller pads the value array), so the register form of vpexpandw is used: on
+// current Intel cores it is much faster than the memory form.
+DSF_AVX512 inline void expand32(const uint16_t* src, uint32_t bits, int is_bf16, __m512& lo, __m512& hi) {
+  __m512i packed = _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(src));
   __m256i a = _mm512_castsi512_si256(packed);
   __m256i b = _mm512_extracti64x4_epi64(packed, 1);
   if (is_bf16) {
@@ -90,53 +95,63 @@ inline void expand32(const uint16_t* src, uint32_t bits, int is_bf16, __m512& lo
   }
 }
 
-// AVX-512 path for batch NB <= 4: x is [batch][cols_padded] (rows of x padded to 32).
-template <int NB>
-__attribute__((target("avx512f,avx512bw,avx512vbmi2")))
-void rows_avx512(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* x,
-                 int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words, int is_bf16) {
+// One tile of NB batch rows; U words per step, each with its own accumulators, so
+// that FMA latency is hidden even at batch 1. x: [batch][ldx] (rows padded to
+// 32 * words with zeros), y: [batch][ldy].
+template <int NB, int U>
+DSF_AVX512 void rows_avx512(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* x,
+                            int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words, int is_bf16) {
   for (int64_t r = r0; r < r1; ++r) {
-    __m512 acc[NB];
-    for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
+    __m512 acc[U][NB], acc2[U][NB];
+    for (int u = 0; u < U; ++u)
+      for (int b = 0; b < NB; ++b) acc[u][b] = acc2[u][b] = _mm512_setzero_ps();
     const uint16_t* v = values + offsets[r];
     const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
-    for (int64_t w = 0; w < words; ++w) {
+    int64_t w = 0;
+    for (; w + U <= words; w += U) {
+      for (int u = 0; u < U; ++u) {
+        uint32_t bits = row[w + u];
+        if (!bits) continue;
+        __m512 lo, hi;
+        expand32(v, bits, is_bf16, lo, hi);
+        v += __builtin_popcount(bits);
+        const float* xw = x + (w + u) * 32;
+        for (int b = 0; b < NB; ++b) {
+          acc[u][b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xw + b * ldx), acc[u][b]);
+          acc2[u][b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xw + b * ldx + 16), acc2[u][b]);
+        }
+      }
+    }
+    for (; w < words; ++w) {
       uint32_t bits = row[w];
       if (!bits) continue;
       __m512 lo, hi;
       expand32(v, bits, is_bf16, lo, hi);
       v += __builtin_popcount(bits);
+      const float* xw = x + w * 32;
       for (int b = 0; b < NB; ++b) {
-        const float* xb = x + b * ldx + w * 32;
-        acc[b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[b]);
-        acc[b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc[b]);
+        acc[0][b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xw + b * ldx), acc[0][b]);
+        acc2[0][b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xw + b * ldx + 16), acc2[0][b]);
       }
     }
-    for (int b = 0; b < NB; ++b) y[b * ldy + r] = _mm512_reduce_add_ps(acc[b]);
+    for (int b = 0; b < NB; ++b) {
+      __m512 sum = _mm512_add_ps(acc[0][b], acc2[0][b]);
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[u][b], acc2[u][b]));
+      y[b * ldy + r] = _mm512_reduce_add_ps(sum);
+    }
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vbmi2")))
-void rows_avx512_wide(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* xt,
-                      float* yt, int64_t r0, int64_t r1, int64_t words, int64_t batch, int is_bf16) {
-  // batch a multiple of 16 (caller pads): FMA each nonzero into 16-wide batch chunks.
-  const int64_t chunks = batch / 16;
-  for (int64_t r = r0; r < r1; ++r) {
-    float* out = yt + r * batch;
-    for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_setzero_ps());
-    int64_t k = offsets[r];
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
-    for (int64_t w = 0; w < words; ++w) {
-      uint32_t bits = row[w];
-      while (bits) {
-        int j = __builtin_ctz(bits);
-        bits &= bits - 1;
-        __m512 v = _mm512_set1_ps(to_float(values[k++], is_bf16));
-        const float* xc = xt + (w * 32 + j) * batch;
-        for (int64_t c = 0; c < chunks; ++c)
-          _mm512_storeu_ps(out + 16 * c, _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * c), _mm512_loadu_ps(out + 16 * c)));
-      }
-    }
+DSF_AVX512 void tile_avx512(int nb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
+                            const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words,
+                            int is_bf16) {
+  switch (nb) {
+    case 1: rows_avx512<1, 4>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
+    case 2: rows_avx512<2, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
+    case 3: rows_avx512<3, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
+    case 4: rows_avx512<4, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
+    case 8: rows_avx512<8, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
+    default: rows_avx512<12, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
   }
 }
 #endif
@@ -156,21 +171,22 @@ int dsf_has_avx512(void) {
 #endif
 }
 
-// Narrow batch (1..4), x: [batch][ldx] fp32 with ldx >= 32 * words (zero padded),
-// y: [batch][ldy] fp32. Returns 0, or -1 when the AVX-512 path is unavailable.
-int dsf_bitmap_spmm_narrow(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
-                           const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t words,
-                           int64_t batch, int is_bf16) {
+// AVX-512 path, any batch. x: [batch][ldx] fp32 with ldx >= 32 * words (zero padded),
+// y: [batch][ldy] fp32, values readable 32 elements past the last one. Batches are
+// split into tiles of 12, 8, 4, 3, 2, 1. Returns 0, or -1 without AVX-512.
+int dsf_bitmap_spmm_avx512(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* x,
+                           int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t words, int64_t batch,
+                           int is_bf16) {
 #ifdef DSF_X86
-  if (!dsf_has_avx512() || batch < 1 || batch > 4) return -1;
+  if (!dsf_has_avx512() || batch < 1) return -1;
 #pragma omp parallel for schedule(static)
   for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
     int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
-    switch (batch) {
-      case 1: rows_avx512<1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
-      case 2: rows_avx512<2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
-      case 3: rows_avx512<3>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
-      default: rows_avx512<4>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
+    for (int64_t b0 = 0; b0 < batch;) {
+      int64_t left = batch - b0;
+      int nb = left >= 12 ? 12 : left >= 8 ? 8 : left >= 4 ? 4 : int(left);
+      tile_avx512(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, is_bf16);
+      b0 += nb;
     }
   }
   return 0;
@@ -179,24 +195,12 @@ int dsf_bitmap_spmm_narrow(const int32_t* bitmap, const int32_t* offsets, const 
 #endif
 }
 
-// Any batch, x^T: [cols_padded][batch], y^T: [rows][batch]. use_avx512 needs batch % 16 == 0.
-int dsf_bitmap_spmm_wide(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
-                         const float* xt, float* yt, int64_t rows, int64_t words, int64_t batch, int is_bf16,
-                         int use_avx512) {
-#ifdef DSF_X86
-  if (use_avx512 && (!dsf_has_avx512() || batch % 16)) return -1;
-#else
-  if (use_avx512) return -1;
-#endif
+// Portable path, any batch, x^T: [cols_padded][batch], y^T: [rows][batch].
+int dsf_bitmap_spmm_portable(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* xt,
+                             float* yt, int64_t rows, int64_t words, int64_t batch, int is_bf16) {
 #pragma omp parallel for schedule(static)
   for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
     int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
-#ifdef DSF_X86
-    if (use_avx512) {
-      rows_avx512_wide(bitmap, offsets, values, xt, yt, r0, r1, words, batch, is_bf16);
-      continue;
-    }
-#endif
     rows_scalar(bitmap, offsets, values, xt, yt, r0, r1, words, batch, is_bf16);
   }
   return 0;
