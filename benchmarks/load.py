@@ -13,8 +13,15 @@ import time
 from pathlib import Path
 
 
-def _rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
+def _rss_mib(field: str = "VmHWM") -> float:
+    """Peak (VmHWM) or current (VmRSS) resident set size of this process in MiB.
+    Read from /proc: getrusage's maxrss survives exec and would include the parent's."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

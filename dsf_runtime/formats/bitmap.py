@@ -19,6 +19,14 @@ from dsf_runtime.formats.csr import check_offsets, check_values, csr_from_dense
 
 WORD = 32
 _SHIFTS = torch.arange(WORD, dtype=torch.int64)
+_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+
+
+def row_popcounts(bitmap: torch.Tensor) -> torch.Tensor:
+    """Set bits per row of an int32 (rows, words) bitmap, via a byte lookup table
+    (no per-bit temporaries: loading validates every factor with it)."""
+    as_bytes = bitmap.contiguous().view(torch.uint8).long()  # (rows, 4 * words)
+    return _POPCOUNT8[as_bytes].sum(dim=1, dtype=torch.int64)
 
 
 def _words(cols: int) -> int:
@@ -83,10 +91,10 @@ class BitmapFormat:
         if values.numel() != nnz:
             raise ValueError(f"values has {values.numel()} entries, expected {nnz}")
         offsets64 = check_offsets(offsets, rows, nnz, "row_offsets")
-        bits = (bitmap.long().unsqueeze(-1) >> _SHIFTS) & 1
-        if cols % WORD and rows and bool(bits[:, -1, cols % WORD :].any()):
-            raise ValueError("bitmap has bits set beyond the last column")
-        counts = bits.sum(dim=(1, 2))
-        if not torch.equal(counts, offsets64.diff()):
+        if cols % WORD and rows:
+            last = bitmap[:, -1].long() & 0xFFFFFFFF
+            if bool((last >> (cols % WORD)).any()):
+                raise ValueError("bitmap has bits set beyond the last column")
+        if not torch.equal(row_popcounts(bitmap), offsets64.diff()):
             raise ValueError("bitmap popcounts do not match row_offsets")
         check_values(values)

@@ -76,7 +76,7 @@ def build(force: bool = False) -> ctypes.CDLL | None:
         _REASON = f"loading the CPU kernel failed: {exc}"
         return None
     lib.dsf_has_avx512.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_avx512.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_avx512.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_avx512.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_portable.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_portable.restype = ctypes.c_int
@@ -93,7 +93,7 @@ def unavailable_reason() -> str | None:
 class Prepared:
     bitmap: torch.Tensor  # (rows, words) int32
     offsets: torch.Tensor  # (rows + 1,) int32
-    values: torch.Tensor  # (nnz + 32,) fp16 or bf16: padded so vector loads never read past it
+    values: torch.Tensor  # (nnz,) fp16 or bf16, the module's own buffer (no copy)
     rows: int
     cols: int
     is_bf16: int
@@ -128,10 +128,8 @@ class CPUBitmapBackend:
         values = tensors["values"]
         if not self.accepts(tensors):
             raise ValueError(f"cpu-bitmap needs fp16 or bf16 values, got {values.dtype}")
-        padded = torch.zeros(values.numel() + 32, dtype=values.dtype)
-        padded[: values.numel()] = values
         return Prepared(
-            tensors["bitmap"].contiguous(), tensors["row_offsets"].contiguous(), padded,
+            tensors["bitmap"].contiguous(), tensors["row_offsets"].contiguous(), values.contiguous(),
             shape[0], shape[1], int(values.dtype == torch.bfloat16),
         )
 
@@ -145,8 +143,8 @@ class CPUBitmapBackend:
             xp = torch.zeros(n, padded_cols, dtype=torch.float32)
             xp[:, : p.cols] = xf
             y = torch.empty(n, p.rows, dtype=torch.float32)
-            rc = lib.dsf_bitmap_spmm_avx512(*args, xp.data_ptr(), padded_cols, y.data_ptr(), p.rows,
-                                            p.rows, p.words, n, p.is_bf16)
+            rc = lib.dsf_bitmap_spmm_avx512(*args, p.values.numel(), xp.data_ptr(), padded_cols, y.data_ptr(),
+                                            p.rows, p.rows, p.words, n, p.is_bf16)
         else:
             xt = torch.zeros(padded_cols, n, dtype=torch.float32)
             xt[: p.cols] = xf.t()

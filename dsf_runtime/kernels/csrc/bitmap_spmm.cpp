@@ -79,11 +79,13 @@ void rows_scalar(const int32_t* bitmap, const int32_t* offsets, const uint16_t* 
 #define DSF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
 
 // Expand the next popcount(bits) packed 16-bit values into the lanes of the set bits
-// and convert them to two vectors of 16 fp32. ``src`` must have 32 readable values
-// (the caller pads the value array), so the register form of vpexpandw is used: on
-// current Intel cores it is much faster than the memory form.
-DSF_AVX512 inline void expand32(const uint16_t* src, uint32_t bits, int is_bf16, __m512& lo, __m512& hi) {
-  __m512i packed = _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(src));
+// and convert them to two vectors of 16 fp32. Where 32 values are readable before
+// ``end`` the register form of vpexpandw is used (on current Intel cores much faster
+// than the memory form); near the end of the array the fault-safe memory form.
+DSF_AVX512 inline void expand32(const uint16_t* src, const uint16_t* end, uint32_t bits, int is_bf16, __m512& lo,
+                                __m512& hi) {
+  __m512i packed = src + 32 <= end ? _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(src))
+                                   : _mm512_maskz_expandloadu_epi16(bits, src);
   __m256i a = _mm512_castsi512_si256(packed);
   __m256i b = _mm512_extracti64x4_epi64(packed, 1);
   if (is_bf16) {
@@ -100,7 +102,8 @@ DSF_AVX512 inline void expand32(const uint16_t* src, uint32_t bits, int is_bf16,
 // 32 * words with zeros), y: [batch][ldy].
 template <int NB, int U>
 DSF_AVX512 void rows_avx512(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* x,
-                            int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words, int is_bf16) {
+                            int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words, int is_bf16,
+                            const uint16_t* end) {
   for (int64_t r = r0; r < r1; ++r) {
     __m512 acc[U][NB], acc2[U][NB];
     for (int u = 0; u < U; ++u)
@@ -113,7 +116,7 @@ DSF_AVX512 void rows_avx512(const int32_t* bitmap, const int32_t* offsets, const
         uint32_t bits = row[w + u];
         if (!bits) continue;
         __m512 lo, hi;
-        expand32(v, bits, is_bf16, lo, hi);
+        expand32(v, end, bits, is_bf16, lo, hi);
         v += __builtin_popcount(bits);
         const float* xw = x + (w + u) * 32;
         for (int b = 0; b < NB; ++b) {
@@ -126,7 +129,7 @@ DSF_AVX512 void rows_avx512(const int32_t* bitmap, const int32_t* offsets, const
       uint32_t bits = row[w];
       if (!bits) continue;
       __m512 lo, hi;
-      expand32(v, bits, is_bf16, lo, hi);
+      expand32(v, end, bits, is_bf16, lo, hi);
       v += __builtin_popcount(bits);
       const float* xw = x + w * 32;
       for (int b = 0; b < NB; ++b) {
@@ -144,14 +147,14 @@ DSF_AVX512 void rows_avx512(const int32_t* bitmap, const int32_t* offsets, const
 
 DSF_AVX512 void tile_avx512(int nb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
                             const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words,
-                            int is_bf16) {
+                            int is_bf16, const uint16_t* end) {
   switch (nb) {
-    case 1: rows_avx512<1, 4>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
-    case 2: rows_avx512<2, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
-    case 3: rows_avx512<3, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
-    case 4: rows_avx512<4, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
-    case 8: rows_avx512<8, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
-    default: rows_avx512<12, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16); break;
+    case 1: rows_avx512<1, 4>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16, end); break;
+    case 2: rows_avx512<2, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16, end); break;
+    case 3: rows_avx512<3, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16, end); break;
+    case 4: rows_avx512<4, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16, end); break;
+    case 8: rows_avx512<8, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16, end); break;
+    default: rows_avx512<12, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, is_bf16, end); break;
   }
 }
 #endif
@@ -172,11 +175,11 @@ int dsf_has_avx512(void) {
 }
 
 // AVX-512 path, any batch. x: [batch][ldx] fp32 with ldx >= 32 * words (zero padded),
-// y: [batch][ldy] fp32, values readable 32 elements past the last one. Batches are
-// split into tiles of 12, 8, 4, 3, 2, 1. Returns 0, or -1 without AVX-512.
-int dsf_bitmap_spmm_avx512(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* x,
-                           int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t words, int64_t batch,
-                           int is_bf16) {
+// y: [batch][ldy] fp32, ``nvalues`` values. Batches are split into tiles of 12, 8, 4,
+// 3, 2, 1. Returns 0, or -1 without AVX-512.
+int dsf_bitmap_spmm_avx512(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, int64_t nvalues,
+                           const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t words,
+                           int64_t batch, int is_bf16) {
 #ifdef DSF_X86
   if (!dsf_has_avx512() || batch < 1) return -1;
 #pragma omp parallel for schedule(static)
@@ -185,7 +188,8 @@ int dsf_bitmap_spmm_avx512(const int32_t* bitmap, const int32_t* offsets, const 
     for (int64_t b0 = 0; b0 < batch;) {
       int64_t left = batch - b0;
       int nb = left >= 12 ? 12 : left >= 8 ? 8 : left >= 4 ? 4 : int(left);
-      tile_avx512(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, is_bf16);
+      tile_avx512(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, is_bf16,
+                  values + nvalues);
       b0 += nb;
     }
   }
