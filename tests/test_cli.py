@@ -39,7 +39,10 @@ def test_generate_reports_backend(ckpt):
     proc = run_cli("generate", str(ckpt), "--prompt", "Elizabeth", "--max-tokens", "5")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Elizabeth")
-    assert "backend: torch-csr x14" in proc.stderr
+    from dsf_runtime.kernels import BACKENDS
+
+    expected = "cpu-bitmap" if BACKENDS["cpu-bitmap"].available() else "torch-csr"  # the default format is bitmap
+    assert f"backend: {expected} x14" in proc.stderr
 
 
 def test_eval_prints_perplexity(ckpt, tiny_model_dir, tmp_path):
