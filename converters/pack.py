@@ -8,10 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsf_runtime.checkpoint import DSFQuantConfig, ModuleEntry, save_checkpoint
+from dsf_runtime.checkpoint import VALUE_DTYPES, DSFQuantConfig, ModuleEntry, save_checkpoint
 from dsf_runtime.patch import dsf_modules, replace_with_factors
-
-VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def pack_model(

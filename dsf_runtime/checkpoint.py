@@ -35,7 +35,7 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3  # Hugging Face's convention: shards of a few 
 CONFIG_NAME = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _ST_DTYPES = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
@@ -265,7 +265,7 @@ def _build_skeleton(config: dict, quant: DSFQuantConfig, dtype: torch.dtype) -> 
 def swap_in_dsf_modules(model: nn.Module, quant: DSFQuantConfig, dtype: torch.dtype, error=CheckpointError) -> None:
     """Replace each module named in ``quant`` by an empty DSFLinear on the meta device,
     after checking that it is a linear of the declared shape."""
-    value_dtype = _DTYPES[quant.value_dtype]
+    value_dtype = VALUE_DTYPES[quant.value_dtype]
     for name, entry in quant.modules.items():
         try:
             linear = model.get_submodule(name)
@@ -363,7 +363,7 @@ def load_model(
     ckpt = Path(ckpt_dir)
     config, quant = read_quant_config(ckpt)
     if dtype is None:
-        dtype = _DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+        dtype = VALUE_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
     try:
         model = _build_skeleton(config, quant, dtype)
     except UnsupportedModelError as exc:

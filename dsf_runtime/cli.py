@@ -225,7 +225,7 @@ def cmd_info(args) -> None:
           f"= {total / dense:.2f}x dense bf16 ({format_bytes(dense)}), {total / (2 * dense):.2f}x dense fp32")
     if args.formats:
         from dsf_runtime.benchmarks.storage import model_format_bytes
-        from dsf_runtime.converters.pack import VALUE_DTYPES
+        from dsf_runtime.checkpoint import VALUE_DTYPES
 
         sizes, dense_bf16 = model_format_bytes(model, VALUE_DTYPES[quant.value_dtype])
         for fmt, nbytes in sizes.items():
