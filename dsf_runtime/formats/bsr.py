@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from dsf_runtime.formats import TensorSpec, register_format
-from dsf_runtime.formats.csr import check_offsets, check_values
+from dsf_runtime.formats.csr import check_columns, check_offsets, check_values
 
 DEFAULT_BLOCK = 16
 
@@ -86,14 +86,7 @@ class BSRFormat:
         nblocks = col.numel()
         if values.shape[0] != nblocks:
             raise ValueError(f"{values.shape[0]} value blocks for {nblocks} column indices")
-        crow64 = check_offsets(crow, br, nblocks)
-        if nblocks:
-            col64 = col.long()
-            if int(col64.min()) < 0 or int(col64.max()) >= bc:
-                raise ValueError(f"col_indices out of range [0, {bc})")
-            row = torch.repeat_interleave(torch.arange(br), crow64.diff())
-            if bool(((row * bc + col64).diff() <= 0).any()):
-                raise ValueError("col_indices are not strictly increasing within a block row")
+        check_columns(check_offsets(crow, br, nblocks), col, bc, "block row")
         check_values(values)
         if int((values != 0).sum()) != nnz:
             raise ValueError(f"blocks hold {int((values != 0).sum())} nonzeros, metadata says {nnz}")

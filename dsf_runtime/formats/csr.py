@@ -38,6 +38,18 @@ def check_offsets(crow: torch.Tensor, rows: int, nnz: int, what: str = "crow_ind
     return crow64
 
 
+def check_columns(crow64: torch.Tensor, col: torch.Tensor, cols: int, what: str = "row") -> None:
+    """Column indices in [0, cols) and strictly increasing within each (block) row."""
+    if not col.numel():
+        return
+    col64 = col.long()
+    if int(col64.min()) < 0 or int(col64.max()) >= cols:
+        raise ValueError(f"col_indices out of range [0, {cols})")
+    row = torch.repeat_interleave(torch.arange(crow64.numel() - 1), crow64.diff())
+    if bool(((row * cols + col64).diff() <= 0).any()):
+        raise ValueError(f"col_indices are not strictly increasing within a {what}")
+
+
 def check_values(values: torch.Tensor) -> None:
     if values.is_floating_point() and not bool(torch.isfinite(values).all()):
         raise ValueError("values contain NaN or Inf")
@@ -92,13 +104,5 @@ class CSRFormat:
         crow, col, values = tensors["crow_indices"], tensors["col_indices"], tensors["values"]
         if col.numel() != nnz or values.numel() != nnz:
             raise ValueError(f"sizes col={col.numel()} values={values.numel()} do not match {nnz} nonzeros")
-        crow64 = check_offsets(crow, rows, nnz)
-        if nnz:
-            col64 = col.long()
-            if int(col64.min()) < 0 or int(col64.max()) >= cols:
-                raise ValueError(f"col_indices out of range [0, {cols})")
-            row = torch.repeat_interleave(torch.arange(rows), crow64.diff())
-            key = row * cols + col64
-            if bool((key.diff() <= 0).any()):
-                raise ValueError("col_indices are not strictly increasing within a row")
-            check_values(values)
+        check_columns(check_offsets(crow, rows, nnz), col, cols)
+        check_values(values)
