@@ -1,0 +1,157 @@
+"""A lean forward pass for LLaMA-family decoders with a static, slotted KV cache.
+
+Why not `model.generate`: at SmolLM2 size Python overhead dominates, and the
+serving engine needs requests of different lengths to decode together
+(continuous batching). The runner reuses the model's own modules (embeddings,
+norms, rotary embedding, projections, whatever backs them: DSFLinear or
+nn.Linear, MLP) and only replaces the attention bookkeeping:
+
+- the cache holds ``slots`` sequences of up to ``max_len`` tokens, shaped
+  (layers, slots, kv_heads, max_len, head_dim) for keys and for values;
+- active sequences live in slots 0..B-1, so a decode step reads plain views of
+  the cache (no gather); when a sequence leaves, the last one moves into its slot.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsf_runtime.errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q (B, H, T, d), k (B, KV, T, d); cos/sin (B, T, d)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class ModelRunner:
+    """Prefill one sequence into a slot; decode one token for each of slots 0..B-1."""
+
+    def __init__(self, model: nn.Module, slots: int, max_len: int | None = None) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"the serving engine supports {', '.join(SUPPORTED_MODEL_TYPES)} decoders, not {config.model_type!r}"
+            )
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        self.model = model
+        self.config = config
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.lm_head = model.lm_head
+        first = self.layers[0].self_attn
+        self.head_dim = first.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.scaling = first.scaling
+        limit = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+        window = self._sliding_window(config)
+        if window is not None:
+            limit = min(limit, window)  # within the window, full attention is exact
+        self.max_len = min(limit, max_len) if max_len else min(limit, 2048)
+        if max_len and max_len > limit:
+            log.warning("max_len %d exceeds what the model supports; using %d", max_len, limit)
+        self.slots = slots
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = self.embed.weight.dtype
+        shape = (len(self.layers), slots, self.n_kv, self.max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @staticmethod
+    def _sliding_window(config) -> int | None:
+        window = getattr(config, "sliding_window", None)
+        if window is None:
+            return None
+        if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+            return None
+        return int(window)
+
+    def cache_bytes(self) -> int:
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+    def _project(self, attn, h: torch.Tensor, pos: torch.Tensor):
+        """h (B, T, hidden), pos (B, T) -> q (B, H, T, d), k and v (B, KV, T, d) with rotary applied."""
+        B, T, _ = h.shape
+        q = attn.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, hidden) -> logits (B, vocab) in fp32."""
+        return self.lm_head(self.norm(x)).float()
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Run the prompt ``ids`` into ``slot`` (overwriting it); logits of the last position (vocab,)."""
+        T = len(ids)
+        if not 0 < T <= self.max_len:
+            raise ValueError(f"prompt of {T} tokens does not fit a context of {self.max_len}")
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        pos = torch.arange(T, device=self.device).unsqueeze(0)
+        x = self.embed(tokens)  # (1, T, hidden)
+        cos, sin = self.rotary(x, pos)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self._project(attn, layer.input_layernorm(x), pos)
+            q, k = _apply_rotary(q, k, cos, sin)
+            self.k_cache[i, slot, :, :T] = k[0]
+            self.v_cache[i, slot, :, :T] = v[0]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, T, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self._finish(x[0, -1:])[0]
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of slots 0..B-1 at the given positions; logits (B, vocab)."""
+        B = len(tokens)
+        if B == 0 or B > self.slots or len(positions) != B:
+            raise ValueError(f"decode needs 1..{self.slots} tokens with one position each")
+        if max(positions) >= self.max_len:
+            raise ValueError(f"position {max(positions)} is past the context of {self.max_len}")
+        tok = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        slots = torch.arange(B, device=self.device)
+        span = max(positions) + 1
+        mask = (torch.arange(span, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)).view(B, 1, 1, span)
+        x = self.embed(tok)  # (B, 1, hidden)
+        cos, sin = self.rotary(x, pos.unsqueeze(1))
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self._project(attn, layer.input_layernorm(x), pos)
+            q, k = _apply_rotary(q, k, cos, sin)
+            self.k_cache[i, slots, :, pos] = k[:, :, 0]
+            self.v_cache[i, slots, :, pos] = v[:, :, 0]
+            keys = self.k_cache[i, :B, :, :span]
+            values = self.v_cache[i, :B, :, :span]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self._finish(x[:, 0])
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""
+        if src != dst and length > 0:
+            self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
+            self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
