@@ -126,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prompt-tokens", type=int, default=64)
     q.add_argument("--out", default=os.path.join("benchmarks", "results"))
 
+    p = sub.add_parser("serve", help="OpenAI-compatible server (completions, chat, streaming, /metrics)")
+    p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-concurrency", type=int, default=8, help="requests decoded together (KV-cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
+    p.add_argument("--max-model-len", type=int, help="context per request (default: the model's, at most 2048)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set DSF_API_KEY)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: directory or embedded name)")
+    _add_device(p)
+
     p = sub.add_parser("demo", help="compress the embedded model, generate, and compare with dense")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default=os.path.join("out", "smollm2-135m-dsf50"))
@@ -335,6 +346,20 @@ def cmd_bench(args) -> None:
     print("written: " + ", ".join(payload["files"].values()))
 
 
+def cmd_serve(args) -> None:
+    from dsf_runtime.serve.server import serve
+
+    _positive(args.max_concurrency, "--max-concurrency")
+    _positive(args.port, "--port")
+    if args.max_queue < 0:
+        raise ConfigError("--max-queue must be >= 0")
+    if args.max_model_len is not None:
+        _positive(args.max_model_len, "--max-model-len")
+    serve(args.model, args.host, args.port, served_model_name=args.served_model_name, api_key=args.api_key,
+          log_level="info" if args.verbose else "warning", device=args.device, backend=args.backend,
+          max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_model_len=args.max_model_len)
+
+
 def cmd_demo(args) -> None:
     from dsf_runtime.benchmarks.compare import compare, format_table
     from dsf_runtime.checkpoint import is_dsf_checkpoint
@@ -360,6 +385,7 @@ COMMANDS = {
     "info": cmd_info,
     "eval": cmd_eval,
     "compare": cmd_compare,
+    "serve": cmd_serve,
     "demo": cmd_demo,
     "bench": cmd_bench,
 }

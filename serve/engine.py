@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +38,11 @@ class QueueFullError(EngineError):
     """Too many requests are waiting: try again later (HTTP 503)."""
 
 
-class ContextLengthError(EngineError):
+class InvalidPromptError(EngineError):
+    """The prompt cannot be run: empty, or a token id outside the vocabulary (HTTP 400)."""
+
+
+class ContextLengthError(InvalidPromptError):
     """Prompt plus max_tokens do not fit the context (HTTP 400)."""
 
 
@@ -166,7 +170,7 @@ class Engine:
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         limit = self.runner.max_len
         if prompt_tokens < 1:
-            raise ContextLengthError("the prompt is empty: at least one token is needed")
+            raise InvalidPromptError("the prompt is empty: at least one token is needed")
         if prompt_tokens + max_tokens > limit:
             raise ContextLengthError(
                 f"this model's maximum context length is {limit} tokens, but {prompt_tokens + max_tokens} were "
@@ -179,7 +183,7 @@ class Engine:
         self.check_fits(len(prompt_ids), params.max_tokens)
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ContextLengthError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise InvalidPromptError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
@@ -213,20 +217,13 @@ class Engine:
         self.submit(prompt_ids, params, outputs.put)
         return collect(iter(lambda: outputs.get(timeout=timeout), None))
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
-        """Async stream of a request's outputs; closing the iterator early cancels the request."""
+    def open(self, prompt_ids: list[int], params: SamplingParams) -> "OutputStream":
+        """Submit now (errors raise here) and return an async iterator over the request's outputs.
+        Call from a running event loop; closing the stream early cancels the request."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
         request = self.submit(prompt_ids, params, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
-        try:
-            while True:
-                out = await outputs.get()
-                yield out
-                if out.finished:
-                    return
-        finally:
-            if not request.done:
-                self.cancel(request)
+        return OutputStream(self, request, outputs)
 
     # ---- scheduler --------------------------------------------------------------------------
     def _update_gauges(self) -> None:
@@ -370,6 +367,31 @@ class Engine:
                 self._running.pop()
             if reason is not None:
                 self._finish(request, reason)
+
+
+class OutputStream:
+    """The outputs of one submitted request, as an async iterator."""
+
+    def __init__(self, engine: Engine, request: Request, outputs: "asyncio.Queue[StepOutput]") -> None:
+        self.engine = engine
+        self.request = request
+        self._outputs = outputs
+        self._ended = False
+
+    def __aiter__(self) -> "OutputStream":
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self._ended:
+            raise StopAsyncIteration
+        out = await self._outputs.get()
+        self._ended = out.finished
+        return out
+
+    def close(self) -> None:
+        """Cancel the request if it is still running (client gone, sibling failed)."""
+        if not self.request.done:
+            self.engine.cancel(self.request)
 
 
 def collect(outputs) -> Completion:

@@ -1,0 +1,479 @@
+"""The OpenAI-compatible HTTP server (FastAPI) in front of the generation engine.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both streaming as
+server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus),
+POST /tokenize, POST /detokenize. Errors are OpenAI-shaped:
+{"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dsf_runtime.serve.engine import (
+    Completion,
+    ContextLengthError,
+    Engine,
+    EngineDeadError,
+    InvalidPromptError,
+    OutputStream,
+    QueueFullError,
+    StepOutput,
+)
+from dsf_runtime.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from dsf_runtime.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _Common,
+)
+from dsf_runtime.serve.sampling import SamplingParams, TokenChoice
+
+log = logging.getLogger("dsf_runtime.serve")
+
+Loader = Callable[[ServerMetrics], Engine]
+
+
+class APIError(Exception):
+    """An error the client should see, with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+class ServerState:
+    """What the routes share: the engine once loaded, or why it is not there."""
+
+    def __init__(self, model_name: str, api_key: str | None) -> None:
+        self.model_name = model_name
+        self.api_key = api_key
+        self.metrics = ServerMetrics(model_name)
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+
+    def load(self, loader: Loader) -> None:
+        try:
+            self.engine = loader(self.metrics).start()
+            log.info("model %s ready (context %d tokens)", self.model_name, self.engine.max_model_len)
+        except Exception as exc:  # reported by /health and every route
+            log.exception("loading %s failed", self.model_name)
+            self.load_error = f"{type(exc).__name__}: {exc}"
+
+    def ready_engine(self) -> Engine:
+        if self.engine is None:
+            if self.load_error is not None:
+                raise APIError(503, f"the model failed to load: {self.load_error}", "server_error", code="load_failed")
+            raise APIError(503, "the model is still loading; retry shortly", "server_error", code="loading")
+        if not self.engine.alive:
+            raise APIError(503, f"the engine stopped: {self.engine.error}", "server_error", code="engine_dead")
+        return self.engine
+
+
+def create_app(loader: Loader, model_name: str, api_key: str | None = None, background_load: bool = True) -> FastAPI:
+    """An app that loads its engine with ``loader`` (in a thread, so /health answers 503 meanwhile)."""
+    state = ServerState(model_name, api_key)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if background_load:
+            threading.Thread(target=state.load, args=(loader,), name="dsf-load", daemon=True).start()
+        else:
+            state.load(loader)
+        yield
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="dsf-runtime", version="1", lifespan=lifespan)
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        return _error_response(_from_validation(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(exc.status_code, str(exc.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception):
+        log.exception("internal error")
+        return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+
+    async def authorize(authorization: str | None = Header(None)) -> None:
+        if state.api_key is None:
+            return
+        expected = f"Bearer {state.api_key}"
+        if authorization is None or not secrets.compare_digest(authorization.encode(), expected.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                           "invalid_request_error", code="invalid_api_key")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != state.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{state.model_name}'",
+                           "invalid_request_error", "model", "model_not_found")
+
+    @app.get("/health")
+    async def health():
+        if state.engine is not None and state.engine.alive:
+            return {"status": "ok"}
+        if state.engine is not None:
+            return JSONResponse({"status": "error", "message": f"engine stopped: {state.engine.error}"}, 503)
+        if state.load_error is not None:
+            return JSONResponse({"status": "error", "message": state.load_error}, 503)
+        return JSONResponse({"status": "loading"}, 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        if state.engine is not None:
+            running, waiting = state.engine.load()
+            state.metrics.set_load(running, waiting)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        entry = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "dsf-runtime"}
+        if state.engine is not None:
+            entry["max_model_len"] = state.engine.max_model_len
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    async def tokenize(body: TokenizeRequest):
+        engine = state.ready_engine()
+        check_model(body.model)
+        if body.messages is not None:
+            ids = _chat_ids(engine.tokenizer, [m.template_dict() for m in body.messages])
+        else:
+            ids = engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    async def detokenize(body: DetokenizeRequest):
+        engine = state.ready_engine()
+        check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})",
+                           param="tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, request: Request):
+        engine = state.ready_engine()
+        check_model(body.model)
+        _warn_ignored(body, "/v1/completions")
+        prompts = _prompt_ids(engine, body.prompt)
+        max_tokens = body.max_tokens or 16
+        jobs = [(ids, body.sampling(max_tokens, i)) for ids in prompts for i in range(body.n)]
+        streams = _open_all(engine, jobs)
+        meta = _Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        if body.stream:
+            return _sse(_completion_chunks(engine, streams, meta, body.include_usage, prompt_tokens))
+        results = await _collect_all(streams, request)
+        choices = []
+        for k, result in enumerate(results):
+            text = result.text
+            if body.echo:
+                text = engine.tokenizer.decode(prompts[k // body.n], skip_special_tokens=True) + text
+            choices.append({"index": k, "text": text, "finish_reason": result.finish_reason,
+                            "logprobs": _completion_logprobs(engine.tokenizer, result.logprobs)
+                            if body.logprobs is not None else None})
+        return meta.body("text_completion", choices, _usage(prompt_tokens, results))
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        engine = state.ready_engine()
+        check_model(body.model)
+        _warn_ignored(body, "/v1/chat/completions")
+        ids = _chat_ids(engine.tokenizer, body.template_messages())
+        max_tokens = body.requested_max_tokens
+        if max_tokens is None:  # OpenAI: up to the context
+            max_tokens = engine.max_model_len - len(ids)
+            if max_tokens < 1:
+                engine.check_fits(len(ids), 1)
+        jobs = [(ids, body.sampling(max_tokens, i)) for i in range(body.n)]
+        streams = _open_all(engine, jobs)
+        meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
+        if body.stream:
+            return _sse(_chat_chunks(engine, streams, meta, body.include_usage, len(ids), body.logprobs))
+        results = await _collect_all(streams, request)
+        choices = [
+            {"index": k, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+             "logprobs": {"content": _chat_logprobs(engine.tokenizer, r.logprobs)} if body.logprobs else None}
+            for k, r in enumerate(results)
+        ]
+        return meta.body("chat.completion", choices, _usage(len(ids), results))
+
+    for error, status, kind in (
+        (ContextLengthError, 400, "invalid_request_error"),
+        (InvalidPromptError, 400, "invalid_request_error"),
+        (QueueFullError, 503, "server_error"),
+        (EngineDeadError, 503, "server_error"),
+    ):
+        app.add_exception_handler(error, _handler(status, kind))
+    app.add_exception_handler(ValidationError, lambda _, exc: _error_response(_from_validation(exc.errors())))
+    return app
+
+
+def _handler(status: int, kind: str):
+    async def handle(_: Request, exc: Exception):
+        code = {ContextLengthError: "context_length_exceeded", QueueFullError: "server_busy"}.get(type(exc))
+        return _error_response(APIError(status, str(exc), kind, None, code))
+
+    return handle
+
+
+def _from_validation(errors) -> APIError:
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        message = "the request body is not valid JSON"
+    elif first.get("type") == "missing":
+        message = f"'{param}' is a required field"
+    elif param:
+        message = f"{param}: {message}"
+    return APIError(400, message, "invalid_request_error", param)
+
+
+def _warn_ignored(body: _Common, route: str) -> None:
+    if body.model_extra:
+        log.warning("%s: ignoring unsupported fields %s", route, ", ".join(sorted(body.model_extra)))
+
+
+def _prompt_ids(engine: Engine, prompt) -> list[list[int]]:
+    """Every OpenAI prompt form -> a list of token-id lists."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    else:
+        prompts = prompt
+    out = []
+    for p in prompts:
+        out.append(engine.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p))
+    return out
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    try:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+    except Exception as exc:  # a template that rejects this conversation (e.g. role order)
+        raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from exc
+
+
+def _open_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[OutputStream]:
+    """Submit every sub-request (prompt x n) or none: a failure cancels the ones already queued."""
+    for ids, params in jobs:
+        engine.check_fits(len(ids), params.max_tokens)
+    streams: list[OutputStream] = []
+    try:
+        for ids, params in jobs:
+            streams.append(engine.open(ids, params))
+    except BaseException:
+        for s in streams:
+            s.close()
+        raise
+    return streams
+
+
+async def _collect(stream: OutputStream) -> Completion:
+    parts: list[StepOutput] = []
+    async for out in stream:
+        parts.append(out)
+    last = parts[-1]
+    return Completion("".join(p.text for p in parts), [t for p in parts for t in p.token_ids],
+                      [c for p in parts for c in p.logprobs], last.finish_reason, last.prompt_tokens,
+                      last.completion_tokens, last.error)
+
+
+async def _collect_all(streams: list[OutputStream], request: Request) -> list[Completion]:
+    """Wait for every sub-request; a client that hangs up cancels them (slots and cache freed)."""
+    gathered = asyncio.gather(*(_collect(s) for s in streams))
+    try:
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=0.25)
+            if done:
+                results = gathered.result()
+                break
+            if await request.is_disconnected():
+                log.info("client disconnected; cancelling %d request(s)", len(streams))
+                gathered.cancel()
+                raise APIError(499, "client disconnected", "invalid_request_error")
+    finally:
+        for s in streams:
+            s.close()
+    failed = [r for r in results if r.finish_reason in ("error", "abort")]
+    if failed:
+        raise APIError(503 if failed[0].finish_reason == "abort" else 500,
+                       failed[0].error or "generation aborted", "server_error")
+    return results
+
+
+class _Meta:
+    def __init__(self, id_: str, created: int, model: str) -> None:
+        self.id, self.created, self.model = id_, created, model
+
+    def body(self, obj: str, choices: list[dict], usage: dict | None = None, with_usage: bool = True) -> dict:
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if with_usage:
+            out["usage"] = usage
+        return out
+
+
+def _usage(prompt_tokens: int, results) -> dict:
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+def _completion_logprobs(tokenizer, choices: list[TokenChoice], offset: int = 0) -> dict:
+    tokens = [_token_text(tokenizer, c.token) for c in choices]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [c.logprob for c in choices],
+        "top_logprobs": [{_token_text(tokenizer, i): lp for i, lp in c.top} for c in choices],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(tokenizer, choices: list[TokenChoice]) -> list[dict]:
+    def entry(token: int, logprob: float) -> dict:
+        text = _token_text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return [{**entry(c.token, c.logprob), "top_logprobs": [entry(i, lp) for i, lp in c.top]} for c in choices]
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _data(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _merged(streams: list[OutputStream]) -> AsyncIterator[tuple[int, StepOutput]]:
+    """Outputs of several sub-requests as they come, tagged with the sub-request's index;
+    ends when all finished. Leaving early (client gone) cancels them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: OutputStream) -> None:
+        async for out in stream:
+            await queue.put((index, out))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, out = await queue.get()
+            if out.finished:
+                remaining -= 1
+            yield index, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.close()
+
+
+def _stream_error(out: StepOutput) -> str:
+    return _data(APIError(500, out.error or f"generation ended: {out.finish_reason}", "server_error").body())
+
+
+async def _completion_chunks(engine: Engine, streams, meta: _Meta, include_usage: bool,
+                             prompt_tokens: int) -> AsyncIterator[str]:
+    completion_tokens = 0
+    try:
+        async for index, out in _merged(streams):
+            if out.finish_reason in ("error", "abort"):
+                yield _stream_error(out)
+                break
+            if not out.text and not out.finished and not out.logprobs:
+                continue
+            logprobs = _completion_logprobs(engine.tokenizer, out.logprobs) if out.logprobs else None
+            choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+            if out.finished:
+                completion_tokens += out.completion_tokens
+            yield _data(meta.body("text_completion", [choice], None, with_usage=include_usage))
+        else:
+            if include_usage:
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}
+                yield _data(meta.body("text_completion", [], usage))
+    except Exception as exc:  # never leave a client hanging without [DONE]
+        log.exception("stream failed")
+        yield _data(APIError(500, f"internal error: {exc}", "server_error").body())
+    yield "data: [DONE]\n\n"
+
+
+async def _chat_chunks(engine: Engine, streams, meta: _Meta, include_usage: bool, prompt_tokens: int,
+                       logprobs: bool) -> AsyncIterator[str]:
+    completion_tokens = 0
+    try:
+        for index in range(len(streams)):
+            first = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}
+            yield _data(meta.body("chat.completion.chunk", [first], None, with_usage=include_usage))
+        async for index, out in _merged(streams):
+            if out.finish_reason in ("error", "abort"):
+                yield _stream_error(out)
+                break
+            if not out.text and not out.finished and not out.logprobs:
+                continue
+            delta = {"content": out.text} if out.text or not out.finished else {}
+            lp = {"content": _chat_logprobs(engine.tokenizer, out.logprobs)} if logprobs and out.logprobs else None
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
+            if out.finished:
+                completion_tokens += out.completion_tokens
+            yield _data(meta.body("chat.completion.chunk", [choice], None, with_usage=include_usage))
+        else:
+            if include_usage:
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}
+                yield _data(meta.body("chat.completion.chunk", [], usage))
+    except Exception as exc:
+        log.exception("stream failed")
+        yield _data(APIError(500, f"internal error: {exc}", "server_error").body())
+    yield "data: [DONE]\n\n"
