@@ -12,3 +12,18 @@ def save_tiny(path: Path, tokenizer, model_type: str = "llama", **overrides) -> 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def chat_tokenizer(tokenizer):
+    """A copy of the tiny tokenizer with a small chat template (the real model brings its own)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

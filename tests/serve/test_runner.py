@@ -1,0 +1,61 @@
+"""The serving runner's forward equals the transformers forward, for every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from dsf_runtime.errors import UnsupportedModelError
+from dsf_runtime.serve.runner import ModelRunner
+
+
+def _reference(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1]
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("llama", {}),
+    ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    ("qwen2", {}),  # q/k/v biases
+    ("mistral", {"sliding_window": 64}),
+])
+def test_prefill_and_batched_decode_match_transformers(model_type, overrides):
+    model = make_tiny_llama(300, model_type=model_type, **overrides)
+    runner = ModelRunner(model, slots=3, max_len=48)
+    prompts = [list(range(3, 20)), [7], list(range(100, 131))]  # 17, 1 and 31 tokens
+    for slot, ids in enumerate(prompts):
+        torch.testing.assert_close(runner.prefill(slot, ids), _reference(model, ids), rtol=1e-4, atol=1e-4)
+    nxt = [5, 6, 7]
+    logits = runner.decode(nxt, [len(p) for p in prompts])
+    for row, ids, tok in zip(logits, prompts, nxt):
+        torch.testing.assert_close(row, _reference(model, ids + [tok]), rtol=1e-4, atol=1e-4)
+    # slot 2 moves into slot 0 (what the engine does when slot 0's request ends) and keeps decoding
+    runner.move(2, 0, len(prompts[2]) + 1)
+    row = runner.decode([9], [len(prompts[2]) + 1])[0]
+    torch.testing.assert_close(row, _reference(model, prompts[2] + [7, 9]), rtol=1e-4, atol=1e-4)
+
+
+def test_context_limits_are_enforced():
+    model = make_tiny_llama(300, max_position_embeddings=40)
+    runner = ModelRunner(model, slots=1, max_len=4096)
+    assert runner.max_len == 40  # never beyond what the model supports
+    with pytest.raises(ValueError, match="does not fit"):
+        runner.prefill(0, list(range(41)))
+    with pytest.raises(ValueError, match="past the context"):
+        runner.decode([1], [40])
+    with pytest.raises(ValueError):
+        runner.decode([1, 2], [0, 1])  # more tokens than slots
+
+
+def test_sliding_window_caps_the_context():
+    model = make_tiny_llama(300, model_type="mistral", sliding_window=32)
+    assert ModelRunner(model, slots=1).max_len == 32
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    model = make_tiny_llama(300)
+    model.config.model_type = "gpt2"
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        ModelRunner(model, slots=1)
