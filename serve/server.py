@@ -59,3 +59,69 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
     api_key = api_key or os.environ.get("DSF_API_KEY") or None
     app = create_app(make_loader(model, **engine_options), served_model_name or default_model_name(model), api_key)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+class BackgroundServer:
+    """Uvicorn running an app on a free loopback port in a thread (tests, benchmarks, notebooks).
+
+    with BackgroundServer(app) as srv:  # returns once the port is bound
+        httpx.get(srv.url + "/health")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.host = host
+        self.port = port
+        self._thread = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        import threading
+        import time
+
+        self._thread = threading.Thread(target=self.server.run, name="dsf-uvicorn", daemon=True)
+        self._thread.start()
+        end = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > end:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> "BackgroundServer":
+        """Block until /health says ok (the model loads in the background)."""
+        import time
+
+        import httpx
+
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                resp = httpx.get(self.url + "/health", timeout=5)
+                if resp.status_code == 200:
+                    return self
+                if resp.json().get("status") == "error":
+                    raise RuntimeError(f"the server failed: {resp.json().get('message')}")
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError("the server did not become ready")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

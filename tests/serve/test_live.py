@@ -1,0 +1,204 @@
+"""A real uvicorn server on loopback, driven by the official openai client and by httpx,
+serving a tiny DSF checkpoint through the same loader `dsf serve` uses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from dsf_runtime.serve.app import create_app
+from dsf_runtime.serve.server import BackgroundServer, make_loader
+from tests_support import chat_tokenizer, save_tiny
+
+openai = pytest.importorskip("openai")
+
+PROMPTS = ["Elizabeth was", "It is a truth universally acknowledged", "Mr. Darcy", "The sisters walked",
+           "Anne", "Captain Wentworth had", "Emma", "Her mother"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_tokenizer, tmp_path_factory):
+    from dsf_runtime.cli import main
+
+    root = tmp_path_factory.mktemp("live")
+    dense = save_tiny(root / "dense", chat_tokenizer(tiny_tokenizer), max_position_embeddings=512)
+    out = root / "tiny-dsf"
+    assert main(["compress", str(dense), str(out), "--sparsity", "0.5", "--nsamples", "4", "--seqlen", "32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    app = create_app(make_loader(str(checkpoint), max_concurrency=8, max_queue=16), "tiny-dsf")
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_client_completions(client):
+    out = client.completions.create(model="tiny-dsf", prompt="Elizabeth was", max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 8
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="tiny-dsf", prompt="Elizabeth was", max_tokens=8, temperature=0, stream=True,
+        extra_body={"ignore_eos": True})]
+    assert "".join(pieces) == out.choices[0].text
+
+
+def test_openai_client_chat(client):
+    messages = [{"role": "user", "content": "Who is Mr. Knightley?"}]
+    out = client.chat.completions.create(model="tiny-dsf", messages=messages, max_tokens=8, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert out.choices[0].message.role == "assistant" and out.choices[0].finish_reason == "length"
+    stream = client.chat.completions.create(model="tiny-dsf", messages=messages, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == out.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 8
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=messages)
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.completions.create(model="tiny-dsf", prompt="Anne", max_tokens=100000)
+
+
+def test_temperature_zero_equals_dsf_generate(client, checkpoint):
+    prompt = "It is a truth universally acknowledged"
+    proc = subprocess.run([sys.executable, "-m", "dsf_runtime.cli", "generate", str(checkpoint), "--prompt", prompt,
+                           "--max-tokens", "12"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = client.completions.create(model="tiny-dsf", prompt=prompt, max_tokens=12, temperature=0)
+    assert prompt + out.choices[0].text == proc.stdout.rstrip("\n")
+
+
+def test_eight_concurrent_streaming_clients(server, client):
+    """Each of 8 simultaneous streams gets the complete answer it gets alone."""
+    alone = {p: client.completions.create(model="tiny-dsf", prompt=p, max_tokens=24, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS}
+
+    async def one(http: httpx.AsyncClient, prompt: str) -> tuple[str, str | None]:
+        body = {"model": "tiny-dsf", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        text, reason = [], None
+        async with http.stream("POST", "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choice = json.loads(line[6:])["choices"][0]
+                    text.append(choice["text"])
+                    reason = choice["finish_reason"] or reason
+        return "".join(text), reason
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            return await asyncio.gather(*(one(http, p) for p in PROMPTS))
+
+    results = asyncio.run(run())
+    for prompt, (text, reason) in zip(PROMPTS, results):
+        assert text == alone[prompt] and reason == "length", prompt
+
+
+def _slow_decode(engine, seconds: float, gate: threading.Event | None = None):
+    real = engine.runner.decode
+
+    def decode(*args, **kwargs):
+        if gate is not None:
+            gate.wait(30)
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    engine.runner.decode = decode
+    return real
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    engine = server.server.config.app.state.server.engine
+    real = _slow_decode(engine, 0.05)  # 200 tokens would take 10 s
+    try:
+        body = {"model": "tiny-dsf", "prompt": "Anne", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            with http.stream("POST", "/v1/completions", json=body) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data: "):
+                        break  # got the first token: hang up
+        end = time.monotonic() + 5
+        while engine.load() != (0, 0):
+            assert time.monotonic() < end, f"request still holds a slot: {engine.load()}"
+            time.sleep(0.02)
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'finished_reason="abort"' in metrics
+    finally:
+        engine.runner.decode = real
+
+
+def test_full_queue_is_503(checkpoint):
+    app = create_app(make_loader(str(checkpoint), max_concurrency=1, max_queue=1), "tiny-dsf")
+    gate = threading.Event()
+    with BackgroundServer(app) as srv:
+        engine = app.state.server.engine
+        _slow_decode(engine, 0.0, gate)
+        body = {"model": "tiny-dsf", "prompt": "Anne", "max_tokens": 3, "ignore_eos": True}
+
+        async def run():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+                first = asyncio.create_task(http.post("/v1/completions", json=body))
+                while engine.load() != (1, 0):  # running, blocked on the gate
+                    await asyncio.sleep(0.01)
+                second = asyncio.create_task(http.post("/v1/completions", json=body))
+                while engine.load() != (1, 1):
+                    await asyncio.sleep(0.01)
+                third = await http.post("/v1/completions", json=body)
+                gate.set()
+                return third, await first, await second
+
+        third, first, second = asyncio.run(run())
+        assert third.status_code == 503 and third.json()["error"]["code"] == "server_busy"
+        assert first.status_code == 200 and second.status_code == 200
+
+
+def test_dsf_serve_command(checkpoint):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dsf_runtime.cli", "serve", str(checkpoint), "--port", str(port),
+                             "--api-key", "k", "--max-concurrency", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        srv = BackgroundServer.__new__(BackgroundServer)
+        srv.host, srv.port = "127.0.0.1", port
+        srv.wait_ready(120)
+        headers = {"Authorization": "Bearer k"}
+        models = httpx.get(srv.url + "/v1/models", headers=headers).json()
+        assert models["data"][0]["id"] == "tiny-dsf"
+        out = httpx.post(srv.url + "/v1/completions", headers=headers, timeout=60,
+                         json={"model": "tiny-dsf", "prompt": "Anne", "max_tokens": 3}).json()
+        assert out["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=30)[0]
+    assert "cpu-bitmap" in log or "torch-csr" in log or "dense-ref" in log  # it says which backend serves
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["does-not-exist"], "neither a DSF checkpoint"),
+    (["smollm2-135m", "--max-concurrency", "0"], "--max-concurrency"),
+    (["smollm2-135m", "--max-queue", "-1"], "--max-queue"),
+])
+def test_dsf_serve_bad_arguments(args, fragment):
+    proc = subprocess.run([sys.executable, "-m", "dsf_runtime.cli", "serve", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
