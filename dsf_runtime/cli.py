@@ -126,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prompt-tokens", type=int, default=64)
     q.add_argument("--out", default=os.path.join("benchmarks", "results"))
 
+    q = bench.add_parser("serving", help="1/4/8 streaming clients against `dsf serve` (DSF and dense) and other servers")
+    q.add_argument("--checkpoint", help="DSF checkpoint to serve")
+    q.add_argument("--dense", default=DEFAULT_MODEL, help="dense model served for comparison ('' to skip)")
+    q.add_argument("--streams", default="1,4,8")
+    q.add_argument("--max-tokens", type=int, default=64, help="tokens per request (EOS ignored)")
+    q.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
+    q.add_argument("--external", action="append", default=[], metavar="LABEL=URL=MODEL",
+                   help="another OpenAI-compatible server to measure, e.g. 'llama.cpp=http://127.0.0.1:8080=smollm2'")
+    q.add_argument("--engines", action="store_true", help="also compare generation loops without HTTP")
+    q.add_argument("--out", default=os.path.join("benchmarks", "results"))
+
     p = sub.add_parser("serve", help="OpenAI-compatible server (completions, chat, streaming, /metrics)")
     p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
     p.add_argument("--host", default="127.0.0.1")
@@ -308,6 +319,30 @@ def cmd_bench(args) -> None:
                                    args.prompt_tokens)
         print(payload["table"])
         print("written: " + ", ".join(payload["files"].values()))
+        return
+    if args.bench == "serving":
+        from dsf_runtime.benchmarks.serving import run_serving_bench
+        from dsf_runtime.checkpoint import is_dsf_checkpoint
+
+        streams = tuple(_positive(int(v), "--streams") for v in args.streams.split(","))
+        _positive(args.max_tokens, "--max-tokens")
+        _positive(args.rounds, "--rounds")
+        if args.checkpoint and not is_dsf_checkpoint(args.checkpoint):
+            raise ConfigError(f"{args.checkpoint} is not a DSF checkpoint")
+        servers = ([("dsf serve, DSF " + os.path.basename(os.path.normpath(args.checkpoint)), args.checkpoint)]
+                   if args.checkpoint else [])
+        if args.dense:
+            servers.append((f"dsf serve, dense {os.path.basename(os.path.normpath(args.dense))}", args.dense))
+        external = []
+        for spec in args.external:
+            parts = spec.split("=")
+            if len(parts) != 3 or not all(parts):
+                raise ConfigError(f"--external takes LABEL=URL=MODEL, got {spec!r}")
+            external.append(tuple(parts))
+        if not servers and not external:
+            raise ConfigError("nothing to measure: give --checkpoint, --dense or --external")
+        run_serving_bench(servers, external, Path(args.out), streams, args.rounds, args.max_tokens,
+                          engines_model=args.checkpoint if args.engines else None)
         return
     if args.bench == "layer":
         from dsf_runtime.benchmarks.layer import run_layer_bench

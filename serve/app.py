@@ -74,15 +74,21 @@ class ServerState:
         self.metrics = ServerMetrics(model_name)
         self.engine: Engine | None = None
         self.load_error: str | None = None
+        self.load_exception: BaseException | None = None
+        self.loaded = threading.Event()
         self.created = int(time.time())
 
-    def load(self, loader: Loader) -> None:
+    def load(self, loader: Loader, start_engine: bool = True) -> None:
         try:
-            self.engine = loader(self.metrics).start()
-            log.info("model %s ready (context %d tokens)", self.model_name, self.engine.max_model_len)
+            engine = loader(self.metrics)
+            self.engine = engine.start() if start_engine else engine
+            log.info("model %s ready (context %d tokens)", self.model_name, engine.max_model_len)
         except Exception as exc:  # reported by /health and every route
             log.exception("loading %s failed", self.model_name)
             self.load_error = f"{type(exc).__name__}: {exc}"
+            self.load_exception = exc
+        finally:
+            self.loaded.set()
 
     def ready_engine(self) -> Engine:
         if self.engine is None:
@@ -94,16 +100,14 @@ class ServerState:
         return self.engine
 
 
-def create_app(loader: Loader, model_name: str, api_key: str | None = None, background_load: bool = True) -> FastAPI:
-    """An app that loads its engine with ``loader`` (in a thread, so /health answers 503 meanwhile)."""
+def create_app(loader: Loader, model_name: str, api_key: str | None = None, start_engine: bool = True) -> FastAPI:
+    """An app that loads its engine with ``loader`` in a thread (so /health answers 503 meanwhile).
+    ``start_engine=False`` leaves running the engine to the caller (`dsf serve` runs it on the main thread)."""
     state = ServerState(model_name, api_key)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if background_load:
-            threading.Thread(target=state.load, args=(loader,), name="dsf-load", daemon=True).start()
-        else:
-            state.load(loader)
+        threading.Thread(target=state.load, args=(loader, start_engine), name="dsf-load", daemon=True).start()
         yield
         if state.engine is not None:
             state.engine.shutdown()
@@ -146,7 +150,7 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, back
     async def health():
         if state.engine is not None and state.engine.alive:
             return {"status": "ok"}
-        if state.engine is not None:
+        if state.engine is not None and state.engine.error is not None:
             return JSONResponse({"status": "error", "message": f"engine stopped: {state.engine.error}"}, 503)
         if state.load_error is not None:
             return JSONResponse({"status": "error", "message": state.load_error}, 503)

@@ -138,6 +138,7 @@ class Engine:
         self._ids = itertools.count()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._loop_running = False
         self.error: BaseException | None = None
 
     # ---- public API -------------------------------------------------------------------------
@@ -147,7 +148,8 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        """True while the scheduler loop runs (in ``start``'s thread or in ``run_forever``'s caller)."""
+        return self._loop_running and self.error is None
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) request counts."""
@@ -155,16 +157,30 @@ class Engine:
             return len(self._running), len(self._waiting)
 
     def start(self) -> "Engine":
+        """Run the scheduler in a background thread (tests, notebooks). On CPU, prefer
+        ``run_forever`` on the main thread: torch's CPU GEMMs run several times slower
+        from other threads here (measured in benchmarks/serving.py), which is why
+        `dsf serve` runs the HTTP server in a thread and the engine on the main one."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="dsf-engine", daemon=True)
+            self._loop_running = True
+            self._thread = threading.Thread(target=self.run_forever, name="dsf-engine", daemon=True)
             self._thread.start()
         return self
 
+    def run_until_idle(self) -> None:
+        """Step on the calling thread until no request is waiting or running (benchmarks, scripts)."""
+        while True:
+            with self._cond:
+                if not self._waiting and not self._running:
+                    return
+            self.step()
+
     def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop (pending requests end with finish_reason "abort"); safe from a signal handler."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -230,7 +246,9 @@ class Engine:
         if self.metrics is not None:
             self.metrics.set_load(len(self._running), len(self._waiting))
 
-    def _loop(self) -> None:
+    def run_forever(self) -> None:
+        """The scheduler loop on the calling thread; returns after ``shutdown`` or a fatal error."""
+        self._loop_running = True
         try:
             while True:
                 with self._cond:
@@ -252,6 +270,7 @@ class Engine:
             message = f"engine error: {self.error}" if self.error is not None else "the server is shutting down"
             for request in pending:
                 self._finish(request, reason, error=message)
+            self._loop_running = False
 
     def step(self) -> None:
         """Drop cancelled requests, admit waiting ones (prefill), then one decode step for all."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 from dsf_runtime.errors import ConfigError
@@ -51,14 +53,41 @@ def check_model_exists(model: str) -> None:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model_name: str | None = None,
           api_key: str | None = None, log_level: str = "info", **engine_options) -> None:
-    import uvicorn
-
+    """Serve until SIGINT/SIGTERM: HTTP in a thread, the engine on this (main) thread."""
     from dsf_runtime.serve.app import create_app
 
     check_model_exists(model)
     api_key = api_key or os.environ.get("DSF_API_KEY") or None
-    app = create_app(make_loader(model, **engine_options), served_model_name or default_model_name(model), api_key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    app = create_app(make_loader(model, **engine_options), served_model_name or default_model_name(model), api_key,
+                     start_engine=False)
+    state = app.state.server
+    server = BackgroundServer(app, host, port, log_level=log_level).start()
+    print(f"dsf serve: listening on {server.url} (loading {model}; /health is 503 until ready)", flush=True)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        stopping.set()
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not state.loaded.wait(0.2):
+            if stopping.is_set():
+                return
+        if state.load_exception is not None:
+            raise state.load_exception
+        engine = state.engine
+        print(f"dsf serve: ready, serving '{state.model_name}' at {server.url}/v1", flush=True)
+        # The engine runs here, on the main thread: torch's CPU GEMMs are much slower from other threads.
+        engine.run_forever()
+        if engine.error is not None and not stopping.is_set():
+            log.error("the engine stopped (%s); /health answers 503 until the server is restarted", engine.error)
+            stopping.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.stop()
 
 
 class BackgroundServer:
@@ -68,10 +97,10 @@ class BackgroundServer:
         httpx.get(srv.url + "/health")
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                                     timeout_graceful_shutdown=2))
         self.host = host
         self.port = port
@@ -90,7 +119,8 @@ class BackgroundServer:
         end = time.monotonic() + timeout
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > end:
-                raise RuntimeError("the server did not start")
+                raise ConfigError(f"could not start the HTTP server on {self.host}:{self.port} "
+                                  "(is the port in use or the address wrong?)")
             time.sleep(0.01)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self
