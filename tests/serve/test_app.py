@@ -246,3 +246,27 @@ def test_metrics_count_what_happened(client):
     assert float(generated.split()[-1]) >= 5
     assert "dsf_num_requests_running" in text and "dsf_num_requests_waiting" in text
     assert "dsf_prompt_tokens_total" in text
+
+
+def test_engine_failure_mid_stream_is_an_error_chunk_then_done(parts):
+    app = create_app(_loader(parts), NAME)
+    with TestClient(app) as c:
+        engine = _ready(c).app.state.server.engine
+        real, calls = engine.runner.decode, []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > 2:
+                raise RuntimeError("device lost")
+            return real(*args, **kwargs)
+
+        engine.runner.decode = failing
+        body = {"model": NAME, "prompt": "Anne", "max_tokens": 20, "ignore_eos": True, "stream": True}
+        with c.stream("POST", "/v1/completions", json=body) as resp:
+            resp.read()
+        chunks = _events(resp)  # ends with [DONE]
+        assert "device lost" in chunks[-1]["error"]["message"]
+        assert any(ch.get("choices") for ch in chunks[:-1])  # tokens before the failure were delivered
+        health = c.get("/health")
+        assert health.status_code == 503 and "device lost" in health.json()["message"]
+        assert _error(c.post("/v1/completions", json={"model": NAME, "prompt": "a"}), 503)["code"] == "engine_dead"
