@@ -426,58 +426,51 @@ def _stream_error(out: StepOutput) -> str:
     return _data(APIError(500, out.error or f"generation ended: {out.finish_reason}", "server_error").body())
 
 
-async def _completion_chunks(engine: Engine, streams, meta: _Meta, include_usage: bool,
-                             prompt_tokens: int) -> AsyncIterator[str]:
+async def _chunks(streams, meta: _Meta, obj: str, include_usage: bool, prompt_tokens: int, choice_of,
+                  preamble: list[dict] = ()) -> AsyncIterator[str]:
+    """SSE events for merged sub-request streams: ``preamble`` choices first, then one chunk per
+    output (``choice_of(index, out)`` shapes its choice), the usage chunk if asked, then [DONE].
+    Errors end the stream with an error object, never a silent hang-up."""
     completion_tokens = 0
     try:
+        for choice in preamble:
+            yield _data(meta.body(obj, [choice], None, with_usage=include_usage))
         async for index, out in _merged(streams):
             if out.finish_reason in ("error", "abort"):
                 yield _stream_error(out)
                 break
             if not out.text and not out.finished and not out.logprobs:
                 continue
-            logprobs = _completion_logprobs(engine.tokenizer, out.logprobs) if out.logprobs else None
-            choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
             if out.finished:
                 completion_tokens += out.completion_tokens
-            yield _data(meta.body("text_completion", [choice], None, with_usage=include_usage))
+            yield _data(meta.body(obj, [choice_of(index, out)], None, with_usage=include_usage))
         else:
             if include_usage:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                          "total_tokens": prompt_tokens + completion_tokens}
-                yield _data(meta.body("text_completion", [], usage))
+                yield _data(meta.body(obj, [], usage))
     except Exception as exc:  # never leave a client hanging without [DONE]
         log.exception("stream failed")
         yield _data(APIError(500, f"internal error: {exc}", "server_error").body())
     yield "data: [DONE]\n\n"
 
 
-async def _chat_chunks(engine: Engine, streams, meta: _Meta, include_usage: bool, prompt_tokens: int,
-                       logprobs: bool) -> AsyncIterator[str]:
-    completion_tokens = 0
-    try:
-        for index in range(len(streams)):
-            first = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}
-            yield _data(meta.body("chat.completion.chunk", [first], None, with_usage=include_usage))
-        async for index, out in _merged(streams):
-            if out.finish_reason in ("error", "abort"):
-                yield _stream_error(out)
-                break
-            if not out.text and not out.finished and not out.logprobs:
-                continue
-            delta = {"content": out.text} if out.text or not out.finished else {}
-            lp = {"content": _chat_logprobs(engine.tokenizer, out.logprobs)} if logprobs and out.logprobs else None
-            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
-            if out.finished:
-                completion_tokens += out.completion_tokens
-            yield _data(meta.body("chat.completion.chunk", [choice], None, with_usage=include_usage))
-        else:
-            if include_usage:
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens}
-                yield _data(meta.body("chat.completion.chunk", [], usage))
-    except Exception as exc:
-        log.exception("stream failed")
-        yield _data(APIError(500, f"internal error: {exc}", "server_error").body())
-    yield "data: [DONE]\n\n"
+def _completion_chunks(engine: Engine, streams, meta: _Meta, include_usage: bool,
+                       prompt_tokens: int) -> AsyncIterator[str]:
+    def choice(index: int, out: StepOutput) -> dict:
+        logprobs = _completion_logprobs(engine.tokenizer, out.logprobs) if out.logprobs else None
+        return {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+
+    return _chunks(streams, meta, "text_completion", include_usage, prompt_tokens, choice)
+
+
+def _chat_chunks(engine: Engine, streams, meta: _Meta, include_usage: bool, prompt_tokens: int,
+                 logprobs: bool) -> AsyncIterator[str]:
+    def choice(index: int, out: StepOutput) -> dict:
+        delta = {"content": out.text} if out.text or not out.finished else {}
+        lp = {"content": _chat_logprobs(engine.tokenizer, out.logprobs)} if logprobs and out.logprobs else None
+        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
+
+    first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+             for i in range(len(streams))]
+    return _chunks(streams, meta, "chat.completion.chunk", include_usage, prompt_tokens, choice, first)
