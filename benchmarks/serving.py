@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import statistics
 import subprocess
@@ -92,12 +93,16 @@ def _hf_padded(model: nn.Module, tokenizer, prompts: list[str], max_tokens: int)
 @torch.inference_mode()
 def _hf_continuous(model: nn.Module, tokenizer, prompts: list[str], max_tokens: int) -> tuple[int, float]:
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+    # a fixed paged cache (16 pages x 256 tokens): left to itself it sizes the cache from free memory (12 GB here)
+    cb_config = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=1024)
     config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1,
                               pad_token_id=tokenizer.eos_token_id)
     inputs = [tokenizer(p)["input_ids"] for p in prompts]
     start = time.perf_counter()
-    out = model.generate_batch(inputs=inputs, generation_config=config, progress_bar=False)
+    out = model.generate_batch(inputs=inputs, generation_config=config, continuous_batching_config=cb_config,
+                               progress_bar=False)
     seconds = time.perf_counter() - start
     return sum(len(o.generated_tokens) for o in out.values()), seconds
 
@@ -143,10 +148,10 @@ class LoadResult:
     complete: bool  # every request returned max_tokens tokens with finish_reason "length"
 
 
-async def _one_stream(http, model: str, prompt: str, max_tokens: int) -> dict:
+async def _one_stream(http, model: str, prompt: str, max_tokens: int, extra: dict) -> dict:
     """One streaming completion: token arrival times and the final usage."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **extra}
     start = time.perf_counter()
     times, usage, reason, text = [], None, None, []
     async with http.stream("POST", "/v1/completions", json=body) as resp:
@@ -173,11 +178,18 @@ async def _drive(url: str, model: str, prompts: list[str], streams: int, rounds:
     import httpx
 
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0)) as http:
+        extra = {"ignore_eos": True}
+        try:  # warm-up; servers that refuse the ignore_eos extension get standard fields only
+            await _one_stream(http, model, prompts[0], 4, extra)
+        except RuntimeError as exc:
+            print(f"    {url} refused ignore_eos ({str(exc)[:80]}); sending standard fields only", flush=True)
+            extra = {}
+            await _one_stream(http, model, prompts[0], 4, extra)
+
         async def client(k: int) -> list[dict]:
-            return [await _one_stream(http, model, prompts[(k + r * streams) % len(prompts)], max_tokens)
+            return [await _one_stream(http, model, prompts[(k + r * streams) % len(prompts)], max_tokens, extra)
                     for r in range(rounds)]
 
-        await _one_stream(http, model, prompts[0], 4)  # warm-up
         start = time.perf_counter()
         per_client = await asyncio.gather(*(client(k) for k in range(streams)))
         seconds = time.perf_counter() - start
@@ -196,7 +208,7 @@ def measure_server(label: str, url: str, model: str, prompts: list[str], streams
     gaps = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
     complete = all(r["tokens"] == max_tokens and r["reason"] == "length" for r in results)
     return LoadResult(label, streams, len(results), tokens, seconds, tokens / seconds, statistics.fmean(ttfts),
-                      ttfts[int(0.9 * (len(ttfts) - 1))], statistics.fmean(gaps) if gaps else float("nan"), complete)
+                      ttfts[max(math.ceil(0.9 * len(ttfts)) - 1, 0)], statistics.fmean(gaps) if gaps else float("nan"), complete)
 
 
 def _free_port() -> int:
@@ -254,8 +266,10 @@ class ServerProcess:
 
 def run_serving_bench(servers: list[tuple[str, str]], external: list[tuple[str, str, str]], out_dir: Path,
                       streams=STREAMS, rounds: int = 2, max_tokens: int = 64, engines_model: str | None = None,
-                      engine_tokens: int = 32) -> dict:
-    """servers: (label, model for `dsf serve`); external: (label, base URL, model name)."""
+                      engine_tokens: int = 32, append: bool = False) -> dict:
+    """servers: (label, model for `dsf serve`); external: (label, base URL, model name).
+    ``append`` keeps the servers (and engines) of an earlier serving.json that this run does not
+    measure: servers that cannot share the machine's memory are measured one run at a time."""
     from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
     payload: dict = {"environment": environment(), "max_tokens": max_tokens, "rounds": rounds, "servers": [],
                      "engines": []}
@@ -284,15 +298,33 @@ def run_serving_bench(servers: list[tuple[str, str]], external: list[tuple[str, 
             backends[label] = proc.backend()
         finally:
             proc.stop()
+    failures: list[dict] = []
     for label, url, name in external:
         prompts = bench_prompts(max(streams) * rounds)
         for n in streams:
-            rows.append(measure_server(label, url, name, prompts, n, rounds, max_tokens))
-            print(f"  {label} x{n}: {rows[-1].tok_s:.1f} tok/s", flush=True)
+            try:
+                rows.append(measure_server(label, url, name, prompts, n, rounds, max_tokens))
+            except Exception as exc:  # a peer that breaks under load is a result, not a crash of the bench
+                failures.append({"server": label, "streams": n, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                print(f"  {label} x{n}: FAILED {failures[-1]['error']}", flush=True)
+                continue
+            print(f"  {label} x{n}: {rows[-1].tok_s:.1f} tok/s, ttft {rows[-1].ttft_mean_s:.3f} s, "
+                  f"complete={rows[-1].complete}", flush=True)
     payload["servers"] = [asdict(r) for r in rows]
     payload["backends"] = backends
-    for label in {r.server for r in rows}:
-        single = next((r.tok_s for r in rows if r.server == label and r.streams == 1), None)
+    payload["failures"] = failures
+    previous_path = out_dir / "serving.json"
+    if append and previous_path.is_file():
+        previous = json.loads(previous_path.read_text())
+        measured = {r.server for r in rows}
+        payload["servers"] = [r for r in previous.get("servers", []) if r["server"] not in measured] + payload["servers"]
+        payload["backends"] = {**previous.get("backends", {}), **backends}
+        if not payload["engines"]:
+            for key in ("engines", "engines_model", "engines_backend"):
+                if key in previous:
+                    payload[key] = previous[key]
+    for label in {r["server"] for r in payload["servers"]}:
+        single = next((r["tok_s"] for r in payload["servers"] if r["server"] == label and r["streams"] == 1), None)
         for r in payload["servers"]:
             if r["server"] == label and single:
                 r["scaling_vs_1"] = r["tok_s"] / single
@@ -326,7 +358,7 @@ def _plot(payload: dict, path: Path) -> None:
     ax.set_ylabel("aggregate output tokens/s")
     ax.set_title(f"Serving, {payload['max_tokens']} tokens per request")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

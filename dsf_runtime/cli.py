@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--external", action="append", default=[], metavar="LABEL=URL=MODEL",
                    help="another OpenAI-compatible server to measure, e.g. 'llama.cpp=http://127.0.0.1:8080=smollm2'")
     q.add_argument("--engines", action="store_true", help="also compare generation loops without HTTP")
+    q.add_argument("--append", action="store_true", help="merge into an existing serving.json instead of replacing it")
     q.add_argument("--out", default=os.path.join("benchmarks", "results"))
 
     p = sub.add_parser("serve", help="OpenAI-compatible server (completions, chat, streaming, /metrics)")
@@ -342,7 +343,7 @@ def cmd_bench(args) -> None:
         if not servers and not external:
             raise ConfigError("nothing to measure: give --checkpoint, --dense or --external")
         run_serving_bench(servers, external, Path(args.out), streams, args.rounds, args.max_tokens,
-                          engines_model=args.checkpoint if args.engines else None)
+                          engines_model=args.checkpoint if args.engines else None, append=args.append)
         return
     if args.bench == "layer":
         from dsf_runtime.benchmarks.layer import run_layer_bench
