@@ -39,6 +39,7 @@ def _child(path: str, backend: str) -> dict:
     with torch.no_grad():
         model(ids)
     t_first = time.perf_counter() - t0
+    final = _rss_mib("VmRSS")
     tensors = list(model.state_dict().values())
     seen, model_bytes = set(), 0
     for t in tensors:
@@ -54,6 +55,9 @@ def _child(path: str, backend: str) -> dict:
         "peak_rss_after_load_mib": peak_load,
         "model_tensor_mib": model_bytes / 2**20,
         "load_peak_over_model": (peak_load - before) / (model_bytes / 2**20),
+        "rss_after_first_token_mib": final,
+        # peak while loading vs the memory the loaded model holds once it has run (every page touched)
+        "load_peak_over_final": (peak_load - before) / max(final - before, 1e-9),
     }
 
 

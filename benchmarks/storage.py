@@ -90,7 +90,8 @@ def run_storage_bench(checkpoint: str | None, dense: str | None, out_dir: str, s
         table += "\n\n" + markdown_table(loads, [
             ("model", "model", ""), ("backend", "backend", ""), ("load_seconds", "load s", ".2f"),
             ("first_token_seconds", "disk to first token s", ".2f"), ("model_tensor_mib", "tensors MiB", ".0f"),
-            ("load_peak_over_model", "load RSS growth / tensors", ".2f")])
+            ("load_peak_over_model", "load RSS growth / tensors", ".2f"),
+            ("load_peak_over_final", "peak while loading / RSS after first token", ".2f")])
     paths = write_results(Path(out_dir), "storage", payload, table)
     payload["files"] = {k: str(v) for k, v in paths.items()}
     payload["table"] = table

@@ -13,6 +13,7 @@ values) before anything runs on it. A dense W is never built.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from dsf_runtime.errors import CheckpointError, ConfigError, UnsupportedModelError
-from dsf_runtime.formats import FORMATS, get_format
+from dsf_runtime.formats import FORMATS, all_finite, get_format
 from dsf_runtime.linear import DSFLinear
 from dsf_runtime.patch import dsf_modules, set_backend, set_submodule
 
@@ -242,6 +243,18 @@ def parse_quant_config(qc: dict, where: str) -> DSFQuantConfig:
         raise CheckpointError(f"{where}: quantization_config.{loc}: {first['msg']}") from None
 
 
+def _no_init_weights():
+    """transformers' switch that skips random initialisation (its home moved in 5.x)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def _build_skeleton(config: dict, quant: DSFQuantConfig, dtype: torch.dtype) -> nn.Module:
     """The model with every weight on the meta device and DSF modules swapped in."""
     from accelerate import init_empty_weights
@@ -255,7 +268,7 @@ def _build_skeleton(config: dict, quant: DSFQuantConfig, dtype: torch.dtype) -> 
         hf_config = AutoConfig.for_model(**config)
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"config.json cannot be read as a {model_type} config: {exc}") from None
-    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers stay real
+    with init_empty_weights(include_buffers=False), _no_init_weights():  # meta parameters, no random init
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.tie_weights()  # tied aliases (lm_head -> embeddings) are stored once
     swap_in_dsf_modules(model, quant, dtype, CheckpointError)
@@ -336,6 +349,7 @@ def validate_dsf_modules(model: nn.Module, state: dict[str, torch.Tensor] | None
     """Check every DSF factor's content (index ranges, offsets, counts, finite values)
     before any kernel runs on it; ``state`` (name -> tensor) defaults to the model's."""
     state = state if state is not None else model.state_dict()
+    checked: set[str] = set()
     for name, module in dsf_modules(model).items():
         for side in ("L", "R"):
             factor = getattr(module, side)
@@ -343,12 +357,13 @@ def validate_dsf_modules(model: nn.Module, state: dict[str, torch.Tensor] | None
                 continue
             prefix = f"{name}.{side}"
             tensors = {k: state[f"{prefix}.{k}"] for k, _ in factor.named_buffers()}
+            checked.update(f"{prefix}.{k}" for k in tensors)
             try:
                 get_format(factor.fmt).validate(tensors, factor.shape, factor.nnz)
             except ValueError as exc:
                 raise CheckpointError(f"{prefix}: {exc}") from None
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    for key, tensor in state.items():  # the dense parts (factor values were checked above)
+        if key not in checked and not all_finite(tensor):
             raise CheckpointError(f"tensor {key} contains NaN or Inf")
 
 
@@ -362,6 +377,18 @@ def load_model(
     """Load a DSF checkpoint as (model, tokenizer) with DSFLinear modules on ``device``."""
     ckpt = Path(ckpt_dir)
     config, quant = read_quant_config(ckpt)
+    tokenizer_job = None
+    if with_tokenizer:
+        if not any((ckpt / f).is_file() for f in TOKENIZER_FILES):
+            raise CheckpointError(f"{ckpt} has no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+        from concurrent.futures import ThreadPoolExecutor
+
+        from transformers import AutoTokenizer
+
+        # the tokenizer loads while tensors are read and validated (torch ops release the GIL)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="dsf-tokenizer")
+        tokenizer_job = pool.submit(AutoTokenizer.from_pretrained, ckpt)
+        pool.shutdown(wait=False)
     if dtype is None:
         dtype = VALUE_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
     try:
@@ -380,14 +407,7 @@ def load_model(
     set_backend(model, backend)
     for module in dsf_modules(model).values():
         module.prepare(dtype)  # choose and report the backend now, not at the first token
-    tokenizer = None
-    if with_tokenizer:
-        if not any((ckpt / f).is_file() for f in TOKENIZER_FILES):
-            raise CheckpointError(f"{ckpt} has no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    return model, tokenizer
+    return model, (tokenizer_job.result() if tokenizer_job is not None else None)
 
 
 def backend_summary(model: nn.Module) -> str:

@@ -58,6 +58,15 @@ def get_format(name: str) -> SparseFormat:
     return FORMATS[name]
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf, without a full-size temporary (torch.isfinite allocates abs(t) and
+    masks, 1.25x a float32 tensor): min and max propagate NaN, and are finite iff all are."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.reshape(-1))
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def tensors_nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -19,14 +19,18 @@ from dsf_runtime.formats.csr import check_offsets, check_values, csr_from_dense
 
 WORD = 32
 _SHIFTS = torch.arange(WORD, dtype=torch.int64)
-_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
 
 
 def row_popcounts(bitmap: torch.Tensor) -> torch.Tensor:
-    """Set bits per row of an int32 (rows, words) bitmap, via a byte lookup table
-    (no per-bit temporaries: loading validates every factor with it)."""
-    as_bytes = bitmap.contiguous().view(torch.uint8).long()  # (rows, 4 * words)
-    return _POPCOUNT8[as_bytes].sum(dim=1, dtype=torch.int64)
+    """Set bits per row of an int32 (rows, words) bitmap: the SWAR popcount in int32
+    arithmetic (two's-complement wrap-around is harmless: every step masks what it keeps),
+    no per-bit or per-byte temporaries; loading validates every factor with it."""
+    v = bitmap.contiguous()
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    v = ((v * 0x01010101) >> 24) & 0x3F  # the top byte holds the word's count (0..32)
+    return v.sum(dim=1, dtype=torch.int64)
 
 
 def _words(cols: int) -> int:

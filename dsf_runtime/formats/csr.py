@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dsf_runtime.formats import TensorSpec, register_format
+from dsf_runtime.formats import TensorSpec, all_finite, register_format
 
 INT16_MAX_COLS = 1 << 15
 
@@ -51,7 +51,7 @@ def check_columns(crow64: torch.Tensor, col: torch.Tensor, cols: int, what: str 
 
 
 def check_values(values: torch.Tensor) -> None:
-    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         raise ValueError("values contain NaN or Inf")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from dsf_runtime.formats import FORMATS, get_format, tensors_nbytes
@@ -144,3 +146,25 @@ def test_csr_validate_rejects_corruption(case):
     corrupt(tensors)
     with pytest.raises(ValueError, match=message):
         fmt.validate(tensors, (40, 30), nnz)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(-2**31, 2**31 - 1), min_size=1, max_size=6), min_size=1, max_size=6))
+def test_row_popcounts_count_every_bit(rows):
+    from dsf_runtime.formats.bitmap import row_popcounts
+
+    width = max(len(r) for r in rows)
+    words = [r + [0] * (width - len(r)) for r in rows]
+    expected = [sum(bin(w & 0xFFFFFFFF).count("1") for w in r) for r in words]
+    assert row_popcounts(torch.tensor(words, dtype=torch.int32)).tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_finds_one_bad_value(dtype, bad):
+    from dsf_runtime.formats import all_finite
+
+    t = torch.randn(33, 17).to(dtype)
+    assert all_finite(t) and all_finite(torch.empty(0, dtype=dtype))
+    t[20, 5] = bad
+    assert not all_finite(t)
