@@ -101,6 +101,19 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
         cases.append(Case(f"DSF {backend_name}", lambda i, x, b=backend, p=preps: b.matmul(p[i][0], b.matmul(p[i][1], x)),
                           nbytes, n))
 
+    bitmap = BACKENDS["cpu-bitmap"]
+    if bitmap.available() and getattr(bitmap, "bf16_dot", False):
+        # a bf16 model: bf16 values and activations (as dense bf16), the AVX512_BF16 dot-product path
+        f = get_format("bitmap")
+        tl, tr = f.pack(L.to(torch.bfloat16), torch.bfloat16), f.pack(R.to(torch.bfloat16), torch.bfloat16)
+        nbytes = sum(t.numel() * t.element_size() for t in (*tl.values(), *tr.values()))
+        n = _copies(nbytes)
+        preps = [(bitmap.prepare("bitmap", {k: v.clone() for k, v in tl.items()}, tuple(L.shape), torch.bfloat16),
+                  bitmap.prepare("bitmap", {k: v.clone() for k, v in tr.items()}, tuple(R.shape), torch.bfloat16))
+                 for _ in range(n)]
+        cases.append(Case("DSF cpu-bitmap bf16", lambda i, x, b=bitmap, p=preps: b.matmul(
+            p[i][0], b.matmul(p[i][1], x.to(torch.bfloat16))).float(), nbytes, n))
+
     sl, sr = sp.csr_matrix(L.numpy()), sp.csr_matrix(R.numpy())
     nbytes = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in (sl, sr))
     n = _copies(nbytes)

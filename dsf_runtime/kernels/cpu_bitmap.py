@@ -29,6 +29,7 @@ from dsf_runtime.kernels import register_backend
 log = logging.getLogger(__name__)
 
 _LIB: ctypes.CDLL | None = None
+_CAPS = (False, False)  # (AVX-512 VBMI2 path, AVX512_BF16 path) on this CPU, read once at build
 _REASON: str | None = None
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -76,10 +77,15 @@ def build(force: bool = False) -> ctypes.CDLL | None:
         _REASON = f"loading the CPU kernel failed: {exc}"
         return None
     lib.dsf_has_avx512.restype = ctypes.c_int
+    lib.dsf_has_avx512_bf16.restype = ctypes.c_int
+    lib.dsf_bitmap_spmm_bf16dot.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64]
+    lib.dsf_bitmap_spmm_bf16dot.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_avx512.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_avx512.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_portable.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_portable.restype = ctypes.c_int
+    global _CAPS
+    _CAPS = (bool(lib.dsf_has_avx512()), bool(lib.dsf_has_avx512_bf16()))
     _LIB, _REASON = lib, None
     return lib
 
@@ -120,9 +126,14 @@ class CPUBitmapBackend:
     def isa(self) -> str:
         """The instruction path in use; DSF_CPU_ISA=portable forces the fallback."""
         lib = build()
-        if os.environ.get("DSF_CPU_ISA") == "portable" or lib is None or not lib.dsf_has_avx512():
+        if os.environ.get("DSF_CPU_ISA") == "portable" or lib is None or not _CAPS[0]:
             return "portable"
         return "avx512-vbmi2"
+
+    @property
+    def bf16_dot(self) -> bool:
+        """Whether bf16 models take the AVX512_BF16 dot-product path (DSF_CPU_ISA=avx512 turns it off)."""
+        return self.isa != "portable" and os.environ.get("DSF_CPU_ISA") != "avx512" and _CAPS[1]
 
     def prepare(self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Prepared:
         values = tensors["values"]
@@ -137,17 +148,27 @@ class CPUBitmapBackend:
         lib = build()
         n = x.shape[0]
         padded_cols = p.words * 32
-        xf = x.detach().to(torch.float32)
         args = (p.bitmap.data_ptr(), p.offsets.data_ptr(), p.values.data_ptr())
-        if self.isa == "avx512-vbmi2":
-            xp = torch.zeros(n, padded_cols, dtype=torch.float32)
-            xp[:, : p.cols] = xf
+        if x.dtype == torch.bfloat16 and p.is_bf16 and self.bf16_dot:
+            # a bf16 model: bf16 x bf16 products with fp32 accumulation, as a dense bf16 matmul does
+            xp = torch.zeros(n, padded_cols, dtype=torch.bfloat16)
+            xp[:, : p.cols] = x.detach()
+            y = torch.empty(n, p.rows, dtype=torch.float32)
+            rc = lib.dsf_bitmap_spmm_bf16dot(*args, p.values.numel(), xp.data_ptr(), padded_cols, y.data_ptr(),
+                                             p.rows, p.rows, p.words, n)
+        elif self.isa != "portable":
+            xf = x.detach().to(torch.float32)
+            if p.cols == padded_cols and xf.is_contiguous():
+                xp = xf  # no padding needed: read x in place
+            else:
+                xp = torch.zeros(n, padded_cols, dtype=torch.float32)
+                xp[:, : p.cols] = xf
             y = torch.empty(n, p.rows, dtype=torch.float32)
             rc = lib.dsf_bitmap_spmm_avx512(*args, p.values.numel(), xp.data_ptr(), padded_cols, y.data_ptr(),
                                             p.rows, p.rows, p.words, n, p.is_bf16)
         else:
             xt = torch.zeros(padded_cols, n, dtype=torch.float32)
-            xt[: p.cols] = xf.t()
+            xt[: p.cols] = x.detach().to(torch.float32).t()
             yt = torch.empty(p.rows, n, dtype=torch.float32)
             rc = lib.dsf_bitmap_spmm_portable(*args, xt.data_ptr(), yt.data_ptr(), p.rows, p.words, n, p.is_bf16)
             y = yt.t()

@@ -48,3 +48,19 @@ def test_dsf_linear_uses_kernel():
     y = layer(x)
     assert layer.backend_name == "cpu-bitmap"
     torch.testing.assert_close(y, torch.nn.functional.linear(x, L @ R, layer.bias), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(830, 545), (1, 33), (300, 4096)])
+@pytest.mark.parametrize("density", [0.01, 0.5, 0.9])
+@pytest.mark.parametrize("batch", [1, 3, 4, 9, 16, 21])
+def test_bf16_model_path_matches_dense_bf16(shape, density, batch):
+    """bf16 values and bf16 activations (a model run in bf16): exact bf16 products,
+    fp32 accumulation, so it matches the float64 product of the same bf16 numbers."""
+    dense = random_sparse(*shape, density, seed=batch).to(torch.bfloat16)
+    p = backend.prepare("bitmap", get_format("bitmap").pack(dense, torch.bfloat16), shape, torch.bfloat16)
+    x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    y = backend.matmul(p, x)
+    assert y.dtype == torch.bfloat16 and y.shape == (batch, shape[0])
+    ref = x.double() @ dense.double().t()
+    scale = ref.abs().max().clamp_min(1.0)
+    assert float((y.double() - ref).abs().max() / scale) < 2 ** -8  # the bf16 rounding of the output

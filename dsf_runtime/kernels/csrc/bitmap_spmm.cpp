@@ -10,6 +10,10 @@
 //    values into the word's lanes (vpexpandw), convert to fp32 and FMA with x, for a
 //    tile of up to 12 batch rows at once: the bitmap and values stream once per tile
 //    with no index arithmetic.
+//  * AVX-512 BF16 (bf16 values and bf16 activations, i.e. a model run in bf16): per
+//    word, expand the 32 packed bf16 values and accumulate with one vdpbf16ps against
+//    the word's 32 bf16 activations (fp32 accumulation): no conversions, which is what
+//    bounds the path above (its expand + converts all compete for one shuffle port).
 //  * portable fallback for CPUs without AVX-512 (chosen at run time): iterate the set
 //    bits (ctz) and FMA each value into all batch columns of x^T ([in][batch]).
 // The caller (Python) validated every index and offset when the checkpoint was loaded.
@@ -76,6 +80,9 @@ void rows_scalar(const int32_t* bitmap, const int32_t* offsets, const uint16_t* 
 }
 
 #ifdef DSF_X86
+#ifndef DSF_PREFETCH_BYTES
+#define DSF_PREFETCH_BYTES 4096
+#endif
 #define DSF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
 
 // Expand the next popcount(bits) packed 16-bit values into the lanes of the set bits
@@ -112,6 +119,11 @@ DSF_AVX512 void rows_avx512(const int32_t* bitmap, const int32_t* offsets, const
     const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
     int64_t w = 0;
     for (; w + U <= words; w += U) {
+      // software prefetch: the hardware prefetcher alone streams this at half the bandwidth
+      // (U words of values can span more than one line: two lines per step keep up at any density)
+      _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + w) + DSF_PREFETCH_BYTES / 4, _MM_HINT_T0);
       for (int u = 0; u < U; ++u) {
         uint32_t bits = row[w + u];
         if (!bits) continue;
@@ -142,6 +154,66 @@ DSF_AVX512 void rows_avx512(const int32_t* bitmap, const int32_t* offsets, const
       for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[u][b], acc2[u][b]));
       y[b * ldy + r] = _mm512_reduce_add_ps(sum);
     }
+  }
+}
+
+#define DSF_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vbmi2,avx512bf16")))
+
+// bf16 x bf16 -> fp32, tile of NB batch rows, U words in flight. x: [batch][ldx] bf16.
+template <int NB, int U>
+DSF_AVX512BF16 void rows_bf16dot(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
+                                 const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1,
+                                 int64_t words, const uint16_t* end) {
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512 acc[U][NB];
+    for (int u = 0; u < U; ++u)
+      for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
+    const uint16_t* v = values + offsets[r];
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
+    int64_t w = 0;
+    for (; w + U <= words; w += U) {
+      _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + w) + DSF_PREFETCH_BYTES / 4, _MM_HINT_T0);
+      for (int u = 0; u < U; ++u) {
+        uint32_t bits = row[w + u];
+        if (!bits) continue;
+        __m512i packed = v + 32 <= end ? _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v))
+                                       : _mm512_maskz_expandloadu_epi16(bits, v);
+        v += __builtin_popcount(bits);
+        const uint16_t* xw = x + (w + u) * 32;
+        for (int b = 0; b < NB; ++b)
+          acc[u][b] = _mm512_dpbf16_ps(acc[u][b], (__m512bh)packed, (__m512bh)_mm512_loadu_si512(xw + b * ldx));
+      }
+    }
+    for (; w < words; ++w) {
+      uint32_t bits = row[w];
+      if (!bits) continue;
+      __m512i packed = v + 32 <= end ? _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v))
+                                     : _mm512_maskz_expandloadu_epi16(bits, v);
+      v += __builtin_popcount(bits);
+      const uint16_t* xw = x + w * 32;
+      for (int b = 0; b < NB; ++b)
+        acc[0][b] = _mm512_dpbf16_ps(acc[0][b], (__m512bh)packed, (__m512bh)_mm512_loadu_si512(xw + b * ldx));
+    }
+    for (int b = 0; b < NB; ++b) {
+      __m512 sum = acc[0][b];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][b]);
+      y[b * ldy + r] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
+DSF_AVX512BF16 void tile_bf16dot(int nb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
+                                 const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1,
+                                 int64_t words, const uint16_t* end) {
+  switch (nb) {
+    case 1: rows_bf16dot<1, 4>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
+    case 2: rows_bf16dot<2, 4>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
+    case 3: rows_bf16dot<3, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
+    case 4: rows_bf16dot<4, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
+    case 8: rows_bf16dot<8, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
+    default: rows_bf16dot<16, 1>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
   }
 }
 
@@ -190,6 +262,40 @@ int dsf_bitmap_spmm_avx512(const int32_t* bitmap, const int32_t* offsets, const 
       int nb = left >= 12 ? 12 : left >= 8 ? 8 : left >= 4 ? 4 : int(left);
       tile_avx512(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, is_bf16,
                   values + nvalues);
+      b0 += nb;
+    }
+  }
+  return 0;
+#else
+  return -1;
+#endif
+}
+
+// 1 when the bf16 dot-product path can run (AVX-512 path plus AVX512_BF16).
+int dsf_has_avx512_bf16(void) {
+#ifdef DSF_X86
+  return dsf_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return 0;
+#endif
+}
+
+// bf16 values x bf16 activations, fp32 accumulation and output. x: [batch][ldx] bf16
+// with ldx >= 32 * words (zero padded), y: [batch][ldy] fp32. Tiles of 16, 8, 4, 3, 2, 1.
+// Returns 0, or -1 where the CPU lacks AVX512_BF16.
+int dsf_bitmap_spmm_bf16dot(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, int64_t nvalues,
+                            const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t words,
+                            int64_t batch) {
+#ifdef DSF_X86
+  if (!dsf_has_avx512_bf16() || batch < 1) return -1;
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
+    int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
+    for (int64_t b0 = 0; b0 < batch;) {
+      int64_t left = batch - b0;
+      int nb = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : int(left);
+      tile_bf16dot(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words,
+                   values + nvalues);
       b0 += nb;
     }
   }
