@@ -58,8 +58,8 @@ def llama7b_stack(num_layers: int = 4, vocab: int = 2048, seed: int = 0) -> nn.M
     return LlamaForCausalLM(config).eval()
 
 
-def dsf_stack(model: nn.Module, sparsity: float = 0.5) -> nn.Module:
-    """Replace every decoder linear by random DSF factors (bitmap, fp16)."""
+def dsf_stack(model: nn.Module, sparsity: float = 0.5, value_dtype: torch.dtype = torch.float16) -> nn.Module:
+    """Replace every decoder linear by random DSF factors (bitmap, fp16 or bf16 values)."""
     from dsf_runtime.benchmarks.storage import random_dsf_pair
     from dsf_runtime.models import compressible_linears
     from dsf_runtime.patch import replace_with_factors
@@ -68,7 +68,7 @@ def dsf_stack(model: nn.Module, sparsity: float = 0.5) -> nn.Module:
     for i, name in enumerate(compressible_linears(model)):
         lin = model.get_submodule(name)
         factors[name] = random_dsf_pair(lin.out_features, lin.in_features, sparsity, seed=i)
-    replace_with_factors(model, factors, "bitmap", torch.float16)
+    replace_with_factors(model, factors, "bitmap", value_dtype)
     return model
 
 
@@ -107,16 +107,27 @@ def run_decode_bench(checkpoint: str | None, dense: str = "smollm2-135m", stack_
         record(subject, "DSF", model)
         del model
         gc.collect()
+        # a bf16 model: bf16 values and activations (the AVX512_BF16 path where the CPU has it)
+        model = dsf_stack(llama7b_stack(stack_layers), value_dtype=torch.bfloat16).to(torch.bfloat16)
+        gc.collect()
+        record(subject, "DSF bf16", model)
+        del model
+        gc.collect()
     for subject in dict.fromkeys(r["model"] for r in rows):
         base = next(r for r in rows if r["model"] == subject and r["variant"] == "dense fp32")
         for r in rows:
             if r["model"] == subject:
                 r["tg_vs_fp32"] = r["tg_tok_s"] / base["tg_tok_s"]
+        bf16 = next((r for r in rows if r["model"] == subject and r["variant"] == "dense bf16"), None)
+        for r in rows:
+            if r["model"] == subject and bf16:
+                r["tg_vs_bf16"] = r["tg_tok_s"] / bf16["tg_tok_s"]
     payload = {"benchmark": "decode", "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
                "environment": environment(), "rows": rows}
     table = markdown_table(rows, [("model", "model", ""), ("variant", "variant", ""), ("backend", "backend", ""),
                                   ("pp_tok_s", f"pp{prompt_tokens} tok/s", ".1f"),
-                                  ("tg_tok_s", f"tg{gen_tokens} tok/s", ".2f"), ("tg_vs_fp32", "tg x fp32", ".2f")])
+                                  ("tg_tok_s", f"tg{gen_tokens} tok/s", ".2f"), ("tg_vs_fp32", "tg x fp32", ".2f"),
+                                  ("tg_vs_bf16", "tg x bf16", ".2f")])
     paths = write_results(Path(out_dir), "decode", payload, table)
     payload["files"] = {k: str(v) for k, v in paths.items()}
     payload["table"] = table
