@@ -29,7 +29,10 @@ from dsf_runtime.kernels import register_backend
 log = logging.getLogger(__name__)
 
 _LIB: ctypes.CDLL | None = None
-_CAPS = (False, False)  # (AVX-512 VBMI2 path, AVX512_BF16 path) on this CPU, read once at build
+_CAPS = (False, False)
+# From this batch on, the AVX-512 path iterates nonzeros (x as [in][batch]) instead of
+# expanding 32-column words: measured crossover on the layer benchmark.
+NZ_MIN_BATCH = int(os.environ.get("DSF_NZ_MIN_BATCH", "16"))  # (AVX-512 VBMI2 path, AVX512_BF16 path) on this CPU, read once at build
 _REASON: str | None = None
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -78,6 +81,8 @@ def build(force: bool = False) -> ctypes.CDLL | None:
         return None
     lib.dsf_has_avx512.restype = ctypes.c_int
     lib.dsf_has_avx512_bf16.restype = ctypes.c_int
+    lib.dsf_bitmap_spmm_nz.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_nz.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_bf16dot.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64]
     lib.dsf_bitmap_spmm_bf16dot.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_avx512.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
@@ -149,7 +154,20 @@ class CPUBitmapBackend:
         n = x.shape[0]
         padded_cols = p.words * 32
         args = (p.bitmap.data_ptr(), p.offsets.data_ptr(), p.values.data_ptr())
-        if x.dtype == torch.bfloat16 and p.is_bf16 and self.bf16_dot:
+        if n >= NZ_MIN_BATCH and self.isa != "portable":
+            # large batches (prefill, many streams): work proportional to the nonzeros
+            y = torch.empty(n, p.rows, dtype=torch.float32)
+            for start in range(0, n, 64):
+                chunk = x.detach()[start : start + 64]
+                ldb = -(-chunk.shape[0] // 16) * 16
+                xt = torch.zeros(padded_cols, ldb, dtype=torch.float32)
+                xt[: p.cols, : chunk.shape[0]] = chunk.t()
+                yt = torch.empty(p.rows, ldb, dtype=torch.float32)
+                rc = lib.dsf_bitmap_spmm_nz(*args, xt.data_ptr(), ldb, yt.data_ptr(), p.rows, p.words, p.is_bf16)
+                if rc != 0:
+                    break
+                y[start : start + chunk.shape[0]] = yt[:, : chunk.shape[0]].t()
+        elif x.dtype == torch.bfloat16 and p.is_bf16 and self.bf16_dot:
             # a bf16 model: bf16 x bf16 products with fp32 accumulation, as a dense bf16 matmul does
             xp = torch.zeros(n, padded_cols, dtype=torch.bfloat16)
             xp[:, : p.cols] = x.detach()

@@ -250,6 +250,58 @@ DSF_AVX512 void rows_avx512_16(const int32_t* bitmap, const int32_t* offsets, co
   }
 }
 
+// Larger batches: work proportional to the nonzeros, not to 32-lane words. Per row,
+// decode the bitmap into column indices (vpcompressd of a column iota) and the packed
+// values into fp32, into two small buffers; then one pass over the row's nonzeros
+// broadcasts each value and FMAs it into NB/16 vectors of x^T[column] ([in][batch]
+// layout, batch padded to a multiple of 16). Fixed trip counts: no per-bit branches.
+template <int NV>  // NV = batch / 16 vectors per x^T row
+DSF_AVX512 void rows_nz(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* xt,
+                        int64_t ldb, float* yt, int64_t r0, int64_t r1, int64_t words, int is_bf16, int32_t* idx,
+                        float* val) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
+    const uint16_t* v = values + offsets[r];
+    const int64_t nnz = offsets[r + 1] - offsets[r];
+    int64_t n = 0;
+    for (int64_t w = 0; w < words; ++w) {
+      uint32_t bits = row[w];
+      __m512i base = _mm512_add_epi32(iota, _mm512_set1_epi32(int32_t(w * 32)));
+      _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(__mmask16(bits), base));
+      n += __builtin_popcount(bits & 0xFFFFu);
+      _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(__mmask16(bits >> 16),
+                                                               _mm512_add_epi32(base, _mm512_set1_epi32(16))));
+      n += __builtin_popcount(bits >> 16);
+    }
+    int64_t k = 0;
+    for (; k + 16 <= nnz; k += 16) {
+      __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + k));
+      _mm512_storeu_ps(val + k, is_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                                        : _mm512_cvtph_ps(h));
+    }
+    for (; k < nnz; ++k) val[k] = to_float(v[k], is_bf16);
+    __m512 acc[NV], acc2[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = acc2[j] = _mm512_setzero_ps();
+    k = 0;
+    for (; k + 2 <= nnz; k += 2) {  // two nonzeros per step into two accumulator sets
+      const float* xa = xt + int64_t(idx[k]) * ldb;
+      const float* xb = xt + int64_t(idx[k + 1]) * ldb;
+      __m512 a = _mm512_set1_ps(val[k]), b = _mm512_set1_ps(val[k + 1]);
+      for (int j = 0; j < NV; ++j) {
+        acc[j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xa + 16 * j), acc[j]);
+        acc2[j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xb + 16 * j), acc2[j]);
+      }
+    }
+    if (k < nnz) {
+      const float* xa = xt + int64_t(idx[k]) * ldb;
+      __m512 a = _mm512_set1_ps(val[k]);
+      for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xa + 16 * j), acc[j]);
+    }
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(yt + r * ldb + 16 * j, _mm512_add_ps(acc[j], acc2[j]));
+  }
+}
+
 DSF_AVX512 void tile_avx512(int nb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
                             const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words,
                             int is_bf16, const uint16_t* end) {
@@ -332,6 +384,36 @@ int dsf_bitmap_spmm_bf16dot(const int32_t* bitmap, const int32_t* offsets, const
                    values + nvalues);
       b0 += nb;
     }
+  }
+  return 0;
+#else
+  return -1;
+#endif
+}
+
+// AVX-512 nonzero path for batch >= 16: x^T [cols_padded][ldb] fp32 with ldb = batch
+// rounded up to 16 (<= 64), zero padded; y^T [rows][ldb]. ``scratch_cols`` >= 32 * words + 16.
+int dsf_bitmap_spmm_nz(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* xt,
+                       int64_t ldb, float* yt, int64_t rows, int64_t words, int is_bf16) {
+#ifdef DSF_X86
+  if (!dsf_has_avx512() || ldb < 16 || ldb > 64 || ldb % 16) return -1;
+#pragma omp parallel
+  {
+    int64_t cap = words * 32 + 16;
+    int32_t* idx = new int32_t[cap];
+    float* val = new float[cap];
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
+      int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
+      switch (ldb / 16) {
+        case 1: rows_nz<1>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
+        case 2: rows_nz<2>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
+        case 3: rows_nz<3>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
+        default: rows_nz<4>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
+      }
+    }
+    delete[] idx;
+    delete[] val;
   }
   return 0;
 #else
