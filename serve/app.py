@@ -33,6 +33,7 @@ from dsf_runtime.serve.engine import (
     OutputStream,
     QueueFullError,
     StepOutput,
+    collect,
 )
 from dsf_runtime.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from dsf_runtime.serve.protocol import (
@@ -315,13 +316,7 @@ def _open_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> l
 
 
 async def _collect(stream: OutputStream) -> Completion:
-    parts: list[StepOutput] = []
-    async for out in stream:
-        parts.append(out)
-    last = parts[-1]
-    return Completion("".join(p.text for p in parts), [t for p in parts for t in p.token_ids],
-                      [c for p in parts for c in p.logprobs], last.finish_reason, last.prompt_tokens,
-                      last.completion_tokens, last.error)
+    return collect([out async for out in stream])
 
 
 async def _collect_all(streams: list[OutputStream], request: Request) -> list[Completion]:

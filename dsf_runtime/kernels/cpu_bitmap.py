@@ -1,10 +1,12 @@
 """cpu-bitmap: a fast CPU kernel for the bitmap format (C++, AVX-512 with a portable
 fallback, OpenMP over rows), compiled on first use and cached.
 
-With AVX-512 VBMI2 it expands each 32-column bitmap word's packed fp16/bf16 values
-into vector lanes (vpexpandw) and fuses multiply-adds with x for tiles of up to 12
-batch rows, so the kernel reads 1 bit per weight plus the nonzero values once per
-tile; the portable path iterates nonzeros against x laid out [in][batch]. Where no C++ compiler is found (or the build fails) the
+With AVX-512 VBMI2, below NZ_MIN_BATCH it expands each 32-column bitmap word's packed
+fp16/bf16 values into vector lanes (vpexpandw) and fuses multiply-adds with x for
+tiles of up to 16 batch rows, so the kernel reads 1 bit per weight plus the nonzero
+values once per tile (bf16 models: bf16 dot products where the CPU has AVX512_BF16);
+from NZ_MIN_BATCH on, and on the portable path, it iterates nonzeros against x laid
+out [in][batch]. Where no C++ compiler is found (or the build fails) the
 backend reports itself unavailable and ``auto`` picks torch-csr instead; the reason
 is in ``unavailable_reason()``.
 """
@@ -29,10 +31,10 @@ from dsf_runtime.kernels import register_backend
 log = logging.getLogger(__name__)
 
 _LIB: ctypes.CDLL | None = None
-_CAPS = (False, False)
+_CAPS = (False, False)  # (AVX-512 VBMI2 path, AVX512_BF16 path) on this CPU, read once at build
 # From this batch on, the AVX-512 path iterates nonzeros (x as [in][batch]) instead of
 # expanding 32-column words: measured crossover on the layer benchmark.
-NZ_MIN_BATCH = int(os.environ.get("DSF_NZ_MIN_BATCH", "16"))  # (AVX-512 VBMI2 path, AVX512_BF16 path) on this CPU, read once at build
+NZ_MIN_BATCH = int(os.environ.get("DSF_NZ_MIN_BATCH", "16"))
 _REASON: str | None = None
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64

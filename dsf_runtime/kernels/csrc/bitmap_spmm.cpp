@@ -85,14 +85,28 @@ void rows_scalar(const int32_t* bitmap, const int32_t* offsets, const uint16_t* 
 #endif
 #define DSF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
 
-// Expand the next popcount(bits) packed 16-bit values into the lanes of the set bits
-// and convert them to two vectors of 16 fp32. Where 32 values are readable before
+// Expand the next popcount(bits) packed 16-bit values into the lanes of the set bits.
+// Where 32 values are readable before
 // ``end`` the register form of vpexpandw is used (on current Intel cores much faster
 // than the memory form); near the end of the array the fault-safe memory form.
+DSF_AVX512 inline __m512i expand_packed(const uint16_t* src, const uint16_t* end, uint32_t bits) {
+  return src + 32 <= end ? _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(src))
+                         : _mm512_maskz_expandloadu_epi16(bits, src);
+}
+
+// Software prefetch DSF_PREFETCH_BYTES ahead in the value stream (two lines: a step of
+// U words can consume more than one at high density) and the bitmap stream: the
+// hardware prefetcher alone streams these at about half the bandwidth.
+inline void prefetch_ahead(const uint16_t* v, const uint32_t* bitmap_word) {
+  _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES + 64, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(bitmap_word) + DSF_PREFETCH_BYTES / 4, _MM_HINT_T0);
+}
+
+// The same, converted to two vectors of 16 fp32.
 DSF_AVX512 inline void expand32(const uint16_t* src, const uint16_t* end, uint32_t bits, int is_bf16, __m512& lo,
                                 __m512& hi) {
-  __m512i packed = src + 32 <= end ? _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(src))
-                                   : _mm512_maskz_expandloadu_epi16(bits, src);
+  __m512i packed = expand_packed(src, end, bits);
   __m256i a = _mm512_castsi512_si256(packed);
   __m256i b = _mm512_extracti64x4_epi64(packed, 1);
   if (is_bf16) {
@@ -102,6 +116,20 @@ DSF_AVX512 inline void expand32(const uint16_t* src, const uint16_t* end, uint32
     lo = _mm512_cvtph_ps(a);
     hi = _mm512_cvtph_ps(b);
   }
+}
+
+// One word of the fp32 path: expand and convert its values, FMA them with the word's
+// 32 columns of each of NB batch rows into (acc, acc2). Returns the values consumed.
+template <int NB>
+DSF_AVX512 inline int fma_word(const uint16_t* v, const uint16_t* end, uint32_t bits, int is_bf16, const float* xw,
+                               int64_t ldx, __m512* acc, __m512* acc2) {
+  __m512 lo, hi;
+  expand32(v, end, bits, is_bf16, lo, hi);
+  for (int b = 0; b < NB; ++b) {
+    acc[b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xw + b * ldx), acc[b]);
+    acc2[b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xw + b * ldx + 16), acc2[b]);
+  }
+  return __builtin_popcount(bits);
 }
 
 // One tile of NB batch rows; U words per step, each with its own accumulators, so
@@ -119,36 +147,12 @@ DSF_AVX512 void rows_avx512(const int32_t* bitmap, const int32_t* offsets, const
     const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
     int64_t w = 0;
     for (; w + U <= words; w += U) {
-      // software prefetch: the hardware prefetcher alone streams this at half the bandwidth
-      // (U words of values can span more than one line: two lines per step keep up at any density)
-      _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES + 64, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(row + w) + DSF_PREFETCH_BYTES / 4, _MM_HINT_T0);
-      for (int u = 0; u < U; ++u) {
-        uint32_t bits = row[w + u];
-        if (!bits) continue;
-        __m512 lo, hi;
-        expand32(v, end, bits, is_bf16, lo, hi);
-        v += __builtin_popcount(bits);
-        const float* xw = x + (w + u) * 32;
-        for (int b = 0; b < NB; ++b) {
-          acc[u][b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xw + b * ldx), acc[u][b]);
-          acc2[u][b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xw + b * ldx + 16), acc2[u][b]);
-        }
-      }
+      prefetch_ahead(v, row + w);
+      for (int u = 0; u < U; ++u)
+        if (row[w + u]) v += fma_word<NB>(v, end, row[w + u], is_bf16, x + (w + u) * 32, ldx, acc[u], acc2[u]);
     }
-    for (; w < words; ++w) {
-      uint32_t bits = row[w];
-      if (!bits) continue;
-      __m512 lo, hi;
-      expand32(v, end, bits, is_bf16, lo, hi);
-      v += __builtin_popcount(bits);
-      const float* xw = x + w * 32;
-      for (int b = 0; b < NB; ++b) {
-        acc[0][b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xw + b * ldx), acc[0][b]);
-        acc2[0][b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xw + b * ldx + 16), acc2[0][b]);
-      }
-    }
+    for (; w < words; ++w)
+      if (row[w]) v += fma_word<NB>(v, end, row[w], is_bf16, x + w * 32, ldx, acc[0], acc2[0]);
     for (int b = 0; b < NB; ++b) {
       __m512 sum = _mm512_add_ps(acc[0][b], acc2[0][b]);
       for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[u][b], acc2[u][b]));
@@ -158,6 +162,17 @@ DSF_AVX512 void rows_avx512(const int32_t* bitmap, const int32_t* offsets, const
 }
 
 #define DSF_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vbmi2,avx512bf16")))
+
+// One word of the bf16 path: expand its bf16 values and dot them pairwise with the
+// word's 32 bf16 activations of each of NB batch rows. Returns the values consumed.
+template <int NB>
+DSF_AVX512BF16 inline int dot_word(const uint16_t* v, const uint16_t* end, uint32_t bits, const uint16_t* xw,
+                                   int64_t ldx, __m512* acc) {
+  __m512bh packed = (__m512bh)expand_packed(v, end, bits);
+  for (int b = 0; b < NB; ++b)
+    acc[b] = _mm512_dpbf16_ps(acc[b], packed, (__m512bh)_mm512_loadu_si512(xw + b * ldx));
+  return __builtin_popcount(bits);
+}
 
 // bf16 x bf16 -> fp32, tile of NB batch rows, U words in flight. x: [batch][ldx] bf16.
 template <int NB, int U>
@@ -172,30 +187,12 @@ DSF_AVX512BF16 void rows_bf16dot(const int32_t* bitmap, const int32_t* offsets, 
     const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
     int64_t w = 0;
     for (; w + U <= words; w += U) {
-      _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES + 64, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(row + w) + DSF_PREFETCH_BYTES / 4, _MM_HINT_T0);
-      for (int u = 0; u < U; ++u) {
-        uint32_t bits = row[w + u];
-        if (!bits) continue;
-        __m512i packed = v + 32 <= end ? _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v))
-                                       : _mm512_maskz_expandloadu_epi16(bits, v);
-        v += __builtin_popcount(bits);
-        const uint16_t* xw = x + (w + u) * 32;
-        for (int b = 0; b < NB; ++b)
-          acc[u][b] = _mm512_dpbf16_ps(acc[u][b], (__m512bh)packed, (__m512bh)_mm512_loadu_si512(xw + b * ldx));
-      }
+      prefetch_ahead(v, row + w);
+      for (int u = 0; u < U; ++u)
+        if (row[w + u]) v += dot_word<NB>(v, end, row[w + u], x + (w + u) * 32, ldx, acc[u]);
     }
-    for (; w < words; ++w) {
-      uint32_t bits = row[w];
-      if (!bits) continue;
-      __m512i packed = v + 32 <= end ? _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v))
-                                     : _mm512_maskz_expandloadu_epi16(bits, v);
-      v += __builtin_popcount(bits);
-      const uint16_t* xw = x + w * 32;
-      for (int b = 0; b < NB; ++b)
-        acc[0][b] = _mm512_dpbf16_ps(acc[0][b], (__m512bh)packed, (__m512bh)_mm512_loadu_si512(xw + b * ldx));
-    }
+    for (; w < words; ++w)
+      if (row[w]) v += dot_word<NB>(v, end, row[w], x + w * 32, ldx, acc[0]);
     for (int b = 0; b < NB; ++b) {
       __m512 sum = acc[0][b];
       for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][b]);
@@ -217,9 +214,9 @@ DSF_AVX512BF16 void tile_bf16dot(int nb, const int32_t* bitmap, const int32_t* o
   }
 }
 
-// 16 batch rows: one accumulator per row (both halves of a word FMA into it) so that
-// 16 rows fit the 32 vector registers and each word is expanded and converted once
-// for all of them (a 12 + 4 split expands it twice).
+// 16 batch rows: one accumulator per row (both halves of a word FMA into it: fma_word
+// with acc2 = acc) so that 16 rows fit the 32 vector registers and each word is
+// expanded and converted once for all of them (a 12 + 4 split expands it twice).
 DSF_AVX512 void rows_avx512_16(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* x,
                                int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words, int is_bf16,
                                const uint16_t* end) {
@@ -230,21 +227,8 @@ DSF_AVX512 void rows_avx512_16(const int32_t* bitmap, const int32_t* offsets, co
     const uint16_t* v = values + offsets[r];
     const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
     for (int64_t w = 0; w < words; ++w) {
-      if ((w & 3) == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES + 64, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(row + w) + DSF_PREFETCH_BYTES / 4, _MM_HINT_T0);
-      }
-      uint32_t bits = row[w];
-      if (!bits) continue;
-      __m512 lo, hi;
-      expand32(v, end, bits, is_bf16, lo, hi);
-      v += __builtin_popcount(bits);
-      const float* xw = x + w * 32;
-      for (int b = 0; b < NB; ++b) {
-        acc[b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xw + b * ldx), acc[b]);
-        acc[b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xw + b * ldx + 16), acc[b]);
-      }
+      if ((w & 3) == 0) prefetch_ahead(v, row + w);
+      if (row[w]) v += fma_word<NB>(v, end, row[w], is_bf16, x + w * 32, ldx, acc, acc);
     }
     for (int b = 0; b < NB; ++b) y[b * ldy + r] = _mm512_reduce_add_ps(acc[b]);
   }
@@ -317,6 +301,25 @@ DSF_AVX512 void tile_avx512(int nb, const int32_t* bitmap, const int32_t* offset
 }
 #endif
 
+#ifdef DSF_X86
+// The word paths' schedule: rows in blocks of 64 over OpenMP threads; within a block
+// the batch runs as tiles of 16, 12 (where the path has that tile), 8, 4, or the 1-3
+// rows left: tile(nb, first batch row, r0, r1).
+template <class Tile>
+void over_row_blocks(int64_t rows, int64_t batch, bool tile12, Tile tile) {
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
+    int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
+    for (int64_t b0 = 0; b0 < batch;) {
+      int64_t left = batch - b0;
+      int nb = left >= 16 ? 16 : tile12 && left >= 12 ? 12 : left >= 8 ? 8 : left >= 4 ? 4 : int(left);
+      tile(nb, b0, r0, r1);
+      b0 += nb;
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -340,17 +343,10 @@ int dsf_bitmap_spmm_avx512(const int32_t* bitmap, const int32_t* offsets, const 
                            int64_t batch, int is_bf16) {
 #ifdef DSF_X86
   if (!dsf_has_avx512() || batch < 1) return -1;
-#pragma omp parallel for schedule(static)
-  for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
-    int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
-    for (int64_t b0 = 0; b0 < batch;) {
-      int64_t left = batch - b0;
-      int nb = left >= 16 ? 16 : left >= 12 ? 12 : left >= 8 ? 8 : left >= 4 ? 4 : int(left);
-      tile_avx512(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, is_bf16,
-                  values + nvalues);
-      b0 += nb;
-    }
-  }
+  over_row_blocks(rows, batch, true, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
+    tile_avx512(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, is_bf16,
+                values + nvalues);
+  });
   return 0;
 #else
   return -1;
@@ -374,17 +370,10 @@ int dsf_bitmap_spmm_bf16dot(const int32_t* bitmap, const int32_t* offsets, const
                             int64_t batch) {
 #ifdef DSF_X86
   if (!dsf_has_avx512_bf16() || batch < 1) return -1;
-#pragma omp parallel for schedule(static)
-  for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
-    int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
-    for (int64_t b0 = 0; b0 < batch;) {
-      int64_t left = batch - b0;
-      int nb = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : int(left);
-      tile_bf16dot(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words,
-                   values + nvalues);
-      b0 += nb;
-    }
-  }
+  over_row_blocks(rows, batch, false, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
+    tile_bf16dot(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words,
+                 values + nvalues);
+  });
   return 0;
 #else
   return -1;
