@@ -1,12 +1,14 @@
-"""cpu-bitmap: a fast CPU kernel for the bitmap format (C++, AVX-512 with a portable
-fallback, OpenMP over rows), compiled on first use and cached.
+"""cpu-bitmap: a fast CPU kernel for the bitmap format (C++, AVX-512 or AVX2 with a
+portable fallback, OpenMP over rows), compiled on first use and cached.
 
 With AVX-512 VBMI2, below NZ_MIN_BATCH it expands each 32-column bitmap word's packed
 fp16/bf16 values into vector lanes (vpexpandw) and fuses multiply-adds with x for
 tiles of up to 16 batch rows, so the kernel reads 1 bit per weight plus the nonzero
 values once per tile (bf16 models: bf16 dot products where the CPU has AVX512_BF16);
 from NZ_MIN_BATCH on, and on the portable path, it iterates nonzeros against x laid
-out [in][batch]. Where no C++ compiler is found (or the build fails) the
+out [in][batch]. CPUs with AVX2 (+FMA, F16C) but no AVX-512 take the same two paths
+with 8-lane vectors, expanding each 8-column bitmap byte through a vpshufb table
+(the SparAMX technique's AVX2 form). Where no C++ compiler is found (or the build fails) the
 backend reports itself unavailable and ``auto`` picks torch-csr instead; the reason
 is in ``unavailable_reason()``.
 """
@@ -31,7 +33,7 @@ from dsf_runtime.kernels import register_backend
 log = logging.getLogger(__name__)
 
 _LIB: ctypes.CDLL | None = None
-_CAPS = (False, False)  # (AVX-512 VBMI2 path, AVX512_BF16 path) on this CPU, read once at build
+_CAPS = (False, False, False)  # (AVX-512 VBMI2 path, AVX512_BF16 path, AVX2 path) on this CPU, read once at build
 # From this batch on, the AVX-512 path iterates nonzeros (x as [in][batch]) instead of
 # expanding 32-column words: measured crossover on the layer benchmark.
 NZ_MIN_BATCH = int(os.environ.get("DSF_NZ_MIN_BATCH", "16"))
@@ -83,16 +85,21 @@ def build(force: bool = False) -> ctypes.CDLL | None:
         return None
     lib.dsf_has_avx512.restype = ctypes.c_int
     lib.dsf_has_avx512_bf16.restype = ctypes.c_int
+    lib.dsf_has_avx2.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_nz.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_nz.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_bf16dot.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64]
     lib.dsf_bitmap_spmm_bf16dot.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_avx512.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_avx512.restype = ctypes.c_int
+    lib.dsf_bitmap_spmm_nz_avx2.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_nz_avx2.restype = ctypes.c_int
+    lib.dsf_bitmap_spmm_avx2.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_avx2.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_portable.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_portable.restype = ctypes.c_int
     global _CAPS
-    _CAPS = (bool(lib.dsf_has_avx512()), bool(lib.dsf_has_avx512_bf16()))
+    _CAPS = (bool(lib.dsf_has_avx512()), bool(lib.dsf_has_avx512_bf16()), bool(lib.dsf_has_avx2()))
     _LIB, _REASON = lib, None
     return lib
 
@@ -131,16 +138,20 @@ class CPUBitmapBackend:
 
     @property
     def isa(self) -> str:
-        """The instruction path in use; DSF_CPU_ISA=portable forces the fallback."""
+        """The instruction path in use: avx512-vbmi2, avx2 or portable, the widest the
+        CPU has; DSF_CPU_ISA=avx2 or =portable forces a narrower one."""
         lib = build()
-        if os.environ.get("DSF_CPU_ISA") == "portable" or lib is None or not _CAPS[0]:
+        forced = os.environ.get("DSF_CPU_ISA")
+        if lib is None or forced == "portable":
             return "portable"
-        return "avx512-vbmi2"
+        if _CAPS[0] and forced != "avx2":
+            return "avx512-vbmi2"
+        return "avx2" if _CAPS[2] else "portable"
 
     @property
     def bf16_dot(self) -> bool:
         """Whether bf16 models take the AVX512_BF16 dot-product path (DSF_CPU_ISA=avx512 turns it off)."""
-        return self.isa != "portable" and os.environ.get("DSF_CPU_ISA") != "avx512" and _CAPS[1]
+        return self.isa == "avx512-vbmi2" and os.environ.get("DSF_CPU_ISA") != "avx512" and _CAPS[1]
 
     def prepare(self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Prepared:
         values = tensors["values"]
@@ -156,16 +167,19 @@ class CPUBitmapBackend:
         n = x.shape[0]
         padded_cols = p.words * 32
         args = (p.bitmap.data_ptr(), p.offsets.data_ptr(), p.values.data_ptr())
-        if n >= NZ_MIN_BATCH and self.isa != "portable":
+        isa = self.isa
+        if n >= NZ_MIN_BATCH and isa != "portable":
             # large batches (prefill, many streams): work proportional to the nonzeros
+            wide = isa == "avx512-vbmi2"
+            nz_fn, chunk_rows, lanes = (lib.dsf_bitmap_spmm_nz, 64, 16) if wide else (lib.dsf_bitmap_spmm_nz_avx2, 32, 8)
             y = torch.empty(n, p.rows, dtype=torch.float32)
-            for start in range(0, n, 64):
-                chunk = x.detach()[start : start + 64]
-                ldb = -(-chunk.shape[0] // 16) * 16
+            for start in range(0, n, chunk_rows):
+                chunk = x.detach()[start : start + chunk_rows]
+                ldb = -(-chunk.shape[0] // lanes) * lanes
                 xt = torch.zeros(padded_cols, ldb, dtype=torch.float32)
                 xt[: p.cols, : chunk.shape[0]] = chunk.t()
                 yt = torch.empty(p.rows, ldb, dtype=torch.float32)
-                rc = lib.dsf_bitmap_spmm_nz(*args, xt.data_ptr(), ldb, yt.data_ptr(), p.rows, p.words, p.is_bf16)
+                rc = nz_fn(*args, xt.data_ptr(), ldb, yt.data_ptr(), p.rows, p.words, p.is_bf16)
                 if rc != 0:
                     break
                 y[start : start + chunk.shape[0]] = yt[:, : chunk.shape[0]].t()
@@ -176,7 +190,7 @@ class CPUBitmapBackend:
             y = torch.empty(n, p.rows, dtype=torch.float32)
             rc = lib.dsf_bitmap_spmm_bf16dot(*args, p.values.numel(), xp.data_ptr(), padded_cols, y.data_ptr(),
                                              p.rows, p.rows, p.words, n)
-        elif self.isa != "portable":
+        elif isa != "portable":
             xf = x.detach().to(torch.float32)
             if p.cols == padded_cols and xf.is_contiguous():
                 xp = xf  # no padding needed: read x in place
@@ -184,8 +198,9 @@ class CPUBitmapBackend:
                 xp = torch.zeros(n, padded_cols, dtype=torch.float32)
                 xp[:, : p.cols] = xf
             y = torch.empty(n, p.rows, dtype=torch.float32)
-            rc = lib.dsf_bitmap_spmm_avx512(*args, p.values.numel(), xp.data_ptr(), padded_cols, y.data_ptr(),
-                                            p.rows, p.rows, p.words, n, p.is_bf16)
+            word_fn = lib.dsf_bitmap_spmm_avx512 if isa == "avx512-vbmi2" else lib.dsf_bitmap_spmm_avx2
+            rc = word_fn(*args, p.values.numel(), xp.data_ptr(), padded_cols, y.data_ptr(),
+                         p.rows, p.rows, p.words, n, p.is_bf16)
         else:
             xt = torch.zeros(padded_cols, n, dtype=torch.float32)
             xt[: p.cols] = x.detach().to(torch.float32).t()

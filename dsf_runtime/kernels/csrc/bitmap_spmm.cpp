@@ -302,17 +302,208 @@ DSF_AVX512 void tile_avx512(int nb, const int32_t* bitmap, const int32_t* offset
 #endif
 
 #ifdef DSF_X86
+// ---------------------------------------------------------------------------------
+// AVX2 paths (AVX2 + FMA + F16C: most x86-64 CPUs of the last decade without AVX-512).
+// There is no vpexpandw, so each 8-column byte of a bitmap word is expanded with a
+// shuffle table: entry m of the table is the vpshufb control that moves the first
+// popcount(m) packed 16-bit values to the lanes of m's set bits and zeroes the rest.
+// fp16 values land packed and are widened by vcvtph2ps; bf16 values land directly in
+// the high halves of fp32 lanes (a 32-byte control over the broadcast source).
+#define DSF_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
+
+struct ShuffleTables {
+  alignas(64) uint8_t fp16[256][16];  // packed fp16 -> 8 x fp16 lanes
+  alignas(64) uint8_t bf16[256][32];  // packed bf16 (in both 128-bit halves) -> 8 x fp32 lanes
+  alignas(64) uint8_t pos[256][8];    // column of the k-th set bit of m (nonzero path)
+};
+
+const ShuffleTables& shuffle_tables() {
+  static const ShuffleTables tables = [] {
+    ShuffleTables t;
+    std::memset(&t, 0x80, sizeof(t));  // 0x80: vpshufb writes a zero byte
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int j = 0; j < 8; ++j) {
+        if (!((m >> j) & 1)) continue;
+        t.fp16[m][2 * j] = uint8_t(2 * k);
+        t.fp16[m][2 * j + 1] = uint8_t(2 * k + 1);
+        int base = 4 * (j & 3) + 16 * (j >> 2);  // lane j of the 256-bit result
+        t.bf16[m][base] = t.bf16[m][base + 1] = 0x80;
+        t.bf16[m][base + 2] = uint8_t(2 * k);
+        t.bf16[m][base + 3] = uint8_t(2 * k + 1);
+        t.pos[m][k++] = uint8_t(j);
+      }
+    }
+    return t;
+  }();
+  return tables;
+}
+
+// 8 packed 16-bit values from ``v``; near the array's ``end`` (CHECKED rows only) the
+// missing ones read as zero instead of past the buffer.
+template <bool CHECKED>
+DSF_AVX2 inline __m128i load8(const uint16_t* v, const uint16_t* end) {
+  if (CHECKED && v + 8 > end) {
+    uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(buf, v, size_t(end - v) * sizeof(uint16_t));
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf));
+  }
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+}
+
+// The 8 columns of mask byte m as fp32, from the packed values at v.
+template <bool BF16, bool CHECKED>
+DSF_AVX2 inline __m256 expand8(const uint16_t* v, const uint16_t* end, unsigned m, const ShuffleTables& t) {
+  __m128i raw = load8<CHECKED>(v, end);
+  if (BF16)
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw),
+                                                   _mm256_load_si256(reinterpret_cast<const __m256i*>(t.bf16[m]))));
+  return _mm256_cvtph_ps(_mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(t.fp16[m]))));
+}
+
+DSF_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One bitmap row against a tile of NB batch rows: per word, four bytes, each expanded
+// once and FMA'd into every batch row. A = accumulators per batch row (byte q of a word
+// goes to q % A), so that FMA latency is hidden at small batches.
+template <int NB, bool BF16, bool CHECKED>
+DSF_AVX2 void row_avx2(const uint32_t* row, const uint16_t* v, const uint16_t* end, const float* x, int64_t ldx,
+                       float* y, int64_t ldy, int64_t words, const ShuffleTables& t) {
+  constexpr int A = NB == 1 ? 4 : NB == 2 ? 2 : 1;
+  __m256 acc[A][NB];
+  for (int a = 0; a < A; ++a)
+    for (int b = 0; b < NB; ++b) acc[a][b] = _mm256_setzero_ps();
+  for (int64_t w = 0; w < words; ++w) {
+    if ((w & 3) == 0) prefetch_ahead(v, row + w);
+    uint32_t bits = row[w];
+    if (!bits) continue;
+    const float* xw = x + w * 32;
+    for (int q = 0; q < 4; ++q) {
+      unsigned m = (bits >> (8 * q)) & 0xFFu;
+      __m256 e = expand8<BF16, CHECKED>(v, end, m, t);
+      v += __builtin_popcount(m);
+      for (int b = 0; b < NB; ++b)
+        acc[q % A][b] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xw + b * ldx + 8 * q), acc[q % A][b]);
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    __m256 sum = acc[0][b];
+    for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[a][b]);
+    y[b * ldy] = hsum256(sum);
+  }
+}
+
+// Rows r0..r1 for one tile; rows whose 8-value reads could pass the array's end take
+// the checked variant (only the last few rows of a matrix).
+template <int NB, bool BF16>
+DSF_AVX2 void rows_avx2(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* x,
+                        int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words, int64_t nvalues,
+                        const ShuffleTables& t) {
+  const uint16_t* end = values + nvalues;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
+    if (int64_t(offsets[r + 1]) + 8 <= nvalues)
+      row_avx2<NB, BF16, false>(row, values + offsets[r], end, x, ldx, y + r, ldy, words, t);
+    else
+      row_avx2<NB, BF16, true>(row, values + offsets[r], end, x, ldx, y + r, ldy, words, t);
+  }
+}
+
+template <bool BF16>
+DSF_AVX2 void tile_avx2_t(int nb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
+                          const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words,
+                          int64_t nvalues) {
+  const ShuffleTables& t = shuffle_tables();
+  switch (nb) {
+    case 1: rows_avx2<1, BF16>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
+    case 2: rows_avx2<2, BF16>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
+    case 3: rows_avx2<3, BF16>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
+    case 4: rows_avx2<4, BF16>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
+    default: rows_avx2<8, BF16>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
+  }
+}
+
+// Larger batches on AVX2: as rows_nz, work proportional to the nonzeros. Column
+// indices are decoded a byte at a time from the position table, values widened 8 at a
+// time; then each nonzero's value is broadcast and FMA'd into NV vectors of x^T[column]
+// ([in][batch] layout, batch padded to a multiple of 8), two nonzeros per step.
+template <int NV, bool BF16>
+DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* xt,
+                           int64_t ldb, float* yt, int64_t r0, int64_t r1, int64_t words, int32_t* idx, float* val) {
+  const ShuffleTables& t = shuffle_tables();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
+    const uint16_t* v = values + offsets[r];
+    const int64_t nnz = offsets[r + 1] - offsets[r];
+    int64_t n = 0;
+    for (int64_t w = 0; w < words; ++w) {
+      uint32_t bits = row[w];
+      for (int q = 0; q < 4; ++q) {
+        unsigned m = (bits >> (8 * q)) & 0xFFu;
+        __m128i pos = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(t.pos[m]));
+        __m256i col = _mm256_add_epi32(_mm256_cvtepu8_epi32(pos), _mm256_set1_epi32(int32_t(w * 32 + 8 * q)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + n), col);
+        n += __builtin_popcount(m);
+      }
+    }
+    int64_t k = 0;
+    for (; k + 8 <= nnz; k += 8) {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + k));
+      _mm256_storeu_ps(val + k, BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                                     : _mm256_cvtph_ps(h));
+    }
+    for (; k < nnz; ++k) val[k] = BF16 ? bf16_to_float(v[k]) : half_to_float(v[k]);
+    __m256 acc[NV], acc2[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = acc2[j] = _mm256_setzero_ps();
+    k = 0;
+    for (; k + 2 <= nnz; k += 2) {
+      const float* xa = xt + int64_t(idx[k]) * ldb;
+      const float* xb = xt + int64_t(idx[k + 1]) * ldb;
+      __m256 a = _mm256_broadcast_ss(val + k), b = _mm256_broadcast_ss(val + k + 1);
+      for (int j = 0; j < NV; ++j) {
+        acc[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xa + 8 * j), acc[j]);
+        acc2[j] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xb + 8 * j), acc2[j]);
+      }
+    }
+    if (k < nnz) {
+      const float* xa = xt + int64_t(idx[k]) * ldb;
+      __m256 a = _mm256_broadcast_ss(val + k);
+      for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xa + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(yt + r * ldb + 8 * j, _mm256_add_ps(acc[j], acc2[j]));
+  }
+}
+
+template <bool BF16>
+DSF_AVX2 void tile_nz_avx2(int64_t ldb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
+                           const float* xt, float* yt, int64_t r0, int64_t r1, int64_t words, int32_t* idx,
+                           float* val) {
+  switch (ldb / 8) {
+    case 1: rows_nz_avx2<1, BF16>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, idx, val); break;
+    case 2: rows_nz_avx2<2, BF16>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, idx, val); break;
+    case 3: rows_nz_avx2<3, BF16>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, idx, val); break;
+    default: rows_nz_avx2<4, BF16>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, idx, val); break;
+  }
+}
+#endif
+
+#ifdef DSF_X86
 // The word paths' schedule: rows in blocks of 64 over OpenMP threads; within a block
-// the batch runs as tiles of 16, 12 (where the path has that tile), 8, 4, or the 1-3
-// rows left: tile(nb, first batch row, r0, r1).
+// the batch runs as tiles of 16 (up to ``max_nb``), 12 (where the path has that tile),
+// 8, 4, or the 1-3 rows left: tile(nb, first batch row, r0, r1).
 template <class Tile>
-void over_row_blocks(int64_t rows, int64_t batch, bool tile12, Tile tile) {
+void over_row_blocks(int64_t rows, int64_t batch, int max_nb, bool tile12, Tile tile) {
 #pragma omp parallel for schedule(static)
   for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
     int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
     for (int64_t b0 = 0; b0 < batch;) {
       int64_t left = batch - b0;
-      int nb = left >= 16 ? 16 : tile12 && left >= 12 ? 12 : left >= 8 ? 8 : left >= 4 ? 4 : int(left);
+      int nb = left >= 16 && max_nb >= 16 ? 16 : tile12 && left >= 12 ? 12 : left >= 8 ? 8 : left >= 4 ? 4 : int(left);
       tile(nb, b0, r0, r1);
       b0 += nb;
     }
@@ -343,7 +534,7 @@ int dsf_bitmap_spmm_avx512(const int32_t* bitmap, const int32_t* offsets, const 
                            int64_t batch, int is_bf16) {
 #ifdef DSF_X86
   if (!dsf_has_avx512() || batch < 1) return -1;
-  over_row_blocks(rows, batch, true, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
+  over_row_blocks(rows, batch, 16, true, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
     tile_avx512(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, is_bf16,
                 values + nvalues);
   });
@@ -370,7 +561,7 @@ int dsf_bitmap_spmm_bf16dot(const int32_t* bitmap, const int32_t* offsets, const
                             int64_t batch) {
 #ifdef DSF_X86
   if (!dsf_has_avx512_bf16() || batch < 1) return -1;
-  over_row_blocks(rows, batch, false, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
+  over_row_blocks(rows, batch, 16, false, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
     tile_bf16dot(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words,
                  values + nvalues);
   });
@@ -400,6 +591,57 @@ int dsf_bitmap_spmm_nz(const int32_t* bitmap, const int32_t* offsets, const uint
         case 3: rows_nz<3>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
         default: rows_nz<4>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
       }
+    }
+    delete[] idx;
+    delete[] val;
+  }
+  return 0;
+#else
+  return -1;
+#endif
+}
+
+// 1 when the AVX2 paths can run on this CPU (AVX2, FMA and F16C).
+int dsf_has_avx2(void) {
+#ifdef DSF_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return 0;
+#endif
+}
+
+// AVX2 word path, any batch; arguments as dsf_bitmap_spmm_avx512 (tiles of 8, 4, 3, 2, 1).
+int dsf_bitmap_spmm_avx2(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, int64_t nvalues,
+                         const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t words,
+                         int64_t batch, int is_bf16) {
+#ifdef DSF_X86
+  if (!dsf_has_avx2() || batch < 1) return -1;
+  over_row_blocks(rows, batch, 8, false, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
+    auto tile = is_bf16 ? tile_avx2_t<true> : tile_avx2_t<false>;
+    tile(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, nvalues);
+  });
+  return 0;
+#else
+  return -1;
+#endif
+}
+
+// AVX2 nonzero path: as dsf_bitmap_spmm_nz with ldb a multiple of 8 up to 32.
+int dsf_bitmap_spmm_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* xt,
+                            int64_t ldb, float* yt, int64_t rows, int64_t words, int is_bf16) {
+#ifdef DSF_X86
+  if (!dsf_has_avx2() || ldb < 8 || ldb > 32 || ldb % 8) return -1;
+#pragma omp parallel
+  {
+    int64_t cap = words * 32 + 16;
+    int32_t* idx = new int32_t[cap];
+    float* val = new float[cap];
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
+      int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
+      auto tile = is_bf16 ? tile_nz_avx2<true> : tile_nz_avx2<false>;
+      tile(ldb, bitmap, offsets, values, xt, yt, r0, r1, words, idx, val);
     }
     delete[] idx;
     delete[] val;
