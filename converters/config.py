@@ -22,6 +22,9 @@ class DSFConfig(BaseModel):
     ridge: float = Field(0.01, ge=0.0, description="ridge added to the normalised Gram, times its mean diagonal")
     finalize: bool = Field(True, description="refit the second factor's values for the true objective")
     finalize_iters: int = Field(20, ge=1)
+    finalize_ridge: float = Field(
+        0.0, ge=0.0, description="ridge of the finalisation refit; the paper's refit has none (it fits the true objective)"
+    )
     square_density: float | None = Field(None, gt=0.0, le=1.0, description="None: 0.16 for square W, 0.25 otherwise")
     square_mask: Literal["adaptive", "random"] = Field(
         "adaptive", description="random: the paper's ablation with a fixed random mask (diagonal included) for the square factor"
