@@ -32,8 +32,18 @@ def random_dsf_pair(out_f: int, in_f: int, sparsity: float = 0.5, seed: int = 0)
 
 
 def format_bytes_of(mats: list[torch.Tensor], value_dtype: torch.dtype = torch.float16) -> dict[str, int]:
-    """Total bytes of the matrices in every registered format."""
-    return {name: sum(tensors_nbytes(get_format(name).pack(m, value_dtype)) for m in mats) for name in sorted(FORMATS)}
+    """Total bytes of the matrices in every registered format that stores ``value_dtype``,
+    and ('<format>+int8') in those that also store int8 values with row scales."""
+    variants = [(name, name, value_dtype) for name in sorted(FORMATS)]
+    if value_dtype != torch.int8:
+        variants += [(f"{name}+int8", name, torch.int8) for name in sorted(FORMATS)]
+    sizes = {}
+    for label, name, dtype in variants:
+        try:
+            sizes[label] = sum(tensors_nbytes(get_format(name).pack(m, dtype)) for m in mats)
+        except ValueError:  # the format does not store this value type
+            continue
+    return sizes
 
 
 def model_format_bytes(model: nn.Module, value_dtype: torch.dtype = torch.float16) -> tuple[dict[str, int], int]:

@@ -36,7 +36,7 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3  # Hugging Face's convention: shards of a few 
 CONFIG_NAME = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
-VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 _ST_DTYPES = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
@@ -85,7 +85,7 @@ class DSFQuantConfig(BaseModel):
     version: int = CHECKPOINT_VERSION
     format: str = "bitmap"
     format_options: dict[str, int] = Field(default_factory=dict)
-    value_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    value_dtype: Literal["float16", "bfloat16", "float32", "int8"] = "float16"  # int8: per-row fp32 scales
     sparsity: float = Field(gt=0.0, lt=1.0)
     method: str = "dsf"
     factorization: dict = Field(default_factory=dict)
@@ -390,7 +390,8 @@ def load_model(
         tokenizer_job = pool.submit(AutoTokenizer.from_pretrained, ckpt)
         pool.shutdown(wait=False)
     if dtype is None:
-        dtype = VALUE_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+        dtype = {k: v for k, v in VALUE_DTYPES.items() if v.is_floating_point}.get(
+            str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
     try:
         model = _build_skeleton(config, quant, dtype)
     except UnsupportedModelError as exc:

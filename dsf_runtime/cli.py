@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", action="append", metavar="FILE", help="calibration text file(s) (default: bundled Austen novels)")
     p.add_argument("--nsamples", type=int, help="calibration windows (preset default)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (preset default)")
-    p.add_argument("--value-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--value-dtype", default="float16", choices=["float16", "bfloat16", "float32", "int8"],
+                   help="int8: one signed byte per nonzero with a per-row scale (bitmap and csr formats)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
     p.add_argument("--method", default="dsf", help="dsf (default), or a one-matrix baseline: sparsegpt, wanda, magnitude "
                    "(n:m as e.g. sparsegpt:2:4); all at the same nonzero budget")
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="dense model the external factors belong to (directory or embedded name)")
     p.add_argument("--format", default="bitmap", help="bitmap (compact default), csr or bsr")
     p.add_argument("--block", type=int, help="block size for bsr (default 16)")
-    p.add_argument("--value-dtype", choices=["float16", "bfloat16", "float32"], help="default: keep (repack) / float16")
+    p.add_argument("--value-dtype", choices=["float16", "bfloat16", "float32", "int8"],
+                   help="default: keep (repack) / float16; int8: per-row scaled bytes (bitmap and csr formats)")
     p.add_argument("--transposed", action="store_true", help="external factors are stored as L^T (r x out), R^T (in x r)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
 

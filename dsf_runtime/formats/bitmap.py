@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from dsf_runtime.formats import TensorSpec, register_format
-from dsf_runtime.formats.csr import check_offsets, check_values, csr_from_dense
+from dsf_runtime.formats.csr import check_offsets, csr_from_dense
+from dsf_runtime.formats.values import check_value_tensors, decode_values, encode_values, value_specs
 
 WORD = 32
 _SHIFTS = torch.arange(WORD, dtype=torch.int64)
@@ -62,7 +63,7 @@ class BitmapFormat:
         return {
             "bitmap": TensorSpec((rows, _words(cols)), torch.int32),
             "row_offsets": TensorSpec((rows + 1,), torch.int32),
-            "values": TensorSpec((nnz,), value_dtype),
+            **value_specs(rows, nnz, value_dtype),
         }
 
     def pack(self, dense: torch.Tensor, value_dtype: torch.dtype, **options) -> dict[str, torch.Tensor]:
@@ -70,7 +71,8 @@ class BitmapFormat:
         if dense.numel() >= 2**31:
             raise ValueError(f"matrix {tuple(dense.shape)} is too large for int32 offsets")
         crow, _, values = csr_from_dense(dense)
-        return {"bitmap": mask_to_bits(dense != 0), "row_offsets": crow.to(torch.int32), "values": values.to(value_dtype)}
+        return {"bitmap": mask_to_bits(dense != 0), "row_offsets": crow.to(torch.int32),
+                **encode_values(values, crow, value_dtype)}
 
     def extra(self, tensors: dict[str, torch.Tensor]) -> dict:
         return {}
@@ -78,11 +80,11 @@ class BitmapFormat:
     def to_csr(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]):
         mask = bits_to_mask(tensors["bitmap"], shape[1])
         col = mask.nonzero(as_tuple=True)[1].to(torch.int32)
-        return tensors["row_offsets"], col, tensors["values"]
+        return tensors["row_offsets"], col, decode_values(tensors, tensors["row_offsets"])
 
     def unpack(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         mask = bits_to_mask(tensors["bitmap"], shape[1])
-        values = tensors["values"]
+        values = decode_values(tensors, tensors["row_offsets"])
         dense = torch.zeros(shape, dtype=values.dtype, device=values.device)
         dense[mask] = values
         return dense
@@ -101,4 +103,4 @@ class BitmapFormat:
                 raise ValueError("bitmap has bits set beyond the last column")
         if not torch.equal(row_popcounts(bitmap), offsets64.diff()):
             raise ValueError("bitmap popcounts do not match row_offsets")
-        check_values(values)
+        check_value_tensors(tensors, rows)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from dsf_runtime.formats import TensorSpec, register_format
-from dsf_runtime.formats.csr import check_columns, check_offsets, check_values
+from dsf_runtime.formats.csr import check_columns, check_offsets
+from dsf_runtime.formats.values import check_value_tensors, is_int8
 
 DEFAULT_BLOCK = 16
 
@@ -27,6 +28,8 @@ class BSRFormat:
     name = "bsr"
 
     def specs(self, shape: tuple[int, int], nnz: int, value_dtype: torch.dtype, extra: dict | None = None) -> dict[str, TensorSpec]:
+        if is_int8(value_dtype):
+            raise ValueError("int8 values are stored by the bitmap and csr formats, not bsr")
         extra = extra or {}
         block = int(extra.get("block", DEFAULT_BLOCK))
         nblocks = int(extra.get("nblocks", 0))
@@ -39,6 +42,8 @@ class BSRFormat:
     def pack(self, dense: torch.Tensor, value_dtype: torch.dtype, block: int = DEFAULT_BLOCK, **options) -> dict[str, torch.Tensor]:
         dense = dense.detach().to("cpu")
         rows, cols = dense.shape
+        if is_int8(value_dtype):
+            raise ValueError("int8 values are stored by the bitmap and csr formats, not bsr")
         if block < 1:
             raise ValueError(f"BSR block size must be positive, got {block}")
         b = block
@@ -87,6 +92,6 @@ class BSRFormat:
         if values.shape[0] != nblocks:
             raise ValueError(f"{values.shape[0]} value blocks for {nblocks} column indices")
         check_columns(check_offsets(crow, br, nblocks), col, bc, "block row")
-        check_values(values)
+        check_value_tensors(tensors, br * b)
         if int((values != 0).sum()) != nnz:
             raise ValueError(f"blocks hold {int((values != 0).sum())} nonzeros, metadata says {nnz}")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from dsf_runtime.formats import TensorSpec, all_finite, register_format
+from dsf_runtime.formats import TensorSpec, register_format
+from dsf_runtime.formats.values import check_value_tensors, decode_values, encode_values, value_specs
 
 INT16_MAX_COLS = 1 << 15
 
@@ -50,11 +51,6 @@ def check_columns(crow64: torch.Tensor, col: torch.Tensor, cols: int, what: str 
         raise ValueError(f"col_indices are not strictly increasing within a {what}")
 
 
-def check_values(values: torch.Tensor) -> None:
-    if not all_finite(values):
-        raise ValueError("values contain NaN or Inf")
-
-
 @register_format
 class CSRFormat:
     name = "csr"
@@ -67,7 +63,7 @@ class CSRFormat:
         return {
             "crow_indices": TensorSpec((rows + 1,), torch.int32),
             "col_indices": TensorSpec((nnz,), torch.int16 if bits == 16 else torch.int32),
-            "values": TensorSpec((nnz,), value_dtype),
+            **value_specs(rows, nnz, value_dtype),
         }
 
     def pack(self, dense: torch.Tensor, value_dtype: torch.dtype, **options) -> dict[str, torch.Tensor]:
@@ -79,20 +75,21 @@ class CSRFormat:
         return {
             "crow_indices": crow.to(torch.int32),
             "col_indices": col.to(index_dtype_for(cols)),
-            "values": values.to(value_dtype),
+            **encode_values(values, crow, value_dtype),
         }
 
     def extra(self, tensors: dict[str, torch.Tensor]) -> dict:
         return {"index_bits": 16 if tensors["col_indices"].dtype == torch.int16 else 32}
 
     def to_csr(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]):
-        """(crow int32, col int32, values) for CSR kernels."""
-        return tensors["crow_indices"], tensors["col_indices"].to(torch.int32), tensors["values"]
+        """(crow int32, col int32, values as numbers) for CSR kernels."""
+        crow = tensors["crow_indices"]
+        return crow, tensors["col_indices"].to(torch.int32), decode_values(tensors, crow)
 
     def unpack(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         crow = tensors["crow_indices"].long()
         col = tensors["col_indices"].long()
-        values = tensors["values"]
+        values = decode_values(tensors, crow)
         rows, cols = shape
         row = torch.repeat_interleave(torch.arange(rows, device=crow.device), crow.diff())
         dense = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
@@ -105,4 +102,4 @@ class CSRFormat:
         if col.numel() != nnz or values.numel() != nnz:
             raise ValueError(f"sizes col={col.numel()} values={values.numel()} do not match {nnz} nonzeros")
         check_columns(check_offsets(crow, rows, nnz), col, cols)
-        check_values(values)
+        check_value_tensors(tensors, rows)

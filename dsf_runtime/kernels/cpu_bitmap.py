@@ -92,11 +92,11 @@ def build(force: bool = False) -> ctypes.CDLL | None:
     lib.dsf_bitmap_spmm_bf16dot.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_avx512.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_avx512.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_nz_avx2.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_nz_avx2.argtypes = [_P, _P, _P, _P, _P, _I64, _P, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_nz_avx2.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_avx2.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_avx2.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_avx2.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_portable.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_portable.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_portable.restype = ctypes.c_int
     global _CAPS
     _CAPS = (bool(lib.dsf_has_avx512()), bool(lib.dsf_has_avx512_bf16()), bool(lib.dsf_has_avx2()))
@@ -109,14 +109,23 @@ def unavailable_reason() -> str | None:
     return _REASON
 
 
+# Value kinds as the C++ kernel numbers them.
+_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
 @dataclass
 class Prepared:
     bitmap: torch.Tensor  # (rows, words) int32
     offsets: torch.Tensor  # (rows + 1,) int32
-    values: torch.Tensor  # (nnz,) fp16 or bf16, the module's own buffer (no copy)
+    values: torch.Tensor  # (nnz,) fp16, bf16 or int8, the module's own buffer (no copy)
+    scales: torch.Tensor  # (rows,) fp32 row scales of int8 values; empty otherwise
     rows: int
     cols: int
-    is_bf16: int
+    kind: int  # 0 fp16, 1 bf16, 2 int8
+
+    @property
+    def is_bf16(self) -> int:
+        return int(self.kind == 1)
 
     @property
     def words(self) -> int:
@@ -134,7 +143,8 @@ class CPUBitmapBackend:
         return build() is not None
 
     def accepts(self, tensors: dict[str, torch.Tensor]) -> bool:
-        return tensors["values"].dtype in (torch.float16, torch.bfloat16)
+        values = tensors["values"].dtype
+        return values in (torch.float16, torch.bfloat16) or (values == torch.int8 and "scales" in tensors)
 
     @property
     def isa(self) -> str:
@@ -156,10 +166,11 @@ class CPUBitmapBackend:
     def prepare(self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Prepared:
         values = tensors["values"]
         if not self.accepts(tensors):
-            raise ValueError(f"cpu-bitmap needs fp16 or bf16 values, got {values.dtype}")
+            raise ValueError(f"cpu-bitmap needs fp16, bf16 or int8 (with row scales) values, got {values.dtype}")
+        scales = tensors["scales"].contiguous() if values.dtype == torch.int8 else torch.empty(0)
         return Prepared(
-            tensors["bitmap"].contiguous(), tensors["row_offsets"].contiguous(), values.contiguous(),
-            shape[0], shape[1], int(values.dtype == torch.bfloat16),
+            tensors["bitmap"].contiguous(), tensors["row_offsets"].contiguous(), values.contiguous(), scales,
+            shape[0], shape[1], _KINDS[values.dtype],
         )
 
     def matmul(self, p: Prepared, x: torch.Tensor) -> torch.Tensor:
@@ -168,6 +179,9 @@ class CPUBitmapBackend:
         padded_cols = p.words * 32
         args = (p.bitmap.data_ptr(), p.offsets.data_ptr(), p.values.data_ptr())
         isa = self.isa
+        if p.kind == 2 and isa == "avx512-vbmi2":
+            isa = "avx2" if _CAPS[2] else "portable"  # int8 values run the AVX2 paths (every AVX-512 CPU has AVX2)
+        scales = p.scales.data_ptr()
         if n >= NZ_MIN_BATCH and isa != "portable":
             # large batches (prefill, many streams): work proportional to the nonzeros
             wide = isa == "avx512-vbmi2"
@@ -179,11 +193,12 @@ class CPUBitmapBackend:
                 xt = torch.zeros(padded_cols, ldb, dtype=torch.float32)
                 xt[: p.cols, : chunk.shape[0]] = chunk.t()
                 yt = torch.empty(p.rows, ldb, dtype=torch.float32)
-                rc = nz_fn(*args, xt.data_ptr(), ldb, yt.data_ptr(), p.rows, p.words, p.is_bf16)
+                rc = (nz_fn(*args, xt.data_ptr(), ldb, yt.data_ptr(), p.rows, p.words, p.is_bf16) if wide else
+                      nz_fn(*args, scales, xt.data_ptr(), ldb, yt.data_ptr(), p.rows, p.words, p.kind))
                 if rc != 0:
                     break
                 y[start : start + chunk.shape[0]] = yt[:, : chunk.shape[0]].t()
-        elif x.dtype == torch.bfloat16 and p.is_bf16 and self.bf16_dot:
+        elif x.dtype == torch.bfloat16 and p.is_bf16 and isa == "avx512-vbmi2" and self.bf16_dot:
             # a bf16 model: bf16 x bf16 products with fp32 accumulation, as a dense bf16 matmul does
             xp = torch.zeros(n, padded_cols, dtype=torch.bfloat16)
             xp[:, : p.cols] = x.detach()
@@ -198,14 +213,17 @@ class CPUBitmapBackend:
                 xp = torch.zeros(n, padded_cols, dtype=torch.float32)
                 xp[:, : p.cols] = xf
             y = torch.empty(n, p.rows, dtype=torch.float32)
-            word_fn = lib.dsf_bitmap_spmm_avx512 if isa == "avx512-vbmi2" else lib.dsf_bitmap_spmm_avx2
-            rc = word_fn(*args, p.values.numel(), xp.data_ptr(), padded_cols, y.data_ptr(),
-                         p.rows, p.rows, p.words, n, p.is_bf16)
+            if isa == "avx512-vbmi2":
+                rc = lib.dsf_bitmap_spmm_avx512(*args, p.values.numel(), xp.data_ptr(), padded_cols, y.data_ptr(),
+                                                p.rows, p.rows, p.words, n, p.is_bf16)
+            else:
+                rc = lib.dsf_bitmap_spmm_avx2(*args, scales, p.values.numel(), xp.data_ptr(), padded_cols,
+                                              y.data_ptr(), p.rows, p.rows, p.words, n, p.kind)
         else:
             xt = torch.zeros(padded_cols, n, dtype=torch.float32)
             xt[: p.cols] = x.detach().to(torch.float32).t()
             yt = torch.empty(p.rows, n, dtype=torch.float32)
-            rc = lib.dsf_bitmap_spmm_portable(*args, xt.data_ptr(), yt.data_ptr(), p.rows, p.words, n, p.is_bf16)
+            rc = lib.dsf_bitmap_spmm_portable(*args, scales, xt.data_ptr(), yt.data_ptr(), p.rows, p.words, n, p.kind)
             y = yt.t()
         if rc != 0:
             raise RuntimeError("cpu-bitmap kernel refused its arguments")

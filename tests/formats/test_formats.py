@@ -168,3 +168,56 @@ def test_all_finite_finds_one_bad_value(dtype, bad):
     assert all_finite(t) and all_finite(torch.empty(0, dtype=dtype))
     t[20, 5] = bad
     assert not all_finite(t)
+
+
+INT8_FORMATS = ["bitmap", "csr"]
+
+
+@pytest.mark.parametrize("name", INT8_FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("density", DENSITIES)
+def test_int8_values_round_trip_within_half_a_step(name, shape, density):
+    """int8 values with one scale per row: the mask is kept exactly, each value is off
+    by at most half its row's step (max |row| / 127 / 2), and the row maximum is exact."""
+    fmt = get_format(name)
+    dense = random_sparse(*shape, density, empty_rows=min(3, shape[0] // 2))
+    tensors = fmt.pack(dense, torch.int8)
+    nnz = int((dense != 0).sum())
+    specs = fmt.specs(shape, nnz, torch.int8, fmt.extra(tensors))
+    assert set(tensors) == set(specs) and "scales" in specs
+    for key, spec in specs.items():
+        assert tuple(tensors[key].shape) == spec.shape and tensors[key].dtype == spec.dtype, key
+    fmt.validate(tensors, shape, nnz)
+    back = fmt.unpack(tensors, shape)
+    step = dense.abs().amax(dim=1, keepdim=True) / 127
+    assert bool(((back - dense).abs() <= step / 2 + 1e-7).all())
+    assert not bool(((back != 0) & (dense == 0)).any())  # no value appears where the mask has none
+    # (a tiny value may round to 0 but stays stored: values.numel() == nnz, checked by the specs)
+    assert torch.allclose(back.abs().amax(dim=1), dense.abs().amax(dim=1), rtol=1e-6)
+    assert tensors_nbytes({"values": tensors["values"]}) == nnz  # one byte per nonzero
+
+
+def test_int8_bytes_at_dsf_density():
+    """A 50% DSF pair of a square layer: ~0.75 bytes per dense weight (bitmap + int8),
+    i.e. under 0.4x dense bf16, against ~1.25 with fp16 values."""
+    fmt = get_format("bitmap")
+    square = random_sparse(512, 512, 0.16, seed=1)
+    other = random_sparse(512, 512, 0.34, seed=2)
+    total = sum(tensors_nbytes(fmt.pack(m, torch.int8)) for m in (square, other))
+    assert total / (2 * 512 * 512) < 0.4
+
+
+@pytest.mark.parametrize("name", INT8_FORMATS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_int8_bad_scales_are_refused(name, bad):
+    fmt = get_format(name)
+    dense = random_sparse(40, 30, 0.5)
+    tensors = fmt.pack(dense, torch.int8)
+    tensors["scales"][3] = bad
+    with pytest.raises(ValueError, match="scales"):
+        fmt.validate(tensors, (40, 30), int((dense != 0).sum()))
+
+
+def test_bsr_refuses_int8_values():
+    with pytest.raises(ValueError, match="int8"):
+        get_format("bsr").pack(torch.eye(4), torch.int8)

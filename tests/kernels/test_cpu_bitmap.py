@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not backend.available(), reason="CPU kernel coul
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
-@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("shape", [(830, 545), (1, 33), (64, 1), (300, 4096)])
 @pytest.mark.parametrize("density", [0.01, 0.5, 0.9])
 @pytest.mark.parametrize("batch", [1, 3, 4, 5, 9, 17, 40])
@@ -24,8 +24,8 @@ def test_matches_dense(monkeypatch, isa, value_dtype, shape, density, batch):
         monkeypatch.setenv("DSF_CPU_ISA", isa)
         if isa == "avx2" and backend.isa != "avx2":
             pytest.skip("this CPU has no AVX2")
-    dense = random_sparse(*shape, density, seed=batch, empty_rows=2).to(value_dtype)
-    tensors = get_format("bitmap").pack(dense, value_dtype)
+    tensors = get_format("bitmap").pack(random_sparse(*shape, density, seed=batch, empty_rows=2), value_dtype)
+    dense = get_format("bitmap").unpack(tensors, shape)  # the stored numbers (int8: dequantized)
     p = backend.prepare("bitmap", tensors, shape, torch.float32)
     x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(3))
     y = backend.matmul(p, x)

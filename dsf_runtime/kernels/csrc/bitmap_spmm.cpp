@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -58,9 +59,18 @@ inline float bf16_to_float(uint16_t h) {
 
 inline float to_float(uint16_t v, int is_bf16) { return is_bf16 ? bf16_to_float(v) : half_to_float(v); }
 
-// Portable path, any batch: walk set bits; x^T is [cols][batch].
-void rows_scalar(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* xt,
-                 float* yt, int64_t r0, int64_t r1, int64_t words, int64_t batch, int is_bf16) {
+// Value kinds of the packed array: 16-bit floats, or int8 with one fp32 scale per row.
+enum ValueKind { kFp16 = 0, kBf16 = 1, kInt8 = 2 };
+
+inline float value_at(const void* values, int64_t k, int kind) {
+  if (kind == kInt8) return float(static_cast<const int8_t*>(values)[k]);
+  return to_float(static_cast<const uint16_t*>(values)[k], kind == kBf16);
+}
+
+// Portable path, any batch: walk set bits; x^T is [cols][batch]. int8 rows are scaled
+// once at the end.
+void rows_scalar(const int32_t* bitmap, const int32_t* offsets, const void* values, const float* scales,
+                 const float* xt, float* yt, int64_t r0, int64_t r1, int64_t words, int64_t batch, int kind) {
   for (int64_t r = r0; r < r1; ++r) {
     float* out = yt + r * batch;
     for (int64_t b = 0; b < batch; ++b) out[b] = 0.f;
@@ -71,11 +81,13 @@ void rows_scalar(const int32_t* bitmap, const int32_t* offsets, const uint16_t* 
       while (bits) {
         int j = __builtin_ctz(bits);
         bits &= bits - 1;
-        float v = to_float(values[k++], is_bf16);
+        float v = value_at(values, k++, kind);
         const float* xc = xt + (w * 32 + j) * batch;
         for (int64_t b = 0; b < batch; ++b) out[b] += v * xc[b];
       }
     }
+    if (kind == kInt8)
+      for (int64_t b = 0; b < batch; ++b) out[b] *= scales[r];
   }
 }
 
@@ -97,7 +109,7 @@ DSF_AVX512 inline __m512i expand_packed(const uint16_t* src, const uint16_t* end
 // Software prefetch DSF_PREFETCH_BYTES ahead in the value stream (two lines: a step of
 // U words can consume more than one at high density) and the bitmap stream: the
 // hardware prefetcher alone streams these at about half the bandwidth.
-inline void prefetch_ahead(const uint16_t* v, const uint32_t* bitmap_word) {
+inline void prefetch_ahead(const void* v, const uint32_t* bitmap_word) {
   _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES, _MM_HINT_T0);
   _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES + 64, _MM_HINT_T0);
   _mm_prefetch(reinterpret_cast<const char*>(bitmap_word) + DSF_PREFETCH_BYTES / 4, _MM_HINT_T0);
@@ -314,6 +326,7 @@ DSF_AVX512 void tile_avx512(int nb, const int32_t* bitmap, const int32_t* offset
 struct ShuffleTables {
   alignas(64) uint8_t fp16[256][16];  // packed fp16 -> 8 x fp16 lanes
   alignas(64) uint8_t bf16[256][32];  // packed bf16 (in both 128-bit halves) -> 8 x fp32 lanes
+  alignas(64) uint8_t i8[256][16];    // packed int8 -> 8 x int8 lanes (upper 8 bytes zero)
   alignas(64) uint8_t pos[256][8];    // column of the k-th set bit of m (nonzero path)
 };
 
@@ -331,6 +344,7 @@ const ShuffleTables& shuffle_tables() {
         t.bf16[m][base] = t.bf16[m][base + 1] = 0x80;
         t.bf16[m][base + 2] = uint8_t(2 * k);
         t.bf16[m][base + 3] = uint8_t(2 * k + 1);
+        t.i8[m][j] = uint8_t(k);
         t.pos[m][k++] = uint8_t(j);
       }
     }
@@ -339,25 +353,35 @@ const ShuffleTables& shuffle_tables() {
   return tables;
 }
 
-// 8 packed 16-bit values from ``v``; near the array's ``end`` (CHECKED rows only) the
-// missing ones read as zero instead of past the buffer.
-template <bool CHECKED>
-DSF_AVX2 inline __m128i load8(const uint16_t* v, const uint16_t* end) {
+// The packed value type of a kind: 16-bit floats or int8.
+template <int KIND>
+using packed_t = typename std::conditional<KIND == kInt8, int8_t, uint16_t>::type;
+
+// 8 packed values from ``v`` (16 or 8 bytes); near the array's ``end`` (CHECKED rows
+// only) the missing ones read as zero instead of past the buffer.
+template <bool CHECKED, class V>
+DSF_AVX2 inline __m128i load8(const V* v, const V* end) {
   if (CHECKED && v + 8 > end) {
-    uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    std::memcpy(buf, v, size_t(end - v) * sizeof(uint16_t));
-    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf));
+    V buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(buf, v, size_t(end - v) * sizeof(V));
+    return sizeof(V) == 2 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf))
+                          : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(buf));
   }
-  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+  return sizeof(V) == 2 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(v))
+                        : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v));
 }
 
-// The 8 columns of mask byte m as fp32, from the packed values at v.
-template <bool BF16, bool CHECKED>
-DSF_AVX2 inline __m256 expand8(const uint16_t* v, const uint16_t* end, unsigned m, const ShuffleTables& t) {
+// The 8 columns of mask byte m as fp32, from the packed values at v (int8: unscaled).
+template <int KIND, bool CHECKED>
+DSF_AVX2 inline __m256 expand8(const packed_t<KIND>* v, const packed_t<KIND>* end, unsigned m,
+                               const ShuffleTables& t) {
   __m128i raw = load8<CHECKED>(v, end);
-  if (BF16)
+  if (KIND == kBf16)
     return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw),
                                                    _mm256_load_si256(reinterpret_cast<const __m256i*>(t.bf16[m]))));
+  if (KIND == kInt8)
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+        _mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(t.i8[m])))));
   return _mm256_cvtph_ps(_mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(t.fp16[m]))));
 }
 
@@ -371,9 +395,9 @@ DSF_AVX2 inline float hsum256(__m256 v) {
 // One bitmap row against a tile of NB batch rows: per word, four bytes, each expanded
 // once and FMA'd into every batch row. A = accumulators per batch row (byte q of a word
 // goes to q % A), so that FMA latency is hidden at small batches.
-template <int NB, bool BF16, bool CHECKED>
-DSF_AVX2 void row_avx2(const uint32_t* row, const uint16_t* v, const uint16_t* end, const float* x, int64_t ldx,
-                       float* y, int64_t ldy, int64_t words, const ShuffleTables& t) {
+template <int NB, int KIND, bool CHECKED>
+DSF_AVX2 void row_avx2(const uint32_t* row, const packed_t<KIND>* v, const packed_t<KIND>* end, float scale,
+                       const float* x, int64_t ldx, float* y, int64_t ldy, int64_t words, const ShuffleTables& t) {
   constexpr int A = NB == 1 ? 4 : NB == 2 ? 2 : 1;
   __m256 acc[A][NB];
   for (int a = 0; a < A; ++a)
@@ -385,7 +409,7 @@ DSF_AVX2 void row_avx2(const uint32_t* row, const uint16_t* v, const uint16_t* e
     const float* xw = x + w * 32;
     for (int q = 0; q < 4; ++q) {
       unsigned m = (bits >> (8 * q)) & 0xFFu;
-      __m256 e = expand8<BF16, CHECKED>(v, end, m, t);
+      __m256 e = expand8<KIND, CHECKED>(v, end, m, t);
       v += __builtin_popcount(m);
       for (int b = 0; b < NB; ++b)
         acc[q % A][b] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xw + b * ldx + 8 * q), acc[q % A][b]);
@@ -394,37 +418,39 @@ DSF_AVX2 void row_avx2(const uint32_t* row, const uint16_t* v, const uint16_t* e
   for (int b = 0; b < NB; ++b) {
     __m256 sum = acc[0][b];
     for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[a][b]);
-    y[b * ldy] = hsum256(sum);
+    y[b * ldy] = KIND == kInt8 ? scale * hsum256(sum) : hsum256(sum);
   }
 }
 
 // Rows r0..r1 for one tile; rows whose 8-value reads could pass the array's end take
 // the checked variant (only the last few rows of a matrix).
-template <int NB, bool BF16>
-DSF_AVX2 void rows_avx2(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* x,
-                        int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words, int64_t nvalues,
-                        const ShuffleTables& t) {
-  const uint16_t* end = values + nvalues;
+template <int NB, int KIND>
+DSF_AVX2 void rows_avx2(const int32_t* bitmap, const int32_t* offsets, const void* values_raw, const float* scales,
+                        const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words,
+                        int64_t nvalues, const ShuffleTables& t) {
+  const packed_t<KIND>* values = static_cast<const packed_t<KIND>*>(values_raw);
+  const packed_t<KIND>* end = values + nvalues;
   for (int64_t r = r0; r < r1; ++r) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
+    float scale = KIND == kInt8 ? scales[r] : 1.f;
     if (int64_t(offsets[r + 1]) + 8 <= nvalues)
-      row_avx2<NB, BF16, false>(row, values + offsets[r], end, x, ldx, y + r, ldy, words, t);
+      row_avx2<NB, KIND, false>(row, values + offsets[r], end, scale, x, ldx, y + r, ldy, words, t);
     else
-      row_avx2<NB, BF16, true>(row, values + offsets[r], end, x, ldx, y + r, ldy, words, t);
+      row_avx2<NB, KIND, true>(row, values + offsets[r], end, scale, x, ldx, y + r, ldy, words, t);
   }
 }
 
-template <bool BF16>
-DSF_AVX2 void tile_avx2_t(int nb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
-                          const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words,
-                          int64_t nvalues) {
+template <int KIND>
+DSF_AVX2 void tile_avx2_t(int nb, const int32_t* bitmap, const int32_t* offsets, const void* values,
+                          const float* scales, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0,
+                          int64_t r1, int64_t words, int64_t nvalues) {
   const ShuffleTables& t = shuffle_tables();
   switch (nb) {
-    case 1: rows_avx2<1, BF16>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
-    case 2: rows_avx2<2, BF16>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
-    case 3: rows_avx2<3, BF16>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
-    case 4: rows_avx2<4, BF16>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
-    default: rows_avx2<8, BF16>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
+    case 1: rows_avx2<1, KIND>(bitmap, offsets, values, scales, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
+    case 2: rows_avx2<2, KIND>(bitmap, offsets, values, scales, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
+    case 3: rows_avx2<3, KIND>(bitmap, offsets, values, scales, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
+    case 4: rows_avx2<4, KIND>(bitmap, offsets, values, scales, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
+    default: rows_avx2<8, KIND>(bitmap, offsets, values, scales, x, ldx, y, ldy, r0, r1, words, nvalues, t); break;
   }
 }
 
@@ -432,13 +458,15 @@ DSF_AVX2 void tile_avx2_t(int nb, const int32_t* bitmap, const int32_t* offsets,
 // indices are decoded a byte at a time from the position table, values widened 8 at a
 // time; then each nonzero's value is broadcast and FMA'd into NV vectors of x^T[column]
 // ([in][batch] layout, batch padded to a multiple of 8), two nonzeros per step.
-template <int NV, bool BF16>
-DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* xt,
-                           int64_t ldb, float* yt, int64_t r0, int64_t r1, int64_t words, int32_t* idx, float* val) {
+template <int NV, int KIND>
+DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const void* values_raw,
+                           const float* scales, const float* xt, int64_t ldb, float* yt, int64_t r0, int64_t r1,
+                           int64_t words, int32_t* idx, float* val) {
   const ShuffleTables& t = shuffle_tables();
+  const packed_t<KIND>* values = static_cast<const packed_t<KIND>*>(values_raw);
   for (int64_t r = r0; r < r1; ++r) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
-    const uint16_t* v = values + offsets[r];
+    const packed_t<KIND>* v = values + offsets[r];
     const int64_t nnz = offsets[r + 1] - offsets[r];
     int64_t n = 0;
     for (int64_t w = 0; w < words; ++w) {
@@ -452,12 +480,15 @@ DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const 
       }
     }
     int64_t k = 0;
+    const float scale = KIND == kInt8 ? scales[r] : 1.f;
     for (; k + 8 <= nnz; k += 8) {
-      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + k));
-      _mm256_storeu_ps(val + k, BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-                                     : _mm256_cvtph_ps(h));
+      __m128i h = load8<false>(v + k, v + nnz);
+      __m256 f = KIND == kBf16   ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                 : KIND == kInt8 ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h)), _mm256_set1_ps(scale))
+                                 : _mm256_cvtph_ps(h);
+      _mm256_storeu_ps(val + k, f);
     }
-    for (; k < nnz; ++k) val[k] = BF16 ? bf16_to_float(v[k]) : half_to_float(v[k]);
+    for (; k < nnz; ++k) val[k] = scale * value_at(v, k, KIND);
     __m256 acc[NV], acc2[NV];
     for (int j = 0; j < NV; ++j) acc[j] = acc2[j] = _mm256_setzero_ps();
     k = 0;
@@ -479,15 +510,15 @@ DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const 
   }
 }
 
-template <bool BF16>
-DSF_AVX2 void tile_nz_avx2(int64_t ldb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
-                           const float* xt, float* yt, int64_t r0, int64_t r1, int64_t words, int32_t* idx,
-                           float* val) {
+template <int KIND>
+DSF_AVX2 void tile_nz_avx2(int64_t ldb, const int32_t* bitmap, const int32_t* offsets, const void* values,
+                           const float* scales, const float* xt, float* yt, int64_t r0, int64_t r1, int64_t words,
+                           int32_t* idx, float* val) {
   switch (ldb / 8) {
-    case 1: rows_nz_avx2<1, BF16>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, idx, val); break;
-    case 2: rows_nz_avx2<2, BF16>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, idx, val); break;
-    case 3: rows_nz_avx2<3, BF16>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, idx, val); break;
-    default: rows_nz_avx2<4, BF16>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, idx, val); break;
+    case 1: rows_nz_avx2<1, KIND>(bitmap, offsets, values, scales, xt, ldb, yt, r0, r1, words, idx, val); break;
+    case 2: rows_nz_avx2<2, KIND>(bitmap, offsets, values, scales, xt, ldb, yt, r0, r1, words, idx, val); break;
+    case 3: rows_nz_avx2<3, KIND>(bitmap, offsets, values, scales, xt, ldb, yt, r0, r1, words, idx, val); break;
+    default: rows_nz_avx2<4, KIND>(bitmap, offsets, values, scales, xt, ldb, yt, r0, r1, words, idx, val); break;
   }
 }
 #endif
@@ -611,15 +642,16 @@ int dsf_has_avx2(void) {
 #endif
 }
 
-// AVX2 word path, any batch; arguments as dsf_bitmap_spmm_avx512 (tiles of 8, 4, 3, 2, 1).
-int dsf_bitmap_spmm_avx2(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, int64_t nvalues,
-                         const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t words,
-                         int64_t batch, int is_bf16) {
+// AVX2 word path, any batch; arguments as dsf_bitmap_spmm_avx512 (tiles of 8, 4, 3, 2, 1),
+// plus the value ``kind`` (0 fp16, 1 bf16, 2 int8 with per-row ``scales``).
+int dsf_bitmap_spmm_avx2(const int32_t* bitmap, const int32_t* offsets, const void* values, const float* scales,
+                         int64_t nvalues, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows,
+                         int64_t words, int64_t batch, int kind) {
 #ifdef DSF_X86
-  if (!dsf_has_avx2() || batch < 1) return -1;
+  if (!dsf_has_avx2() || batch < 1 || kind < kFp16 || kind > kInt8) return -1;
+  auto tile = kind == kInt8 ? tile_avx2_t<kInt8> : kind == kBf16 ? tile_avx2_t<kBf16> : tile_avx2_t<kFp16>;
   over_row_blocks(rows, batch, 8, false, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
-    auto tile = is_bf16 ? tile_avx2_t<true> : tile_avx2_t<false>;
-    tile(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, nvalues);
+    tile(nb, bitmap, offsets, values, scales, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, nvalues);
   });
   return 0;
 #else
@@ -627,11 +659,13 @@ int dsf_bitmap_spmm_avx2(const int32_t* bitmap, const int32_t* offsets, const ui
 #endif
 }
 
-// AVX2 nonzero path: as dsf_bitmap_spmm_nz with ldb a multiple of 8 up to 32.
-int dsf_bitmap_spmm_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* xt,
-                            int64_t ldb, float* yt, int64_t rows, int64_t words, int is_bf16) {
+// AVX2 nonzero path: as dsf_bitmap_spmm_nz with ldb a multiple of 8 up to 32, and the
+// value ``kind`` and ``scales`` of dsf_bitmap_spmm_avx2.
+int dsf_bitmap_spmm_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const void* values, const float* scales,
+                            const float* xt, int64_t ldb, float* yt, int64_t rows, int64_t words, int kind) {
 #ifdef DSF_X86
-  if (!dsf_has_avx2() || ldb < 8 || ldb > 32 || ldb % 8) return -1;
+  if (!dsf_has_avx2() || ldb < 8 || ldb > 32 || ldb % 8 || kind < kFp16 || kind > kInt8) return -1;
+  auto tile = kind == kInt8 ? tile_nz_avx2<kInt8> : kind == kBf16 ? tile_nz_avx2<kBf16> : tile_nz_avx2<kFp16>;
 #pragma omp parallel
   {
     int64_t cap = words * 32 + 16;
@@ -640,8 +674,7 @@ int dsf_bitmap_spmm_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
       int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
-      auto tile = is_bf16 ? tile_nz_avx2<true> : tile_nz_avx2<false>;
-      tile(ldb, bitmap, offsets, values, xt, yt, r0, r1, words, idx, val);
+      tile(ldb, bitmap, offsets, values, scales, xt, yt, r0, r1, words, idx, val);
     }
     delete[] idx;
     delete[] val;
@@ -652,13 +685,15 @@ int dsf_bitmap_spmm_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const
 #endif
 }
 
-// Portable path, any batch, x^T: [cols_padded][batch], y^T: [rows][batch].
-int dsf_bitmap_spmm_portable(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* xt,
-                             float* yt, int64_t rows, int64_t words, int64_t batch, int is_bf16) {
+// Portable path, any batch, x^T: [cols_padded][batch], y^T: [rows][batch]. ``kind``:
+// 0 fp16, 1 bf16, 2 int8 values with per-row ``scales`` (unused otherwise).
+int dsf_bitmap_spmm_portable(const int32_t* bitmap, const int32_t* offsets, const void* values, const float* scales,
+                             const float* xt, float* yt, int64_t rows, int64_t words, int64_t batch, int kind) {
+  if (kind < kFp16 || kind > kInt8) return -1;
 #pragma omp parallel for schedule(static)
   for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
     int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
-    rows_scalar(bitmap, offsets, values, xt, yt, r0, r1, words, batch, is_bf16);
+    rows_scalar(bitmap, offsets, values, scales, xt, yt, r0, r1, words, batch, kind);
   }
   return 0;
 }
