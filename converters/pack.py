@@ -9,7 +9,20 @@ import torch
 from torch import nn
 
 from dsf_runtime.checkpoint import VALUE_DTYPES, DSFQuantConfig, ModuleEntry, save_checkpoint
+from dsf_runtime.errors import ConfigError
+from dsf_runtime.formats import get_format
 from dsf_runtime.patch import dsf_modules, replace_with_factors
+
+
+def check_storage(fmt: str, value_dtype: str) -> None:
+    """ConfigError unless format ``fmt`` can store values of ``value_dtype`` (e.g. bsr
+    stores no int8), checked before any work is done."""
+    if value_dtype not in VALUE_DTYPES:
+        raise ConfigError(f"unknown value dtype {value_dtype!r}; choose one of {', '.join(VALUE_DTYPES)}")
+    try:
+        get_format(fmt).specs((1, 1), 1, VALUE_DTYPES[value_dtype])
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(str(exc).strip("'\"")) from None
 
 
 def pack_model(
@@ -25,6 +38,7 @@ def pack_model(
 ) -> DSFQuantConfig:
     """Swap the named linears of ``model`` for packed DSFLinear modules (in place)
     and return the checkpoint metadata describing them."""
+    check_storage(fmt, value_dtype)
     replace_with_factors(model, factors, fmt, VALUE_DTYPES[value_dtype], **(format_options or {}))
     modules = {
         name: ModuleEntry(

@@ -16,7 +16,7 @@ from dsf_runtime.converters.calibrate import CompressionResult, compress_sequent
 from dsf_runtime.converters.config import CALIB_PRESETS, CalibConfig, DSFConfig, preset
 from dsf_runtime.converters.data import calibration_text, sample_windows, tokenize
 from dsf_runtime.converters.methods import make_method
-from dsf_runtime.converters.pack import write_packed
+from dsf_runtime.converters.pack import check_storage, write_packed
 from dsf_runtime.errors import ConfigError
 from dsf_runtime.models import load_dense
 
@@ -80,6 +80,7 @@ def make_job(
         calib = CalibConfig(**calib_args)
     except ValueError as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
+    check_storage(options.get("fmt", "bitmap"), options.get("value_dtype", "float16"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     out = Path(out_dir)

@@ -18,11 +18,12 @@ def test_forward_matches_dense_product(out_f, in_f, bias, lead):
     R = random_sparse(r, in_f, 0.3, seed=2)
     b = torch.randn(out_f) if bias else None
     layer = DSFLinear.from_factors(L, R, b, value_dtype=torch.float32)
-    x = torch.randn(*lead, in_f)
-    ref = torch.nn.functional.linear(x, L @ R, b)
+    x = torch.randn(*lead, in_f, generator=torch.Generator().manual_seed(7))
+    ref = torch.nn.functional.linear(x.double(), L.double() @ R.double(), None if b is None else b.double())
     y = layer(x)
     assert y.shape == (*lead, out_f)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # two fp32 products of <= 80 terms each: relative to the output's scale, well under 1e-5
+    assert float((y.double() - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
     assert layer.backend_name == "torch-csr"
     assert "backend=torch-csr" in repr(layer)
 

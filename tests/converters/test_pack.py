@@ -41,6 +41,30 @@ def test_repack_is_lossless(ckpt, tmp_path, fmt, extra):
     torch.testing.assert_close(logits(out), logits(ckpt), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["bitmap", "csr"])
+def test_repack_to_int8_values(ckpt, tmp_path, fmt):
+    """int8 values keep every mask, cost one byte per nonzero, and change the model's
+    logits only by the rounding of the values (max |row| / 254 per value)."""
+    out = tmp_path / f"{fmt}-int8"
+    assert main(["pack", str(ckpt), str(out), "--format", fmt, "--value-dtype", "int8"]) == 0
+    _, quant = read_quant_config(out)
+    assert quant.value_dtype == "int8"
+    a, _ = load_model(ckpt)
+    b, _ = load_model(out)
+    for name, m in dsf_modules(a).items():
+        n = dsf_modules(b)[name]
+        for fa, fb in ((m.L, n.L), (m.R, n.R)):
+            da, db = fa.to_dense().float(), fb.to_dense().float()
+            assert not bool(((db != 0) & (da == 0)).any())
+            step = da.abs().amax(dim=1, keepdim=True) / 127
+            assert bool(((da - db).abs() <= step / 2 + 1e-6).all())
+            assert fb.values.dtype == torch.int8 and fb.values.numel() == fa.values.numel()
+    ref, got = logits(ckpt), logits(out)
+    rel = float((got - ref).norm() / ref.norm())
+    assert 0 < rel < 0.05, rel
+    assert main(["pack", str(ckpt), str(tmp_path / "bsr"), "--format", "bsr", "--value-dtype", "int8"]) == 2
+
+
 def _export(ckpt, path, transposed=False, single=False):
     model, _ = load_model(ckpt)
     tensors = {}
