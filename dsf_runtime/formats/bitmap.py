@@ -96,6 +96,20 @@ class BitmapFormat:
             raise ValueError(f"bitmap has shape {tuple(bitmap.shape)}, expected {(rows, _words(cols))}")
         if values.numel() != nnz:
             raise ValueError(f"values has {values.numel()} entries, expected {nnz}")
+        if offsets.numel() != rows + 1:
+            raise ValueError(f"row_offsets has {offsets.numel()} entries, expected {rows + 1}")
+        from dsf_runtime.kernels.cpu_bitmap import check_bitmap  # one native pass where the kernel is built
+
+        problem = check_bitmap(bitmap, offsets, cols, nnz)
+        if problem is False:
+            self._check_structure_torch(bitmap, offsets, rows, cols, nnz)
+        elif problem is not None:
+            raise ValueError(problem)
+        check_value_tensors(tensors, rows)
+
+    @staticmethod
+    def _check_structure_torch(bitmap: torch.Tensor, offsets: torch.Tensor, rows: int, cols: int, nnz: int) -> None:
+        """The same checks as the native pass, in torch (where the kernel is not built)."""
         offsets64 = check_offsets(offsets, rows, nnz, "row_offsets")
         if cols % WORD and rows:
             last = bitmap[:, -1].long() & 0xFFFFFFFF
@@ -103,4 +117,3 @@ class BitmapFormat:
                 raise ValueError("bitmap has bits set beyond the last column")
         if not torch.equal(row_popcounts(bitmap), offsets64.diff()):
             raise ValueError("bitmap popcounts do not match row_offsets")
-        check_value_tensors(tensors, rows)

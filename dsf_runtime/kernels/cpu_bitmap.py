@@ -96,6 +96,8 @@ def build(force: bool = False) -> ctypes.CDLL | None:
     lib.dsf_bitmap_spmm_nz_avx2.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_avx2.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_avx2.restype = ctypes.c_int
+    lib.dsf_bitmap_check.argtypes = [_P, _P, _I64, _I64, _I64, _I64]
+    lib.dsf_bitmap_check.restype = ctypes.c_int64
     lib.dsf_bitmap_spmm_portable.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_portable.restype = ctypes.c_int
     global _CAPS
@@ -111,6 +113,31 @@ def unavailable_reason() -> str | None:
 
 # Value kinds as the C++ kernel numbers them.
 _KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+_CHECK_MESSAGES = {
+    1: "row_offsets are not monotone",
+    2: "bitmap popcounts do not match row_offsets",
+    3: "bitmap has bits set beyond the last column",
+}
+
+
+def check_bitmap(bitmap: torch.Tensor, offsets: torch.Tensor, cols: int, nnz: int) -> str | None | bool:
+    """The bitmap format's structural checks in one native pass (load-time validation):
+    None when they hold, else the problem in the words the torch checks use; False
+    when the library is not built or the tensors are not laid out for it (the caller
+    then runs the torch checks). Shapes and dtypes must have been checked already."""
+    lib = build()
+    rows = offsets.numel() - 1
+    if (lib is None or bitmap.dtype != torch.int32 or offsets.dtype != torch.int32 or bitmap.device.type != "cpu"
+            or not bitmap.is_contiguous() or not offsets.is_contiguous() or rows < 0 or bitmap.dim() != 2):
+        return False
+    code = lib.dsf_bitmap_check(bitmap.data_ptr(), offsets.data_ptr(), rows, bitmap.shape[1], cols, nnz)
+    if code == 0:
+        return None
+    if code < 0:
+        return f"row_offsets must start at 0 and end at nnz={nnz}"
+    return f"{_CHECK_MESSAGES[code % 4]} (row {code // 4})"
 
 
 @dataclass

@@ -119,12 +119,31 @@ def _bitmap_corruptions():
     def nan(t):
         t["values"][0] = float("inf")
 
+    def backwards(t):
+        t["row_offsets"][5] = t["row_offsets"][6] + 1
+
+    def first_offset(t):
+        t["row_offsets"][0] = 1
+
+    def last_offset(t):
+        t["row_offsets"][-1] -= 1
+
     return {"bit past last column": (extra_bit, "beyond"), "popcount mismatch": (drop_bit, "popcounts"),
-            "offsets": (offsets, "popcounts|monotone"), "inf": (nan, "NaN or Inf")}
+            "offsets": (offsets, "popcounts|monotone"), "inf": (nan, "NaN or Inf"),
+            "offsets backwards": (backwards, "monotone"), "first offset": (first_offset, "start at 0"),
+            "last offset": (last_offset, "end at nnz")}
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("case", sorted(_bitmap_corruptions()))
-def test_bitmap_validate_rejects_corruption(case):
+def test_bitmap_validate_rejects_corruption(case, native, monkeypatch):
+    """Both the kernel library's one-pass check and the torch checks refuse every case."""
+    import dsf_runtime.kernels.cpu_bitmap as kernel
+
+    if native and kernel.build() is None:
+        pytest.skip("CPU kernel library not built here")
+    if not native:
+        monkeypatch.setattr(kernel, "check_bitmap", lambda *args: False)
     corrupt, message = _bitmap_corruptions()[case]
     fmt = get_format("bitmap")
     dense = random_sparse(40, 45, 0.5, seed=1)
@@ -133,6 +152,18 @@ def test_bitmap_validate_rejects_corruption(case):
     corrupt(tensors)
     with pytest.raises(ValueError, match=message):
         fmt.validate(tensors, (40, 45), int((dense != 0).sum()))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (1, 1), (830, 545), (64, 64)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_bitmap_native_check_accepts_valid_factors(shape, density):
+    from dsf_runtime.kernels.cpu_bitmap import build, check_bitmap
+
+    if build() is None:
+        pytest.skip("CPU kernel library not built here")
+    dense = random_sparse(*shape, density) if shape[0] and shape[1] else torch.zeros(shape)
+    t = get_format("bitmap").pack(dense, torch.float16)
+    assert check_bitmap(t["bitmap"], t["row_offsets"], shape[1], int((dense != 0).sum())) is None
 
 
 @pytest.mark.parametrize("case", sorted(_corruptions()))

@@ -18,6 +18,7 @@
 //    bits (ctz) and FMA each value into all batch columns of x^T ([in][batch]).
 // The caller (Python) validated every index and offset when the checkpoint was loaded.
 
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -683,6 +684,43 @@ int dsf_bitmap_spmm_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const
 #else
   return -1;
 #endif
+}
+
+// Set bits of one bitmap row; the popcnt instruction where the CPU has it (an ifunc).
+#ifdef DSF_X86
+__attribute__((target_clones("popcnt", "default")))
+#endif
+int64_t dsf_row_popcount(const uint32_t* row, int64_t words) {
+  int64_t count = 0;
+  for (int64_t w = 0; w < words; ++w) count += __builtin_popcount(row[w]);
+  return count;
+}
+
+// Structural check of a bitmap factor in one pass (load-time validation): row offsets
+// start at 0, end at nnz and never decrease, every row's popcount equals its offset
+// difference, and no bit is set past the last column. Returns 0 when all hold, else
+// 4 * row + code for the first bad row (code 1: offsets out of order, 2: popcount
+// mismatch, 3: bits past the last column) or -1 for the first/last offset.
+int64_t dsf_bitmap_check(const int32_t* bitmap, const int32_t* offsets, int64_t rows, int64_t words, int64_t cols,
+                         int64_t nnz) {
+  if (offsets[0] != 0 || int64_t(offsets[rows]) != nnz) return -1;
+  const uint32_t tail = cols % 32 ? ~((1u << (cols % 32)) - 1u) : 0u;  // bits past the last column
+  // Offsets out of order are reported first (anywhere), then the first row whose bits
+  // are wrong, as the torch checks do.
+  int64_t first_order = INT64_MAX, first_bits = INT64_MAX;
+#pragma omp parallel for schedule(static) reduction(min : first_order, first_bits)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
+    if (offsets[r + 1] < offsets[r]) {
+      if (4 * r + 1 < first_order) first_order = 4 * r + 1;
+      continue;
+    }
+    int64_t code = words && (row[words - 1] & tail)                                       ? 3
+                   : dsf_row_popcount(row, words) != int64_t(offsets[r + 1]) - offsets[r] ? 2
+                                                                                          : 0;
+    if (code && 4 * r + code < first_bits) first_bits = 4 * r + code;
+  }
+  return first_order != INT64_MAX ? first_order : first_bits != INT64_MAX ? first_bits : 0;
 }
 
 // Portable path, any batch, x^T: [cols_padded][batch], y^T: [rows][batch]. ``kind``:
