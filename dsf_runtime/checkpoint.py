@@ -412,11 +412,17 @@ def load_model(
 
 
 def backend_summary(model: nn.Module) -> str:
-    """e.g. 'torch-csr x210' — the kernels the DSF modules really use."""
+    """e.g. 'cpu-bitmap x210 (avx2)' or 'torch-csr x210' — the kernels the DSF modules
+    really use, with the CPU kernel's instruction path."""
     counts: dict[str, int] = {}
     for module in dsf_modules(model).values():
         counts[module.backend_name] = counts.get(module.backend_name, 0) + 1
-    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none (dense model)"
+    summary = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none (dense model)"
+    if "cpu-bitmap" in counts:
+        from dsf_runtime.kernels import BACKENDS
+
+        summary += f" ({BACKENDS['cpu-bitmap'].isa})"
+    return summary
 
 
 def load_any(name_or_path: str | os.PathLike, device: str = "cpu", backend: str = "auto"):

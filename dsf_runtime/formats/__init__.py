@@ -8,6 +8,7 @@ tensors before any kernel touches them, and counts its bytes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -64,7 +65,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor.reshape(-1))
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    return math.isfinite(float(low)) and math.isfinite(float(high))  # Python floats: no per-call tensor ops
 
 
 def tensors_nbytes(tensors: dict[str, torch.Tensor]) -> int:
