@@ -541,6 +541,25 @@ void over_row_blocks(int64_t rows, int64_t batch, int max_nb, bool tile12, Tile 
     }
   }
 }
+
+// The nonzero paths' schedule: rows in blocks of 64 over OpenMP threads, each thread
+// with its own index and value buffers for one decoded row: block(r0, r1, idx, val).
+template <class Block>
+void over_row_blocks_nz(int64_t rows, int64_t words, Block block) {
+#pragma omp parallel
+  {
+    int64_t cap = words * 32 + 16;
+    int32_t* idx = new int32_t[cap];
+    float* val = new float[cap];
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
+      int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
+      block(r0, r1, idx, val);
+    }
+    delete[] idx;
+    delete[] val;
+  }
+}
 #endif
 
 }  // namespace
@@ -609,24 +628,14 @@ int dsf_bitmap_spmm_nz(const int32_t* bitmap, const int32_t* offsets, const uint
                        int64_t ldb, float* yt, int64_t rows, int64_t words, int is_bf16) {
 #ifdef DSF_X86
   if (!dsf_has_avx512() || ldb < 16 || ldb > 64 || ldb % 16) return -1;
-#pragma omp parallel
-  {
-    int64_t cap = words * 32 + 16;
-    int32_t* idx = new int32_t[cap];
-    float* val = new float[cap];
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
-      int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
-      switch (ldb / 16) {
-        case 1: rows_nz<1>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
-        case 2: rows_nz<2>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
-        case 3: rows_nz<3>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
-        default: rows_nz<4>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
-      }
+  over_row_blocks_nz(rows, words, [&](int64_t r0, int64_t r1, int32_t* idx, float* val) {
+    switch (ldb / 16) {
+      case 1: rows_nz<1>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
+      case 2: rows_nz<2>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
+      case 3: rows_nz<3>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
+      default: rows_nz<4>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
     }
-    delete[] idx;
-    delete[] val;
-  }
+  });
   return 0;
 #else
   return -1;
@@ -667,19 +676,9 @@ int dsf_bitmap_spmm_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const
 #ifdef DSF_X86
   if (!dsf_has_avx2() || ldb < 8 || ldb > 32 || ldb % 8 || kind < kFp16 || kind > kInt8) return -1;
   auto tile = kind == kInt8 ? tile_nz_avx2<kInt8> : kind == kBf16 ? tile_nz_avx2<kBf16> : tile_nz_avx2<kFp16>;
-#pragma omp parallel
-  {
-    int64_t cap = words * 32 + 16;
-    int32_t* idx = new int32_t[cap];
-    float* val = new float[cap];
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
-      int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
-      tile(ldb, bitmap, offsets, values, scales, xt, yt, r0, r1, words, idx, val);
-    }
-    delete[] idx;
-    delete[] val;
-  }
+  over_row_blocks_nz(rows, words, [&](int64_t r0, int64_t r1, int32_t* idx, float* val) {
+    tile(ldb, bitmap, offsets, values, scales, xt, yt, r0, r1, words, idx, val);
+  });
   return 0;
 #else
   return -1;
