@@ -102,6 +102,17 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
                           nbytes, n))
 
     bitmap = BACKENDS["cpu-bitmap"]
+    if bitmap.available():
+        # int8 values with per-row scales: 0.75 instead of 1.25 bytes per dense weight
+        f = get_format("bitmap")
+        tl, tr = f.pack(L, torch.int8), f.pack(R, torch.int8)
+        nbytes = sum(t.numel() * t.element_size() for t in (*tl.values(), *tr.values()))
+        n = _copies(nbytes)
+        preps = [(bitmap.prepare("bitmap", {k: v.clone() for k, v in tl.items()}, tuple(L.shape), torch.float32),
+                  bitmap.prepare("bitmap", {k: v.clone() for k, v in tr.items()}, tuple(R.shape), torch.float32))
+                 for _ in range(n)]
+        cases.append(Case("DSF cpu-bitmap int8", lambda i, x, b=bitmap, p=preps: b.matmul(p[i][0], b.matmul(p[i][1], x)),
+                          nbytes, n))
     if bitmap.available() and getattr(bitmap, "bf16_dot", False):
         # a bf16 model: bf16 values and activations (as dense bf16), the AVX512_BF16 dot-product path
         f = get_format("bitmap")

@@ -19,6 +19,10 @@ def test_every_case_computes_the_same_product(monkeypatch):
         if name in cases:
             torch.testing.assert_close(cases[name].fn(cases[name].copies - 1, x).float(), ref, rtol=1e-4, atol=1e-4)
     assert all(c.copies >= 2 and c.weight_bytes > 0 for c in cases.values())
+    if "DSF cpu-bitmap int8" in cases:  # int8 values: the product up to the rounding of the values
+        y = cases["DSF cpu-bitmap int8"].fn(0, x)
+        assert 0 < float((y - ref).norm() / ref.norm()) < 0.02
+        assert cases["DSF cpu-bitmap int8"].weight_bytes < cases["DSF cpu-bitmap"].weight_bytes
 
 
 def test_bench_writes_results(monkeypatch, tmp_path):

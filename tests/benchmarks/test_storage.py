@@ -33,7 +33,10 @@ def test_storage_bench_with_load_measurement(tiny_model_dir, tmp_path, monkeypat
     ckpt, _ = run_compress(make_job(str(tiny_model_dir), tmp_path / "ck", nsamples=4, seqlen=32, progress=False))
     payload = storage.run_storage_bench(str(ckpt), str(tiny_model_dir), str(tmp_path / "res"))
     data = json.loads((tmp_path / "res" / "storage.json").read_text())
-    assert {r["format"] for r in data["bytes"]} == {"bitmap", "bsr", "csr"}
+    assert {r["format"] for r in data["bytes"]} == {"bitmap", "bsr", "csr", "bitmap+int8", "csr+int8"}
+    by = {(r["subject"], r["format"]): r["vs_bf16"] for r in data["bytes"]}
+    for subject in {r["subject"] for r in data["bytes"]}:
+        assert by[(subject, "bitmap+int8")] < by[(subject, "bitmap")]  # one byte per value instead of two
     assert [r["model"] for r in data["load"]] == ["dense", "DSF"]
     for row in data["load"]:
         assert row["first_token_seconds"] >= row["load_seconds"] > 0
