@@ -73,7 +73,6 @@ def run_quality_bench(
     import time
     from pathlib import Path
 
-    from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
     from dsf_runtime.checkpoint import is_dsf_checkpoint, load_model, read_quant_config
     from dsf_runtime.converters.data import evaluation_text, tokenize
     from dsf_runtime.converters.pipeline import make_job, run_compress
@@ -112,10 +111,18 @@ def run_quality_bench(
                          "eval_seconds": time.perf_counter() - t0, "backend": "dense-ref",
                          "density": nnz / dense_count, "checkpoint": str(ckpt)})
             del sparse
+            # every finished row is written at once: a long run that is stopped keeps its results
+            _write_quality(rows, dense_ppl, model, preset_name, n_eval, Path(out_dir))
+    return _write_quality(rows, dense_ppl, model, preset_name, n_eval, Path(out_dir))
+
+
+def _write_quality(rows: list[dict], dense_ppl: float, model: str, preset_name: str, n_eval: int, out_dir) -> dict:
+    """Gaps to dense and to SparseGPT at the same sparsity; JSON, markdown and PNG."""
+    from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
+
     for row in rows:
-        gap = row["perplexity"] - dense_ppl
-        row["gap"] = gap
-    for sparsity in sparsities:
+        row["gap"] = row["perplexity"] - dense_ppl
+    for sparsity in {r["sparsity"] for r in rows}:
         ref = next((r for r in rows if r["method"] == "sparsegpt" and r["sparsity"] == sparsity), None)
         for r in rows:
             if r["sparsity"] == sparsity and ref is not None and ref["gap"] > 0:
@@ -133,9 +140,9 @@ def run_quality_bench(
         ("perplexity", "ppl", ".3f"), ("gap", "ppl - dense", ".3f"), ("gap_vs_sparsegpt", "gap / SparseGPT gap", ".2f"),
         ("compress_seconds", "compress s", ".0f"),
     ])
-    paths = write_results(Path(out_dir), "quality", payload, table)
-    _plot(rows, dense_ppl, Path(out_dir) / "quality.png", model)
-    paths["png"] = Path(out_dir) / "quality.png"
+    paths = write_results(out_dir, "quality", payload, table)
+    _plot(rows, dense_ppl, out_dir / "quality.png", model)
+    paths["png"] = out_dir / "quality.png"
     payload["files"] = {k: str(v) for k, v in paths.items()}
     payload["table"] = table
     return payload
