@@ -128,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prompt-tokens", type=int, default=64)
     q.add_argument("--out", default=os.path.join("benchmarks", "results"))
 
+    q = bench.add_parser("gpu", help="CUDA: layer (cuBLAS vs cuSPARSE vs Triton bitmap), decode stack, converter s/layer")
+    q.add_argument("--parts", default="layer,decode,convert", help="comma-separated: layer, decode, convert")
+    q.add_argument("--shapes", default="all", help="'all', 'llama7b', 'smollm2' or comma-separated OUTxIN")
+    q.add_argument("--batch", default="1,4,16")
+    q.add_argument("--sparsity", type=float, default=0.5)
+    q.add_argument("--stack-layers", type=int, default=8, help="LLaMA-7B-shaped decoder layers for decode")
+    q.add_argument("--convert-layers", type=int, default=3, help="SmolLM2-shaped layers the converter is timed on")
+    q.add_argument("--out", default=os.path.join("benchmarks", "results", "gpu"))
+
     q = bench.add_parser("serving", help="1/4/8 streaming clients against `dsf serve` (DSF and dense) and other servers")
     q.add_argument("--checkpoint", help="DSF checkpoint to serve")
     q.add_argument("--dense", default=DEFAULT_MODEL, help="dense model served for comparison ('' to skip)")
@@ -309,6 +318,16 @@ def _shapes(text: str) -> dict:
     return shapes
 
 
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch takes comma-separated integers, got {text!r}") from None
+    if any(b < 1 for b in batches):
+        raise ConfigError("--batch values must be positive")
+    return batches
+
+
 def cmd_bench(args) -> None:
     if args.bench == "decode":
         from dsf_runtime.benchmarks.decode import run_decode_bench
@@ -347,15 +366,24 @@ def cmd_bench(args) -> None:
         run_serving_bench(servers, external, Path(args.out), streams, args.rounds, args.max_tokens,
                           engines_model=args.checkpoint if args.engines else None, append=args.append)
         return
+    if args.bench == "gpu":
+        from dsf_runtime.benchmarks.gpu import run_gpu_bench
+
+        parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+        unknown = set(parts) - {"layer", "decode", "convert"}
+        if unknown or not parts:
+            raise ConfigError(f"--parts takes layer, decode, convert; got {args.parts!r}")
+        _positive(args.stack_layers, "--stack-layers")
+        _positive(args.convert_layers, "--convert-layers")
+        payload = run_gpu_bench(args.out, _shapes(args.shapes), _batches(args.batch),
+                                _float_list(str(args.sparsity), "--sparsity")[0], args.stack_layers,
+                                args.convert_layers, parts)
+        print("written: " + ", ".join(payload["files"].values()))
+        return
     if args.bench == "layer":
         from dsf_runtime.benchmarks.layer import run_layer_bench
 
-        try:
-            batches = tuple(int(b) for b in args.batch.split(","))
-        except ValueError:
-            raise ConfigError(f"--batch takes comma-separated integers, got {args.batch!r}") from None
-        if any(b < 1 for b in batches):
-            raise ConfigError("--batch values must be positive")
+        batches = _batches(args.batch)
         sparsity = _float_list(str(args.sparsity), "--sparsity")[0]
         payload = run_layer_bench(_shapes(args.shapes), batches, args.out, sparsity)
         print(payload["table"])

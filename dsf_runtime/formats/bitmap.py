@@ -22,16 +22,21 @@ WORD = 32
 _SHIFTS = torch.arange(WORD, dtype=torch.int64)
 
 
-def row_popcounts(bitmap: torch.Tensor) -> torch.Tensor:
-    """Set bits per row of an int32 (rows, words) bitmap: the SWAR popcount in int32
-    arithmetic (two's-complement wrap-around is harmless: every step masks what it keeps),
-    no per-bit or per-byte temporaries; loading validates every factor with it."""
+def word_popcounts(bitmap: torch.Tensor) -> torch.Tensor:
+    """Set bits of each word of an int32 (rows, words) bitmap, as int32 (rows, words):
+    the SWAR popcount in int32 arithmetic (two's-complement wrap-around is harmless:
+    every step masks what it keeps), no per-bit or per-byte temporaries."""
     v = bitmap.contiguous()
     v = v - ((v >> 1) & 0x55555555)
     v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
     v = (v + (v >> 4)) & 0x0F0F0F0F
-    v = ((v * 0x01010101) >> 24) & 0x3F  # the top byte holds the word's count (0..32)
-    return v.sum(dim=1, dtype=torch.int64)
+    return ((v * 0x01010101) >> 24) & 0x3F  # the top byte holds the word's count (0..32)
+
+
+def row_popcounts(bitmap: torch.Tensor) -> torch.Tensor:
+    """Set bits per row of an int32 (rows, words) bitmap, int64 (rows,); loading
+    validates every factor with it where the native check is not built."""
+    return word_popcounts(bitmap).sum(dim=1, dtype=torch.int64)
 
 
 def _words(cols: int) -> int:

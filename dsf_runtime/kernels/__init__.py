@@ -68,4 +68,4 @@ def choose_backend(
     return max(candidates, key=lambda b: b.priority)
 
 
-from dsf_runtime.kernels import cpu_bitmap, dense_ref, torch_sparse  # noqa: E402,F401  (registers the built-in backends)
+from dsf_runtime.kernels import cpu_bitmap, dense_ref, torch_sparse, triton_bitmap  # noqa: E402,F401  (registers the built-in backends)

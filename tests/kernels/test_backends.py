@@ -10,23 +10,25 @@ from dsf_runtime.formats import get_format
 from dsf_runtime.kernels import BACKENDS, choose_backend
 from helpers import random_sparse
 
-CASES = [(b, f) for b in sorted(BACKENDS) for f in BACKENDS[b].formats if BACKENDS[b].available()]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = [(b, f, d) for b in sorted(BACKENDS) for f in BACKENDS[b].formats for d in DEVICES
+         if d in BACKENDS[b].devices and BACKENDS[b].available()]
 
 
-@pytest.mark.parametrize("backend,fmt", CASES)
+@pytest.mark.parametrize("backend,fmt,device", CASES)
 @pytest.mark.parametrize("shape", [(830, 545), (545, 830), (17, 3), (1, 64)])
 @pytest.mark.parametrize("density", [0.01, 0.25, 0.9])
 @pytest.mark.parametrize("batch", [1, 5, 16])
 @pytest.mark.parametrize("value_dtype", [torch.float16, torch.int8])
-def test_matmul_matches_dense(backend, fmt, shape, density, batch, value_dtype):
+def test_matmul_matches_dense(backend, fmt, device, shape, density, batch, value_dtype):
     b = BACKENDS[backend]
     if value_dtype == torch.int8 and fmt == "bsr":
         pytest.skip("bsr stores no int8 values")
     tensors = get_format(fmt).pack(random_sparse(*shape, density, seed=batch), value_dtype)
     dense = get_format(fmt).unpack(tensors, shape).float()  # the stored numbers (int8: dequantized)
-    prepared = b.prepare(fmt, tensors, shape, torch.float32)
+    prepared = b.prepare(fmt, {k: v.to(device) for k, v in tensors.items()}, shape, torch.float32)
     x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(1))
-    y = b.matmul(prepared, x)
+    y = b.matmul(prepared, x.to(device)).cpu()
     ref = (x.double() @ dense.double().t()).float()
     assert y.shape == (batch, shape[0]) and y.dtype == x.dtype
     # fp32 accumulation over at most 830 terms: relative error well under 1e-5.

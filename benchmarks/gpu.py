@@ -1,0 +1,297 @@
+"""GPU benchmark (CUDA): one DSF layer and a decode stack on the GPU, and the converter.
+
+- layer: y = W x for LLaMA-7B and SmolLM2 shapes at batch 1/4/16: dense fp16 and bf16
+  (cuBLAS) vs DSF 50% on cuSPARSE CSR (``torch-csr``) and on the Triton bitmap kernel
+  (fp16 and int8 values). Timed with ``triton.testing.do_bench`` (CUDA events, the
+  median; it flushes the L2 cache before every call, so weights come from HBM), next
+  to the device's copy bandwidth measured in the same run.
+- decode: pp/tg tokens/s of batch-1 greedy decoding on a LLaMA-7B-shaped stack with
+  random factors, dense fp16 vs DSF on each CUDA backend.
+- convert: seconds per decoder layer of the DSF converter (``paper`` preset) on the GPU,
+  on a SmolLM2-135M-shaped model with random weights and random calibration tokens
+  (the algorithm's work does not depend on the values; the real model's quality is
+  measured by ``dsf bench quality``).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from dsf_runtime.benchmarks.layer import SHAPES
+from dsf_runtime.benchmarks.storage import random_dsf_pair
+from dsf_runtime.errors import ConfigError
+from dsf_runtime.formats import get_format
+from dsf_runtime.kernels import BACKENDS
+
+
+def _require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise ConfigError("dsf bench gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
+    if not BACKENDS["triton-bitmap"].available():
+        raise ConfigError("dsf bench gpu needs Triton (pip install triton)")
+
+
+def _median_us(fn) -> float:
+    from triton.testing import do_bench
+
+    return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def device_bandwidth(nbytes: int = 1 << 30) -> float:
+    """GB/s of a device-to-device copy, bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = _median_us(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def _prepared_bytes(obj) -> int:
+    tensors = [v for v in vars(obj).values() if isinstance(v, torch.Tensor)]
+    if hasattr(obj, "matrix"):  # torch sparse CSR
+        m = obj.matrix
+        tensors = [m.crow_indices(), m.col_indices(), m.values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def layer_cases(out_f: int, in_f: int, sparsity: float):
+    """(name, fn(x) -> y, bytes of weights one call reads) per implementation, and the
+    dense fp32 product L @ R of the DSF factors (the reference the DSF cases must match)."""
+    W = (torch.randn(out_f, in_f) * 0.02).to("cuda")
+    cases = []
+    for name, dt in (("dense fp16", torch.float16), ("dense bf16", torch.bfloat16)):
+        w = W.to(dt)
+        cases.append((name, lambda x, w=w: torch.nn.functional.linear(x.to(w.dtype), w), w.numel() * w.element_size()))
+    del W
+    L, R = random_dsf_pair(out_f, in_f, sparsity)
+    bitmap = get_format("bitmap")
+    for name, backend_name, value_dtype in (("DSF torch-csr (cuSPARSE) fp16", "torch-csr", torch.float16),
+                                            ("DSF triton-bitmap fp16", "triton-bitmap", torch.float16),
+                                            ("DSF triton-bitmap int8", "triton-bitmap", torch.int8)):
+        backend = BACKENDS[backend_name]
+        try:
+            pl, pr = (backend.prepare("bitmap", {k: v.cuda() for k, v in bitmap.pack(M, value_dtype).items()},
+                                      tuple(M.shape), torch.float16) for M in (L, R))
+        except Exception as exc:  # reported in the table, the other cases still run
+            cases.append((name, exc, 0))
+            continue
+        nbytes = _prepared_bytes(pl) + _prepared_bytes(pr)
+        cases.append((name, lambda x, b=backend, pl=pl, pr=pr: b.matmul(pl, b.matmul(pr, x)), nbytes))
+    product = L.half().float().cuda() @ R.half().float().cuda()  # the fp16-stored factors' product
+    return cases, product
+
+
+def run_layer(shapes: dict[str, tuple[int, int]], batches: tuple[int, ...], sparsity: float, bandwidth: float,
+              progress: bool = True) -> list[dict]:
+    rows = []
+    with torch.inference_mode():
+        for label, (out_f, in_f) in shapes.items():
+            cases, product = layer_cases(out_f, in_f, sparsity)
+            for batch in batches:
+                x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+                ref = x.float() @ product.t()
+                group = []
+                for name, fn, nbytes in cases:
+                    row = {"shape": label, "batch": batch, "impl": name}
+                    group.append(row)
+                    try:
+                        if isinstance(fn, Exception):
+                            raise fn
+                        y = fn(x).float()
+                        if name.startswith("DSF"):  # int8 adds its rounding (<= half a step per value)
+                            row["rel_err"] = float((y - ref).norm() / ref.norm())
+                        us = _median_us(lambda fn=fn: fn(x))
+                    except Exception as exc:
+                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                        print(f"{label} batch {batch} {name}: {row['error']}", flush=True)
+                        continue
+                    gbs = (nbytes + x.numel() * 2) / (us * 1e-6) / 1e9
+                    row.update({"us": us, "weight_mib": nbytes / 2**20, "gb_s": gbs, "pct_bw": 100 * gbs / bandwidth})
+                for r in group:
+                    if "us" in r:
+                        r["speedup_vs_fp16"] = group[0]["us"] / r["us"]
+                        r["speedup_vs_bf16"] = group[1]["us"] / r["us"]
+                rows.extend(group)
+                if progress:
+                    print(f"{label} batch {batch}: " + ", ".join(f"{r['impl']} {r.get('us', float('nan')):.1f} us"
+                                                               for r in group), flush=True)
+            del cases, product
+            gc.collect()
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _sync_decode(model, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
+    """Median pp and tg tokens/s on CUDA (synchronised around each phase)."""
+    import statistics
+
+    from dsf_runtime.benchmarks.decode import _cache_kwarg
+
+    kw = _cache_kwarg(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt_tokens), generator=g).cuda()
+    pps, tgs = [], []
+    with torch.inference_mode():
+        for r in range(repeats + 1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(gen_tokens):
+                out = model(input_ids=nxt, use_cache=True, **{kw: past})
+                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            if r:
+                pps.append(prompt_tokens / (t1 - t0))
+                tgs.append(gen_tokens / (t2 - t1))
+    return {"pp_tok_s": statistics.median(pps), "tg_tok_s": statistics.median(tgs)}
+
+
+def run_decode(stack_layers: int, sparsity: float, prompt_tokens: int = 128, gen_tokens: int = 64,
+               repeats: int = 3) -> list[dict]:
+    from dsf_runtime.benchmarks.decode import dsf_stack, llama7b_stack
+    from dsf_runtime.patch import dsf_modules
+
+    rows = []
+    model = llama7b_stack(stack_layers).to("cuda", torch.float16)
+    rows.append({"variant": "dense fp16", "backend": "cuBLAS", **_sync_decode(model, prompt_tokens, gen_tokens, repeats)})
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = dsf_stack(llama7b_stack(stack_layers), sparsity, torch.float16).to("cuda", torch.float16)
+    for backend in ("triton-bitmap", "torch-csr"):
+        for m in dsf_modules(model).values():
+            m.set_backend(backend)
+        row = {"variant": f"DSF {int(sparsity * 100)}% fp16", "backend": backend}
+        try:
+            row.update(_sync_decode(model, prompt_tokens, gen_tokens, repeats))
+        except Exception as exc:  # reported, the other rows still count
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        rows.append(row)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    dense_tg = rows[0]["tg_tok_s"]
+    for r in rows:
+        if "tg_tok_s" in r:
+            r["tg_vs_dense"] = r["tg_tok_s"] / dense_tg
+        r["layers"] = stack_layers
+    return rows
+
+
+def run_convert(layers: int, preset_name: str = "paper", sparsity: float = 0.5) -> dict:
+    """Seconds per decoder layer of the DSF converter on CUDA (SmolLM2-135M shapes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dsf_runtime.converters.calibrate import compress_sequential
+    from dsf_runtime.converters.config import CALIB_PRESETS, preset
+    from dsf_runtime.converters.methods import make_method
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    calib = CALIB_PRESETS[preset_name]
+    ids = torch.randint(0, config.vocab_size, (calib["nsamples"], calib["seqlen"]))
+    dsf = preset(preset_name, sparsity=sparsity)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    result = compress_sequential(model, ids, make_method("dsf", sparsity, dsf), batch_size=calib.get("batch_size", 8),
+                                 device="cuda", progress=True)
+    seconds = time.perf_counter() - t0
+    per_matrix = {}
+    for r in result.reports:
+        per_matrix.setdefault(r.name.split(".")[-1], []).append(r.seconds)
+    return {"preset": preset_name, "layers": layers, "seconds": seconds, "seconds_per_layer": seconds / layers,
+            "estimated_seconds_30_layers": 30 * seconds / layers,
+            "seconds_per_matrix": {k: sum(v) / len(v) for k, v in per_matrix.items()},
+            "mean_rel_error": sum(r.rel_error for r in result.reports) / len(result.reports)}
+
+
+def run_gpu_bench(out_dir: str = "benchmarks/results/gpu", shapes: dict[str, tuple[int, int]] | None = None,
+                  batches: tuple[int, ...] = (1, 4, 16), sparsity: float = 0.5, stack_layers: int = 8,
+                  convert_layers: int = 3, parts: tuple[str, ...] = ("layer", "decode", "convert")) -> dict:
+    from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
+
+    _require_cuda()
+    import triton
+
+    out = Path(out_dir)
+    env = environment()
+    env.update({"triton": triton.__version__, "cuda_runtime": torch.version.cuda})
+    payload: dict = {"benchmark": "gpu", "sparsity": sparsity, "environment": env}
+    files: dict[str, str] = {}
+    if "layer" in parts:
+        bandwidth = device_bandwidth()
+        env["device_copy_gb_s"] = bandwidth
+        rows = run_layer(shapes or SHAPES, batches, sparsity, bandwidth)
+        table = (f"{env['cuda']}; device copy bandwidth (read + write, same run): {bandwidth:.0f} GB/s; "
+                 f"times: triton.testing.do_bench median, L2 flushed before each call\n\n"
+                 + markdown_table(rows, [("shape", "layer", ""), ("batch", "batch", "d"), ("impl", "implementation", ""),
+                                         ("us", "us", ".1f"), ("weight_mib", "weight MiB", ".1f"),
+                                         ("rel_err", "rel. error vs L@R", ".1e"),
+                                         ("gb_s", "GB/s", ".0f"), ("pct_bw", "% of bw", ".0f"),
+                                         ("speedup_vs_fp16", "x vs fp16", ".2f"),
+                                         ("speedup_vs_bf16", "x vs bf16", ".2f"), ("error", "error", "")]))
+        files.update({f"layer_{k}": str(v) for k, v in
+                      write_results(out, "gpu_layer", {**payload, "rows": rows}, table).items()})
+        _plot_layer(rows, out / "gpu_layer.png")
+        files["layer_png"] = str(out / "gpu_layer.png")
+        print(table, flush=True)
+    if "decode" in parts:
+        rows = run_decode(stack_layers, sparsity)
+        table = (f"{env['cuda']}; LLaMA-7B-shaped stack of {stack_layers} decoder layers, random weights, "
+                 f"batch-1 greedy decoding with KV cache\n\n"
+                 + markdown_table(rows, [("variant", "model", ""), ("backend", "backend", ""),
+                                         ("pp_tok_s", "pp tok/s", ".0f"), ("tg_tok_s", "tg tok/s", ".1f"),
+                                         ("tg_vs_dense", "tg x dense", ".2f"), ("error", "error", "")]))
+        files.update({f"decode_{k}": str(v) for k, v in
+                      write_results(out, "gpu_decode", {**payload, "rows": rows}, table).items()})
+        print(table, flush=True)
+    if "convert" in parts:
+        row = run_convert(convert_layers, sparsity=sparsity)
+        table = (f"{env['cuda']}; DSF converter, `{row['preset']}` preset, SmolLM2-135M shapes (random weights): "
+                 f"{row['layers']} layers in {row['seconds']:.1f} s = {row['seconds_per_layer']:.1f} s/layer "
+                 f"(30 layers: ~{row['estimated_seconds_30_layers']:.0f} s)\n\n"
+                 + markdown_table([{"matrix": k, "s": v} for k, v in row["seconds_per_matrix"].items()],
+                                  [("matrix", "matrix", ""), ("s", "seconds (mean per layer)", ".2f")]))
+        files.update({f"convert_{k}": str(v) for k, v in
+                      write_results(out, "gpu_convert", {**payload, **row}, table).items()})
+        print(table, flush=True)
+    payload["files"] = files
+    return payload
+
+
+def _plot_layer(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False)
+    width = 0.8 / len(impls)
+    for ax, batch in zip(axes[0], batches):
+        for j, impl in enumerate(impls):
+            ys = [next((r.get("speedup_vs_fp16", 0) for r in rows if r["shape"] == s and r["batch"] == batch
+                        and r["impl"] == impl), 0) for s in shapes]
+            ax.bar([i + j * width for i in range(len(shapes))], ys, width, label=impl)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], [s.split()[0] for s in shapes],
+                      rotation=30, fontsize=7)
+        ax.set_title(f"batch {batch}")
+        ax.set_ylabel("speed vs dense fp16 (higher is faster)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU checks for a lent CUDA machine (no network there): install dsf-runtime from the
+# working tree (its missing pure-Python dependencies travel as wheels in .whl/),
+# run the CUDA tests, then `dsf bench gpu`. Everything lands in $OUT (or ./gpu-out):
+# log.txt and gpu/ (the benchmark's JSON/markdown/PNG).
+# Each step has its own time limit so that one hang cannot eat the whole lease.
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT/gpu"
+LOG="$OUT/log.txt"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+step() { echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
+run() { local limit=$1; shift; timeout -s INT "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 40; echo "rc=${PIPESTATUS[0]}" | tee -a "$LOG"; }
+
+step environment
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee -a "$LOG"
+
+step install
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3 | tee -a "$LOG"
+  export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$LOG"
+python3 -c "import dsf_runtime, pydantic; from dsf_runtime.kernels import BACKENDS; print('backends available on cuda:', [n for n, b in BACKENDS.items() if 'cuda' in b.devices and b.available()])" 2>&1 | tee -a "$LOG"
+
+step "pytest: CUDA tests"
+run "${PYTEST_LIMIT:-180}" python3 -m pytest -q -p no:cacheprovider --maxfail=20 --no-header -rfE \
+  tests/test_cuda.py tests/kernels/test_triton_bitmap.py tests/benchmarks/test_gpu.py tests/kernels/test_backends.py tests/test_linear.py
+
+step "dsf bench gpu: layer"
+run "${LAYER_LIMIT:-150}" python3 -m dsf_runtime.cli bench gpu --parts layer --out "$OUT/gpu"
+step "dsf bench gpu: decode"
+run "${DECODE_LIMIT:-130}" python3 -m dsf_runtime.cli bench gpu --parts decode --stack-layers "${STACK_LAYERS:-2}" --out "$OUT/gpu"
+step "dsf bench gpu: convert"
+run "${CONVERT_LIMIT:-90}" python3 -m dsf_runtime.cli bench gpu --parts convert --convert-layers "${CONVERT_LAYERS:-2}" --out "$OUT/gpu"
+step done

@@ -1,0 +1,90 @@
+"""The triton-bitmap kernel against the dense product: on CUDA where there is a GPU,
+else in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without
+CUDA), so its indexing, split-K and value decoding are checked on every machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsf_runtime.formats import get_format
+from dsf_runtime.kernels.triton_bitmap import (
+    CHUNK_WORDS, TritonBitmapBackend, chunk_offsets, interpreting, launch, triton_installed,
+)
+from helpers import random_sparse
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    not triton_installed() or (DEVICE == "cpu" and not interpreting()),
+    reason="needs Triton, and CUDA or TRITON_INTERPRET=1",
+)
+
+
+def _run(shape, density, batch, value_dtype=torch.float16, x_dtype=torch.float32, seed=0, **launch_kw):
+    fmt = get_format("bitmap")
+    tensors = fmt.pack(random_sparse(*shape, density, seed=seed, empty_rows=min(2, shape[0] // 3)), value_dtype)
+    dense = fmt.unpack(tensors, shape).double()  # the stored numbers (int8: dequantized)
+    tensors = {k: v.to(DEVICE) for k, v in tensors.items()}
+    prepared = TritonBitmapBackend().prepare("bitmap", tensors, shape, torch.float32)
+    x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
+    y = launch(prepared, x.to(DEVICE), **launch_kw).cpu()
+    ref = x.double() @ dense.t()
+    assert y.shape == (batch, shape[0]) and y.dtype == x_dtype
+    assert torch.isfinite(y).all()
+    return y.double(), ref
+
+
+@pytest.mark.parametrize("shape", [(67, 301), (301, 67), (17, 3), (1, 64), (40, 800)])
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.9])
+@pytest.mark.parametrize("batch", [1, 3, 9, 20])
+def test_matches_dense_fp32(shape, density, batch):
+    y, ref = _run(shape, density, batch)
+    # fp32 accumulation of fp16-exact products over <= 800 terms
+    assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
+
+
+@pytest.mark.parametrize("value_dtype,x_dtype,tol", [
+    (torch.float16, torch.float16, 2e-3),  # output rounded to fp16 (2^-11 relative)
+    (torch.bfloat16, torch.bfloat16, 1e-2),  # bf16: 2^-8 relative
+    (torch.int8, torch.float32, 1e-6),
+    (torch.int8, torch.float16, 2e-3),
+    (torch.float16, torch.bfloat16, 1e-2),  # mixed kinds: computed in fp32, stored as bf16
+])
+@pytest.mark.parametrize("batch", [1, 4, 12])
+def test_value_and_activation_dtypes(value_dtype, x_dtype, tol, batch):
+    y, ref = _run((45, 333), 0.4, batch, value_dtype, x_dtype)
+    assert (y - ref).norm() <= tol * ref.norm()
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+@pytest.mark.parametrize("block_r", [16, 64])
+def test_split_k_and_row_blocks(splits, block_r):
+    # 40 x 1100: 35 words in 5 chunks, so splits cut rows at chunk borders
+    y, ref = _run((40, 1100), 0.5, 2, splits=splits, block_r=block_r)
+    assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
+
+
+@pytest.mark.parametrize("shape", [(0, 10), (10, 0), (0, 0)])
+def test_empty_matrices(shape):
+    y, ref = _run(shape, 0.5, 3)
+    assert y.shape == ref.shape and (y == 0).all()
+
+
+def test_chunk_offsets_index_each_chunks_first_value():
+    dense = random_sparse(9, 700, 0.37, seed=3)
+    t = get_format("bitmap").pack(dense, torch.float16)
+    chunks = chunk_offsets(t["bitmap"], t["row_offsets"])
+    span = 32 * CHUNK_WORDS
+    assert chunks.shape == (9, -(-700 // span)) and chunks.dtype == torch.int32
+    for r in range(9):
+        for c in range(chunks.shape[1]):
+            expected = int(t["row_offsets"][r]) + int((dense[r, : c * span] != 0).sum())
+            assert int(chunks[r, c]) == expected
+
+
+def test_auto_prefers_it_on_cuda_only():
+    from dsf_runtime.kernels import choose_backend
+
+    assert choose_backend("bitmap", "cpu").name != "triton-bitmap"
+    if torch.cuda.is_available():
+        assert choose_backend("bitmap", "cuda").name == "triton-bitmap"
