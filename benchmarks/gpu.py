@@ -41,6 +41,21 @@ def _median_us(fn) -> float:
     return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _graph_us(fn, x: torch.Tensor) -> float:
+    """Median microseconds of ``fn(x)`` replayed from a CUDA graph: the GPU's time
+    without Python and launch overhead (what a graph-captured decode step pays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(x)
+    return _median_us(graph.replay)
+
+
 def device_bandwidth(nbytes: int = 1 << 30) -> float:
     """GB/s of a device-to-device copy, bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
@@ -69,9 +84,9 @@ def layer_cases(out_f: int, in_f: int, sparsity: float):
     del W
     L, R = random_dsf_pair(out_f, in_f, sparsity)
     bitmap = get_format("bitmap")
-    for name, backend_name, value_dtype in (("DSF torch-csr (cuSPARSE) fp16", "torch-csr", torch.float16),
-                                            ("DSF triton-bitmap fp16", "triton-bitmap", torch.float16),
-                                            ("DSF triton-bitmap int8", "triton-bitmap", torch.int8)):
+    for name, backend_name, value_dtype in (("DSF triton-bitmap fp16", "triton-bitmap", torch.float16),
+                                            ("DSF triton-bitmap int8", "triton-bitmap", torch.int8),
+                                            ("DSF torch-csr (cuSPARSE) fp16", "torch-csr", torch.float16)):
         backend = BACKENDS[backend_name]
         try:
             pl, pr = (backend.prepare("bitmap", {k: v.cuda() for k, v in bitmap.pack(M, value_dtype).items()},
@@ -88,6 +103,7 @@ def layer_cases(out_f: int, in_f: int, sparsity: float):
 def run_layer(shapes: dict[str, tuple[int, int]], batches: tuple[int, ...], sparsity: float, bandwidth: float,
               progress: bool = True) -> list[dict]:
     rows = []
+    no_graph: set[str] = set()
     with torch.inference_mode():
         for label, (out_f, in_f) in shapes.items():
             cases, product = layer_cases(out_f, in_f, sparsity)
@@ -104,15 +120,24 @@ def run_layer(shapes: dict[str, tuple[int, int]], batches: tuple[int, ...], spar
                         y = fn(x).float()
                         if name.startswith("DSF"):  # int8 adds its rounding (<= half a step per value)
                             row["rel_err"] = float((y - ref).norm() / ref.norm())
-                        us = _median_us(lambda fn=fn: fn(x))
+                        row["us_eager"] = _median_us(lambda fn=fn: fn(x))
+                        row["weight_mib"] = nbytes / 2**20
+                        if name in no_graph:
+                            row["us"], row["note"] = row["us_eager"], "eager (graph capture failed)"
+                        else:
+                            try:
+                                row["us"] = _graph_us(fn, x)
+                            except Exception as exc:  # e.g. a library that cannot be captured
+                                no_graph.add(name)
+                                row["us"], row["note"] = row["us_eager"], f"eager (graph capture failed: {type(exc).__name__})"
                     except Exception as exc:
                         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                         print(f"{label} batch {batch} {name}: {row['error']}", flush=True)
                         continue
-                    gbs = (nbytes + x.numel() * 2) / (us * 1e-6) / 1e9
-                    row.update({"us": us, "weight_mib": nbytes / 2**20, "gb_s": gbs, "pct_bw": 100 * gbs / bandwidth})
-                for r in group:
-                    if "us" in r:
+                    gbs = (nbytes + x.numel() * 2) / (row["us"] * 1e-6) / 1e9
+                    row.update({"gb_s": gbs, "pct_bw": 100 * gbs / bandwidth})
+                for r in group:  # ratios of graph-replay times (kernel time, no launch overhead)
+                    if "us" in r and "us" in group[0] and "us" in group[1]:
                         r["speedup_vs_fp16"] = group[0]["us"] / r["us"]
                         r["speedup_vs_bf16"] = group[1]["us"] / r["us"]
                 rows.extend(group)
@@ -122,6 +147,34 @@ def run_layer(shapes: dict[str, tuple[int, int]], batches: tuple[int, ...], spar
             del cases, product
             gc.collect()
             torch.cuda.empty_cache()
+    return rows
+
+
+def run_tune(out_f: int = 4096, in_f: int = 4096, sparsity: float = 0.5) -> list[dict]:
+    """Graph-replay time of one DSF layer (L and R) on the Triton kernel per launch setting:
+    block rows x words per step x warps, for the vector path (batch 1) and the dot path (batch 16)."""
+    from dsf_runtime.kernels.triton_bitmap import launch
+
+    backend = BACKENDS["triton-bitmap"]
+    bitmap = get_format("bitmap")
+    L, R = random_dsf_pair(out_f, in_f, sparsity)
+    pl, pr = (backend.prepare("bitmap", {k: v.cuda() for k, v in bitmap.pack(M, torch.float16).items()},
+                              tuple(M.shape), torch.float16) for M in (L, R))
+    rows = []
+    plans = {1: [(b, w, 4) for b in (16, 32, 64) for w in (1, 2, 4, 8)] + [(32, 2, 2), (32, 2, 8), (64, 4, 8)],
+             16: [(b, w, 4) for b in (16, 32, 64, 128) for w in (1, 2, 4)] + [(64, 1, 8), (64, 2, 8), (128, 1, 8)]}
+    with torch.inference_mode():
+        for batch, configs in plans.items():
+            x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+            for block_r, wpi, warps in configs:
+                kw = dict(block_r=block_r, wpi=wpi, num_warps=warps)
+                row = {"shape": f"{out_f}x{in_f}", "batch": batch, "block_r": block_r, "wpi": wpi, "num_warps": warps}
+                try:
+                    row["us"] = _graph_us(lambda x: launch(pl, launch(pr, x, **kw), **kw), x)
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                rows.append(row)
+                print(row, flush=True)
     return rows
 
 
@@ -234,17 +287,29 @@ def run_gpu_bench(out_dir: str = "benchmarks/results/gpu", shapes: dict[str, tup
         env["device_copy_gb_s"] = bandwidth
         rows = run_layer(shapes or SHAPES, batches, sparsity, bandwidth)
         table = (f"{env['cuda']}; device copy bandwidth (read + write, same run): {bandwidth:.0f} GB/s; "
-                 f"times: triton.testing.do_bench median, L2 flushed before each call\n\n"
+                 f"times: triton.testing.do_bench median, L2 flushed before each call; 'graph': replayed from a CUDA "
+                 f"graph (GPU time; ratios use it), 'eager': called from Python (launch overhead included)\n\n"
                  + markdown_table(rows, [("shape", "layer", ""), ("batch", "batch", "d"), ("impl", "implementation", ""),
-                                         ("us", "us", ".1f"), ("weight_mib", "weight MiB", ".1f"),
+                                         ("us", "us (graph)", ".1f"), ("us_eager", "us (eager)", ".1f"),
+                                         ("weight_mib", "weight MiB", ".1f"),
                                          ("rel_err", "rel. error vs L@R", ".1e"),
                                          ("gb_s", "GB/s", ".0f"), ("pct_bw", "% of bw", ".0f"),
                                          ("speedup_vs_fp16", "x vs fp16", ".2f"),
-                                         ("speedup_vs_bf16", "x vs bf16", ".2f"), ("error", "error", "")]))
+                                         ("speedup_vs_bf16", "x vs bf16", ".2f"), ("note", "note", ""),
+                                         ("error", "error", "")]))
         files.update({f"layer_{k}": str(v) for k, v in
                       write_results(out, "gpu_layer", {**payload, "rows": rows}, table).items()})
         _plot_layer(rows, out / "gpu_layer.png")
         files["layer_png"] = str(out / "gpu_layer.png")
+        print(table, flush=True)
+    if "tune" in parts:
+        rows = run_tune(sparsity=sparsity)
+        table = (f"{env['cuda']}; triton-bitmap launch settings, one 4096x4096 DSF layer (L then R), fp16, "
+                 f"CUDA-graph replay, L2 flushed\n\n"
+                 + markdown_table(rows, [("batch", "batch", "d"), ("block_r", "block rows", "d"), ("wpi", "words/step", "d"),
+                                         ("num_warps", "warps", "d"), ("us", "us", ".1f"), ("error", "error", "")]))
+        files.update({f"tune_{k}": str(v) for k, v in
+                      write_results(out, "gpu_tune", {**payload, "rows": rows}, table).items()})
         print(table, flush=True)
     if "decode" in parts:
         rows = run_decode(stack_layers, sparsity)

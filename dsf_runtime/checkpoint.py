@@ -389,11 +389,11 @@ def load_model(
         pool = ThreadPoolExecutor(1, thread_name_prefix="dsf-tokenizer")
         tokenizer_job = pool.submit(AutoTokenizer.from_pretrained, ckpt)
         pool.shutdown(wait=False)
-    if dtype is None:
-        dtype = {k: v for k, v in VALUE_DTYPES.items() if v.is_floating_point}.get(
-            str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+    stored_dtype = {k: v for k, v in VALUE_DTYPES.items() if v.is_floating_point}.get(
+        str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+    dtype = dtype or stored_dtype
     try:
-        model = _build_skeleton(config, quant, dtype)
+        model = _build_skeleton(config, quant, stored_dtype)
     except UnsupportedModelError as exc:
         raise CheckpointError(f"{ckpt}: {exc}") from None
     expected = _unique_state(model)
@@ -404,11 +404,22 @@ def load_model(
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftover:
         raise CheckpointError(f"tensors never loaded: {', '.join(leftover[:3])}")
+    if dtype != stored_dtype:
+        _cast_parameters(model, dtype)
     model = model.to(device).eval()
     set_backend(model, backend)
     for module in dsf_modules(model).values():
         module.prepare(dtype)  # choose and report the backend now, not at the first token
     return model, (tokenizer_job.result() if tokenizer_job is not None else None)
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Run a checkpoint in another float dtype: cast the dense parameters (embeddings,
+    norms, lm_head, DSF biases) in place, so tied weights stay tied; the DSF factors
+    keep their stored values (the kernels read them as they are)."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def backend_summary(model: nn.Module) -> str:

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=os.path.join("benchmarks", "results"))
 
     q = bench.add_parser("gpu", help="CUDA: layer (cuBLAS vs cuSPARSE vs Triton bitmap), decode stack, converter s/layer")
-    q.add_argument("--parts", default="layer,decode,convert", help="comma-separated: layer, decode, convert")
+    q.add_argument("--parts", default="layer,decode,convert", help="comma-separated: layer, decode, convert, tune")
     q.add_argument("--shapes", default="all", help="'all', 'llama7b', 'smollm2' or comma-separated OUTxIN")
     q.add_argument("--batch", default="1,4,16")
     q.add_argument("--sparsity", type=float, default=0.5)
@@ -370,9 +370,9 @@ def cmd_bench(args) -> None:
         from dsf_runtime.benchmarks.gpu import run_gpu_bench
 
         parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-        unknown = set(parts) - {"layer", "decode", "convert"}
+        unknown = set(parts) - {"layer", "decode", "convert", "tune"}
         if unknown or not parts:
-            raise ConfigError(f"--parts takes layer, decode, convert; got {args.parts!r}")
+            raise ConfigError(f"--parts takes layer, decode, convert, tune; got {args.parts!r}")
         _positive(args.stack_layers, "--stack-layers")
         _positive(args.convert_layers, "--convert-layers")
         payload = run_gpu_bench(args.out, _shapes(args.shapes), _batches(args.batch),

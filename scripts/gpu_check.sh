@@ -4,13 +4,14 @@
 # run the CUDA tests, then `dsf bench gpu`. Everything lands in $OUT (or ./gpu-out):
 # log.txt and gpu/ (the benchmark's JSON/markdown/PNG).
 # Each step has its own time limit so that one hang cannot eat the whole lease.
+# PARTS picks the benchmark parts (default: layer tune decode convert).
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT/gpu"
 LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 step() { echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
-run() { local limit=$1; shift; timeout -s INT "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 40; echo "rc=${PIPESTATUS[0]}" | tee -a "$LOG"; }
+run() { local limit=$1; shift; timeout -s INT "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n "${TAIL:-40}"; echo "rc=${PIPESTATUS[0]}" | tee -a "$LOG"; }
 
 step environment
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
@@ -25,13 +26,17 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | 
 python3 -c "import dsf_runtime, pydantic; from dsf_runtime.kernels import BACKENDS; print('backends available on cuda:', [n for n, b in BACKENDS.items() if 'cuda' in b.devices and b.available()])" 2>&1 | tee -a "$LOG"
 
 step "pytest: CUDA tests"
-run "${PYTEST_LIMIT:-180}" python3 -m pytest -q -p no:cacheprovider --maxfail=20 --no-header -rfE \
-  tests/test_cuda.py tests/kernels/test_triton_bitmap.py tests/benchmarks/test_gpu.py tests/kernels/test_backends.py tests/test_linear.py
+TAIL=8 run "${PYTEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider --maxfail=20 --no-header -rfE \
+  tests/test_cuda.py tests/kernels/test_triton_bitmap.py tests/benchmarks/test_gpu.py tests/kernels/test_backends.py \
+  tests/test_linear.py tests/test_checkpoint.py
 
-step "dsf bench gpu: layer"
-run "${LAYER_LIMIT:-150}" python3 -m dsf_runtime.cli bench gpu --parts layer --out "$OUT/gpu"
-step "dsf bench gpu: decode"
-run "${DECODE_LIMIT:-130}" python3 -m dsf_runtime.cli bench gpu --parts decode --stack-layers "${STACK_LAYERS:-2}" --out "$OUT/gpu"
-step "dsf bench gpu: convert"
-run "${CONVERT_LIMIT:-90}" python3 -m dsf_runtime.cli bench gpu --parts convert --convert-layers "${CONVERT_LAYERS:-2}" --out "$OUT/gpu"
+for part in ${PARTS:-layer tune decode convert}; do
+  step "dsf bench gpu: $part"
+  case $part in
+    layer) TAIL=60 run "${LAYER_LIMIT:-180}" python3 -m dsf_runtime.cli bench gpu --parts layer --out "$OUT/gpu" ;;
+    tune) TAIL=4 run "${TUNE_LIMIT:-120}" python3 -m dsf_runtime.cli bench gpu --parts tune --out "$OUT/gpu" ;;
+    decode) run "${DECODE_LIMIT:-130}" python3 -m dsf_runtime.cli bench gpu --parts decode --stack-layers "${STACK_LAYERS:-2}" --out "$OUT/gpu" ;;
+    convert) run "${CONVERT_LIMIT:-90}" python3 -m dsf_runtime.cli bench gpu --parts convert --convert-layers "${CONVERT_LAYERS:-2}" --out "$OUT/gpu" ;;
+  esac
+done
 step done

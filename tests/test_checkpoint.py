@@ -211,3 +211,21 @@ def test_sharded_checkpoint_errors(sharded, tmp_path):
     (evil / "model.safetensors.index.json").write_text("[1, 2")
     with pytest.raises(CheckpointError, match="not a valid safetensors index"):
         load_model(evil)
+
+
+def test_load_in_another_dtype_keeps_factors_and_ties(tmp_path, tiny_model_dir):
+    """load_model(dtype=fp16) of an fp32 checkpoint: dense parts cast, factors as stored."""
+    from dsf_runtime.converters.pipeline import make_job, run_compress
+    from dsf_runtime.patch import dsf_modules
+
+    path, _ = run_compress(make_job(str(tiny_model_dir), tmp_path / "c", preset_name="fast", nsamples=4,
+                                    seqlen=32, progress=False, dsf_overrides={"outer_iters": 2}))
+    ref, tok = load_model(path)
+    half, _ = load_model(path, dtype=torch.float16)
+    assert half.model.embed_tokens.weight.dtype == torch.float16 and half.lm_head.weight.dtype == torch.float16
+    for name, m in dsf_modules(half).items():
+        assert m.L.values.dtype == dsf_modules(ref)[name].L.values.dtype
+    ids = tok("Anne Elliot walked", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = ref(ids).logits, half(ids).logits.float()
+    assert (a - b).norm() <= 2e-2 * a.norm()

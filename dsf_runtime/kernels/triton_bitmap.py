@@ -77,28 +77,37 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter: a few programs per row block, so split-K is exercised
 
 
-def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int | None = None) -> torch.Tensor:
+# Launch settings (block rows, words per step, warps) by path: measured on an H200
+# (`dsf bench gpu --parts tune`, benchmarks/results/gpu/gpu_tune.md).
+VECTOR_CONFIG = {"block_r": 32, "wpi": 2, "num_warps": 4}  # batch < DOT_MIN_BATCH
+DOT_CONFIG = {"block_r": 64, "wpi": 1, "num_warps": 4}
+
+
+def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int | None = None,
+           wpi: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """y = x @ S^T for x (N, cols) -> (N, rows) in x's dtype (fp32 accumulation).
-    ``splits``/``block_r`` override the launch heuristics (tests use them)."""
+    ``splits``/``block_r``/``wpi``/``num_warps`` override the launch settings (tests and tuning)."""
     N = x.shape[0]
     if N == 0 or p.rows == 0 or p.cols == 0:
         return torch.zeros(N, p.rows, dtype=x.dtype, device=x.device)
-    if x.device.type != "cuda" and not interpreting():
+    interpret = interpreting()
+    if x.device.type != "cuda" and not interpret:
         raise RuntimeError("triton-bitmap runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
     x = x.contiguous()
     kernel = _kernel()
 
     use_dot = N >= DOT_MIN_BATCH
-    if use_dot:
-        block_n = min(64, max(16, 1 << (N - 1).bit_length()))
-        block_r = block_r or 64
-    else:
-        block_n = 1 << (N - 1).bit_length()  # 1, 2, 4
-        block_r = block_r or max(16, 64 // block_n)
+    config = DOT_CONFIG if use_dot else VECTOR_CONFIG
+    block_r = block_r or config["block_r"]
+    wpi = wpi or config["wpi"]
+    num_warps = num_warps or config["num_warps"]
+    if CHUNK_WORDS % wpi:
+        raise ValueError(f"wpi must divide {CHUNK_WORDS}, got {wpi}")
+    block_n = min(64, max(16, 1 << (N - 1).bit_length())) if use_dot else 1 << (N - 1).bit_length()
     # fp16/bf16 activations with values of the same kind (or int8) use the tensor-core
     # dot in that dtype; anything else is computed in fp32 (no silent rounding to bf16)
     same_kind = x.dtype in (torch.float16, torch.bfloat16) and p.values.dtype in (x.dtype, torch.int8)
-    if x.dtype == torch.bfloat16 and interpreting():
+    if x.dtype == torch.bfloat16 and interpret:
         same_kind = False  # Triton 3.6's interpreter gets bf16 tl.dot wrong (checked on 16x16 tiles)
     words = p.bitmap.shape[1]
     nchunks = p.chunks.shape[1]
@@ -117,7 +126,8 @@ def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int
         p.bitmap, p.chunks, p.values, scales, x, y,
         p.rows, p.cols, N, words, nchunks, WORDS_PER_SPLIT=words_per_split,
         HAS_SCALE=p.scales is not None, USE_DOT=use_dot, DOT_IEEE=not same_kind, ATOMIC=atomic,
-        CHUNK=CHUNK_WORDS, BLOCK_R=block_r, BLOCK_N=block_n,
+        CHUNK=CHUNK_WORDS, BLOCK_R=block_r, BLOCK_N=block_n, WPI=wpi, HW_POPC=not interpret,
+        **({} if interpret else {"num_warps": num_warps}),
     )
     return y.to(x.dtype)
 

@@ -58,9 +58,11 @@ def test_value_and_activation_dtypes(value_dtype, x_dtype, tol, batch):
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
 @pytest.mark.parametrize("block_r", [16, 64])
-def test_split_k_and_row_blocks(splits, block_r):
+@pytest.mark.parametrize("wpi", [1, 4, 8])
+@pytest.mark.parametrize("batch", [2, 9])
+def test_split_k_row_blocks_and_words_per_step(splits, block_r, wpi, batch):
     # 40 x 1100: 35 words in 5 chunks, so splits cut rows at chunk borders
-    y, ref = _run((40, 1100), 0.5, 2, splits=splits, block_r=block_r)
+    y, ref = _run((40, 1100), 0.5, batch, splits=splits, block_r=block_r, wpi=wpi)
     assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
 
 
@@ -80,6 +82,11 @@ def test_chunk_offsets_index_each_chunks_first_value():
         for c in range(chunks.shape[1]):
             expected = int(t["row_offsets"][r]) + int((dense[r, : c * span] != 0).sum())
             assert int(chunks[r, c]) == expected
+
+
+def test_words_per_step_must_divide_a_chunk():
+    with pytest.raises(ValueError, match="wpi"):
+        _run((8, 64), 0.5, 1, wpi=3)
 
 
 def test_auto_prefers_it_on_cuda_only():
