@@ -79,8 +79,10 @@ def _sm_count(device: torch.device) -> int:
 
 # Launch settings (block rows, words per step, warps) by path: measured on an H200
 # (`dsf bench gpu --parts tune`, benchmarks/results/gpu/gpu_tune.md).
-VECTOR_CONFIG = {"block_r": 32, "wpi": 2, "num_warps": 4}  # batch < DOT_MIN_BATCH
-DOT_CONFIG = {"block_r": 64, "wpi": 1, "num_warps": 4}
+# 4096x4096 DSF layer, fp16: batch 1 50 us at (64, 2, 4) vs 61 at (32, 2, 4) and 89 at (16, 1, 4);
+# batch 16 54 us at (64, 2, 4) vs 75 at (64, 1, 4).
+VECTOR_CONFIG = {"block_r": 64, "wpi": 2, "num_warps": 4}  # batch < DOT_MIN_BATCH
+DOT_CONFIG = {"block_r": 64, "wpi": 2, "num_warps": 4}
 
 
 def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int | None = None,
