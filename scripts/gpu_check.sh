@@ -27,8 +27,7 @@ python3 -c "import dsf_runtime, pydantic; from dsf_runtime.kernels import BACKEN
 
 step "pytest: CUDA tests"
 TAIL=8 run "${PYTEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider --maxfail=20 --no-header -rfE \
-  tests/test_cuda.py tests/kernels/test_triton_bitmap.py tests/benchmarks/test_gpu.py tests/kernels/test_backends.py \
-  tests/test_linear.py tests/test_checkpoint.py
+  ${PYTEST_FILES:-tests/test_cuda.py tests/kernels/test_triton_bitmap.py tests/benchmarks/test_gpu.py tests/kernels/test_backends.py tests/test_linear.py tests/test_checkpoint.py}
 
 for part in ${PARTS:-layer tune decode convert}; do
   step "dsf bench gpu: $part"
