@@ -408,13 +408,17 @@ DSF_AVX2 void row_avx2(const uint32_t* row, const packed_t<KIND>* v, const packe
     uint32_t bits = row[w];
     if (!bits) continue;
     const float* xw = x + w * 32;
+    // Each byte's first value from the word itself (popcounts of its low 8/16/24 bits),
+    // so the value pointer advances once per word instead of a serial add per byte.
+    const int start[4] = {0, __builtin_popcount(bits & 0xFFu), __builtin_popcount(bits & 0xFFFFu),
+                          __builtin_popcount(bits & 0xFFFFFFu)};
     for (int q = 0; q < 4; ++q) {
       unsigned m = (bits >> (8 * q)) & 0xFFu;
-      __m256 e = expand8<KIND, CHECKED>(v, end, m, t);
-      v += __builtin_popcount(m);
+      __m256 e = expand8<KIND, CHECKED>(v + start[q], end, m, t);
       for (int b = 0; b < NB; ++b)
         acc[q % A][b] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xw + b * ldx + 8 * q), acc[q % A][b]);
     }
+    v += __builtin_popcount(bits);
   }
   for (int b = 0; b < NB; ++b) {
     __m256 sum = acc[0][b];
