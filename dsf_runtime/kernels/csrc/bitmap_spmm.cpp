@@ -412,8 +412,9 @@ DSF_AVX2 void row_avx2(const uint32_t* row, const packed_t<KIND>* v, const packe
     // so the value pointer advances once per word instead of a serial add per byte.
     const int start[4] = {0, __builtin_popcount(bits & 0xFFu), __builtin_popcount(bits & 0xFFFFu),
                           __builtin_popcount(bits & 0xFFFFFFu)};
+    const uint8_t* mbytes = reinterpret_cast<const uint8_t*>(row + w);  // little-endian: byte q = columns 8q..8q+7
     for (int q = 0; q < 4; ++q) {
-      unsigned m = (bits >> (8 * q)) & 0xFFu;
+      unsigned m = mbytes[q];
       __m256 e = expand8<KIND, CHECKED>(v + start[q], end, m, t);
       for (int b = 0; b < NB; ++b)
         acc[q % A][b] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xw + b * ldx + 8 * q), acc[q % A][b]);
