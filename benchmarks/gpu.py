@@ -272,7 +272,7 @@ def run_convert(layers: int, preset_name: str = "paper", sparsity: float = 0.5) 
 def run_gpu_bench(out_dir: str = "benchmarks/results/gpu", shapes: dict[str, tuple[int, int]] | None = None,
                   batches: tuple[int, ...] = (1, 4, 16), sparsity: float = 0.5, stack_layers: int = 8,
                   convert_layers: int = 3, parts: tuple[str, ...] = ("layer", "decode", "convert")) -> dict:
-    from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
+    from dsf_runtime.benchmarks.results_io import environment, markdown_table, plot_speedups, write_results
 
     _require_cuda()
     import triton
@@ -299,7 +299,8 @@ def run_gpu_bench(out_dir: str = "benchmarks/results/gpu", shapes: dict[str, tup
                                          ("error", "error", "")]))
         files.update({f"layer_{k}": str(v) for k, v in
                       write_results(out, "gpu_layer", {**payload, "rows": rows}, table).items()})
-        _plot_layer(rows, out / "gpu_layer.png")
+        plot_speedups(rows, out / "gpu_layer.png", "speedup_vs_fp16", "speed vs dense fp16 (higher is faster)",
+                      f"DSF {int(sparsity * 100)}% layer vs dense on {env['cuda']} (CUDA-graph replay, L2 flushed)")
         files["layer_png"] = str(out / "gpu_layer.png")
         print(table, flush=True)
     if "tune" in parts:
@@ -333,30 +334,3 @@ def run_gpu_bench(out_dir: str = "benchmarks/results/gpu", shapes: dict[str, tup
         print(table, flush=True)
     payload["files"] = files
     return payload
-
-
-def _plot_layer(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False)
-    width = 0.8 / len(impls)
-    for ax, batch in zip(axes[0], batches):
-        for j, impl in enumerate(impls):
-            ys = [next((r.get("speedup_vs_fp16", 0) for r in rows if r["shape"] == s and r["batch"] == batch
-                        and r["impl"] == impl), 0) for s in shapes]
-            ax.bar([i + j * width for i in range(len(shapes))], ys, width, label=impl)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], [s.split()[0] for s in shapes],
-                      rotation=30, fontsize=7)
-        ax.set_title(f"batch {batch}")
-        ax.set_ylabel("speed vs dense fp16 (higher is faster)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

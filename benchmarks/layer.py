@@ -151,7 +151,7 @@ def time_case(case: Case, x: torch.Tensor, min_calls: int = 24, min_seconds: flo
 
 def run_layer_bench(shapes: dict[str, tuple[int, int]] | None = None, batches: tuple[int, ...] = (1, 4, 16),
                     out_dir: str = "benchmarks/results", sparsity: float = 0.5, progress: bool = True) -> dict:
-    from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
+    from dsf_runtime.benchmarks.results_io import environment, markdown_table, plot_speedups, write_results
     from dsf_runtime.kernels.cpu_bitmap import CPUBitmapBackend
 
     shapes = shapes or SHAPES
@@ -186,35 +186,9 @@ def run_layer_bench(shapes: dict[str, tuple[int, int]] | None = None, batches: t
                                      ("pct_bw", "% of bw", ".0f"), ("speedup_vs_fp32", "x vs fp32", ".2f"),
                                      ("speedup_vs_bf16", "x vs bf16", ".2f")]))
     paths = write_results(Path(out_dir), "layer", payload, table)
-    _plot(rows, Path(out_dir) / "layer.png")
+    plot_speedups(rows, Path(out_dir) / "layer.png", "speedup_vs_fp32", "speed-up vs dense fp32",
+                  "DSF 50% layer vs dense (weights rotated beyond the LLC)")
     paths["png"] = Path(out_dir) / "layer.png"
     payload["files"] = {k: str(v) for k, v in paths.items()}
     payload["table"] = table
     return payload
-
-
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        width = 0.8 / len(impls)
-        for k, impl in enumerate(impls):
-            vals = [next((r["speedup_vs_fp32"] for r in rows if r["shape"] == s and r["batch"] == batch
-                          and r["impl"] == impl), 0) for s in shapes]
-            ax.bar([i + k * width for i in range(len(shapes))], vals, width, label=impl)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], [s.split()[0] for s in shapes], rotation=30)
-        ax.set_title(f"batch {batch}")
-        ax.set_ylabel("speed-up vs dense fp32")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("DSF 50% layer vs dense (weights rotated beyond the LLC)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

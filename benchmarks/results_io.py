@@ -42,3 +42,33 @@ def write_results(out_dir: Path, name: str, payload: dict, table: str) -> dict[s
     paths["json"].write_text(json.dumps(payload, indent=2))
     paths["md"].write_text(table + "\n")
     return paths
+
+
+def plot_speedups(rows: Sequence[dict], path: Path, key: str, ylabel: str, title: str) -> None:
+    """Grouped bars of ``row[key]`` (a speed ratio) per layer shape and implementation,
+    one panel per batch size, with the 1.0 line: the layer benchmarks' PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False)
+    width = 0.8 / len(impls)
+    for ax, batch in zip(axes[0], batches):
+        for k, impl in enumerate(impls):
+            vals = [next((r.get(key, 0) for r in rows if r["shape"] == s and r["batch"] == batch
+                          and r["impl"] == impl), 0) for s in shapes]
+            ax.bar([i + k * width for i in range(len(shapes))], vals, width, label=impl)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], [s.split()[0] for s in shapes],
+                      rotation=30, fontsize=8)
+        ax.set_title(f"batch {batch}")
+        ax.set_ylabel(ylabel)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
