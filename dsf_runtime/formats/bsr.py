@@ -23,13 +23,17 @@ def _blocks(n: int, block: int) -> int:
     return (n + block - 1) // block
 
 
+def _refuse_int8(value_dtype: torch.dtype) -> None:
+    if is_int8(value_dtype):
+        raise ValueError("int8 values are stored by the bitmap and csr formats, not bsr")
+
+
 @register_format
 class BSRFormat:
     name = "bsr"
 
     def specs(self, shape: tuple[int, int], nnz: int, value_dtype: torch.dtype, extra: dict | None = None) -> dict[str, TensorSpec]:
-        if is_int8(value_dtype):
-            raise ValueError("int8 values are stored by the bitmap and csr formats, not bsr")
+        _refuse_int8(value_dtype)
         extra = extra or {}
         block = int(extra.get("block", DEFAULT_BLOCK))
         nblocks = int(extra.get("nblocks", 0))
@@ -42,8 +46,7 @@ class BSRFormat:
     def pack(self, dense: torch.Tensor, value_dtype: torch.dtype, block: int = DEFAULT_BLOCK, **options) -> dict[str, torch.Tensor]:
         dense = dense.detach().to("cpu")
         rows, cols = dense.shape
-        if is_int8(value_dtype):
-            raise ValueError("int8 values are stored by the bitmap and csr formats, not bsr")
+        _refuse_int8(value_dtype)
         if block < 1:
             raise ValueError(f"BSR block size must be positive, got {block}")
         b = block
