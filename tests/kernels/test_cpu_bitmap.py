@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not backend.available(), reason="CPU kernel coul
 
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("shape", [(830, 545), (1, 33), (64, 1), (300, 4096)])
+@pytest.mark.parametrize("shape", [(830, 545), (1, 33), (64, 1), (37, 95), (300, 4096)])
 @pytest.mark.parametrize("density", [0.01, 0.5, 0.9])
 @pytest.mark.parametrize("batch", [1, 3, 4, 5, 9, 17, 40])
 def test_matches_dense(monkeypatch, isa, value_dtype, shape, density, batch):

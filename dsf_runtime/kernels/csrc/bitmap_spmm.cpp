@@ -393,9 +393,25 @@ DSF_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One bitmap row against a tile of NB batch rows: per word, four bytes, each expanded
-// once and FMA'd into every batch row. A = accumulators per batch row (byte q of a word
-// goes to q % A), so that FMA latency is hidden at small batches.
+// One 32-column word of a row into the accumulators: four bytes, each expanded once and
+// FMA'd into every batch row (byte q goes to accumulator q % A). Each byte's first value
+// comes from popcounts of the word itself, so no byte waits for the one before it.
+template <int NB, int KIND, bool CHECKED, int A>
+DSF_AVX2 inline void word_avx2(uint32_t bits, const uint8_t* mbytes, const packed_t<KIND>* v,
+                               const packed_t<KIND>* end, const float* xw, int64_t ldx, __m256 (&acc)[A][NB],
+                               const ShuffleTables& t) {
+  const int start[4] = {0, __builtin_popcount(bits & 0xFFu), __builtin_popcount(bits & 0xFFFFu),
+                        __builtin_popcount(bits & 0xFFFFFFu)};
+  for (int q = 0; q < 4; ++q) {
+    __m256 e = expand8<KIND, CHECKED>(v + start[q], end, mbytes[q], t);  // mask byte q: columns 8q..8q+7
+    for (int b = 0; b < NB; ++b)
+      acc[q % A][b] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xw + b * ldx + 8 * q), acc[q % A][b]);
+  }
+}
+
+// One bitmap row against a tile of NB batch rows, two words per step (half the loop and
+// skip-test overhead; a pair of empty words is skipped). A = accumulators per batch row,
+// so that FMA latency is hidden at small batches.
 template <int NB, int KIND, bool CHECKED>
 DSF_AVX2 void row_avx2(const uint32_t* row, const packed_t<KIND>* v, const packed_t<KIND>* end, float scale,
                        const float* x, int64_t ldx, float* y, int64_t ldy, int64_t words, const ShuffleTables& t) {
@@ -403,24 +419,18 @@ DSF_AVX2 void row_avx2(const uint32_t* row, const packed_t<KIND>* v, const packe
   __m256 acc[A][NB];
   for (int a = 0; a < A; ++a)
     for (int b = 0; b < NB; ++b) acc[a][b] = _mm256_setzero_ps();
-  for (int64_t w = 0; w < words; ++w) {
+  const uint8_t* mbytes = reinterpret_cast<const uint8_t*>(row);  // little-endian: byte 4w + q = columns 32w + 8q..
+  int64_t w = 0;
+  for (; w + 2 <= words; w += 2) {
     if ((w & 3) == 0) prefetch_ahead(v, row + w);
-    uint32_t bits = row[w];
-    if (!bits) continue;
-    const float* xw = x + w * 32;
-    // Each byte's first value from the word itself (popcounts of its low 8/16/24 bits),
-    // so the value pointer advances once per word instead of a serial add per byte.
-    const int start[4] = {0, __builtin_popcount(bits & 0xFFu), __builtin_popcount(bits & 0xFFFFu),
-                          __builtin_popcount(bits & 0xFFFFFFu)};
-    const uint8_t* mbytes = reinterpret_cast<const uint8_t*>(row + w);  // little-endian: byte q = columns 8q..8q+7
-    for (int q = 0; q < 4; ++q) {
-      unsigned m = mbytes[q];
-      __m256 e = expand8<KIND, CHECKED>(v + start[q], end, m, t);
-      for (int b = 0; b < NB; ++b)
-        acc[q % A][b] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xw + b * ldx + 8 * q), acc[q % A][b]);
-    }
-    v += __builtin_popcount(bits);
+    uint32_t b0 = row[w], b1 = row[w + 1];
+    if (!(b0 | b1)) continue;
+    word_avx2<NB, KIND, CHECKED, A>(b0, mbytes + 4 * w, v, end, x + w * 32, ldx, acc, t);
+    v += __builtin_popcount(b0);
+    word_avx2<NB, KIND, CHECKED, A>(b1, mbytes + 4 * w + 4, v, end, x + w * 32 + 32, ldx, acc, t);
+    v += __builtin_popcount(b1);
   }
+  if (w < words && row[w]) word_avx2<NB, KIND, CHECKED, A>(row[w], mbytes + 4 * w, v, end, x + w * 32, ldx, acc, t);
   for (int b = 0; b < NB; ++b) {
     __m256 sum = acc[0][b];
     for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[a][b]);
