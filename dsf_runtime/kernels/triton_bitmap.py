@@ -26,6 +26,7 @@ CHUNK_WORDS = 8  # 256 columns per chunk-offset entry
 DOT_MIN_BATCH = 8  # from this batch size on, tiles go through tl.dot (tensor cores)
 
 
+@functools.cache
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -41,8 +42,10 @@ def _kernel():
     return triton.jit(bitmap_spmm_kernel)
 
 
+@functools.cache
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1); fixed
+    for the process (Triton reads it at import), so asked once, not on every launch."""
     if not triton_installed():
         return False
     import triton
