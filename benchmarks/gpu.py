@@ -28,6 +28,25 @@ from dsf_runtime.formats import get_format
 from dsf_runtime.kernels import BACKENDS
 
 
+def _error_text(exc: Exception) -> str:
+    """One line for a results table: the exception's type and the start of its message."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:120] if lines else ''}"
+
+
+def _free_cuda() -> None:
+    """Drop the last case's tensors before the next one allocates."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _prepare_pair(backend, L: torch.Tensor, R: torch.Tensor, value_dtype: torch.dtype) -> tuple:
+    """Both factors packed as bitmap, moved to the GPU and prepared for ``backend``."""
+    bitmap = get_format("bitmap")
+    return tuple(backend.prepare("bitmap", {k: v.cuda() for k, v in bitmap.pack(M, value_dtype).items()},
+                                 tuple(M.shape), torch.float16) for M in (L, R))
+
+
 def _require_cuda() -> None:
     if not torch.cuda.is_available():
         raise ConfigError("dsf bench gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -83,14 +102,12 @@ def layer_cases(out_f: int, in_f: int, sparsity: float):
         cases.append((name, lambda x, w=w: torch.nn.functional.linear(x.to(w.dtype), w), w.numel() * w.element_size()))
     del W
     L, R = random_dsf_pair(out_f, in_f, sparsity)
-    bitmap = get_format("bitmap")
     for name, backend_name, value_dtype in (("DSF triton-bitmap fp16", "triton-bitmap", torch.float16),
                                             ("DSF triton-bitmap int8", "triton-bitmap", torch.int8),
                                             ("DSF torch-csr (cuSPARSE) fp16", "torch-csr", torch.float16)):
         backend = BACKENDS[backend_name]
         try:
-            pl, pr = (backend.prepare("bitmap", {k: v.cuda() for k, v in bitmap.pack(M, value_dtype).items()},
-                                      tuple(M.shape), torch.float16) for M in (L, R))
+            pl, pr = _prepare_pair(backend, L, R, value_dtype)
         except Exception as exc:  # reported in the table, the other cases still run
             cases.append((name, exc, 0))
             continue
@@ -131,7 +148,7 @@ def run_layer(shapes: dict[str, tuple[int, int]], batches: tuple[int, ...], spar
                                 no_graph.add(name)
                                 row["us"], row["note"] = row["us_eager"], f"eager (graph capture failed: {type(exc).__name__})"
                     except Exception as exc:
-                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                        row["error"] = _error_text(exc)
                         print(f"{label} batch {batch} {name}: {row['error']}", flush=True)
                         continue
                     gbs = (nbytes + x.numel() * 2) / (row["us"] * 1e-6) / 1e9
@@ -145,8 +162,7 @@ def run_layer(shapes: dict[str, tuple[int, int]], batches: tuple[int, ...], spar
                     print(f"{label} batch {batch}: " + ", ".join(f"{r['impl']} {r.get('us', float('nan')):.1f} us"
                                                                for r in group), flush=True)
             del cases, product
-            gc.collect()
-            torch.cuda.empty_cache()
+            _free_cuda()
     return rows
 
 
@@ -155,11 +171,7 @@ def run_tune(out_f: int = 4096, in_f: int = 4096, sparsity: float = 0.5) -> list
     block rows x words per step x warps, for the vector path (batch 1) and the dot path (batch 16)."""
     from dsf_runtime.kernels.triton_bitmap import launch
 
-    backend = BACKENDS["triton-bitmap"]
-    bitmap = get_format("bitmap")
-    L, R = random_dsf_pair(out_f, in_f, sparsity)
-    pl, pr = (backend.prepare("bitmap", {k: v.cuda() for k, v in bitmap.pack(M, torch.float16).items()},
-                              tuple(M.shape), torch.float16) for M in (L, R))
+    pl, pr = _prepare_pair(BACKENDS["triton-bitmap"], *random_dsf_pair(out_f, in_f, sparsity), torch.float16)
     rows = []
     plans = {1: [(b, w, 4) for b in (16, 32, 64) for w in (1, 2, 4, 8)] + [(32, 2, 2), (32, 2, 8), (64, 4, 8)],
              16: [(b, w, 4) for b in (16, 32, 64, 128) for w in (1, 2, 4)] + [(64, 1, 8), (64, 2, 8), (128, 1, 8)]}
@@ -172,7 +184,7 @@ def run_tune(out_f: int = 4096, in_f: int = 4096, sparsity: float = 0.5) -> list
                 try:
                     row["us"] = _graph_us(lambda x: launch(pl, launch(pr, x, **kw), **kw), x)
                 except Exception as exc:
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    row["error"] = _error_text(exc)
                 rows.append(row)
                 print(row, flush=True)
     return rows
@@ -216,8 +228,7 @@ def run_decode(stack_layers: int, sparsity: float, prompt_tokens: int = 128, gen
     model = llama7b_stack(stack_layers).to("cuda", torch.float16)
     rows.append({"variant": "dense fp16", "backend": "cuBLAS", **_sync_decode(model, prompt_tokens, gen_tokens, repeats)})
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    _free_cuda()
     model = dsf_stack(llama7b_stack(stack_layers), sparsity, torch.float16).to("cuda", torch.float16)
     for backend in ("triton-bitmap", "torch-csr"):
         for m in dsf_modules(model).values():
@@ -226,11 +237,10 @@ def run_decode(stack_layers: int, sparsity: float, prompt_tokens: int = 128, gen
         try:
             row.update(_sync_decode(model, prompt_tokens, gen_tokens, repeats))
         except Exception as exc:  # reported, the other rows still count
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            row["error"] = _error_text(exc)
         rows.append(row)
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    _free_cuda()
     dense_tg = rows[0]["tg_tok_s"]
     for r in rows:
         if "tg_tok_s" in r:
