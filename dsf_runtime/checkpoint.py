@@ -304,8 +304,8 @@ def swap_in_dsf_modules(model: nn.Module, quant: DSFQuantConfig, dtype: torch.dt
 
 
 def _read_tensors(ckpt: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Read exactly the expected tensors from the weight file(s), checking names, shapes
-    and dtypes from each header before any data is read (memory is bounded by the
+    """Map exactly the expected tensors from the weight file(s), checking names, shapes
+    and dtypes from each header before any data is touched (memory is bounded by the
     files, not by metadata)."""
     from safetensors import safe_open
 
@@ -334,7 +334,9 @@ def _read_tensors(ckpt: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
                         raise CheckpointError(
                             f"tensor {key}: stored {dtype}{list(shape)}, expected {want}{list(meta.shape)}"
                         )
-                    state[key] = f.get_tensor(key)
+            views = _map_file(path)  # data only after every header check passed
+            for key in keys:
+                state[key] = views[key] if key in views else _copy_tensor(path, key)
         except CheckpointError:
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -343,6 +345,46 @@ def _read_tensors(ckpt: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
     return state
+
+
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def _map_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of a private (copy-on-write) memory map:
+    no copy at load, pages come from the page cache as they are first touched (as
+    transformers does for dense checkpoints). Call after ``safe_open`` accepted the
+    file, which checks that the header's offsets are contiguous, sized by dtype and
+    shape, and covered by the file. Tensors whose offset is not aligned to their
+    element size (or of a dtype torch cannot view) are left out for a copied read."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # writable view, never written back
+    base = 8 + header_len
+    out = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _TORCH_DTYPES.get(meta["dtype"])
+        start, end = meta["data_offsets"]
+        if dtype is None or (base + start) % dtype.itemsize:
+            continue
+        count = (end - start) // dtype.itemsize
+        flat = (torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start) if count
+                else torch.empty(0, dtype=dtype))
+        out[key] = flat.view(meta["shape"])
+    return out
+
+
+def _copy_tensor(path: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def validate_dsf_modules(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +230,51 @@ def test_load_in_another_dtype_keeps_factors_and_ties(tmp_path, tiny_model_dir):
     with torch.no_grad():
         a, b = ref(ids).logits, half(ids).logits.float()
     assert (a - b).norm() <= 2e-2 * a.norm()
+
+
+def test_tensors_are_mapped_copy_on_write(copy):
+    """Loading maps the weight file (no copy); writing to a loaded tensor never reaches the file."""
+    from dsf_runtime.patch import dsf_modules
+
+    before = (copy / "model.safetensors").read_bytes()
+    model, _ = load_model(copy, with_tokenizer=False)
+    x = torch.randn(2, model.config.hidden_size)
+    module = next(iter(dsf_modules(model).values()))
+    y = module(x)
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: the factor's values live in a mapping of the weight file
+        ptr = module.L.values.data_ptr()
+        spans = [line.split() for line in maps.read_text().splitlines() if line.endswith("model.safetensors")]
+        assert any(int(s[0].split("-")[0], 16) <= ptr < int(s[0].split("-")[1], 16) for s in spans)
+    for t in model.state_dict().values():
+        if t.is_floating_point():
+            t.mul_(0)  # private pages: the file must not change
+    assert (copy / "model.safetensors").read_bytes() == before
+    fresh, _ = load_model(copy, with_tokenizer=False)
+    torch.testing.assert_close(next(iter(dsf_modules(fresh).values()))(x), y)
+
+
+def _raw_safetensors(path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """Write a safetensors file by hand, tensors in the given order, no alignment padding."""
+    header, data = {}, b""
+    for key, (dtype, shape, raw) in tensors.items():
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def test_misaligned_tensors_are_copied(tmp_path):
+    """A tensor whose offset is not a multiple of its element size cannot be a view of the
+    map; it is read by copy, with the same values."""
+    from dsf_runtime.checkpoint import _map_file, _read_tensors
+
+    a = torch.tensor([1, -2, 3], dtype=torch.int8)
+    b = torch.tensor([7, -70000], dtype=torch.int32)
+    _raw_safetensors(tmp_path / "model.safetensors", {
+        "a": ("I8", [3], a.numpy().tobytes()), "b": ("I32", [2], b.numpy().tobytes())})
+    assert set(_map_file(tmp_path / "model.safetensors")) == {"a"}  # b starts at byte 3
+    state = _read_tensors(tmp_path, {"a": torch.empty(3, dtype=torch.int8, device="meta"),
+                                     "b": torch.empty(2, dtype=torch.int32, device="meta")})
+    assert torch.equal(state["a"], a) and torch.equal(state["b"], b)
