@@ -61,22 +61,34 @@ def _child(path: str, backend: str) -> dict:
     }
 
 
-def measure(path: str, backend: str = "auto", repeats: int = 3) -> dict:
-    """Median of ``repeats`` fresh-process loads (after one warm-up that fills the page cache)."""
-    runs = []
-    for i in range(repeats + 1):
-        proc = subprocess.run(
-            [sys.executable, "-m", "dsf_runtime.benchmarks.load", "--child", path, "--backend", backend],
-            capture_output=True, text=True, check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"loading {path} failed: {proc.stderr.strip().splitlines()[-1:]}")
-        if i:
-            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    runs.sort(key=lambda r: r["first_token_seconds"])
+def _run_child(path: str, backend: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsf_runtime.benchmarks.load", "--child", path, "--backend", backend],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"loading {path} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _median_run(runs: list[dict]) -> dict:
+    runs = sorted(runs, key=lambda r: r["first_token_seconds"])
     median = dict(runs[len(runs) // 2])
     median["runs"] = [r["first_token_seconds"] for r in runs]
     return median
+
+
+def measure_alternating(paths: list[str], backend: str = "auto", repeats: int = 5) -> list[dict]:
+    """Median of ``repeats`` fresh-process loads of each path, the paths taking turns
+    (A B A B ...) so that a slow spell of the machine hits all of them alike; one
+    warm-up load each first fills the page cache."""
+    for path in paths:
+        _run_child(path, backend)
+    runs: list[list[dict]] = [[] for _ in paths]
+    for _ in range(repeats):
+        for i, path in enumerate(paths):
+            runs[i].append(_run_child(path, backend))
+    return [_median_run(r) for r in runs]
 
 
 def main() -> None:

@@ -67,12 +67,14 @@ def llama7b_layer_bytes(sparsity: float = 0.5) -> tuple[dict[str, int], int]:
     return format_bytes_of(mats), dense
 
 
-def run_storage_bench(checkpoint: str | None, dense: str | None, out_dir: str, sparsity: float = 0.5) -> dict:
+def run_storage_bench(checkpoint: str | None, dense: str | None, out_dir: str, sparsity: float = 0.5,
+                      load_repeats: int = 5) -> dict:
     """Bytes per format (LLaMA-7B-shaped layer; the checkpoint if given) and, with
-    both a dense model and a checkpoint, load-to-first-token and load memory."""
+    both a dense model and a checkpoint, load-to-first-token and load memory (median of
+    ``load_repeats`` fresh-process loads each, dense and DSF taking turns)."""
     from pathlib import Path
 
-    from dsf_runtime.benchmarks.load import measure
+    from dsf_runtime.benchmarks.load import measure_alternating
     from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
     from dsf_runtime.checkpoint import load_model
 
@@ -91,8 +93,8 @@ def run_storage_bench(checkpoint: str | None, dense: str | None, out_dir: str, s
     if checkpoint and dense:
         from dsf_runtime.models import resolve_model_dir
 
-        loads = [dict(measure(str(resolve_model_dir(dense))), model="dense"),
-                 dict(measure(checkpoint), model="DSF")]
+        dense_run, dsf_run = measure_alternating([str(resolve_model_dir(dense)), checkpoint], repeats=load_repeats)
+        loads = [dict(dense_run, model="dense"), dict(dsf_run, model="DSF")]
     payload = {"benchmark": "storage", "environment": environment(), "bytes": rows, "load": loads}
     table = markdown_table(rows, [("subject", "linears of", ""), ("format", "format", ""),
                                   ("mib", "MiB", ".1f"), ("vs_bf16", "x dense bf16", ".3f")])
