@@ -104,3 +104,81 @@ def bitmap_spmm_kernel(
         tl.atomic_add(ptrs, out, mask=omask)
     else:
         tl.store(ptrs, out, mask=omask)
+
+
+def bitmap_spmv_nz_kernel(
+    bitmap_ptr, chunk_ptr, values_ptr, scales_ptr, x_ptr, y_ptr,  # as bitmap_spmm_kernel
+    R, C, N, WORDS, NCHUNKS,
+    WORDS_PER_SPLIT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WPI: tl.constexpr,
+    HW_POPC: tl.constexpr,
+):
+    """Small batches with work proportional to the nonzeros: each step loads a
+    (BLOCK_R, WPI) tile of bitmap words and then loops as many times as the fullest word
+    of the tile has bits (a runtime bound), each time taking every word's lowest set bit
+    (its column: the popcount of the bits under it), that word's next packed value and
+    x at that column. bitmap_spmm_kernel instead visits all 32 positions of every word."""
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = ns < N
+    k0 = pid_s * WORDS_PER_SPLIT
+    off = tl.load(chunk_ptr + rows * NCHUNKS + k0 // CHUNK, mask=rmask, other=0)  # (BLOCK_R,)
+    step = tl.arange(0, WPI)
+    acc = tl.zeros([BLOCK_R, WPI, BLOCK_N], dtype=tl.float32)
+
+    for i in range(0, WORDS_PER_SPLIT, WPI):
+        k = k0 + i + step  # (WPI,)
+        bits = tl.load(bitmap_ptr + rows[:, None] * WORDS + k[None, :],
+                       mask=rmask[:, None] & (k < WORDS)[None, :], other=0).to(tl.uint32, bitcast=True)
+        if HW_POPC:
+            count = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [bits], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            c = bits - ((bits >> 1) & 0x55555555)
+            c = (c & 0x33333333) + ((c >> 2) & 0x33333333)
+            c = (c + (c >> 4)) & 0x0F0F0F0F
+            count = ((c * 0x01010101) >> 24).to(tl.int32)
+        idx = off[:, None] + tl.cumsum(count, axis=1) - count  # (BLOCK_R, WPI): each word's next value
+        base = k * 32
+        left = tl.max(tl.max(count, axis=1), axis=0)  # bits of the fullest word of the tile
+        while left > 0:  # (a while loop: the interpreter cannot take a tensor as a range bound)
+            live = bits != 0
+            rest = bits & (bits - 1)  # the word without its lowest set bit
+            below = (bits ^ rest) - 1  # ones under the lowest set bit (all ones when none: masked)
+            if HW_POPC:
+                pos = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [below], dtype=tl.int32, is_pure=True,
+                                                pack=1)
+            else:
+                p = below - ((below >> 1) & 0x55555555)
+                p = (p & 0x33333333) + ((p >> 2) & 0x33333333)
+                p = (p + (p >> 4)) & 0x0F0F0F0F
+                pos = ((p * 0x01010101) >> 24).to(tl.int32)
+            bits = rest
+            take = live & rmask[:, None]
+            val = tl.load(values_ptr + idx, mask=take, other=0).to(tl.float32)  # (BLOCK_R, WPI)
+            col = base[None, :] + pos
+            xv = tl.load(x_ptr + ns[None, None, :] * C + col[:, :, None],
+                         mask=take[:, :, None] & nmask[None, None, :], other=0).to(tl.float32)
+            acc += val[:, :, None] * xv
+            idx += 1
+            left -= 1
+        off += tl.sum(count, axis=1)
+
+    out = tl.sum(acc, axis=1)  # (BLOCK_R, BLOCK_N)
+    if HAS_SCALE:
+        scale = tl.load(scales_ptr + rows, mask=rmask, other=0.0)
+        out = out * scale[:, None]
+    ptrs = y_ptr + ns[None, :] * R + rows[:, None]
+    omask = rmask[:, None] & nmask[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, out, mask=omask)
+    else:
+        tl.store(ptrs, out, mask=omask)
