@@ -113,11 +113,6 @@ def layer_cases(out_f: int, in_f: int, sparsity: float):
             continue
         nbytes = _prepared_bytes(pl) + _prepared_bytes(pr)
         cases.append((name, lambda x, b=backend, pl=pl, pr=pr: b.matmul(pl, b.matmul(pr, x)), nbytes))
-        if name == "DSF triton-bitmap fp16":  # the small-batch kernel the default replaced, for comparison
-            from dsf_runtime.kernels.triton_bitmap import launch
-
-            cases.append(("DSF triton-bitmap fp16, positions kernel", lambda x, pl=pl, pr=pr: launch(
-                pl, launch(pr, x, vector_kernel="positions"), vector_kernel="positions"), nbytes))
     product = L.half().float().cuda() @ R.half().float().cuda()  # the fp16-stored factors' product
     return cases, product
 
@@ -172,29 +167,22 @@ def run_layer(shapes: dict[str, tuple[int, int]], batches: tuple[int, ...], spar
 
 
 def run_tune(out_f: int = 4096, in_f: int = 4096, sparsity: float = 0.5) -> list[dict]:
-    """Graph-replay time of one DSF layer (L and R) on the Triton kernels per launch setting:
-    kernel x block rows x words per step x warps, for small batches (1, 4: the loop over
-    set bits and the one over all positions) and the dot path (batch 16)."""
+    """Graph-replay time of one DSF layer (L and R) on the Triton kernel per launch setting:
+    block rows x words per step x warps, for the vector path (batch 1) and the dot path (batch 16)."""
     from dsf_runtime.kernels.triton_bitmap import launch
 
     pl, pr = _prepare_pair(BACKENDS["triton-bitmap"], *random_dsf_pair(out_f, in_f, sparsity), torch.float16)
     rows = []
-    nz = [("nonzeros", b, w, 4) for b in (16, 32, 64, 128) for w in (1, 2, 4, 8)]
-    nz += [("nonzeros", 32, 4, 2), ("nonzeros", 64, 4, 8), ("nonzeros", 128, 2, 8)]
-    plans = {1: nz + [("positions", 64, 2, 4), ("positions", 32, 2, 4)],
-             4: nz[::3] + [("positions", 64, 2, 4)],
-             16: [("dot", b, w, 4) for b, w in ((32, 2), (64, 1), (64, 2), (128, 1))]}
+    plans = {1: [(b, w, 4) for b in (16, 32, 64) for w in (1, 2, 4, 8)] + [(32, 2, 2), (32, 2, 8), (64, 4, 8)],
+             16: [(b, w, 4) for b in (16, 32, 64, 128) for w in (1, 2, 4)] + [(64, 1, 8), (64, 2, 8), (128, 1, 8)]}
     with torch.inference_mode():
         for batch, configs in plans.items():
             x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
-            for kernel, block_r, wpi, warps in configs:
+            for block_r, wpi, warps in configs:
                 kw = dict(block_r=block_r, wpi=wpi, num_warps=warps)
-                if kernel != "dot":
-                    kw["vector_kernel"] = kernel
-                row = {"shape": f"{out_f}x{in_f}", "batch": batch, "kernel": kernel, "block_r": block_r, "wpi": wpi,
-                       "num_warps": warps}
+                row = {"shape": f"{out_f}x{in_f}", "batch": batch, "block_r": block_r, "wpi": wpi, "num_warps": warps}
                 try:
-                    row["us"] = _graph_us(lambda x, kw=kw: launch(pl, launch(pr, x, **kw), **kw), x)
+                    row["us"] = _graph_us(lambda x: launch(pl, launch(pr, x, **kw), **kw), x)
                 except Exception as exc:
                     row["error"] = _error_text(exc)
                 rows.append(row)
@@ -329,8 +317,7 @@ def run_gpu_bench(out_dir: str = "benchmarks/results/gpu", shapes: dict[str, tup
         rows = run_tune(sparsity=sparsity)
         table = (f"{env['cuda']}; triton-bitmap launch settings, one 4096x4096 DSF layer (L then R), fp16, "
                  f"CUDA-graph replay, L2 flushed\n\n"
-                 + markdown_table(rows, [("batch", "batch", "d"), ("kernel", "kernel", ""),
-                                         ("block_r", "block rows", "d"), ("wpi", "words/step", "d"),
+                 + markdown_table(rows, [("batch", "batch", "d"), ("block_r", "block rows", "d"), ("wpi", "words/step", "d"),
                                          ("num_warps", "warps", "d"), ("us", "us", ".1f"), ("error", "error", "")]))
         files.update({f"tune_{k}": str(v) for k, v in
                       write_results(out, "gpu_tune", {**payload, "rows": rows}, table).items()})

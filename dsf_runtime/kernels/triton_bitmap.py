@@ -32,14 +32,14 @@ def triton_installed() -> bool:
 
 
 @functools.cache
-def _kernel(name: str = "bitmap_spmm_kernel"):
-    """A jitted kernel of ``_triton_bitmap_kernel``; an interpreted one when the process
-    started with TRITON_INTERPRET=1 (Triton decides at import time, its own library included)."""
+def _kernel():
+    """The jitted kernel; an interpreted one when the process started with
+    TRITON_INTERPRET=1 (Triton decides at import time, its own library included)."""
     import triton
 
-    from dsf_runtime.kernels import _triton_bitmap_kernel
+    from dsf_runtime.kernels._triton_bitmap_kernel import bitmap_spmm_kernel
 
-    return triton.jit(getattr(_triton_bitmap_kernel, name))
+    return triton.jit(bitmap_spmm_kernel)
 
 
 @functools.cache
@@ -84,19 +84,14 @@ def _sm_count(device: torch.device) -> int:
 # (`dsf bench gpu --parts tune`, benchmarks/results/gpu/gpu_tune.md).
 # 4096x4096 DSF layer, fp16: batch 1 50 us at (64, 2, 4) vs 61 at (32, 2, 4) and 89 at (16, 1, 4);
 # batch 16 54 us at (64, 2, 4) vs 75 at (64, 1, 4).
-VECTOR_CONFIG = {"block_r": 64, "wpi": 2, "num_warps": 4}  # batch < DOT_MIN_BATCH, "positions" kernel
+VECTOR_CONFIG = {"block_r": 64, "wpi": 2, "num_warps": 4}  # batch < DOT_MIN_BATCH
 DOT_CONFIG = {"block_r": 64, "wpi": 2, "num_warps": 4}
-NZ_CONFIG = {"block_r": 64, "wpi": 4, "num_warps": 4}  # batch < DOT_MIN_BATCH, "nonzeros" kernel
-# Which kernel runs batches below DOT_MIN_BATCH: "nonzeros" (bitmap_spmv_nz_kernel, a loop
-# over each word's set bits) or "positions" (bitmap_spmm_kernel, all 32 bit positions).
-VECTOR_KERNEL = "nonzeros"
 
 
 def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int | None = None,
-           wpi: int | None = None, num_warps: int | None = None, vector_kernel: str | None = None) -> torch.Tensor:
+           wpi: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """y = x @ S^T for x (N, cols) -> (N, rows) in x's dtype (fp32 accumulation).
-    ``splits``/``block_r``/``wpi``/``num_warps``/``vector_kernel`` override the launch
-    settings (tests and tuning)."""
+    ``splits``/``block_r``/``wpi``/``num_warps`` override the launch settings (tests and tuning)."""
     N = x.shape[0]
     if N == 0 or p.rows == 0 or p.cols == 0:
         return torch.zeros(N, p.rows, dtype=x.dtype, device=x.device)
@@ -104,13 +99,10 @@ def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int
     if x.device.type != "cuda" and not interpret:
         raise RuntimeError("triton-bitmap runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
     x = x.contiguous()
+    kernel = _kernel()
 
     use_dot = N >= DOT_MIN_BATCH
-    vector_kernel = vector_kernel or VECTOR_KERNEL
-    if vector_kernel not in ("nonzeros", "positions"):
-        raise ValueError(f"vector_kernel must be 'nonzeros' or 'positions', got {vector_kernel!r}")
-    use_nz = not use_dot and vector_kernel == "nonzeros"
-    config = DOT_CONFIG if use_dot else NZ_CONFIG if use_nz else VECTOR_CONFIG
+    config = DOT_CONFIG if use_dot else VECTOR_CONFIG
     block_r = block_r or config["block_r"]
     wpi = wpi or config["wpi"]
     num_warps = num_warps or config["num_warps"]
@@ -135,14 +127,13 @@ def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int
 
     y = (torch.zeros if atomic else torch.empty)(N, p.rows, dtype=torch.float32, device=x.device)
     scales = p.scales if p.scales is not None else y  # unused pointer when HAS_SCALE is off
-    common = dict(WORDS_PER_SPLIT=words_per_split, HAS_SCALE=p.scales is not None, ATOMIC=atomic,
-                  CHUNK=CHUNK_WORDS, BLOCK_R=block_r, BLOCK_N=block_n, WPI=wpi, HW_POPC=not interpret,
-                  **({} if interpret else {"num_warps": num_warps}))
-    args = (p.bitmap, p.chunks, p.values, scales, x, y, p.rows, p.cols, N, words, nchunks)
-    if use_nz:
-        _kernel("bitmap_spmv_nz_kernel")[(row_blocks, splits, n_blocks)](*args, **common)
-    else:
-        _kernel()[(row_blocks, splits, n_blocks)](*args, USE_DOT=use_dot, DOT_IEEE=not same_kind, **common)
+    kernel[(row_blocks, splits, n_blocks)](
+        p.bitmap, p.chunks, p.values, scales, x, y,
+        p.rows, p.cols, N, words, nchunks, WORDS_PER_SPLIT=words_per_split,
+        HAS_SCALE=p.scales is not None, USE_DOT=use_dot, DOT_IEEE=not same_kind, ATOMIC=atomic,
+        CHUNK=CHUNK_WORDS, BLOCK_R=block_r, BLOCK_N=block_n, WPI=wpi, HW_POPC=not interpret,
+        **({} if interpret else {"num_warps": num_warps}),
+    )
     return y.to(x.dtype)
 
 

@@ -66,27 +66,6 @@ def test_split_k_row_blocks_and_words_per_step(splits, block_r, wpi, batch):
     assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
 
 
-@pytest.mark.parametrize("vector_kernel", ["nonzeros", "positions"])
-@pytest.mark.parametrize("shape,density", [((67, 301), 0.3), ((17, 3), 0.9), ((40, 800), 0.01), ((5, 64), 1.0)])
-@pytest.mark.parametrize("batch", [1, 5])
-def test_both_small_batch_kernels(vector_kernel, shape, density, batch):
-    """Below DOT_MIN_BATCH either kernel can run: the loop over set bits (default) and the
-    one over all bit positions (full words included: density 1.0)."""
-    y, ref = _run(shape, density, batch, vector_kernel=vector_kernel)
-    assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
-
-
-@pytest.mark.parametrize("splits,wpi", [(1, 1), (3, 2), (7, 8)])
-def test_nonzeros_kernel_int8_and_split_k(splits, wpi):
-    y, ref = _run((40, 1100), 0.5, 2, torch.int8, splits=splits, wpi=wpi, vector_kernel="nonzeros")
-    assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
-
-
-def test_unknown_vector_kernel():
-    with pytest.raises(ValueError, match="vector_kernel"):
-        _run((8, 64), 0.5, 1, vector_kernel="rows")
-
-
 @pytest.mark.parametrize("shape", [(0, 10), (10, 0), (0, 0)])
 def test_empty_matrices(shape):
     y, ref = _run(shape, 0.5, 3)
