@@ -168,8 +168,9 @@ def run_layer(shapes: dict[str, tuple[int, int]], batches: tuple[int, ...], spar
 
 def run_tune(out_f: int = 4096, in_f: int = 4096, sparsity: float = 0.5) -> list[dict]:
     """Graph-replay time of one DSF layer (L and R) on the Triton kernel per launch setting:
-    block rows x words per step x warps, for the vector path (batch 1) and the dot path (batch 16)."""
-    from dsf_runtime.kernels.triton_bitmap import launch
+    block rows x words per step x warps, for the vector path (batch 1) and the dot path
+    (batch 16); then both paths at batches 2-8, which sets DOT_MIN_BATCH."""
+    from dsf_runtime.kernels.triton_bitmap import DOT_MIN_BATCH
 
     pl, pr = _prepare_pair(BACKENDS["triton-bitmap"], *random_dsf_pair(out_f, in_f, sparsity), torch.float16)
     rows = []
@@ -179,15 +180,28 @@ def run_tune(out_f: int = 4096, in_f: int = 4096, sparsity: float = 0.5) -> list
         for batch, configs in plans.items():
             x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
             for block_r, wpi, warps in configs:
-                kw = dict(block_r=block_r, wpi=wpi, num_warps=warps)
-                row = {"shape": f"{out_f}x{in_f}", "batch": batch, "block_r": block_r, "wpi": wpi, "num_warps": warps}
-                try:
-                    row["us"] = _graph_us(lambda x: launch(pl, launch(pr, x, **kw), **kw), x)
-                except Exception as exc:
-                    row["error"] = _error_text(exc)
-                rows.append(row)
-                print(row, flush=True)
+                kw = dict(block_r=block_r, wpi=wpi, num_warps=warps, use_dot=batch >= DOT_MIN_BATCH)
+                rows.append(_tune_row(pl, pr, x, kw, f"{out_f}x{in_f}"))
+        # where the tl.dot path (tiles padded to 16 batch rows) overtakes the vector path
+        for batch in (2, 3, 4, 6, 8):
+            x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+            for path_dot in (False, True):
+                rows.append(_tune_row(pl, pr, x, dict(use_dot=path_dot), f"{out_f}x{in_f}"))
     return rows
+
+
+def _tune_row(pl, pr, x: torch.Tensor, kw: dict, shape: str) -> dict:
+    from dsf_runtime.kernels.triton_bitmap import DOT_CONFIG, VECTOR_CONFIG, launch
+
+    config = {**(DOT_CONFIG if kw["use_dot"] else VECTOR_CONFIG), **kw}
+    row = {"shape": shape, "batch": x.shape[0], "path": "dot" if kw["use_dot"] else "vector", "block_r": config["block_r"],
+           "wpi": config["wpi"], "num_warps": config["num_warps"]}
+    try:
+        row["us"] = _graph_us(lambda x: launch(pl, launch(pr, x, **config), **config), x)
+    except Exception as exc:
+        row["error"] = _error_text(exc)
+    print(row, flush=True)
+    return row
 
 
 def _sync_decode(model, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
@@ -317,7 +331,8 @@ def run_gpu_bench(out_dir: str = "benchmarks/results/gpu", shapes: dict[str, tup
         rows = run_tune(sparsity=sparsity)
         table = (f"{env['cuda']}; triton-bitmap launch settings, one 4096x4096 DSF layer (L then R), fp16, "
                  f"CUDA-graph replay, L2 flushed\n\n"
-                 + markdown_table(rows, [("batch", "batch", "d"), ("block_r", "block rows", "d"), ("wpi", "words/step", "d"),
+                 + markdown_table(rows, [("batch", "batch", "d"), ("path", "path", ""),
+                                         ("block_r", "block rows", "d"), ("wpi", "words/step", "d"),
                                          ("num_warps", "warps", "d"), ("us", "us", ".1f"), ("error", "error", "")]))
         files.update({f"tune_{k}": str(v) for k, v in
                       write_results(out, "gpu_tune", {**payload, "rows": rows}, table).items()})

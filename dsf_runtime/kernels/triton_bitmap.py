@@ -89,9 +89,10 @@ DOT_CONFIG = {"block_r": 64, "wpi": 2, "num_warps": 4}
 
 
 def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int | None = None,
-           wpi: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+           wpi: int | None = None, num_warps: int | None = None, use_dot: bool | None = None) -> torch.Tensor:
     """y = x @ S^T for x (N, cols) -> (N, rows) in x's dtype (fp32 accumulation).
-    ``splits``/``block_r``/``wpi``/``num_warps`` override the launch settings (tests and tuning)."""
+    ``splits``/``block_r``/``wpi``/``num_warps``/``use_dot`` (the tl.dot path instead of
+    the vector one) override the launch settings (tests and tuning)."""
     N = x.shape[0]
     if N == 0 or p.rows == 0 or p.cols == 0:
         return torch.zeros(N, p.rows, dtype=x.dtype, device=x.device)
@@ -101,7 +102,7 @@ def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int
     x = x.contiguous()
     kernel = _kernel()
 
-    use_dot = N >= DOT_MIN_BATCH
+    use_dot = N >= DOT_MIN_BATCH if use_dot is None else use_dot
     config = DOT_CONFIG if use_dot else VECTOR_CONFIG
     block_r = block_r or config["block_r"]
     wpi = wpi or config["wpi"]

@@ -66,6 +66,15 @@ def test_split_k_row_blocks_and_words_per_step(splits, block_r, wpi, batch):
     assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
 
 
+@pytest.mark.parametrize("use_dot", [False, True])
+@pytest.mark.parametrize("batch", [1, 2, 5, 17])
+def test_either_path_at_any_batch(use_dot, batch):
+    """The vector and the tl.dot paths both hold at every batch size (DOT_MIN_BATCH only
+    picks the faster one)."""
+    y, ref = _run((67, 301), 0.3, batch, use_dot=use_dot)
+    assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
+
+
 @pytest.mark.parametrize("shape", [(0, 10), (10, 0), (0, 0)])
 def test_empty_matrices(shape):
     y, ref = _run(shape, 0.5, 3)
