@@ -23,7 +23,10 @@ from dsf_runtime.formats.bitmap import word_popcounts
 from dsf_runtime.kernels import register_backend
 
 CHUNK_WORDS = 8  # 256 columns per chunk-offset entry
-DOT_MIN_BATCH = 8  # from this batch size on, tiles go through tl.dot (tensor cores)
+# From this batch size on, tiles go through tl.dot (tensor cores, batch padded to 16 rows):
+# on an H200, 4096x4096 DSF layer: batch 2 52 us via dot vs 59 us vector, batch 4 52 vs 85,
+# batch 6 52 vs 1590 (register spills); batch 1 vector 50 us (gpu_tune.md).
+DOT_MIN_BATCH = 2
 
 
 @functools.cache
