@@ -25,7 +25,7 @@ def bitmap_spmm_kernel(
     values_ptr,  # (nnz,) fp16 / bf16 / fp32 / int8
     scales_ptr,  # fp32 (R,) for int8 values, else unused
     x_ptr,  # (N, C), contiguous
-    y_ptr,  # fp32 (N, R), contiguous; zeroed first when ATOMIC
+    y_ptr,  # (N, R), contiguous: fp32 and zeroed first when ATOMIC, else x's dtype
     R, C, N, WORDS, NCHUNKS,
     WORDS_PER_SPLIT: tl.constexpr,  # a multiple of CHUNK; a constexpr loop bound (also for the interpreter)
     HAS_SCALE: tl.constexpr,
@@ -101,6 +101,6 @@ def bitmap_spmm_kernel(
     ptrs = y_ptr + ns[None, :] * R + rows[:, None]
     omask = rmask[:, None] & nmask[None, :]
     if ATOMIC:
-        tl.atomic_add(ptrs, out, mask=omask)
+        tl.atomic_add(ptrs, out, mask=omask)  # y is fp32
     else:
-        tl.store(ptrs, out, mask=omask)
+        tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=omask)  # y in x's dtype

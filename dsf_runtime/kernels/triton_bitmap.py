@@ -27,6 +27,7 @@ CHUNK_WORDS = 8  # 256 columns per chunk-offset entry
 # on an H200, 4096x4096 DSF layer: batch 2 52 us via dot vs 59 us vector, batch 4 52 vs 85,
 # batch 6 52 vs 1590 (register spills); batch 1 vector 50 us (gpu_tune.md).
 DOT_MIN_BATCH = 2
+SPLIT_MIN_CHUNKS = 4  # rows of fewer chunks (< 1024 columns) are not split between programs
 
 
 @functools.cache
@@ -123,13 +124,18 @@ def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int
     row_blocks = -(-p.rows // block_r)
     n_blocks = -(-N // block_n)
     if splits is None:
-        splits = -(-4 * _sm_count(x.device) // (row_blocks * n_blocks))
+        # split rows' columns between programs (atomic adds into a zeroed fp32 y) to fill
+        # the GPU; not below SPLIT_MIN_CHUNKS chunks, where the zeroing and the cast to
+        # x's dtype (two more kernels) cost more than the split gains (SmolLM2's 576 columns)
+        splits = 1 if nchunks < SPLIT_MIN_CHUNKS else -(-4 * _sm_count(x.device) // (row_blocks * n_blocks))
     splits = max(1, min(splits, nchunks))
     words_per_split = -(-nchunks // splits) * CHUNK_WORDS
     splits = -(-words // words_per_split)
     atomic = splits > 1
 
-    y = (torch.zeros if atomic else torch.empty)(N, p.rows, dtype=torch.float32, device=x.device)
+    # without atomics the kernel stores straight into x's dtype (no separate cast)
+    y = (torch.zeros(N, p.rows, dtype=torch.float32, device=x.device) if atomic
+         else torch.empty(N, p.rows, dtype=x.dtype, device=x.device))
     scales = p.scales if p.scales is not None else y  # unused pointer when HAS_SCALE is off
     kernel[(row_blocks, splits, n_blocks)](
         p.bitmap, p.chunks, p.values, scales, x, y,

@@ -66,6 +66,14 @@ def test_split_k_row_blocks_and_words_per_step(splits, block_r, wpi, batch):
     assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_half_activations_with_and_without_split(splits, batch):
+    """Unsplit programs store y in x's dtype directly; split ones add into fp32 and cast after."""
+    y, ref = _run((40, 1100), 0.5, batch, torch.float16, torch.float16, splits=splits)
+    assert (y - ref).norm() <= 2e-3 * ref.norm()
+
+
 @pytest.mark.parametrize("use_dot", [False, True])
 @pytest.mark.parametrize("batch", [1, 2, 5, 17])
 def test_either_path_at_any_batch(use_dot, batch):
