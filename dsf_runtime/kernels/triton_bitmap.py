@@ -27,7 +27,6 @@ CHUNK_WORDS = 8  # 256 columns per chunk-offset entry
 # on an H200, 4096x4096 DSF layer: batch 2 52 us via dot vs 59 us vector, batch 4 52 vs 85,
 # batch 6 52 vs 1590 (register spills); batch 1 vector 50 us (gpu_tune.md).
 DOT_MIN_BATCH = 2
-SPLIT_MIN_CHUNKS = 4  # rows of fewer chunks (< 1024 columns) are not split between programs
 
 
 @functools.cache
@@ -125,9 +124,9 @@ def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int
     n_blocks = -(-N // block_n)
     if splits is None:
         # split rows' columns between programs (atomic adds into a zeroed fp32 y) to fill
-        # the GPU; not below SPLIT_MIN_CHUNKS chunks, where the zeroing and the cast to
-        # x's dtype (two more kernels) cost more than the split gains (SmolLM2's 576 columns)
-        splits = 1 if nchunks < SPLIT_MIN_CHUNKS else -(-4 * _sm_count(x.device) // (row_blocks * n_blocks))
+        # the GPU: even SmolLM2's 576-column layers gain (H200, 576x576 batch 1: 25 us split
+        # 3 ways with the zeroing and the cast, 33 us unsplit on 9 programs)
+        splits = -(-4 * _sm_count(x.device) // (row_blocks * n_blocks))
     splits = max(1, min(splits, nchunks))
     words_per_split = -(-nchunks // splits) * CHUNK_WORDS
     splits = -(-words // words_per_split)
