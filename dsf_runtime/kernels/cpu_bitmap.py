@@ -233,7 +233,7 @@ class CPUBitmapBackend:
             rc = lib.dsf_bitmap_spmm_bf16dot(*args, p.values.numel(), xp.data_ptr(), padded_cols, y.data_ptr(),
                                              p.rows, p.rows, p.words, n)
         elif isa != "portable":
-            xf = x.detach().to(torch.float32)
+            xf = x.detach() if x.dtype == torch.float32 else x.detach().to(torch.float32)  # (no call when fp32)
             if p.cols == padded_cols and xf.is_contiguous():
                 xp = xf  # no padding needed: read x in place
             else:
@@ -254,4 +254,4 @@ class CPUBitmapBackend:
             y = yt.t()
         if rc != 0:
             raise RuntimeError("cpu-bitmap kernel refused its arguments")
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
