@@ -334,9 +334,9 @@ def _read_tensors(ckpt: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
                         raise CheckpointError(
                             f"tensor {key}: stored {dtype}{list(shape)}, expected {want}{list(meta.shape)}"
                         )
-            views = _map_file(path)  # data only after every header check passed
-            for key in keys:
-                state[key] = views[key] if key in views else _copy_tensor(path, key)
+                views = _map_file(path)  # data only after every header check passed
+                for key in keys:
+                    state[key] = views[key] if key in views else f.get_tensor(key)
         except CheckpointError:
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -356,7 +356,8 @@ def _map_file(path: Path) -> dict[str, torch.Tensor]:
     transformers does for dense checkpoints). Call after ``safe_open`` accepted the
     file, which checks that the header's offsets are contiguous, sized by dtype and
     shape, and covered by the file. Tensors whose offset is not aligned to their
-    element size (or of a dtype torch cannot view) are left out for a copied read."""
+    element size (or of a dtype torch cannot view) are left out: the caller reads them
+    through safe_open."""
     import mmap
     import struct
 
@@ -378,13 +379,6 @@ def _map_file(path: Path) -> dict[str, torch.Tensor]:
                 else torch.empty(0, dtype=dtype))
         out[key] = flat.view(meta["shape"])
     return out
-
-
-def _copy_tensor(path: Path, key: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(key)
 
 
 def validate_dsf_modules(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
