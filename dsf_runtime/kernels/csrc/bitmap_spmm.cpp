@@ -380,16 +380,20 @@ DSF_AVX2 inline __m128i load8(const V* v, const V* end) {
                         : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v));
 }
 
+// Bytes by which a mask byte's table entry is offset: the bf16 entries are 32 bytes.
+template <int KIND>
+constexpr int kTableShift = KIND == kBf16 ? 5 : 4;
+
 // The 8 columns of a mask byte as fp32, from the packed values at v (int8: unscaled);
-// ``c`` = the byte times 16 (the byte offset of its entry in the 16-byte tables).
+// ``c`` = the byte shifted left by kTableShift (the byte offset of its table entry).
 template <int KIND, bool CHECKED>
-DSF_AVX2 inline __m256 expand8(const packed_t<KIND>* v, const packed_t<KIND>* end, uint32_t c,
+DSF_AVX2 inline __m256 expand8(const packed_t<KIND>* v, const packed_t<KIND>* end, uint64_t c,
                                const ShuffleTables& t) {
   __m128i raw = load8<CHECKED>(v, end);
   if (KIND == kBf16)
     return _mm256_castsi256_ps(_mm256_shuffle_epi8(
         _mm256_broadcastsi128_si256(raw),
-        _mm256_load_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint8_t*>(t.bf16) + 2 * c))));
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint8_t*>(t.bf16) + c))));
   if (KIND == kInt8)
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(
         raw, _mm_load_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(t.i8) + c)))));
@@ -404,21 +408,22 @@ DSF_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline uint32_t rotr32(uint32_t x, int r) { return (x >> r) | (x << (32 - r)); }
+inline uint64_t rotr64(uint64_t x, int r) { return (x >> r) | (x << ((64 - r) & 63)); }
 
-// One 32-column word of a row into the accumulators: four bytes, each expanded once and
-// FMA'd into every batch row (byte q goes to accumulator q % A). Per byte, two integer
-// operations give its table offset (a rotate, BMI2's rorx, and a mask: byte * 16) and one
-// popcount of that advances the value index ``k``: fewer instructions per byte than
-// masked popcounts of the word, and the batch-1 path is bound by instructions.
-template <int NB, int KIND, bool CHECKED, int A>
-DSF_AVX2 inline void word_avx2(uint32_t bits, const packed_t<KIND>* v, int64_t& k, const packed_t<KIND>* end,
+// Q bytes of a row's bitmap (two 32-column words, Q = 8, or one, Q = 4; columns 0..8Q-1
+// of ``xw``) into the accumulators: each expanded once and FMA'd into every batch row (byte q goes to
+// accumulator q % A). Per byte, two integer operations give its table offset (a rotate,
+// BMI2's rorx, and a mask) and one popcount of that advances the value index ``k``: the
+// batch-1 path is bound by instructions, and this is the fewest per byte found.
+template <int Q, int NB, int KIND, bool CHECKED, int A>
+DSF_AVX2 inline void bytes_avx2(uint64_t bits, const packed_t<KIND>* v, int64_t& k, const packed_t<KIND>* end,
                                const float* xw, int64_t ldx, __m256 (&acc)[A][NB], const ShuffleTables& t) {
-  constexpr int rot[4] = {28, 4, 12, 20};  // rotate right: byte q lands on bits 4..11
-  for (int q = 0; q < 4; ++q) {
-    const uint32_t c = rotr32(bits, rot[q]) & 0xFF0u;  // mask byte q (columns 8q..8q+7) times 16
+  constexpr int s = kTableShift<KIND>;
+  constexpr uint64_t mask = uint64_t(0xFF) << s;
+  for (int q = 0; q < Q; ++q) {
+    const uint64_t c = rotr64(bits, (8 * q - s + 64) & 63) & mask;  // mask byte q (columns 8q..8q+7) << s
     __m256 e = expand8<KIND, CHECKED>(v + k, end, c, t);
-    k += __builtin_popcount(c);
+    k += __builtin_popcountll(c);
     for (int b = 0; b < NB; ++b)
       acc[q % A][b] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xw + b * ldx + 8 * q), acc[q % A][b]);
   }
@@ -434,18 +439,21 @@ DSF_AVX2 void row_avx2(const uint32_t* row, const packed_t<KIND>* v, const packe
   __m256 acc[A][NB];
   for (int a = 0; a < A; ++a)
     for (int b = 0; b < NB; ++b) acc[a][b] = _mm256_setzero_ps();
+  // One register for the row's value base, so that loads address it as base + 2k
+  // (otherwise the compiler keeps values and offsets[r] apart and adds them per byte).
+  asm("" : "+r"(v));
   int64_t w = 0, k = 0;
   for (; w + 4 <= words; w += 4) {
     prefetch_ahead(v + k, row + w);
-    const uint32_t b0 = row[w], b1 = row[w + 1], b2 = row[w + 2], b3 = row[w + 3];
-    if (!(b0 | b1 | b2 | b3)) continue;
-    word_avx2<NB, KIND, CHECKED, A>(b0, v, k, end, x + w * 32, ldx, acc, t);
-    word_avx2<NB, KIND, CHECKED, A>(b1, v, k, end, x + w * 32 + 32, ldx, acc, t);
-    word_avx2<NB, KIND, CHECKED, A>(b2, v, k, end, x + w * 32 + 64, ldx, acc, t);
-    word_avx2<NB, KIND, CHECKED, A>(b3, v, k, end, x + w * 32 + 96, ldx, acc, t);
+    uint64_t p0, p1;
+    std::memcpy(&p0, row + w, 8);
+    std::memcpy(&p1, row + w + 2, 8);
+    if (!(p0 | p1)) continue;
+    bytes_avx2<8, NB, KIND, CHECKED, A>(p0, v, k, end, x + w * 32, ldx, acc, t);
+    bytes_avx2<8, NB, KIND, CHECKED, A>(p1, v, k, end, x + w * 32 + 64, ldx, acc, t);
   }
-  for (; w < words; ++w)
-    if (row[w]) word_avx2<NB, KIND, CHECKED, A>(row[w], v, k, end, x + w * 32, ldx, acc, t);
+  for (; w < words; ++w)  // the last 0-3 words
+    if (row[w]) bytes_avx2<4, NB, KIND, CHECKED, A>(row[w], v, k, end, x + w * 32, ldx, acc, t);
   for (int b = 0; b < NB; ++b) {
     __m256 sum = acc[0][b];
     for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[a][b]);
