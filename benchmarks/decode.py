@@ -24,27 +24,43 @@ def _cache_kwarg(model: nn.Module) -> str:
 
 
 @torch.inference_mode()
+def decode_once(model: nn.Module, ids: torch.Tensor, gen_tokens: int) -> tuple[float, float]:
+    """Seconds to process the prompt ``ids`` [1, prompt], then to generate ``gen_tokens``
+    greedily, one token per forward with the KV cache."""
+    kw = _cache_kwarg(model)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    t1 = time.perf_counter()
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    for _ in range(gen_tokens):
+        out = model(input_ids=nxt, use_cache=True, **{kw: past})
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def time_decodes(models: list[nn.Module], prompt_tokens: int = 64, gen_tokens: int = 32, vocab: int | None = None,
+                 repeats: int = 3) -> list[dict]:
+    """Median pp and tg tokens/s of each model over ``repeats`` runs after one warm-up,
+    the models taking turns run by run (the first one alternating) so that the machine's
+    drift in speed lands on all of them alike instead of on whichever ran last."""
+    vocab = vocab or models[0].config.vocab_size
+    ids = torch.randint(3, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    pps: list[list[float]] = [[] for _ in models]
+    tgs: list[list[float]] = [[] for _ in models]
+    for r in range(repeats + 1):
+        order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
+        for m in order:
+            pp_s, tg_s = decode_once(models[m], ids, gen_tokens)
+            if r:
+                pps[m].append(prompt_tokens / pp_s)
+                tgs[m].append(gen_tokens / tg_s)
+    return [{"pp_tok_s": statistics.median(p), "tg_tok_s": statistics.median(t)} for p, t in zip(pps, tgs)]
+
+
 def time_decode(model: nn.Module, prompt_tokens: int = 64, gen_tokens: int = 32, vocab: int | None = None,
                 repeats: int = 3) -> dict:
-    """Median pp and tg tokens/s over ``repeats`` runs (after one warm-up)."""
-    vocab = vocab or model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (1, prompt_tokens), generator=g)
-    pps, tgs = [], []
-    kw = _cache_kwarg(model)
-    for r in range(repeats + 1):
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
-        t1 = time.perf_counter()
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        for _ in range(gen_tokens):
-            out = model(input_ids=nxt, use_cache=True, **{kw: past})
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t2 = time.perf_counter()
-        if r:
-            pps.append(prompt_tokens / (t1 - t0))
-            tgs.append(gen_tokens / (t2 - t1))
-    return {"pp_tok_s": statistics.median(pps), "tg_tok_s": statistics.median(tgs)}
+    """Median pp and tg tokens/s of one model over ``repeats`` runs (after one warm-up)."""
+    return time_decodes([model], prompt_tokens, gen_tokens, vocab, repeats)[0]
 
 
 def llama7b_stack(num_layers: int = 4, vocab: int = 2048, seed: int = 0) -> nn.Module:
@@ -78,40 +94,36 @@ def run_decode_bench(checkpoint: str | None, dense: str = "smollm2-135m", stack_
     from dsf_runtime.checkpoint import load_model
     from dsf_runtime.models import load_dense
 
+    import copy
+
     rows = []
 
-    def record(subject: str, variant: str, model: nn.Module, **kw):
-        res = time_decode(model, prompt_tokens, gen_tokens, **kw)
-        rows.append({"model": subject, "variant": variant, "backend": backend_summary(model), **res})
-        print(f"{subject} {variant}: pp {res['pp_tok_s']:.1f} tok/s, tg {res['tg_tok_s']:.2f} tok/s", flush=True)
+    def record(subject: str, variants: dict[str, nn.Module]) -> None:
+        """Time the variants of one model in turns and add their rows."""
+        results = time_decodes(list(variants.values()), prompt_tokens, gen_tokens)
+        for (variant, model), res in zip(variants.items(), results):
+            rows.append({"model": subject, "variant": variant, "backend": backend_summary(model), **res})
+            print(f"{subject} {variant}: pp {res['pp_tok_s']:.1f} tok/s, tg {res['tg_tok_s']:.2f} tok/s", flush=True)
 
     if checkpoint:
         model, _ = load_dense(dense)
-        record(dense, "dense fp32", model)
-        record(dense, "dense bf16", model.to(torch.bfloat16))
-        del model
-        gc.collect()
-        model, _ = load_model(checkpoint, with_tokenizer=False)
-        record(dense, "DSF", model)
-        model, _ = load_model(checkpoint, with_tokenizer=False, backend="torch-csr")
-        record(dense, "DSF (torch-csr)", model)
-        del model
+        variants = {"dense fp32": model, "dense bf16": copy.deepcopy(model).to(torch.bfloat16)}
+        variants["DSF"], _ = load_model(checkpoint, with_tokenizer=False)
+        variants["DSF (torch-csr)"], _ = load_model(checkpoint, with_tokenizer=False, backend="torch-csr")
+        record(dense, variants)
+        del model, variants
         gc.collect()
     if stack_layers:
         subject = f"LLaMA-7B shapes x{stack_layers} layers"
         model = llama7b_stack(stack_layers)
-        record(subject, "dense fp32", model)
-        record(subject, "dense bf16", model.to(torch.bfloat16))
-        model = dsf_stack(model.to(torch.float32))
-        gc.collect()
-        record(subject, "DSF", model)
-        del model
+        variants = {"dense fp32": model, "dense bf16": copy.deepcopy(model).to(torch.bfloat16)}
+        variants["DSF"] = dsf_stack(copy.deepcopy(model))
         gc.collect()
         # a bf16 model: bf16 values and activations (the AVX512_BF16 path where the CPU has it)
-        model = dsf_stack(llama7b_stack(stack_layers), value_dtype=torch.bfloat16).to(torch.bfloat16)
+        variants["DSF bf16"] = dsf_stack(copy.deepcopy(model), value_dtype=torch.bfloat16).to(torch.bfloat16)
         gc.collect()
-        record(subject, "DSF bf16", model)
-        del model
+        record(subject, variants)
+        del model, variants
         gc.collect()
     for subject in dict.fromkeys(r["model"] for r in rows):
         base = next(r for r in rows if r["model"] == subject and r["variant"] == "dense fp32")

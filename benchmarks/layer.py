@@ -2,7 +2,8 @@
 DSF (y = L (R x)) on every CPU backend, with weights rotated through more memory
 than the last-level cache holds so that the numbers measure memory, not cache.
 
-Reports the median seconds per call, the bytes each call reads, the achieved GB/s
+Reports the median seconds per call (the implementations take turns call by call, so
+their ratios are measured over the same stretch of time), the bytes each call reads, the achieved GB/s
 and its share of the machine's memory bandwidth, measured in the same run by
 copying a large buffer.
 """
@@ -134,19 +135,29 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
     return cases
 
 
-def time_case(case: Case, x: torch.Tensor, min_calls: int = 24, min_seconds: float = 1.0) -> float:
-    """Median seconds per call, cycling through the weight copies."""
-    for i in range(case.copies):  # warm-up: touches every copy once
-        case.fn(i, x)
-    times, i, start = [], 0, time.perf_counter()
-    while len(times) < min_calls or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        case.fn(i % case.copies, x)
-        times.append(time.perf_counter() - t0)
-        i += 1
-        if len(times) >= 400:
-            break
-    return statistics.median(times)
+def time_cases(cases: list[Case], x: torch.Tensor, min_calls: int = 24, min_seconds: float = 1.0,
+               max_calls: int = 400) -> list[float]:
+    """Median seconds per call of each case, the cases taking turns call by call (each
+    call on the next weight copy) so that every case is timed over the same stretch of
+    time: on a shared or throttled machine the speed drifts by tens of percent from one
+    second to the next, and timing the cases one after another would put that drift
+    into their ratios."""
+    for case in cases:  # warm-up: touches every copy once
+        for i in range(case.copies):
+            case.fn(i, x)
+    times: list[list[float]] = [[] for _ in cases]
+    start, turn = time.perf_counter(), 0
+    while True:
+        order = range(len(cases)) if turn % 2 == 0 else reversed(range(len(cases)))  # no case always first
+        for c in order:
+            case = cases[c]
+            t0 = time.perf_counter()
+            case.fn(turn % case.copies, x)
+            times[c].append(time.perf_counter() - t0)
+        turn += 1
+        done = turn >= min_calls and time.perf_counter() - start >= min_seconds * len(cases)
+        if done or turn >= max_calls:
+            return [statistics.median(t) for t in times]
 
 
 def run_layer_bench(shapes: dict[str, tuple[int, int]] | None = None, batches: tuple[int, ...] = (1, 4, 16),
@@ -163,8 +174,7 @@ def run_layer_bench(shapes: dict[str, tuple[int, int]] | None = None, batches: t
             for batch in batches:
                 x = torch.randn(batch, in_f)
                 base = {}
-                for case in cases:
-                    sec = time_case(case, x)
+                for case, sec in zip(cases, time_cases(cases, x)):
                     gbs = (case.weight_bytes + x.numel() * 4) / sec / 1e9
                     base[case.name] = sec
                     rows.append({"shape": label, "batch": batch, "impl": case.name, "ms": sec * 1e3,

@@ -28,13 +28,27 @@ def test_every_case_computes_the_same_product(monkeypatch):
 def test_bench_writes_results(monkeypatch, tmp_path):
     monkeypatch.setattr(layer, "ROTATE_BYTES", 1 << 16)
     monkeypatch.setattr(layer, "memory_bandwidth", lambda: 10.0)
-    monkeypatch.setattr(layer, "time_case", lambda case, x: 1e-3)
+    monkeypatch.setattr(layer, "time_cases", lambda cases, x: [1e-3] * len(cases))
     payload = layer.run_layer_bench({"t 32x40": (32, 40)}, (1, 2), str(tmp_path), progress=False)
     data = json.loads((tmp_path / "layer.json").read_text())
     assert {r["batch"] for r in data["rows"]} == {1, 2}
     assert all(abs(r["speedup_vs_fp32"] - 1.0) < 1e-9 for r in data["rows"])
     assert (tmp_path / "layer.png").stat().st_size > 1000
     assert "memory bandwidth" in payload["table"]
+
+
+def test_cases_take_turns_call_by_call():
+    """Every case is called as often as the others, alternately, cycling its copies."""
+    calls = []
+    cases = [layer.Case(name, lambda i, x, n=name: calls.append((n, i)), 1, copies) for name, copies in
+             (("a", 2), ("b", 3), ("c", 1))]
+    times = layer.time_cases(cases, torch.zeros(1), min_calls=5, min_seconds=0.0)
+    assert len(times) == 3 and all(t >= 0 for t in times)
+    timed = calls[6:]  # after the warm-up, which touches each copy once: a0 a1 b0 b1 b2 c0
+    assert calls[:6] == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2), ("c", 0)]
+    assert len(timed) == 15 and [n for n, _ in timed[:6]] == ["a", "b", "c", "c", "b", "a"]
+    assert [i for n, i in timed if n == "b"] == [0, 1, 2, 0, 1]
+    assert [i for n, i in timed if n == "a"] == [0, 1, 0, 1, 0]
 
 
 def test_decode_bench_on_tiny_models(tiny_model_dir, tmp_path, monkeypatch):
@@ -54,6 +68,21 @@ def test_decode_bench_on_tiny_models(tiny_model_dir, tmp_path, monkeypatch):
     assert "cpu-bitmap" in rows[2]["backend"] and "torch-csr" in rows[3]["backend"]
     assert rows[-1]["tg_vs_bf16"] > 0 and "DSF bf16" in payload["table"]
     assert "tg4 tok/s" in payload["table"]
+
+
+def test_decode_variants_take_turns(monkeypatch):
+    from dsf_runtime.benchmarks import decode
+
+    order = []
+    monkeypatch.setattr(decode, "decode_once", lambda model, ids, n: (order.append(model.name), (0.5, 0.25))[1])
+
+    class Fake:
+        def __init__(self, name):
+            self.name, self.config = name, type("C", (), {"vocab_size": 50})()
+
+    res = decode.time_decodes([Fake("a"), Fake("b"), Fake("c")], prompt_tokens=4, gen_tokens=2, repeats=3)
+    assert order == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]  # warm-up round, then 3 timed
+    assert res == [{"pp_tok_s": 8.0, "tg_tok_s": 8.0}] * 3
 
 
 def test_greedy_decode_loop_matches_generate(tiny_model_dir):
