@@ -572,12 +572,14 @@ DSF_AVX2 void tile_nz_avx2(int64_t ldb, const int32_t* bitmap, const void* value
 #endif
 
 #ifdef DSF_X86
-// The word paths' schedule: rows in blocks of 64 over OpenMP threads; within a block
-// the batch runs as tiles of 16 (up to ``max_nb``), 12 (where the path has that tile),
-// 8, 4, or the 1-3 rows left: tile(nb, first batch row, r0, r1).
+// The word paths' schedule: rows in blocks of 64 handed to OpenMP threads as they come
+// free (dynamic: on a shared machine one core can run slower than the other for a
+// whole call, and a static half would leave the other waiting); within a block the
+// batch runs as tiles of 16 (up to ``max_nb``), 12 (where the path has that tile), 8,
+// 4, or the 1-3 rows left: tile(nb, first batch row, r0, r1).
 template <class Tile>
 void over_row_blocks(int64_t rows, int64_t batch, int max_nb, bool tile12, Tile tile) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
     int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
     for (int64_t b0 = 0; b0 < batch;) {
