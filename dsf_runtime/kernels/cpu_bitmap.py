@@ -22,7 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -102,6 +102,7 @@ def build(force: bool = False) -> ctypes.CDLL | None:
     lib.dsf_bitmap_spmm_portable.restype = ctypes.c_int
     global _CAPS
     _CAPS = (bool(lib.dsf_has_avx512()), bool(lib.dsf_has_avx512_bf16()), bool(lib.dsf_has_avx2()))
+    _ISA_CACHE.clear()
     _LIB, _REASON = lib, None
     return lib
 
@@ -140,6 +141,21 @@ def check_bitmap(bitmap: torch.Tensor, offsets: torch.Tensor, cols: int, nnz: in
     return f"{_CHECK_MESSAGES[code % 4]} (row {code // 4})"
 
 
+def _isa(forced: str | None) -> str:
+    """The path for a DSF_CPU_ISA value (see CPUBitmapBackend.isa); remembered once built."""
+    isa = _ISA_CACHE.get(forced)
+    if isa is None:
+        lib = build()
+        if lib is None or forced == "portable":
+            return "portable"  # not remembered: a later build may succeed
+        isa = "avx512-vbmi2" if _CAPS[0] and forced != "avx2" else "avx2" if _CAPS[2] else "portable"
+        _ISA_CACHE[forced] = isa
+    return isa
+
+
+_ISA_CACHE: dict[str | None, str] = {}
+
+
 @dataclass
 class Prepared:
     bitmap: torch.Tensor  # (rows, words) int32
@@ -149,14 +165,21 @@ class Prepared:
     rows: int
     cols: int
     kind: int  # 0 fp16, 1 bf16, 2 int8
+    # (bitmap, offsets, values, scales) addresses, the value count and the words per row,
+    # read once: a decode step calls the kernel hundreds of times on small layers, where
+    # the Python around each call is a fifth of its time. The tensors above keep them valid.
+    ptrs: tuple[int, int, int, int] = field(init=False, repr=False)
+    nvalues: int = field(init=False, repr=False)
+    words: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ptrs = (self.bitmap.data_ptr(), self.offsets.data_ptr(), self.values.data_ptr(), self.scales.data_ptr())
+        self.nvalues = self.values.numel()
+        self.words = self.bitmap.shape[1]
 
     @property
     def is_bf16(self) -> int:
         return int(self.kind == 1)
-
-    @property
-    def words(self) -> int:
-        return self.bitmap.shape[1]
 
 
 @register_backend
@@ -177,13 +200,7 @@ class CPUBitmapBackend:
     def isa(self) -> str:
         """The instruction path in use: avx512-vbmi2, avx2 or portable, the widest the
         CPU has; DSF_CPU_ISA=avx2 or =portable forces a narrower one."""
-        lib = build()
-        forced = os.environ.get("DSF_CPU_ISA")
-        if lib is None or forced == "portable":
-            return "portable"
-        if _CAPS[0] and forced != "avx2":
-            return "avx512-vbmi2"
-        return "avx2" if _CAPS[2] else "portable"
+        return _isa(os.environ.get("DSF_CPU_ISA"))
 
     @property
     def bf16_dot(self) -> bool:
@@ -201,14 +218,14 @@ class CPUBitmapBackend:
         )
 
     def matmul(self, p: Prepared, x: torch.Tensor) -> torch.Tensor:
-        lib = build()
+        lib = _LIB or build()
         n = x.shape[0]
         padded_cols = p.words * 32
-        args = (p.bitmap.data_ptr(), p.offsets.data_ptr(), p.values.data_ptr())
-        isa = self.isa
+        args = p.ptrs[:3]
+        isa = _isa(os.environ.get("DSF_CPU_ISA"))
         if p.kind == 2 and isa == "avx512-vbmi2":
             isa = "avx2" if _CAPS[2] else "portable"  # int8 values run the AVX2 paths (every AVX-512 CPU has AVX2)
-        scales = p.scales.data_ptr()
+        scales = p.ptrs[3]
         if n >= NZ_MIN_BATCH and isa != "portable":
             # large batches (prefill, many streams): work proportional to the nonzeros
             wide = isa == "avx512-vbmi2"
@@ -230,7 +247,7 @@ class CPUBitmapBackend:
             xp = torch.zeros(n, padded_cols, dtype=torch.bfloat16)
             xp[:, : p.cols] = x.detach()
             y = torch.empty(n, p.rows, dtype=torch.float32)
-            rc = lib.dsf_bitmap_spmm_bf16dot(*args, p.values.numel(), xp.data_ptr(), padded_cols, y.data_ptr(),
+            rc = lib.dsf_bitmap_spmm_bf16dot(*args, p.nvalues, xp.data_ptr(), padded_cols, y.data_ptr(),
                                              p.rows, p.rows, p.words, n)
         elif isa != "portable":
             xf = x.detach() if x.dtype == torch.float32 else x.detach().to(torch.float32)  # (no call when fp32)
@@ -241,10 +258,10 @@ class CPUBitmapBackend:
                 xp[:, : p.cols] = xf
             y = torch.empty(n, p.rows, dtype=torch.float32)
             if isa == "avx512-vbmi2":
-                rc = lib.dsf_bitmap_spmm_avx512(*args, p.values.numel(), xp.data_ptr(), padded_cols, y.data_ptr(),
+                rc = lib.dsf_bitmap_spmm_avx512(*args, p.nvalues, xp.data_ptr(), padded_cols, y.data_ptr(),
                                                 p.rows, p.rows, p.words, n, p.is_bf16)
             else:
-                rc = lib.dsf_bitmap_spmm_avx2(*args, scales, p.values.numel(), xp.data_ptr(), padded_cols,
+                rc = lib.dsf_bitmap_spmm_avx2(*args, scales, p.nvalues, xp.data_ptr(), padded_cols,
                                               y.data_ptr(), p.rows, p.rows, p.words, n, p.kind)
         else:
             xt = torch.zeros(padded_cols, n, dtype=torch.float32)
