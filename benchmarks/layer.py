@@ -2,8 +2,8 @@
 DSF (y = L (R x)) on every CPU backend, with weights rotated through more memory
 than the last-level cache holds so that the numbers measure memory, not cache.
 
-Reports the median seconds per call (the implementations take turns call by call, so
-their ratios are measured over the same stretch of time), the bytes each call reads, the achieved GB/s
+Reports the median seconds per call (the implementations take turns in short bursts,
+so their ratios are measured over the same stretch of time), the bytes each call reads, the achieved GB/s
 and its share of the machine's memory bandwidth, measured in the same run by
 copying a large buffer.
 """
@@ -136,27 +136,33 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
 
 
 def time_cases(cases: list[Case], x: torch.Tensor, min_calls: int = 24, min_seconds: float = 1.0,
-               max_calls: int = 400) -> list[float]:
-    """Median seconds per call of each case, the cases taking turns call by call (each
-    call on the next weight copy) so that every case is timed over the same stretch of
-    time: on a shared or throttled machine the speed drifts by tens of percent from one
-    second to the next, and timing the cases one after another would put that drift
-    into their ratios."""
+               max_calls: int = 400, burst: int = 6) -> list[float]:
+    """Median seconds per call of each case, the cases taking turns in short bursts so
+    that every case is timed over the same stretch of time: on a shared or throttled
+    machine the speed drifts by tens of percent from one second to the next, and timing
+    the cases one after another would put that drift into their ratios. Each burst
+    starts with one untimed call: a call right after another implementation's is slowed
+    by the switch (the DSF kernel by ~10% after a dense matmul on the AVX2 machine),
+    and repeated calls of one layer are what a benchmark of that layer measures."""
     for case in cases:  # warm-up: touches every copy once
         for i in range(case.copies):
             case.fn(i, x)
     times: list[list[float]] = [[] for _ in cases]
+    calls = [0] * len(cases)
     start, turn = time.perf_counter(), 0
     while True:
         order = range(len(cases)) if turn % 2 == 0 else reversed(range(len(cases)))  # no case always first
         for c in order:
             case = cases[c]
-            t0 = time.perf_counter()
-            case.fn(turn % case.copies, x)
-            times[c].append(time.perf_counter() - t0)
+            for j in range(burst):
+                t0 = time.perf_counter()
+                case.fn(calls[c] % case.copies, x)
+                if j:
+                    times[c].append(time.perf_counter() - t0)
+                calls[c] += 1
         turn += 1
-        done = turn >= min_calls and time.perf_counter() - start >= min_seconds * len(cases)
-        if done or turn >= max_calls:
+        n = len(times[0])
+        if (n >= min_calls and time.perf_counter() - start >= min_seconds * len(cases)) or n >= max_calls:
             return [statistics.median(t) for t in times]
 
 

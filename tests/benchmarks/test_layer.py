@@ -37,18 +37,20 @@ def test_bench_writes_results(monkeypatch, tmp_path):
     assert "memory bandwidth" in payload["table"]
 
 
-def test_cases_take_turns_call_by_call():
-    """Every case is called as often as the others, alternately, cycling its copies."""
+def test_cases_take_turns_in_bursts():
+    """Every case is timed as often as the others, in alternating bursts whose first call
+    is not timed, cycling through its weight copies."""
     calls = []
     cases = [layer.Case(name, lambda i, x, n=name: calls.append((n, i)), 1, copies) for name, copies in
              (("a", 2), ("b", 3), ("c", 1))]
-    times = layer.time_cases(cases, torch.zeros(1), min_calls=5, min_seconds=0.0)
+    times = layer.time_cases(cases, torch.zeros(1), min_calls=5, min_seconds=0.0, burst=3)
     assert len(times) == 3 and all(t >= 0 for t in times)
-    timed = calls[6:]  # after the warm-up, which touches each copy once: a0 a1 b0 b1 b2 c0
-    assert calls[:6] == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2), ("c", 0)]
-    assert len(timed) == 15 and [n for n, _ in timed[:6]] == ["a", "b", "c", "c", "b", "a"]
-    assert [i for n, i in timed if n == "b"] == [0, 1, 2, 0, 1]
-    assert [i for n, i in timed if n == "a"] == [0, 1, 0, 1, 0]
+    assert calls[:6] == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2), ("c", 0)]  # warm-up: each copy once
+    timed = calls[6:]
+    # 3 turns of 3-call bursts (2 timed each) reach 6 >= 5 timed calls per case
+    assert [n for n, _ in timed] == list("aaabbbccc" "cccbbbaaa" "aaabbbccc")
+    assert [i for n, i in timed if n == "b"] == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+    assert [i for n, i in timed if n == "a"] == [0, 1, 0, 1, 0, 1, 0, 1, 0]
 
 
 def test_decode_bench_on_tiny_models(tiny_model_dir, tmp_path, monkeypatch):
