@@ -177,6 +177,11 @@ class Prepared:
         self.nvalues = self.values.numel()
         self.words = self.bitmap.shape[1]
 
+    def __reduce__(self):
+        # copy.deepcopy and pickle rebuild through __init__, so that the addresses are
+        # those of the copied tensors, never the originals'
+        return (Prepared, (self.bitmap, self.offsets, self.values, self.scales, self.rows, self.cols, self.kind))
+
     @property
     def is_bf16(self) -> int:
         return int(self.kind == 1)

@@ -52,6 +52,28 @@ def test_dsf_linear_uses_kernel():
     torch.testing.assert_close(y, torch.nn.functional.linear(x, L @ R, layer.bias), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_operands_use_their_own_memory(how):
+    """Prepared operands keep their tensors' addresses; a copy must carry the copy's, so
+    that it stays correct once the original is gone (a deep-copied or pickled model)."""
+    import copy
+    import gc
+    import pickle
+
+    L = random_sparse(50, 40, 0.34).half().float()
+    R = random_sparse(40, 70, 0.16, seed=1).half().float()
+    layer = DSFLinear.from_factors(L, R, torch.randn(50), fmt="bitmap", value_dtype=torch.float16)
+    x = torch.randn(3, 70)
+    ref = layer(x)  # prepares (and caches) the operands
+    twin = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
+    right, left = twin._prepared
+    assert left.ptrs[2] == twin.L.stored()["values"].data_ptr() != layer._prepared[1].ptrs[2]
+    del layer
+    gc.collect()
+    torch.zeros(1 << 20).fill_(float("nan"))  # reuse the freed memory for something else
+    torch.testing.assert_close(twin(x), ref)
+
+
 @pytest.mark.parametrize("shape", [(830, 545), (1, 33), (300, 4096)])
 @pytest.mark.parametrize("density", [0.01, 0.5, 0.9])
 @pytest.mark.parametrize("batch", [1, 3, 4, 9, 16, 21])
