@@ -5,6 +5,7 @@ factors at DSF densities (speed at the shapes that matter, without 7B weights)."
 
 from __future__ import annotations
 
+import copy
 import gc
 import statistics
 import time
@@ -93,8 +94,6 @@ def run_decode_bench(checkpoint: str | None, dense: str = "smollm2-135m", stack_
     from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
     from dsf_runtime.checkpoint import load_model
     from dsf_runtime.models import load_dense
-
-    import copy
 
     rows = []
 
