@@ -415,8 +415,8 @@ inline uint64_t rotr64(uint64_t x, int r) { return (x >> r) | (x << ((64 - r) & 
 // of ``xw``) into the accumulators: each byte expanded once and FMA'd into every batch
 // row (byte q goes to accumulator q % A). Per byte, two integer operations give its
 // table offset (a rotate, BMI2's rorx, and a mask) and one popcount of that advances the
-// value index ``k``: 8 instructions per byte at batch 1 (fp16), three of them vector
-// loads (values, table entry, x), which on Zen 3 run at ~1.5 cycles per byte.
+// value index ``k``: 8 instructions per byte at batch 1 (fp16), ~1.5 cycles per byte on
+// Zen 3 (bf16 1.2): the shuffle pipes (vpshufb, vcvtph2ps's two micro-ops) look binding.
 template <int Q, int NB, int KIND, bool CHECKED, int A>
 DSF_AVX2 inline void bytes_avx2(uint64_t bits, const packed_t<KIND>* v, int64_t& k, const packed_t<KIND>* end,
                                const float* xw, int64_t ldx, __m256 (&acc)[A][NB], const ShuffleTables& t) {
