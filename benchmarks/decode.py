@@ -58,12 +58,6 @@ def time_decodes(models: list[nn.Module], prompt_tokens: int = 64, gen_tokens: i
     return [{"pp_tok_s": statistics.median(p), "tg_tok_s": statistics.median(t)} for p, t in zip(pps, tgs)]
 
 
-def time_decode(model: nn.Module, prompt_tokens: int = 64, gen_tokens: int = 32, vocab: int | None = None,
-                repeats: int = 3) -> dict:
-    """Median pp and tg tokens/s of one model over ``repeats`` runs (after one warm-up)."""
-    return time_decodes([model], prompt_tokens, gen_tokens, vocab, repeats)[0]
-
-
 def llama7b_stack(num_layers: int = 4, vocab: int = 2048, seed: int = 0) -> nn.Module:
     """A LLaMA model with LLaMA-7B's layer shapes, a few layers and a small vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM

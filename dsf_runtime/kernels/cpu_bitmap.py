@@ -223,11 +223,11 @@ class CPUBitmapBackend:
         )
 
     def matmul(self, p: Prepared, x: torch.Tensor) -> torch.Tensor:
-        lib = _LIB or build()
+        lib = build()
         n = x.shape[0]
         padded_cols = p.words * 32
         args = p.ptrs[:3]
-        isa = _isa(os.environ.get("DSF_CPU_ISA"))
+        isa = self.isa
         if p.kind == 2 and isa == "avx512-vbmi2":
             isa = "avx2" if _CAPS[2] else "portable"  # int8 values run the AVX2 paths (every AVX-512 CPU has AVX2)
         scales = p.ptrs[3]

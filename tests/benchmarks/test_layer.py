@@ -88,7 +88,7 @@ def test_decode_variants_take_turns(monkeypatch):
 
 
 def test_greedy_decode_loop_matches_generate(tiny_model_dir):
-    """time_decode's manual KV-cache loop is the same computation as generate."""
+    """decode_once's KV-cache loop (written out here) is the same computation as generate."""
     from transformers import AutoModelForCausalLM
 
     from dsf_runtime.benchmarks.decode import _cache_kwarg
