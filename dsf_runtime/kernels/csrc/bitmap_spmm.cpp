@@ -329,13 +329,15 @@ DSF_AVX512 void tile_avx512(int nb, const int32_t* bitmap, const int32_t* offset
 // shuffle table: entry m of the table is the vpshufb control that moves the first
 // popcount(m) packed 16-bit values to the lanes of m's set bits and zeroes the rest.
 // fp16 values land packed and are widened by vcvtph2ps; bf16 values land directly in
-// the high halves of fp32 lanes (a 32-byte control over the broadcast source).
+// the high halves of fp32 lanes (a 32-byte control over the broadcast source), int8
+// values in the top bytes of int32 lanes (i * 2^24, converted exactly by vcvtdq2ps:
+// one shuffle per byte instead of vpshufb + vpmovsxbd, 0.87x the batch-1 time).
 #define DSF_AVX2 __attribute__((target("avx2,fma,f16c,popcnt,bmi,bmi2")))
 
 struct ShuffleTables {
   alignas(64) uint8_t fp16[256][16];  // packed fp16 -> 8 x fp16 lanes
   alignas(64) uint8_t bf16[256][32];  // packed bf16 (in both 128-bit halves) -> 8 x fp32 lanes
-  alignas(64) uint8_t i8[256][16];    // packed int8 -> 8 x int8 lanes (upper 8 bytes zero)
+  alignas(64) uint8_t i8[256][32];    // packed int8 (in both 128-bit halves) -> top bytes of 8 x int32 lanes
   alignas(64) uint8_t pos[256][8];    // column of the k-th set bit of m (nonzero path)
 };
 
@@ -353,7 +355,7 @@ const ShuffleTables& shuffle_tables() {
         t.bf16[m][base] = t.bf16[m][base + 1] = 0x80;
         t.bf16[m][base + 2] = uint8_t(2 * k);
         t.bf16[m][base + 3] = uint8_t(2 * k + 1);
-        t.i8[m][j] = uint8_t(k);
+        t.i8[m][base + 3] = uint8_t(k);
         t.pos[m][k++] = uint8_t(j);
       }
     }
@@ -380,13 +382,17 @@ DSF_AVX2 inline __m128i load8(const V* v, const V* end) {
                         : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v));
 }
 
-// log2 of a table entry's size (fp16 and int8 entries are 16 bytes, bf16 entries 32): a
+// An int8 value expands to i * 2^24 (its byte on top of an int32 lane); this undoes that.
+constexpr float kInt8Unit = 0x1p-24f;
+
+// log2 of a table entry's size (fp16 entries are 16 bytes, bf16 and int8 entries 32): a
 // mask byte shifted left by it is its entry's byte offset.
 template <int KIND>
-constexpr int kTableShift = KIND == kBf16 ? 5 : 4;
+constexpr int kTableShift = KIND == kFp16 ? 4 : 5;
 
-// The 8 columns of a mask byte as fp32, from the packed values at v (int8: unscaled);
-// ``c`` = the byte shifted left by kTableShift (the byte offset of its table entry).
+// The 8 columns of a mask byte as fp32, from the packed values at v (int8: in units of
+// kInt8Unit, the row scale not applied); ``c`` = the byte shifted left by kTableShift
+// (the byte offset of its table entry).
 template <int KIND, bool CHECKED>
 DSF_AVX2 inline __m256 expand8(const packed_t<KIND>* v, const packed_t<KIND>* end, uint64_t c,
                                const ShuffleTables& t) {
@@ -395,9 +401,10 @@ DSF_AVX2 inline __m256 expand8(const packed_t<KIND>* v, const packed_t<KIND>* en
     return _mm256_castsi256_ps(_mm256_shuffle_epi8(
         _mm256_broadcastsi128_si256(raw),
         _mm256_load_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint8_t*>(t.bf16) + c))));
-  if (KIND == kInt8)
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(
-        raw, _mm_load_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(t.i8) + c)))));
+  if (KIND == kInt8)  // i * 2^24 as int32
+    return _mm256_cvtepi32_ps(_mm256_shuffle_epi8(
+        _mm256_broadcastq_epi64(raw),
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint8_t*>(t.i8) + c))));
   return _mm256_cvtph_ps(
       _mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(t.fp16) + c))));
 }
@@ -459,7 +466,7 @@ DSF_AVX2 void row_avx2(const uint32_t* row, const packed_t<KIND>* v, const packe
   for (int b = 0; b < NB; ++b) {
     __m256 sum = acc[0][b];
     for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[a][b]);
-    y[b * ldy] = KIND == kInt8 ? scale * hsum256(sum) : hsum256(sum);
+    y[b * ldy] = KIND == kInt8 ? scale * kInt8Unit * hsum256(sum) : hsum256(sum);
   }
 }
 

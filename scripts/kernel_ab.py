@@ -1,0 +1,108 @@
+"""A/B two versions of the CPU kernel source on one layer, in one process.
+
+Kernel changes move the batch-1 time by a few percent, while this kind of machine
+(shared vCPUs) drifts by tens of percent within a minute; timing version A, then B,
+measures the drift. This compiles each source into its own library, loads both, and
+calls them in alternation on the same factor pairs (rotated through more memory than
+the last-level cache), so both see the same stretch of time.
+
+    python scripts/kernel_ab.py OLD.cpp NEW.cpp --shape 4096x4096 --batch 1 --kind fp16
+    git show HEAD:dsf_runtime/kernels/csrc/bitmap_spmm.cpp > /tmp/old.cpp  # an old version
+
+Prints each version's median ms per y = L(R x) and NEW/OLD's ratio, over the whole run
+and per quarter (so a ratio that flips between quarters shows as noise). Checks that
+both versions give the same y first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dsf_runtime.benchmarks.storage import random_dsf_pair
+from dsf_runtime.formats import get_format
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+KINDS = {"fp16": (torch.float16, 0), "bf16": (torch.bfloat16, 1), "int8": (torch.int8, 2)}
+
+
+def compile_lib(src: Path, out_dir: Path) -> ctypes.CDLL:
+    out = out_dir / f"{src.stem}-{abs(hash(src.resolve()))}.so"
+    subprocess.run(["c++", "-O3", "-fPIC", "-shared", "-fopenmp", "-std=c++17", str(src), "-o", str(out)], check=True)
+    lib = ctypes.CDLL(str(out))
+    lib.dsf_bitmap_spmm_avx2.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_avx2.restype = ctypes.c_int
+    return lib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("old", type=Path)
+    ap.add_argument("new", type=Path)
+    ap.add_argument("--shape", default="4096x4096", help="OUTxIN of the dense layer")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--kind", choices=sorted(KINDS), default="fp16")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--rotate-mib", type=int, default=1536)
+    args = ap.parse_args()
+
+    out_f, in_f = (int(s) for s in args.shape.split("x"))
+    dtype, kind = KINDS[args.kind]
+    L, R = random_dsf_pair(out_f, in_f, 0.5)
+    fmt = get_format("bitmap")
+    packed = [fmt.pack(L, dtype), fmt.pack(R, dtype)]
+    nbytes = sum(t.numel() * t.element_size() for p in packed for t in p.values())
+    copies = max(1, -(-args.rotate_mib * 2**20 // nbytes))
+    pairs = [[{k: v.clone() for k, v in p.items()} for p in packed] for _ in range(copies)]
+    print(f"{args.shape} batch {args.batch} {args.kind}: {nbytes / 2**20:.1f} MiB per call, {copies} copies; "
+          f"densities L {packed[0]['values'].numel() / L.numel():.2f} R {packed[1]['values'].numel() / R.numel():.2f}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = [compile_lib(args.old, Path(tmp)), compile_lib(args.new, Path(tmp))]
+    x = torch.randn(args.batch, in_f)
+
+    def factor(lib: ctypes.CDLL, t: dict[str, torch.Tensor], rows: int, xin: torch.Tensor) -> torch.Tensor:
+        words = t["bitmap"].shape[1]
+        xp = torch.zeros(xin.shape[0], words * 32)
+        xp[:, : xin.shape[1]] = xin
+        y = torch.empty(xin.shape[0], rows)
+        scales = t["scales"].data_ptr() if "scales" in t else None
+        rc = lib.dsf_bitmap_spmm_avx2(t["bitmap"].data_ptr(), t["row_offsets"].data_ptr(), t["values"].data_ptr(),
+                                      scales, t["values"].numel(), xp.data_ptr(), words * 32, y.data_ptr(), rows,
+                                      rows, words, xin.shape[0], kind)
+        assert rc == 0, "kernel refused its arguments"
+        return y
+
+    def call(lib: ctypes.CDLL, i: int) -> torch.Tensor:
+        tl, tr = pairs[i]
+        return factor(lib, tl, out_f, factor(lib, tr, R.shape[0], x))
+
+    ya, yb = call(libs[0], 0), call(libs[1], 0)
+    torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-4)
+    times: list[list[float]] = [[], []]
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < args.seconds:
+        for v in (0, 1) if calls % 16 == 0 else (1, 0):
+            for j in range(4):  # bursts of 4, the first untimed; never a copy the other just read
+                t0 = time.perf_counter()
+                call(libs[v], calls % copies)
+                calls += 1
+                if j:
+                    times[v].append(time.perf_counter() - t0)
+    n = len(times[0])
+    quarters = [slice(q * n // 4, (q + 1) * n // 4) for q in range(4)]
+    med = [statistics.median(t) * 1e3 for t in times]
+    per_q = [statistics.median(times[1][s]) / statistics.median(times[0][s]) for s in quarters]
+    print(f"old {med[0]:.3f} ms  new {med[1]:.3f} ms  new/old {med[1] / med[0]:.3f}  "
+          f"quarters {' '.join(f'{r:.3f}' for r in per_q)}  ({n} calls each)")
+
+
+if __name__ == "__main__":
+    main()
