@@ -191,10 +191,10 @@ def run_tune(out_f: int = 4096, in_f: int = 4096, sparsity: float = 0.5) -> list
 
 
 def _tune_row(pl, pr, x: torch.Tensor, kw: dict, shape: str) -> dict:
-    from dsf_runtime.kernels.triton_bitmap import DOT_CONFIG, VECTOR_CONFIG, launch
+    from dsf_runtime.kernels.triton_bitmap import launch, resolve_config
 
-    config = {**(DOT_CONFIG if kw["use_dot"] else VECTOR_CONFIG), **kw}
-    row = {"shape": shape, "batch": x.shape[0], "path": "dot" if kw["use_dot"] else "vector", "block_r": config["block_r"],
+    config = resolve_config(x.shape[0], **kw)
+    row = {"shape": shape, "batch": x.shape[0], "path": "dot" if config["use_dot"] else "vector", "block_r": config["block_r"],
            "wpi": config["wpi"], "num_warps": config["num_warps"]}
     try:
         row["us"] = _graph_us(lambda x: launch(pl, launch(pr, x, **config), **config), x)

@@ -91,6 +91,19 @@ VECTOR_CONFIG = {"block_r": 64, "wpi": 2, "num_warps": 4}  # batch < DOT_MIN_BAT
 DOT_CONFIG = {"block_r": 64, "wpi": 2, "num_warps": 4}
 
 
+def resolve_config(batch: int, use_dot: bool | None = None, block_r: int | None = None, wpi: int | None = None,
+                   num_warps: int | None = None) -> dict:
+    """The launch settings for ``batch`` activation rows: the path (tl.dot from
+    DOT_MIN_BATCH on) and that path's defaults, with any given setting overriding them."""
+    use_dot = batch >= DOT_MIN_BATCH if use_dot is None else use_dot
+    config = DOT_CONFIG if use_dot else VECTOR_CONFIG
+    resolved = {"use_dot": use_dot, "block_r": block_r or config["block_r"], "wpi": wpi or config["wpi"],
+                "num_warps": num_warps or config["num_warps"]}
+    if CHUNK_WORDS % resolved["wpi"]:
+        raise ValueError(f"wpi must divide {CHUNK_WORDS}, got {resolved['wpi']}")
+    return resolved
+
+
 def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int | None = None,
            wpi: int | None = None, num_warps: int | None = None, use_dot: bool | None = None) -> torch.Tensor:
     """y = x @ S^T for x (N, cols) -> (N, rows) in x's dtype (fp32 accumulation).
@@ -105,13 +118,8 @@ def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int
     x = x.contiguous()
     kernel = _kernel()
 
-    use_dot = N >= DOT_MIN_BATCH if use_dot is None else use_dot
-    config = DOT_CONFIG if use_dot else VECTOR_CONFIG
-    block_r = block_r or config["block_r"]
-    wpi = wpi or config["wpi"]
-    num_warps = num_warps or config["num_warps"]
-    if CHUNK_WORDS % wpi:
-        raise ValueError(f"wpi must divide {CHUNK_WORDS}, got {wpi}")
+    config = resolve_config(N, use_dot, block_r, wpi, num_warps)
+    use_dot, block_r, wpi, num_warps = config["use_dot"], config["block_r"], config["wpi"], config["num_warps"]
     block_n = min(64, max(16, 1 << (N - 1).bit_length())) if use_dot else 1 << (N - 1).bit_length()
     # fp16/bf16 activations with values of the same kind (or int8) use the tensor-core
     # dot in that dtype; anything else is computed in fp32 (no silent rounding to bf16)

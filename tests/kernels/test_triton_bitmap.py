@@ -9,7 +9,8 @@ import torch
 
 from dsf_runtime.formats import get_format
 from dsf_runtime.kernels.triton_bitmap import (
-    CHUNK_WORDS, TritonBitmapBackend, chunk_offsets, interpreting, launch, triton_installed,
+    CHUNK_WORDS, DOT_CONFIG, DOT_MIN_BATCH, VECTOR_CONFIG, TritonBitmapBackend, chunk_offsets, interpreting, launch,
+    resolve_config, triton_installed,
 )
 from helpers import random_sparse
 
@@ -104,6 +105,17 @@ def test_chunk_offsets_index_each_chunks_first_value():
 def test_words_per_step_must_divide_a_chunk():
     with pytest.raises(ValueError, match="wpi"):
         _run((8, 64), 0.5, 1, wpi=3)
+
+
+@pytest.mark.parametrize("batch", [1, DOT_MIN_BATCH, 40])
+def test_resolve_config_picks_the_path_and_its_defaults(batch):
+    """The settings launch uses (and the GPU tuning benchmark records)."""
+    dot = batch >= DOT_MIN_BATCH
+    assert resolve_config(batch) == {"use_dot": dot, **(DOT_CONFIG if dot else VECTOR_CONFIG)}
+    forced = resolve_config(batch, use_dot=not dot, wpi=4)
+    assert forced == {**(VECTOR_CONFIG if dot else DOT_CONFIG), "use_dot": not dot, "wpi": 4}
+    with pytest.raises(ValueError, match="wpi must divide"):
+        resolve_config(batch, wpi=3)
 
 
 def test_auto_prefers_it_on_cuda_only():
