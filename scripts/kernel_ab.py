@@ -39,6 +39,8 @@ def compile_lib(src: Path, out_dir: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     lib.dsf_bitmap_spmm_avx2.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_avx2.restype = ctypes.c_int
+    lib.dsf_bitmap_spmm_nz_avx2.argtypes = [_P, _P, _P, _P, _P, _I64, _P, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_nz_avx2.restype = ctypes.c_int
     return lib
 
 
@@ -49,6 +51,8 @@ def main() -> None:
     ap.add_argument("--shape", default="4096x4096", help="OUTxIN of the dense layer")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--kind", choices=sorted(KINDS), default="fp16")
+    ap.add_argument("--path", choices=["word", "nz"], default="word",
+                    help="AVX2 word path (batch < 16 in the backend) or nonzero path (batch 16-32, x as [in][batch])")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rotate-mib", type=int, default=1536)
     args = ap.parse_args()
@@ -68,12 +72,25 @@ def main() -> None:
         libs = [compile_lib(args.old, Path(tmp)), compile_lib(args.new, Path(tmp))]
     x = torch.randn(args.batch, in_f)
 
+    if args.path == "nz" and not 1 <= args.batch <= 32:
+        ap.error("--path nz takes batches of 1 to 32")
+
     def factor(lib: ctypes.CDLL, t: dict[str, torch.Tensor], rows: int, xin: torch.Tensor) -> torch.Tensor:
         words = t["bitmap"].shape[1]
+        scales = t["scales"].data_ptr() if "scales" in t else None
+        if args.path == "nz":
+            ldb = -(-xin.shape[0] // 8) * 8
+            xt = torch.zeros(words * 32, ldb)
+            xt[: xin.shape[1], : xin.shape[0]] = xin.t()
+            yt = torch.empty(rows, ldb)
+            rc = lib.dsf_bitmap_spmm_nz_avx2(t["bitmap"].data_ptr(), t["row_offsets"].data_ptr(),
+                                             t["values"].data_ptr(), scales, xt.data_ptr(), ldb, yt.data_ptr(), rows,
+                                             words, kind)
+            assert rc == 0, "kernel refused its arguments"
+            return yt[:, : xin.shape[0]].t().contiguous()
         xp = torch.zeros(xin.shape[0], words * 32)
         xp[:, : xin.shape[1]] = xin
         y = torch.empty(xin.shape[0], rows)
-        scales = t["scales"].data_ptr() if "scales" in t else None
         rc = lib.dsf_bitmap_spmm_avx2(t["bitmap"].data_ptr(), t["row_offsets"].data_ptr(), t["values"].data_ptr(),
                                       scales, t["values"].numel(), xp.data_ptr(), words * 32, y.data_ptr(), rows,
                                       rows, words, xin.shape[0], kind)
