@@ -67,8 +67,9 @@ def plot_speedups(rows: Sequence[dict], path: Path, key: str, ylabel: str, title
                       rotation=30, fontsize=8)
         ax.set_title(f"batch {batch}")
         ax.set_ylabel(ylabel)
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(impls), 4), fontsize=8)  # below, off the bars
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * -(-len(impls) // 4), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
