@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("new", type=Path)
     ap.add_argument("--shape", default="4096x4096", help="OUTxIN of the dense layer")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--sparsity", type=float, default=0.5, help="of the random DSF pair (default 0.5)")
     ap.add_argument("--kind", choices=sorted(KINDS), default="fp16")
     ap.add_argument("--path", choices=["word", "nz"], default="word",
                     help="AVX2 word path (batch < 16 in the backend) or nonzero path (batch 16-32, x as [in][batch])")
@@ -61,14 +62,15 @@ def main() -> None:
 
     out_f, in_f = (int(s) for s in args.shape.split("x"))
     dtype, kind = KINDS[args.kind]
-    L, R = random_dsf_pair(out_f, in_f, 0.5)
+    L, R = random_dsf_pair(out_f, in_f, args.sparsity)
     fmt = get_format("bitmap")
     packed = [fmt.pack(L, dtype), fmt.pack(R, dtype)]
     nbytes = sum(t.numel() * t.element_size() for p in packed for t in p.values())
     copies = max(1, -(-args.rotate_mib * 2**20 // nbytes))
     pairs = [[{k: v.clone() for k, v in p.items()} for p in packed] for _ in range(copies)]
     print(f"{args.shape} batch {args.batch} {args.kind}: {nbytes / 2**20:.1f} MiB per call, {copies} copies; "
-          f"densities L {packed[0]['values'].numel() / L.numel():.2f} R {packed[1]['values'].numel() / R.numel():.2f}")
+          f"L {tuple(L.shape)} density {packed[0]['values'].numel() / L.numel():.2f}, "
+          f"R {tuple(R.shape)} density {packed[1]['values'].numel() / R.numel():.2f}")
 
     with tempfile.TemporaryDirectory() as tmp:
         libs = [compile_lib(args.old, Path(tmp)), compile_lib(args.new, Path(tmp))]
@@ -120,6 +122,9 @@ def main() -> None:
     quarters = [slice(q * n // 4, (q + 1) * n // 4) for q in range(4)]
     med = [statistics.median(t) * 1e3 for t in times]
     per_q = [statistics.median(times[1][s]) / statistics.median(times[0][s]) for s in quarters]
+    mask_bytes = (L.numel() + R.numel()) / 8
+    print(f"per mask byte (both factors, all threads): old {med[0] * 1e6 / mask_bytes:.3f} ns, "
+          f"new {med[1] * 1e6 / mask_bytes:.3f} ns")
     print(f"old {med[0]:.3f} ms  new {med[1]:.3f} ms  new/old {med[1] / med[0]:.3f}  "
           f"quarters {' '.join(f'{r:.3f}' for r in per_q)}  ({n} calls each)")
 
