@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
+import os
 import statistics
 import subprocess
 import tempfile
@@ -28,14 +30,23 @@ import torch
 
 from dsf_runtime.benchmarks.storage import random_dsf_pair
 from dsf_runtime.formats import get_format
+from dsf_runtime.models import cache_dir
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 KINDS = {"fp16": (torch.float16, 0), "bf16": (torch.bfloat16, 1), "int8": (torch.int8, 2)}
 
 
-def compile_lib(src: Path, out_dir: Path) -> ctypes.CDLL:
-    out = out_dir / f"{src.stem}-{abs(hash(src.resolve()))}.so"
-    subprocess.run(["c++", "-O3", "-fPIC", "-shared", "-fopenmp", "-std=c++17", str(src), "-o", str(out)], check=True)
+def compile_lib(src: Path) -> ctypes.CDLL:
+    """Build (once per source text, cached beside the backend's builds) and load."""
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"ab-{digest}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            built = Path(tmp) / out.name
+            subprocess.run(["c++", "-O3", "-fPIC", "-shared", "-fopenmp", "-std=c++17", str(src), "-o", str(built)],
+                           check=True)
+            os.replace(built, out)
     lib = ctypes.CDLL(str(out))
     lib.dsf_bitmap_spmm_avx2.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_avx2.restype = ctypes.c_int
@@ -44,7 +55,7 @@ def compile_lib(src: Path, out_dir: Path) -> ctypes.CDLL:
     return lib
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("old", type=Path)
     ap.add_argument("new", type=Path)
@@ -58,9 +69,17 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true",
                     help="skip the equal-results check (to time a version with a phase cut out)")
     ap.add_argument("--rotate-mib", type=int, default=1536)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        out_f, in_f = (int(s) for s in args.shape.lower().split("x"))
+    except ValueError:
+        ap.error(f"--shape takes OUTxIN, e.g. 4096x4096, not {args.shape!r}")
+    if args.path == "nz" and not 1 <= args.batch <= 32:
+        ap.error("--path nz takes batches of 1 to 32")
+    for src in (args.old, args.new):
+        if not src.is_file():
+            ap.error(f"no such source file: {src}")
 
-    out_f, in_f = (int(s) for s in args.shape.split("x"))
     dtype, kind = KINDS[args.kind]
     L, R = random_dsf_pair(out_f, in_f, args.sparsity)
     fmt = get_format("bitmap")
@@ -72,12 +91,8 @@ def main() -> None:
           f"L {tuple(L.shape)} density {packed[0]['values'].numel() / L.numel():.2f}, "
           f"R {tuple(R.shape)} density {packed[1]['values'].numel() / R.numel():.2f}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        libs = [compile_lib(args.old, Path(tmp)), compile_lib(args.new, Path(tmp))]
+    libs = [compile_lib(args.old), compile_lib(args.new)]
     x = torch.randn(args.batch, in_f)
-
-    if args.path == "nz" and not 1 <= args.batch <= 32:
-        ap.error("--path nz takes batches of 1 to 32")
 
     def factor(lib: ctypes.CDLL, t: dict[str, torch.Tensor], rows: int, xin: torch.Tensor) -> torch.Tensor:
         words = t["bitmap"].shape[1]

@@ -1,0 +1,48 @@
+"""scripts/kernel_ab.py, the developers' in-process A/B of two kernel sources: it runs
+both paths, and its equal-results check catches a version that computes another y."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsf_runtime.kernels import BACKENDS
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "dsf_runtime" / "kernels" / "csrc" / "bitmap_spmm.cpp"
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None or BACKENDS["cpu-bitmap"].isa == "portable",
+    reason="needs c++ and a CPU with the AVX2 paths",
+)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_ab.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_times_both_versions_on_both_paths(tmp_path):
+    twin = tmp_path / "twin.cpp"
+    twin.write_text(SOURCE.read_text())
+    for path, batch in (("word", "3"), ("nz", "17")):
+        proc = _run(SOURCE, twin, "--shape", "96x200", "--batch", batch, "--path", path, "--seconds", "0.3",
+                    "--rotate-mib", "1")
+        assert proc.returncode == 0, proc.stderr
+        last = proc.stdout.strip().splitlines()[-1]
+        assert last.startswith("old ") and "new/old" in last and "calls each" in last
+
+
+def test_a_version_with_another_result_is_refused(tmp_path):
+    wrong = tmp_path / "wrong.cpp"
+    text = SOURCE.read_text()
+    line = "    y[b * ldy] = KIND == kInt8 ? scale * kInt8Unit * hsum256(sum) : hsum256(sum);"
+    assert line in text
+    wrong.write_text(text.replace(line, line.replace(": hsum256(sum);", ": 1.5f * hsum256(sum);")))
+    proc = _run(SOURCE, wrong, "--shape", "64x96", "--seconds", "0.3", "--rotate-mib", "1")
+    assert proc.returncode != 0 and "Mismatched elements" in proc.stderr
+    bad = _run(SOURCE, wrong, "--shape", "64by96")
+    assert bad.returncode == 2 and "--shape takes OUTxIN" in bad.stderr
