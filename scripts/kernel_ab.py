@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
-import os
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,29 +26,20 @@ import torch
 
 from dsf_runtime.benchmarks.storage import random_dsf_pair
 from dsf_runtime.formats import get_format
-from dsf_runtime.models import cache_dir
+from dsf_runtime.kernels.cpu_bitmap import bind, compile_library, find_compiler
 
-_P, _I64 = ctypes.c_void_p, ctypes.c_int64
 KINDS = {"fp16": (torch.float16, 0), "bf16": (torch.bfloat16, 1), "int8": (torch.int8, 2)}
 
 
 def compile_lib(src: Path) -> ctypes.CDLL:
-    """Build (once per source text, cached beside the backend's builds) and load."""
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"ab-{digest}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            built = Path(tmp) / out.name
-            subprocess.run(["c++", "-O3", "-fPIC", "-shared", "-fopenmp", "-std=c++17", str(src), "-o", str(built)],
-                           check=True)
-            os.replace(built, out)
-    lib = ctypes.CDLL(str(out))
-    lib.dsf_bitmap_spmm_avx2.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
-    lib.dsf_bitmap_spmm_avx2.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_nz_avx2.argtypes = [_P, _P, _P, _P, _P, _I64, _P, _I64, _I64, ctypes.c_int]
-    lib.dsf_bitmap_spmm_nz_avx2.restype = ctypes.c_int
-    return lib
+    """The backend's build (cached per source text and compiler) of ``src``, loaded."""
+    cxx = find_compiler()
+    if cxx is None:
+        raise SystemExit("kernel_ab: no C++ compiler found (set CXX or install g++)")
+    try:
+        return bind(ctypes.CDLL(str(compile_library(src, cxx))))
+    except RuntimeError as exc:
+        raise SystemExit(f"kernel_ab: compiling {src} failed: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

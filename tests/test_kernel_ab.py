@@ -3,7 +3,6 @@ both paths, and its equal-results check catches a version that computes another 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from dsf_runtime.kernels import BACKENDS
+from dsf_runtime.kernels.cpu_bitmap import find_compiler
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "dsf_runtime" / "kernels" / "csrc" / "bitmap_spmm.cpp"
 pytestmark = pytest.mark.skipif(
-    shutil.which("c++") is None or BACKENDS["cpu-bitmap"].isa == "portable",
-    reason="needs c++ and a CPU with the AVX2 paths",
+    find_compiler() is None or BACKENDS["cpu-bitmap"].isa == "portable",
+    reason="needs a C++ compiler and a CPU with the AVX2 paths",
 )
 
 

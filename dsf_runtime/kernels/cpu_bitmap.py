@@ -46,25 +46,20 @@ def _source() -> Path:
     return Path(str(resources.files("dsf_runtime.kernels") / "csrc" / "bitmap_spmm.cpp"))
 
 
-def _compiler() -> str | None:
+def find_compiler() -> str | None:
+    """The C++ compiler to build the kernel with: $CXX, else the first of c++, g++, clang++."""
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):
             return shutil.which(name)
     return None
 
 
-def build(force: bool = False) -> ctypes.CDLL | None:
-    """Compile (once per source and compiler) and load the kernel library."""
-    global _LIB, _REASON
-    if _LIB is not None and not force:
-        return _LIB
+def compile_library(src: Path, cxx: str, force: bool = False) -> Path:
+    """The shared library built from the C++ source ``src`` by ``cxx``: compiled once per
+    source text and compiler into the cache (atomically, so concurrent builds never load
+    a half-written file). Raises RuntimeError holding the compiler's last line on failure."""
     from dsf_runtime.models import cache_dir
 
-    src = _source()
-    cxx = _compiler()
-    if cxx is None:
-        _REASON = "no C++ compiler found (set CXX or install g++)"
-        return None
     digest = hashlib.sha256(src.read_bytes() + cxx.encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"bitmap_spmm-{digest}.so"
     if force or not target.exists():
@@ -74,15 +69,13 @@ def build(force: bool = False) -> ctypes.CDLL | None:
             cmd = [cxx, "-O3", "-fPIC", "-shared", "-fopenmp", "-std=c++17", str(src), "-o", str(out)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                _REASON = f"compiling the CPU kernel failed: {proc.stderr.strip().splitlines()[-1:]}"
-                log.warning(_REASON)
-                return None
-            os.replace(out, target)  # atomic: concurrent builds never load a half-written file
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        _REASON = f"loading the CPU kernel failed: {exc}"
-        return None
+                raise RuntimeError(str(proc.stderr.strip().splitlines()[-1:]))
+            os.replace(out, target)
+    return target
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the argument and result types of the library's entry points."""
     lib.dsf_has_avx512.restype = ctypes.c_int
     lib.dsf_has_avx512_bf16.restype = ctypes.c_int
     lib.dsf_has_avx2.restype = ctypes.c_int
@@ -100,6 +93,29 @@ def build(force: bool = False) -> ctypes.CDLL | None:
     lib.dsf_bitmap_check.restype = ctypes.c_int64
     lib.dsf_bitmap_spmm_portable.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_portable.restype = ctypes.c_int
+    return lib
+
+
+def build(force: bool = False) -> ctypes.CDLL | None:
+    """Compile (once per source and compiler) and load the kernel library."""
+    global _LIB, _REASON
+    if _LIB is not None and not force:
+        return _LIB
+    cxx = find_compiler()
+    if cxx is None:
+        _REASON = "no C++ compiler found (set CXX or install g++)"
+        return None
+    try:
+        target = compile_library(_source(), cxx, force)
+    except RuntimeError as exc:
+        _REASON = f"compiling the CPU kernel failed: {exc}"
+        log.warning(_REASON)
+        return None
+    try:
+        lib = bind(ctypes.CDLL(str(target)))
+    except OSError as exc:
+        _REASON = f"loading the CPU kernel failed: {exc}"
+        return None
     global _CAPS
     _CAPS = (bool(lib.dsf_has_avx512()), bool(lib.dsf_has_avx512_bf16()), bool(lib.dsf_has_avx2()))
     _ISA_CACHE.clear()
