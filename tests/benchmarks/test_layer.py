@@ -23,6 +23,12 @@ def test_every_case_computes_the_same_product(monkeypatch):
         y = cases["DSF cpu-bitmap int8"].fn(0, x)
         assert 0 < float((y - ref).norm() / ref.norm()) < 0.02
         assert cases["DSF cpu-bitmap int8"].weight_bytes < cases["DSF cpu-bitmap"].weight_bytes
+    for name, bound in (("DSF cpu-bitmap bf16 values", 0.01), ("DSF cpu-bitmap bf16 model", 0.02)):
+        if name in cases:  # bf16 values (and for the model, bf16 x and output): up to their rounding
+            y = cases[name].fn(0, x)
+            assert y.dtype == torch.float32
+            assert 0 < float((y - ref).norm() / ref.norm()) < bound
+            assert cases[name].weight_bytes == cases["DSF cpu-bitmap"].weight_bytes
 
 
 def test_bench_writes_results(monkeypatch, tmp_path):

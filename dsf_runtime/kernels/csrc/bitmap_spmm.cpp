@@ -422,8 +422,10 @@ inline uint64_t rotr64(uint64_t x, int r) { return (x >> r) | (x << ((64 - r) & 
 // of ``xw``) into the accumulators: each byte expanded once and FMA'd into every batch
 // row (byte q goes to accumulator q % A). Per byte, two integer operations give its
 // table offset (a rotate, BMI2's rorx, and a mask) and one popcount of that advances the
-// value index ``k``: 8 instructions per byte at batch 1 (fp16), ~1.5 cycles per byte on
-// Zen 3 (bf16 1.2): the shuffle pipes (vpshufb, vcvtph2ps's two micro-ops) look binding.
+// value index ``k``: 8 instructions per byte at batch 1 (fp16). On Zen 3 that integer
+// work alone issues at ~1.5 cycles per byte and the vector work (vpshufb, vcvtph2ps at
+// one per cycle, FMA) at ~1.5 (bf16: 1.0), together ~2.25 (scripts/op_rates.c); the
+// loop runs at ~3 with its loads, whose addresses wait on the running popcount.
 template <int Q, int NB, int KIND, bool CHECKED, int A>
 DSF_AVX2 inline void bytes_avx2(uint64_t bits, const packed_t<KIND>* v, int64_t& k, const packed_t<KIND>* end,
                                const float* xw, int64_t ldx, __m256 (&acc)[A][NB], const ShuffleTables& t) {
