@@ -7,15 +7,16 @@
 // x86-64 core since 2011), so results are in cycles per loop iteration.
 //
 //   gcc -O2 -mavx2 -mfma -mf16c -mbmi2 -mpopcnt scripts/op_rates.c -o /tmp/op_rates
-//   taskset -c 0 /tmp/op_rates
+//   taskset -c 0 /tmp/op_rates [ITERATIONS]   (default 10^8 per test, ~1 s each)
 //
 // "per byte" rows do the work the kernel does per 8-column bitmap byte, four bytes per
 // iteration: divide by 4 for cycles per byte.
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <time.h>
 
-#define N 100000000L
+static long N = 100000000L;
 
 static double now(void) {
   struct timespec t;
@@ -27,7 +28,7 @@ static double clock_hz(void) {
   uint64_t z = 0;
   double t0 = now();
   for (long i = 0; i < N; i++) __asm__ volatile("add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0" : "+r"(z));
-  return 4.0 * N / (now() - t0);
+  return 4.0 * (double)N / (now() - t0);
 }
 
 #define CLOBBERS "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm10", "xmm11", "xmm12", "xmm13", "rbx", "rcx", "rdx", "rsi", "rdi", "r8"
@@ -46,7 +47,11 @@ static double clock_hz(void) {
 // its integer work: table offset (rotate, mask), popcount, value index
 #define INT_BYTE(sh, acc) "rorx $" #sh ",%%rax,%%rbx\n and $0xff0,%%ebx\n popcnt %%rbx,%%rcx\n add %%rcx,%%" #acc "\n"
 
-int main(void) {
+int main(int argc, char** argv) {
+  if (argc > 1 && (N = atol(argv[1])) <= 0) {
+    fprintf(stderr, "usage: %s [ITERATIONS > 0]\n", argv[0]);
+    return 2;
+  }
   TEST("8 x vcvtph2ps ymm", "vcvtph2ps %%xmm8,%%ymm0\n vcvtph2ps %%xmm8,%%ymm1\n vcvtph2ps %%xmm8,%%ymm2\n"
                             "vcvtph2ps %%xmm8,%%ymm3\n vcvtph2ps %%xmm9,%%ymm4\n vcvtph2ps %%xmm9,%%ymm5\n"
                             "vcvtph2ps %%xmm9,%%ymm6\n vcvtph2ps %%xmm9,%%ymm7");
