@@ -46,3 +46,18 @@ def test_a_version_with_another_result_is_refused(tmp_path):
     assert proc.returncode != 0 and "Mismatched elements" in proc.stderr
     bad = _run(SOURCE, wrong, "--shape", "64by96")
     assert bad.returncode == 2 and "--shape takes OUTxIN" in bad.stderr
+
+
+def test_new_kind_times_other_values_and_checks_them(tmp_path):
+    """--new-kind runs the new version on the same factors stored in other values; the
+    check allows their rounding but still refuses a version that computes another y."""
+    proc = _run(SOURCE, SOURCE, "--shape", "64x96", "--kind", "fp16", "--new-kind", "bf16", "--seconds", "0.3",
+                "--rotate-mib", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "batch 1 fp16/bf16:" in proc.stdout and "new/old" in proc.stdout
+    wrong = tmp_path / "wrong.cpp"
+    line = "    y[b * ldy] = KIND == kInt8 ? scale * kInt8Unit * hsum256(sum) : hsum256(sum);"
+    wrong.write_text(SOURCE.read_text().replace(line, line.replace(": hsum256(sum);", ": 1.5f * hsum256(sum);")))
+    proc = _run(SOURCE, wrong, "--shape", "64x96", "--kind", "int8", "--new-kind", "bf16", "--seconds", "0.3",
+                "--rotate-mib", "1")
+    assert proc.returncode != 0 and "differ by" in proc.stderr and "int8 vs bf16" in proc.stderr
