@@ -112,6 +112,9 @@ def run_decode_bench(checkpoint: str | None, dense: str = "smollm2-135m", stack_
         variants = {"dense fp32": model, "dense bf16": copy.deepcopy(model).to(torch.bfloat16)}
         variants["DSF"] = dsf_stack(copy.deepcopy(model))
         gc.collect()
+        # bf16 values in the fp32 model (--value-dtype bfloat16): fp16's bytes, no widening instruction
+        variants["DSF bf16 values"] = dsf_stack(copy.deepcopy(model), value_dtype=torch.bfloat16)
+        gc.collect()
         # a bf16 model: bf16 values and activations (the AVX512_BF16 path where the CPU has it)
         variants["DSF bf16"] = dsf_stack(copy.deepcopy(model), value_dtype=torch.bfloat16).to(torch.bfloat16)
         gc.collect()

@@ -71,7 +71,7 @@ def test_decode_bench_on_tiny_models(tiny_model_dir, tmp_path, monkeypatch):
                                       prompt_tokens=8)
     rows = json.loads((tmp_path / "res" / "decode.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["dense fp32", "dense bf16", "DSF", "DSF (torch-csr)",
-                                            "dense fp32", "dense bf16", "DSF", "DSF bf16"]
+                                            "dense fp32", "dense bf16", "DSF", "DSF bf16 values", "DSF bf16"]
     assert all(r["tg_tok_s"] > 0 and r["pp_tok_s"] > 0 for r in rows)
     assert "cpu-bitmap" in rows[2]["backend"] and "torch-csr" in rows[3]["backend"]
     assert rows[-1]["tg_vs_bf16"] > 0 and "DSF bf16" in payload["table"]
