@@ -104,35 +104,31 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
 
     bitmap = BACKENDS["cpu-bitmap"]
     if bitmap.available():
+        f = get_format("bitmap")
+
+        def bitmap_copies(tl: dict, tr: dict, model_dtype: torch.dtype) -> tuple[list, int, int]:
+            """Prepared (L, R) copies enough to rotate beyond the LLC, their count and bytes."""
+            nbytes = sum(t.numel() * t.element_size() for t in (*tl.values(), *tr.values()))
+            n = _copies(nbytes)
+            return [tuple(bitmap.prepare("bitmap", {k: v.clone() for k, v in t.items()}, tuple(m.shape), model_dtype)
+                          for t, m in ((tl, L), (tr, R))) for _ in range(n)], n, nbytes
+
+        def two_stage(i: int, x: torch.Tensor, p: list) -> torch.Tensor:
+            return bitmap.matmul(p[i][0], bitmap.matmul(p[i][1], x))
+
         # int8 values with per-row scales: 0.75 instead of 1.25 bytes per dense weight
-        f = get_format("bitmap")
-        tl, tr = f.pack(L, torch.int8), f.pack(R, torch.int8)
-        nbytes = sum(t.numel() * t.element_size() for t in (*tl.values(), *tr.values()))
-        n = _copies(nbytes)
-        preps = [(bitmap.prepare("bitmap", {k: v.clone() for k, v in tl.items()}, tuple(L.shape), torch.float32),
-                  bitmap.prepare("bitmap", {k: v.clone() for k, v in tr.items()}, tuple(R.shape), torch.float32))
-                 for _ in range(n)]
-        cases.append(Case("DSF cpu-bitmap int8", lambda i, x, b=bitmap, p=preps: b.matmul(p[i][0], b.matmul(p[i][1], x)),
-                          nbytes, n))
-    if bitmap.available():
-        f = get_format("bitmap")
+        preps, n, nbytes = bitmap_copies(f.pack(L, torch.int8), f.pack(R, torch.int8), torch.float32)
+        cases.append(Case("DSF cpu-bitmap int8", lambda i, x, p=preps: two_stage(i, x, p), nbytes, n))
         tl, tr = f.pack(L.to(torch.bfloat16), torch.bfloat16), f.pack(R.to(torch.bfloat16), torch.bfloat16)
-        nbytes = sum(t.numel() * t.element_size() for t in (*tl.values(), *tr.values()))
-        n = _copies(nbytes)
-        for model_dtype in (torch.float32, torch.bfloat16):
-            # bf16 values (--value-dtype bfloat16) in an fp32 model: the same bytes as fp16 values,
-            # but they widen to fp32 by placement alone (no vcvtph2ps on AVX2). Then a bf16 model:
-            # bf16 values and activations, as dense bf16 (the AVX512_BF16 dot-product path where
-            # the CPU has it; elsewhere x is widened to fp32 and the values expand to fp32).
-            preps = [(bitmap.prepare("bitmap", {k: v.clone() for k, v in tl.items()}, tuple(L.shape), model_dtype),
-                      bitmap.prepare("bitmap", {k: v.clone() for k, v in tr.items()}, tuple(R.shape), model_dtype))
-                     for _ in range(n)]
-            if model_dtype == torch.float32:
-                cases.append(Case("DSF cpu-bitmap bf16 values", lambda i, x, b=bitmap, p=preps: b.matmul(
-                    p[i][0], b.matmul(p[i][1], x)), nbytes, n))
-            else:
-                cases.append(Case("DSF cpu-bitmap bf16 model", lambda i, x, b=bitmap, p=preps: b.matmul(
-                    p[i][0], b.matmul(p[i][1], x.to(torch.bfloat16))).float(), nbytes, n))
+        # bf16 values (--value-dtype bfloat16) in an fp32 model: the same bytes as fp16 values,
+        # but they widen to fp32 by placement alone (no vcvtph2ps on AVX2)
+        preps, n, nbytes = bitmap_copies(tl, tr, torch.float32)
+        cases.append(Case("DSF cpu-bitmap bf16 values", lambda i, x, p=preps: two_stage(i, x, p), nbytes, n))
+        # a bf16 model: bf16 values and activations, as dense bf16 (the AVX512_BF16 dot-product
+        # path where the CPU has it; elsewhere x is widened to fp32 and the values expand to fp32)
+        preps, n, nbytes = bitmap_copies(tl, tr, torch.bfloat16)
+        cases.append(Case("DSF cpu-bitmap bf16 model",
+                          lambda i, x, p=preps: two_stage(i, x.to(torch.bfloat16), p).float(), nbytes, n))
 
     sl, sr = sp.csr_matrix(L.numpy()), sp.csr_matrix(R.numpy())
     nbytes = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in (sl, sr))
