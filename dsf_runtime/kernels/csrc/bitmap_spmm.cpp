@@ -569,20 +569,11 @@ DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const void* values_raw, const 
       fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0xAA), xt + int64_t(c[6]) * ldb, acc);
       fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0xFF), xt + int64_t(c[7]) * ldb, acc2);
     }
-    for (; k + 2 <= nnz; k += 2) {
-      const float* xa = xt + int64_t(idx[k]) * ldb;
-      const float* xb = xt + int64_t(idx[k + 1]) * ldb;
-      __m256 a = _mm256_broadcast_ss(val + k), b = _mm256_broadcast_ss(val + k + 1);
-      for (int j = 0; j < NV; ++j) {
-        acc[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xa + 8 * j), acc[j]);
-        acc2[j] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xb + 8 * j), acc2[j]);
-      }
+    for (; k + 2 <= nnz; k += 2) {  // the last 0-7: two per step, then one
+      fma_x_row<NV>(_mm256_broadcast_ss(val + k), xt + int64_t(idx[k]) * ldb, acc);
+      fma_x_row<NV>(_mm256_broadcast_ss(val + k + 1), xt + int64_t(idx[k + 1]) * ldb, acc2);
     }
-    if (k < nnz) {
-      const float* xa = xt + int64_t(idx[k]) * ldb;
-      __m256 a = _mm256_broadcast_ss(val + k);
-      for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xa + 8 * j), acc[j]);
-    }
+    if (k < nnz) fma_x_row<NV>(_mm256_broadcast_ss(val + k), xt + int64_t(idx[k]) * ldb, acc);
     float* out = yt + r * ldb;
     for (int j = 0; j < NV; ++j) {
       __m256 sum = _mm256_add_ps(acc[j], acc2[j]);
