@@ -30,9 +30,9 @@ import torch
 
 from dsf_runtime.benchmarks.storage import random_dsf_pair
 from dsf_runtime.formats import get_format
-from dsf_runtime.kernels.cpu_bitmap import bind, compile_library, find_compiler
+from dsf_runtime.kernels.cpu_bitmap import KIND_CODES, bind, compile_library, find_compiler
 
-KINDS = {"fp16": (torch.float16, 0), "bf16": (torch.bfloat16, 1), "int8": (torch.int8, 2)}
+KINDS = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def compile_lib(src: Path) -> ctypes.CDLL:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     kind_names = (args.kind, args.new_kind or args.kind)
     L, R = random_dsf_pair(out_f, in_f, args.sparsity)
     fmt = get_format("bitmap")
-    packed = [[fmt.pack(L, KINDS[k][0]), fmt.pack(R, KINDS[k][0])] for k in kind_names]  # [version][L, R]
+    packed = [[fmt.pack(L, KINDS[k]), fmt.pack(R, KINDS[k])] for k in kind_names]  # [version][L, R]
     nbytes = max(sum(t.numel() * t.element_size() for p in pv for t in p.values()) for pv in packed)
     copies = max(1, -(-args.rotate_mib * 2**20 // nbytes))
     pairs = [[[{k: v.clone() for k, v in p.items()} for p in pv] for _ in range(copies)] for pv in packed]
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def call(v: int, i: int) -> torch.Tensor:
         tl, tr = pairs[v][i]
-        kind = KINDS[kind_names[v]][1]
+        kind = KIND_CODES[KINDS[kind_names[v]]]
         return factor(libs[v], kind, tl, out_f, factor(libs[v], kind, tr, R.shape[0], x))
 
     ya, yb = call(0, 0), call(1, 0)

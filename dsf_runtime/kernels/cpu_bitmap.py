@@ -128,8 +128,8 @@ def unavailable_reason() -> str | None:
     return _REASON
 
 
-# Value kinds as the C++ kernel numbers them.
-_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}
+# Value kinds as the C++ kernel numbers them (its ``kind`` argument).
+KIND_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
 _CHECK_MESSAGES = {
@@ -235,7 +235,7 @@ class CPUBitmapBackend:
         scales = tensors["scales"].contiguous() if values.dtype == torch.int8 else torch.empty(0)
         return Prepared(
             tensors["bitmap"].contiguous(), tensors["row_offsets"].contiguous(), values.contiguous(), scales,
-            shape[0], shape[1], _KINDS[values.dtype],
+            shape[0], shape[1], KIND_CODES[values.dtype],
         )
 
     def matmul(self, p: Prepared, x: torch.Tensor) -> torch.Tensor:
