@@ -1,11 +1,11 @@
 """cpu-bitmap: a fast CPU kernel for the bitmap format (C++, AVX-512 or AVX2 with a
 portable fallback, OpenMP over rows), compiled on first use and cached.
 
-With AVX-512 VBMI2, below NZ_MIN_BATCH it expands each 32-column bitmap word's packed
+With AVX-512 VBMI2, below its NZ_MIN_BATCH it expands each 32-column bitmap word's packed
 fp16/bf16 values into vector lanes (vpexpandw) and fuses multiply-adds with x for
 tiles of up to 16 batch rows, so the kernel reads 1 bit per weight plus the nonzero
 values once per tile (bf16 models: bf16 dot products where the CPU has AVX512_BF16);
-from NZ_MIN_BATCH on, and on the portable path, it iterates nonzeros against x laid
+from that batch on, and on the portable path, it iterates nonzeros against x laid
 out [in][batch]. CPUs with AVX2 (+FMA, F16C) but no AVX-512 take the same two paths
 with 8-lane vectors, expanding each 8-column bitmap byte through a vpshufb table
 (the SparAMX technique's AVX2 form). Where no C++ compiler is found (or the build fails) the
@@ -34,9 +34,22 @@ log = logging.getLogger(__name__)
 
 _LIB: ctypes.CDLL | None = None
 _CAPS = (False, False, False)  # (AVX-512 VBMI2 path, AVX512_BF16 path, AVX2 path) on this CPU, read once at build
-# From this batch on, the AVX-512 path iterates nonzeros (x as [in][batch]) instead of
-# expanding 32-column words: measured crossover on the layer benchmark.
-NZ_MIN_BATCH = int(os.environ.get("DSF_NZ_MIN_BATCH", "16"))
+# From these batches on, the vector paths iterate nonzeros (x as [in][batch]) instead of
+# expanding bitmap words: the measured crossovers, AVX-512 on the layer benchmark, AVX2
+# on Zen 3 (word vs nonzero path in one process: the nonzero path is 0.7-0.9x the word
+# path's time at batch 12 on the LLaMA-7B shapes and 1.0-1.1x on SmolLM2's, which
+# cross at 13-14). DSF_NZ_MIN_BATCH overrides both.
+NZ_MIN_BATCH = {"avx512-vbmi2": 16, "avx2": 12}
+
+
+def nz_min_batch(isa: str) -> int:
+    """The batch from which ``isa``'s nonzero path runs (DSF_NZ_MIN_BATCH overrides)."""
+    env = os.environ.get("DSF_NZ_MIN_BATCH")
+    if not env:
+        return NZ_MIN_BATCH.get(isa, 1)
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"DSF_NZ_MIN_BATCH must be a positive integer, not {env!r}")
+    return int(env)
 _REASON: str | None = None
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -79,13 +92,13 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsf_has_avx512.restype = ctypes.c_int
     lib.dsf_has_avx512_bf16.restype = ctypes.c_int
     lib.dsf_has_avx2.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_nz.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_nz.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_nz.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_bf16dot.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64]
     lib.dsf_bitmap_spmm_bf16dot.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_avx512.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_avx512.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_nz_avx2.argtypes = [_P, _P, _P, _P, _P, _I64, _P, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_nz_avx2.argtypes = [_P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_nz_avx2.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_avx2.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_avx2.restype = ctypes.c_int
@@ -247,22 +260,16 @@ class CPUBitmapBackend:
         if p.kind == 2 and isa == "avx512-vbmi2":
             isa = "avx2" if _CAPS[2] else "portable"  # int8 values run the AVX2 paths (every AVX-512 CPU has AVX2)
         scales = p.ptrs[3]
-        if n >= NZ_MIN_BATCH and isa != "portable":
+        if isa != "portable" and n >= nz_min_batch(isa):
             # large batches (prefill, many streams): work proportional to the nonzeros
-            wide = isa == "avx512-vbmi2"
-            nz_fn, chunk_rows, lanes = (lib.dsf_bitmap_spmm_nz, 64, 16) if wide else (lib.dsf_bitmap_spmm_nz_avx2, 32, 8)
+            # (the kernel lays x out as [in][batch] itself)
+            xf = x.detach().to(torch.float32).contiguous()
             y = torch.empty(n, p.rows, dtype=torch.float32)
-            for start in range(0, n, chunk_rows):
-                chunk = x.detach()[start : start + chunk_rows]
-                ldb = -(-chunk.shape[0] // lanes) * lanes
-                xt = torch.zeros(padded_cols, ldb, dtype=torch.float32)
-                xt[: p.cols, : chunk.shape[0]] = chunk.t()
-                yt = torch.empty(p.rows, ldb, dtype=torch.float32)
-                rc = (nz_fn(*args, xt.data_ptr(), ldb, yt.data_ptr(), p.rows, p.words, p.is_bf16) if wide else
-                      nz_fn(*args, scales, xt.data_ptr(), ldb, yt.data_ptr(), p.rows, p.words, p.kind))
-                if rc != 0:
-                    break
-                y[start : start + chunk.shape[0]] = yt[:, : chunk.shape[0]].t()
+            sizes = (xf.data_ptr(), p.cols, y.data_ptr(), p.rows, p.rows, p.cols, p.words, n)
+            if isa == "avx512-vbmi2":
+                rc = lib.dsf_bitmap_spmm_nz(*args, *sizes, p.is_bf16)
+            else:
+                rc = lib.dsf_bitmap_spmm_nz_avx2(*args, scales, *sizes, p.kind)
         elif x.dtype == torch.bfloat16 and p.is_bf16 and isa == "avx512-vbmi2" and self.bf16_dot:
             # a bf16 model: bf16 x bf16 products with fp32 accumulation, as a dense bf16 matmul does
             xp = torch.zeros(n, padded_cols, dtype=torch.bfloat16)

@@ -35,6 +35,32 @@ def test_matches_dense(monkeypatch, isa, value_dtype, shape, density, batch):
     assert float((y.double() - ref).abs().max() / scale) < 1e-5
 
 
+@pytest.mark.parametrize("batch", [2, 12, 33])
+def test_word_and_nonzero_paths_agree_either_side_of_the_switch(monkeypatch, batch):
+    """DSF_NZ_MIN_BATCH moves the word/nonzero switch; both paths give the dense product
+    (x strided in memory too: the nonzero path lays x out itself)."""
+    shape = (200, 1100)
+    tensors = get_format("bitmap").pack(random_sparse(*shape, 0.3, seed=batch), torch.float16)
+    dense = get_format("bitmap").unpack(tensors, shape).double()
+    p = backend.prepare("bitmap", tensors, shape, torch.float32)
+    x = torch.randn(shape[1], batch, generator=torch.Generator().manual_seed(1)).t()  # non-contiguous
+    ys = []
+    for switch in ("1", "1000"):
+        monkeypatch.setenv("DSF_NZ_MIN_BATCH", switch)
+        ys.append(backend.matmul(p, x).double())
+    ref = x.double() @ dense.t()
+    for y in ys:
+        assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "many", "1.5"])
+def test_a_bad_nz_min_batch_is_a_clear_error(monkeypatch, bad):
+    monkeypatch.setenv("DSF_NZ_MIN_BATCH", bad)
+    p = backend.prepare("bitmap", get_format("bitmap").pack(torch.eye(8), torch.float16), (8, 8), torch.float32)
+    with pytest.raises(ValueError, match="DSF_NZ_MIN_BATCH must be a positive integer"):
+        backend.matmul(p, torch.randn(2, 8))
+
+
 def test_auto_prefers_the_kernel_for_fp16_bitmap_and_declines_fp32():
     fp16 = get_format("bitmap").pack(torch.eye(8), torch.float16)
     fp32 = get_format("bitmap").pack(torch.eye(8), torch.float32)

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -338,7 +339,7 @@ struct ShuffleTables {
   alignas(64) uint8_t fp16[256][16];  // packed fp16 -> 8 x fp16 lanes
   alignas(64) uint8_t bf16[256][32];  // packed bf16 (in both 128-bit halves) -> 8 x fp32 lanes
   alignas(64) uint8_t i8[256][32];    // packed int8 (in both 128-bit halves) -> top bytes of 8 x int32 lanes
-  alignas(64) int32_t pos[256][8];    // column of the k-th set bit of m (nonzero path)
+  alignas(64) uint16_t pos[256][8];   // column of the k-th set bit of m (nonzero path)
 };
 
 const ShuffleTables& shuffle_tables() {
@@ -356,7 +357,7 @@ const ShuffleTables& shuffle_tables() {
         t.bf16[m][base + 2] = uint8_t(2 * k);
         t.bf16[m][base + 3] = uint8_t(2 * k + 1);
         t.i8[m][base + 3] = uint8_t(k);
-        t.pos[m][k++] = j;
+        t.pos[m][k++] = uint16_t(j);
       }
     }
     return t;
@@ -510,70 +511,97 @@ DSF_AVX2 inline void fma_x_row(__m256 a, const float* xa, __m256 (&acc)[NV]) {
   for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xa + 8 * j), acc[j]);
 }
 
-// Larger batches on AVX2: as rows_nz, work proportional to the nonzeros. Column
-// indices are decoded a byte at a time from the position table, values widened 8 at a
-// time; then each nonzero's value is broadcast and FMA'd into NV vectors of x^T[column]
-// ([in][batch] layout, batch padded to a multiple of 8), eight nonzeros per step.
-// Columns run in blocks of words [w0, w1) so that the block of x^T stays in L2 (a
-// 4096x11008 factor at batch 16 has 704 KiB of x^T); ``cursor[r - r0]`` is row r's
-// value index at w0 and advances past the block; the first block stores y^T, later
-// ones add to it.
+// 8 packed values as fp32 (int8: times the row's ``scale``).
+template <int KIND>
+DSF_AVX2 inline __m256 widen8(__m128i h, float scale) {
+  return KIND == kBf16   ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+         : KIND == kInt8 ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h)), _mm256_set1_ps(scale))
+                         : _mm256_cvtph_ps(h);
+}
+
+// Rows ahead of the current one whose block of bitmap and values the nonzero path
+// prefetches (see rows_nz_avx2).
+constexpr int64_t kNzPrefetchRows = 2;
+// Bytes of x^T per column block of the AVX2 nonzero path: an L1's worth. Each nonzero
+// reads a 32-128 byte row of x^T at a random column of the block, so a block in L1 saves
+// an L2 transfer per nonzero; with the prefetch above, smaller blocks cost little.
+// scripts/kernel_ab.py --path nz: 32 KiB blocks take 0.76-0.91x the time of 256 KiB ones
+// (LLaMA-7B shapes, batches 8-32); 16 and 64 KiB blocks 1.09x and 1.11x that of 32 KiB.
+constexpr int64_t kNzBlockBytes = int64_t(32) << 10;
+
+// Larger batches on AVX2: as rows_nz, work proportional to the nonzeros. Per row and
+// column block, the set bits' columns are decoded a byte at a time from the position
+// table (as 16-bit offsets from the block's first column); then each nonzero's value
+// (widened 8 at a time, straight from the packed array) is broadcast and FMA'd into NV
+// vectors of x^T[column] ([in][batch] layout, batch padded to a multiple of 8), eight
+// nonzeros per step. Columns run in blocks of words [w0, w1) so that the block of x^T
+// stays in L1 (see kNzBlockBytes); ``cursor[r - r0]`` is row r's value index at w0 and
+// advances past the block; the first block stores y^T, later ones add to it. A row's
+// share of a block is a short run of bitmap and values at its own place in memory, so
+// the runs of the row kNzPrefetchRows ahead are prefetched (the hardware prefetcher
+// starts too late on runs this short). ``idx`` holds a row block's columns, ``val`` 8
+// floats.
 template <int NV, int KIND>
 DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const void* values_raw, const float* scales, const float* xt,
                            int64_t ldb, float* yt, int64_t r0, int64_t r1, int64_t words, int64_t w0, int64_t w1,
-                           int64_t* cursor, int32_t* idx, float* val) {
+                           int64_t* cursor, uint16_t* idx, float* val) {
   const ShuffleTables& t = shuffle_tables();
   const packed_t<KIND>* values = static_cast<const packed_t<KIND>*>(values_raw);
+  const float* xtb = xt + w0 * 32 * ldb;  // x^T's first row of the block
+  int64_t last_nnz = (w1 - w0) * 8;       // the previous row's nonzeros in the block (a guess at first)
   for (int64_t r = r0; r < r1; ++r) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
     const packed_t<KIND>* v = values + cursor[r - r0];
+    if (r + kNzPrefetchRows < r1) {
+      const char* pv = reinterpret_cast<const char*>(values + cursor[r + kNzPrefetchRows - r0]);
+      for (int64_t o = 0; o < int64_t(sizeof(packed_t<KIND>)) * (last_nnz + 64); o += 64)
+        _mm_prefetch(pv + o, _MM_HINT_T0);
+      const char* pb = reinterpret_cast<const char*>(row + kNzPrefetchRows * words + w0);
+      for (int64_t o = 0; o < (w1 - w0) * 4; o += 64) _mm_prefetch(pb + o, _MM_HINT_T0);
+    }
     int64_t n = 0;
-    __m256i first = _mm256_set1_epi32(int32_t(w0 * 32));  // the current byte's first column
+    __m128i first = _mm_setzero_si128();  // the current byte's first column, from the block's
     for (int64_t w = w0; w < w1; ++w) {
       uint32_t bits = row[w];
       for (int q = 0; q < 4; ++q) {
         unsigned m = (bits >> (8 * q)) & 0xFFu;
-        __m256i col = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(t.pos[m])), first);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + n), col);
+        __m128i col = _mm_add_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(t.pos[m])), first);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(idx + n), col);
         n += __builtin_popcount(m);
-        first = _mm256_add_epi32(first, _mm256_set1_epi32(8));
+        first = _mm_add_epi16(first, _mm_set1_epi16(8));
       }
     }
     const int64_t nnz = n;
     cursor[r - r0] += nnz;
-    int64_t k = 0;
+    last_nnz = nnz;
     const float scale = KIND == kInt8 ? scales[r] : 1.f;
-    for (; k + 8 <= nnz; k += 8) {
-      __m128i h = load8<false>(v + k, v + nnz);
-      __m256 f = KIND == kBf16   ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-                 : KIND == kInt8 ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h)), _mm256_set1_ps(scale))
-                                 : _mm256_cvtph_ps(h);
-      _mm256_storeu_ps(val + k, f);
-    }
-    for (; k < nnz; ++k) val[k] = scale * value_at(v, k, KIND);
     __m256 acc[NV], acc2[NV];
     for (int j = 0; j < NV; ++j) acc[j] = acc2[j] = _mm256_setzero_ps();
-    k = 0;
+    int64_t k = 0;
     for (; k + 8 <= nnz; k += 8) {
       // eight values per step, each broadcast by an in-lane shuffle rather than a load
       // (loads are the busier port here)
-      const __m256 vals = _mm256_loadu_ps(val + k);
+      const __m256 vals = widen8<KIND>(load8<false>(v + k, v + nnz), scale);
       const __m256 lo = _mm256_permute2f128_ps(vals, vals, 0x00), hi = _mm256_permute2f128_ps(vals, vals, 0x11);
-      const int32_t* c = idx + k;
-      fma_x_row<NV>(_mm256_shuffle_ps(lo, lo, 0x00), xt + int64_t(c[0]) * ldb, acc);
-      fma_x_row<NV>(_mm256_shuffle_ps(lo, lo, 0x55), xt + int64_t(c[1]) * ldb, acc2);
-      fma_x_row<NV>(_mm256_shuffle_ps(lo, lo, 0xAA), xt + int64_t(c[2]) * ldb, acc);
-      fma_x_row<NV>(_mm256_shuffle_ps(lo, lo, 0xFF), xt + int64_t(c[3]) * ldb, acc2);
-      fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0x00), xt + int64_t(c[4]) * ldb, acc);
-      fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0x55), xt + int64_t(c[5]) * ldb, acc2);
-      fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0xAA), xt + int64_t(c[6]) * ldb, acc);
-      fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0xFF), xt + int64_t(c[7]) * ldb, acc2);
+      const uint16_t* c = idx + k;
+      fma_x_row<NV>(_mm256_shuffle_ps(lo, lo, 0x00), xtb + int64_t(c[0]) * ldb, acc);
+      fma_x_row<NV>(_mm256_shuffle_ps(lo, lo, 0x55), xtb + int64_t(c[1]) * ldb, acc2);
+      fma_x_row<NV>(_mm256_shuffle_ps(lo, lo, 0xAA), xtb + int64_t(c[2]) * ldb, acc);
+      fma_x_row<NV>(_mm256_shuffle_ps(lo, lo, 0xFF), xtb + int64_t(c[3]) * ldb, acc2);
+      fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0x00), xtb + int64_t(c[4]) * ldb, acc);
+      fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0x55), xtb + int64_t(c[5]) * ldb, acc2);
+      fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0xAA), xtb + int64_t(c[6]) * ldb, acc);
+      fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0xFF), xtb + int64_t(c[7]) * ldb, acc2);
     }
-    for (; k + 2 <= nnz; k += 2) {  // the last 0-7: two per step, then one
-      fma_x_row<NV>(_mm256_broadcast_ss(val + k), xt + int64_t(idx[k]) * ldb, acc);
-      fma_x_row<NV>(_mm256_broadcast_ss(val + k + 1), xt + int64_t(idx[k + 1]) * ldb, acc2);
+    if (k < nnz) {  // the last 1-7: widened into val (zeros past the row), two per step, then one
+      _mm256_storeu_ps(val, widen8<KIND>(load8<true>(v + k, v + nnz), scale));
+      int64_t i = 0;
+      for (; k + 2 <= nnz; k += 2, i += 2) {
+        fma_x_row<NV>(_mm256_broadcast_ss(val + i), xtb + int64_t(idx[k]) * ldb, acc);
+        fma_x_row<NV>(_mm256_broadcast_ss(val + i + 1), xtb + int64_t(idx[k + 1]) * ldb, acc2);
+      }
+      if (k < nnz) fma_x_row<NV>(_mm256_broadcast_ss(val + i), xtb + int64_t(idx[k]) * ldb, acc);
     }
-    if (k < nnz) fma_x_row<NV>(_mm256_broadcast_ss(val + k), xt + int64_t(idx[k]) * ldb, acc);
     float* out = yt + r * ldb;
     for (int j = 0; j < NV; ++j) {
       __m256 sum = _mm256_add_ps(acc[j], acc2[j]);
@@ -585,7 +613,7 @@ DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const void* values_raw, const 
 template <int KIND>
 DSF_AVX2 void tile_nz_avx2(int64_t ldb, const int32_t* bitmap, const void* values, const float* scales,
                            const float* xt, float* yt, int64_t r0, int64_t r1, int64_t words, int64_t w0, int64_t w1,
-                           int64_t* cursor, int32_t* idx, float* val) {
+                           int64_t* cursor, uint16_t* idx, float* val) {
   switch (ldb / 8) {
     case 1: rows_nz_avx2<1, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx, val); break;
     case 2: rows_nz_avx2<2, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx, val); break;
@@ -634,6 +662,28 @@ void over_row_blocks_nz(int64_t rows, int64_t words, Block block) {
   }
 }
 #endif
+
+// The nonzero paths read x as x^T ([in][batch]) and write y^T; callers hand x and y as
+// [batch][ld]. Per chunk of up to ``max_ldb`` batch rows: x^T [32 * words][ldb] (ldb = the
+// chunk rounded up to ``lanes``, zero padded) is built, ``inner(xt, ldb, yt)`` computes
+// y^T [rows][ldb], and that is written back into y. (Transposing here, not in torch,
+// saves ~50 us of strided copies per call: all of the path's cost at SmolLM2's sizes.)
+template <class Inner>
+void over_batch_chunks(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t cols, int64_t words,
+                       int64_t batch, int64_t lanes, int64_t max_ldb, Inner inner) {
+  std::vector<float> xt, yt;
+  for (int64_t b0 = 0; b0 < batch; b0 += max_ldb) {
+    const int64_t nb = std::min(max_ldb, batch - b0), ldb = (nb + lanes - 1) / lanes * lanes;
+    xt.assign(size_t(32 * words * ldb), 0.f);
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t b = 0; b < nb; ++b) xt[size_t(c * ldb + b)] = x[(b0 + b) * ldx + c];
+    yt.resize(size_t(rows * ldb));
+    inner(xt.data(), ldb, yt.data());
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * ldy + r] = yt[size_t(r * ldb + b)];
+  }
+}
 
 }  // namespace
 
@@ -695,19 +745,23 @@ int dsf_bitmap_spmm_bf16dot(const int32_t* bitmap, const int32_t* offsets, const
 #endif
 }
 
-// AVX-512 nonzero path for batch >= 16: x^T [cols_padded][ldb] fp32 with ldb = batch
-// rounded up to 16 (<= 64), zero padded; y^T [rows][ldb]. ``scratch_cols`` >= 32 * words + 16.
-int dsf_bitmap_spmm_nz(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* xt,
-                       int64_t ldb, float* yt, int64_t rows, int64_t words, int is_bf16) {
+// AVX-512 nonzero path (batches from NZ_MIN_BATCH on), any batch: x [batch][ldx] fp32
+// (columns 0..cols-1 read), y [batch][ldy]; chunks of up to 64 batch rows. Returns 0, or
+// -1 without AVX-512 or for bad sizes.
+int dsf_bitmap_spmm_nz(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const float* x,
+                       int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t cols, int64_t words, int64_t batch,
+                       int is_bf16) {
 #ifdef DSF_X86
-  if (!dsf_has_avx512() || ldb < 16 || ldb > 64 || ldb % 16) return -1;
-  over_row_blocks_nz(rows, words, [&](int64_t r0, int64_t r1, int32_t* idx, float* val) {
-    switch (ldb / 16) {
-      case 1: rows_nz<1>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
-      case 2: rows_nz<2>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
-      case 3: rows_nz<3>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
-      default: rows_nz<4>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
-    }
+  if (!dsf_has_avx512() || batch < 1 || cols < 0 || cols > 32 * words || ldx < cols || ldy < rows) return -1;
+  over_batch_chunks(x, ldx, y, ldy, rows, cols, words, batch, 16, 64, [&](const float* xt, int64_t ldb, float* yt) {
+    over_row_blocks_nz(rows, words, [&](int64_t r0, int64_t r1, int32_t* idx, float* val) {
+      switch (ldb / 16) {
+        case 1: rows_nz<1>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
+        case 2: rows_nz<2>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
+        case 3: rows_nz<3>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
+        default: rows_nz<4>(bitmap, offsets, values, xt, ldb, yt, r0, r1, words, is_bf16, idx, val); break;
+      }
+    });
   });
   return 0;
 #else
@@ -744,37 +798,38 @@ int dsf_bitmap_spmm_avx2(const int32_t* bitmap, const int32_t* offsets, const vo
 #endif
 }
 
-// AVX2 nonzero path: as dsf_bitmap_spmm_nz with ldb a multiple of 8 up to 32, and the
+// AVX2 nonzero path: as dsf_bitmap_spmm_nz (chunks of up to 32 batch rows), with the
 // value ``kind`` and ``scales`` of dsf_bitmap_spmm_avx2.
 int dsf_bitmap_spmm_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const void* values, const float* scales,
-                            const float* xt, int64_t ldb, float* yt, int64_t rows, int64_t words, int kind) {
+                            const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t cols,
+                            int64_t words, int64_t batch, int kind) {
 #ifdef DSF_X86
-  if (!dsf_has_avx2() || ldb < 8 || ldb > 32 || ldb % 8 || kind < kFp16 || kind > kInt8) return -1;
+  if (!dsf_has_avx2() || batch < 1 || cols < 0 || cols > 32 * words || ldx < cols || ldy < rows || kind < kFp16 ||
+      kind > kInt8)
+    return -1;
   auto tile = kind == kInt8 ? tile_nz_avx2<kInt8> : kind == kBf16 ? tile_nz_avx2<kBf16> : tile_nz_avx2<kFp16>;
-  // words per column block: x^T's block at most ~256 KiB (half a Zen 2/3 L2), all words if less
-  const int64_t block_words = std::max<int64_t>(8, (int64_t(256) << 10) / (32 * ldb * int64_t(sizeof(float))));
+  over_batch_chunks(x, ldx, y, ldy, rows, cols, words, batch, 8, 32, [&](const float* xt, int64_t ldb, float* yt) {
+    // words per column block: x^T's block at most kNzBlockBytes, all words if less (at
+    // most 32 words, 1024 columns: the decoded 16-bit columns cannot overflow)
+    const int64_t block_words = std::max<int64_t>(8, kNzBlockBytes / (32 * ldb * int64_t(sizeof(float))));
 #pragma omp parallel
-  {
-    // each thread takes a contiguous run of 64-row blocks and walks the column blocks over all of it
-    const int64_t nthreads = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t row_blocks = (rows + 63) / 64, per = (row_blocks + nthreads - 1) / nthreads;
-    const int64_t r0 = std::min(rows, tid * per * 64), r1 = std::min(rows, (tid + 1) * per * 64);
-    if (r0 < r1) {
-      const int64_t cap = std::min(words, block_words) * 32 + 16;
-      int32_t* idx = new int32_t[cap];
-      float* val = new float[cap];
-      int64_t* cursor = new int64_t[r1 - r0];
-      for (int64_t r = r0; r < r1; ++r) cursor[r - r0] = offsets[r];
-      for (int64_t w0 = 0; w0 < words; w0 += block_words)
-        tile(ldb, bitmap, values, scales, xt, yt, r0, r1, words, w0, std::min(words, w0 + block_words), cursor, idx,
-             val);
-      if (words == 0)  // no columns: y^T is zero
-        for (int64_t r = r0; r < r1; ++r) std::memset(yt + r * ldb, 0, size_t(ldb) * sizeof(float));
-      delete[] idx;
-      delete[] val;
-      delete[] cursor;
+    {
+      // each thread takes a contiguous run of 64-row blocks and walks the column blocks over all of it
+      const int64_t nthreads = omp_get_num_threads(), tid = omp_get_thread_num();
+      const int64_t row_blocks = (rows + 63) / 64, per = (row_blocks + nthreads - 1) / nthreads;
+      const int64_t r0 = std::min(rows, tid * per * 64), r1 = std::min(rows, (tid + 1) * per * 64);
+      if (r0 < r1) {
+        std::vector<uint16_t> idx(size_t(std::min(words, block_words) * 32 + 16));
+        std::vector<int64_t> cursor(offsets + r0, offsets + r1);
+        float val[8];
+        for (int64_t w0 = 0; w0 < words; w0 += block_words)
+          tile(ldb, bitmap, values, scales, xt, yt, r0, r1, words, w0, std::min(words, w0 + block_words),
+               cursor.data(), idx.data(), val);
+        if (words == 0)  // no columns: y^T is zero
+          for (int64_t r = r0; r < r1; ++r) std::memset(yt + r * ldb, 0, size_t(ldb) * sizeof(float));
+      }
     }
-  }
+  });
   return 0;
 #else
   return -1;
