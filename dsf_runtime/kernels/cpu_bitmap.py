@@ -36,9 +36,9 @@ _LIB: ctypes.CDLL | None = None
 _CAPS = (False, False, False)  # (AVX-512 VBMI2 path, AVX512_BF16 path, AVX2 path) on this CPU, read once at build
 # From these batches on, the vector paths iterate nonzeros (x as [in][batch]) instead of
 # expanding bitmap words: the measured crossovers, AVX-512 on the layer benchmark, AVX2
-# on Zen 3 (word vs nonzero path in one process: the nonzero path is 0.7-0.9x the word
-# path's time at batch 12 on the LLaMA-7B shapes and 1.0-1.1x on SmolLM2's, which
-# cross at 13-14). DSF_NZ_MIN_BATCH overrides both.
+# on Zen 3 (scripts/path_crossover.py: the nonzero path is 0.7-0.93x the word path's
+# time at batch 12 on the LLaMA-7B shapes and 0.99-1.09x on SmolLM2's, which cross at
+# 12-14). DSF_NZ_MIN_BATCH overrides both.
 NZ_MIN_BATCH = {"avx512-vbmi2": 16, "avx2": 12}
 
 
