@@ -104,7 +104,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsf_bitmap_spmm_avx2.restype = ctypes.c_int
     lib.dsf_bitmap_check.argtypes = [_P, _P, _I64, _I64, _I64, _I64]
     lib.dsf_bitmap_check.restype = ctypes.c_int64
-    lib.dsf_bitmap_spmm_portable.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_portable.argtypes = [_P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_portable.restype = ctypes.c_int
     return lib
 
@@ -260,16 +260,18 @@ class CPUBitmapBackend:
         if p.kind == 2 and isa == "avx512-vbmi2":
             isa = "avx2" if _CAPS[2] else "portable"  # int8 values run the AVX2 paths (every AVX-512 CPU has AVX2)
         scales = p.ptrs[3]
-        if isa != "portable" and n >= nz_min_batch(isa):
-            # large batches (prefill, many streams): work proportional to the nonzeros
-            # (the kernel lays x out as [in][batch] itself)
+        if isa == "portable" or n >= nz_min_batch(isa):
+            # work proportional to the nonzeros: large batches (prefill, many streams) and
+            # the portable path (the kernel lays x out as [in][batch] itself)
             xf = x.detach().to(torch.float32).contiguous()
             y = torch.empty(n, p.rows, dtype=torch.float32)
             sizes = (xf.data_ptr(), p.cols, y.data_ptr(), p.rows, p.rows, p.cols, p.words, n)
             if isa == "avx512-vbmi2":
                 rc = lib.dsf_bitmap_spmm_nz(*args, *sizes, p.is_bf16)
-            else:
+            elif isa == "avx2":
                 rc = lib.dsf_bitmap_spmm_nz_avx2(*args, scales, *sizes, p.kind)
+            else:
+                rc = lib.dsf_bitmap_spmm_portable(*args, scales, *sizes, p.kind)
         elif x.dtype == torch.bfloat16 and p.is_bf16 and isa == "avx512-vbmi2" and self.bf16_dot:
             # a bf16 model: bf16 x bf16 products with fp32 accumulation, as a dense bf16 matmul does
             xp = torch.zeros(n, padded_cols, dtype=torch.bfloat16)
@@ -277,7 +279,7 @@ class CPUBitmapBackend:
             y = torch.empty(n, p.rows, dtype=torch.float32)
             rc = lib.dsf_bitmap_spmm_bf16dot(*args, p.nvalues, xp.data_ptr(), padded_cols, y.data_ptr(),
                                              p.rows, p.rows, p.words, n)
-        elif isa != "portable":
+        else:
             xf = x.detach() if x.dtype == torch.float32 else x.detach().to(torch.float32)  # (no call when fp32)
             if p.cols == padded_cols and xf.is_contiguous():
                 xp = xf  # no padding needed: read x in place
@@ -291,12 +293,6 @@ class CPUBitmapBackend:
             else:
                 rc = lib.dsf_bitmap_spmm_avx2(*args, scales, p.nvalues, xp.data_ptr(), padded_cols,
                                               y.data_ptr(), p.rows, p.rows, p.words, n, p.kind)
-        else:
-            xt = torch.zeros(padded_cols, n, dtype=torch.float32)
-            xt[: p.cols] = x.detach().to(torch.float32).t()
-            yt = torch.empty(p.rows, n, dtype=torch.float32)
-            rc = lib.dsf_bitmap_spmm_portable(*args, scales, xt.data_ptr(), yt.data_ptr(), p.rows, p.words, n, p.kind)
-            y = yt.t()
         if rc != 0:
             raise RuntimeError("cpu-bitmap kernel refused its arguments")
         return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -539,12 +539,11 @@ constexpr int64_t kNzBlockBytes = int64_t(32) << 10;
 // advances past the block; the first block stores y^T, later ones add to it. A row's
 // share of a block is a short run of bitmap and values at its own place in memory, so
 // the runs of the row kNzPrefetchRows ahead are prefetched (the hardware prefetcher
-// starts too late on runs this short). ``idx`` holds a row block's columns, ``val`` 8
-// floats.
+// starts too late on runs this short). ``idx`` holds a row block's columns.
 template <int NV, int KIND>
 DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const void* values_raw, const float* scales, const float* xt,
                            int64_t ldb, float* yt, int64_t r0, int64_t r1, int64_t words, int64_t w0, int64_t w1,
-                           int64_t* cursor, uint16_t* idx, float* val) {
+                           int64_t* cursor, uint16_t* idx) {
   const ShuffleTables& t = shuffle_tables();
   const packed_t<KIND>* values = static_cast<const packed_t<KIND>*>(values_raw);
   const float* xtb = xt + w0 * 32 * ldb;  // x^T's first row of the block
@@ -594,6 +593,7 @@ DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const void* values_raw, const 
       fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0xFF), xtb + int64_t(c[7]) * ldb, acc2);
     }
     if (k < nnz) {  // the last 1-7: widened into val (zeros past the row), two per step, then one
+      float val[8];
       _mm256_storeu_ps(val, widen8<KIND>(load8<true>(v + k, v + nnz), scale));
       int64_t i = 0;
       for (; k + 2 <= nnz; k += 2, i += 2) {
@@ -613,12 +613,12 @@ DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const void* values_raw, const 
 template <int KIND>
 DSF_AVX2 void tile_nz_avx2(int64_t ldb, const int32_t* bitmap, const void* values, const float* scales,
                            const float* xt, float* yt, int64_t r0, int64_t r1, int64_t words, int64_t w0, int64_t w1,
-                           int64_t* cursor, uint16_t* idx, float* val) {
+                           int64_t* cursor, uint16_t* idx) {
   switch (ldb / 8) {
-    case 1: rows_nz_avx2<1, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx, val); break;
-    case 2: rows_nz_avx2<2, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx, val); break;
-    case 3: rows_nz_avx2<3, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx, val); break;
-    default: rows_nz_avx2<4, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx, val); break;
+    case 1: rows_nz_avx2<1, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
+    case 2: rows_nz_avx2<2, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
+    case 3: rows_nz_avx2<3, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
+    default: rows_nz_avx2<4, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
   }
 }
 #endif
@@ -667,7 +667,8 @@ void over_row_blocks_nz(int64_t rows, int64_t words, Block block) {
 // [batch][ld]. Per chunk of up to ``max_ldb`` batch rows: x^T [32 * words][ldb] (ldb = the
 // chunk rounded up to ``lanes``, zero padded) is built, ``inner(xt, ldb, yt)`` computes
 // y^T [rows][ldb], and that is written back into y. (Transposing here, not in torch,
-// saves ~50 us of strided copies per call: all of the path's cost at SmolLM2's sizes.)
+// saves ~50 us of strided copies per call, comparable to the kernel itself at SmolLM2's
+// sizes.)
 template <class Inner>
 void over_batch_chunks(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t cols, int64_t words,
                        int64_t batch, int64_t lanes, int64_t max_ldb, Inner inner) {
@@ -821,10 +822,9 @@ int dsf_bitmap_spmm_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const
       if (r0 < r1) {
         std::vector<uint16_t> idx(size_t(std::min(words, block_words) * 32 + 16));
         std::vector<int64_t> cursor(offsets + r0, offsets + r1);
-        float val[8];
         for (int64_t w0 = 0; w0 < words; w0 += block_words)
           tile(ldb, bitmap, values, scales, xt, yt, r0, r1, words, w0, std::min(words, w0 + block_words),
-               cursor.data(), idx.data(), val);
+               cursor.data(), idx.data());
         if (words == 0)  // no columns: y^T is zero
           for (int64_t r = r0; r < r1; ++r) std::memset(yt + r * ldb, 0, size_t(ldb) * sizeof(float));
       }
@@ -873,16 +873,21 @@ int64_t dsf_bitmap_check(const int32_t* bitmap, const int32_t* offsets, int64_t 
   return first_order != INT64_MAX ? first_order : first_bits != INT64_MAX ? first_bits : 0;
 }
 
-// Portable path, any batch, x^T: [cols_padded][batch], y^T: [rows][batch]. ``kind``:
-// 0 fp16, 1 bf16, 2 int8 values with per-row ``scales`` (unused otherwise).
+// Portable path, any batch, x and y as dsf_bitmap_spmm_nz (the whole batch in one
+// x^T, unpadded). ``kind``: 0 fp16, 1 bf16, 2 int8 values with per-row ``scales``
+// (unused otherwise).
 int dsf_bitmap_spmm_portable(const int32_t* bitmap, const int32_t* offsets, const void* values, const float* scales,
-                             const float* xt, float* yt, int64_t rows, int64_t words, int64_t batch, int kind) {
-  if (kind < kFp16 || kind > kInt8) return -1;
+                             const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t cols,
+                             int64_t words, int64_t batch, int kind) {
+  if (batch < 1 || cols < 0 || cols > 32 * words || ldx < cols || ldy < rows || kind < kFp16 || kind > kInt8)
+    return -1;
+  over_batch_chunks(x, ldx, y, ldy, rows, cols, words, batch, 1, batch, [&](const float* xt, int64_t, float* yt) {
 #pragma omp parallel for schedule(static)
-  for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
-    int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
-    rows_scalar(bitmap, offsets, values, scales, xt, yt, r0, r1, words, batch, kind);
-  }
+    for (int64_t blk = 0; blk < (rows + 63) / 64; ++blk) {
+      int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
+      rows_scalar(bitmap, offsets, values, scales, xt, yt, r0, r1, words, batch, kind);
+    }
+  });
   return 0;
 }
 
