@@ -39,6 +39,10 @@ class Case:
     fn: Callable[[int, torch.Tensor], torch.Tensor]  # (copy index, x) -> y
     weight_bytes: int  # bytes one call reads from the weights
     copies: int
+    bytes_at: Callable[[int], int] | None = None  # batch -> weight bytes, where the kernel's path depends on it
+
+    def bytes_for(self, batch: int) -> int:
+        return self.weight_bytes if self.bytes_at is None else self.bytes_at(batch)
 
 
 def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -61,6 +65,12 @@ def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
 def _copies(nbytes: int) -> int:
     return max(2, -(-ROTATE_BYTES // max(1, nbytes)))
+
+
+def _streamed(backend, pair: tuple) -> Callable[[int], int]:
+    """batch -> bytes the cpu-bitmap kernel reads for a prepared (L, R) pair: its path,
+    and so what it reads, depends on the batch."""
+    return lambda batch: sum(backend.streamed_bytes(p, batch) for p in pair)
 
 
 def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
@@ -100,7 +110,7 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
                   backend.prepare(fmt, {k: v.clone() for k, v in tr.items()}, tuple(R.shape), torch.float32))
                  for _ in range(n)]
         cases.append(Case(f"DSF {backend_name}", lambda i, x, b=backend, p=preps: b.matmul(p[i][0], b.matmul(p[i][1], x)),
-                          nbytes, n))
+                          nbytes, n, _streamed(backend, preps[0]) if backend_name == "cpu-bitmap" else None))
 
     bitmap = BACKENDS["cpu-bitmap"]
     if bitmap.available():
@@ -113,22 +123,26 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
             return [tuple(bitmap.prepare("bitmap", {k: v.clone() for k, v in t.items()}, tuple(m.shape), model_dtype)
                           for t, m in ((tl, L), (tr, R))) for _ in range(n)], n, nbytes
 
+        def bitmap_case(name: str, fn: Callable, preps: list, n: int, nbytes: int) -> Case:
+            return Case(name, fn, nbytes, n, _streamed(bitmap, preps[0]))
+
         def two_stage(i: int, x: torch.Tensor, p: list) -> torch.Tensor:
             return bitmap.matmul(p[i][0], bitmap.matmul(p[i][1], x))
 
         # int8 values with per-row scales: 0.75 instead of 1.25 bytes per dense weight
         preps, n, nbytes = bitmap_copies(f.pack(L, torch.int8), f.pack(R, torch.int8), torch.float32)
-        cases.append(Case("DSF cpu-bitmap int8", lambda i, x, p=preps: two_stage(i, x, p), nbytes, n))
+        cases.append(bitmap_case("DSF cpu-bitmap int8", lambda i, x, p=preps: two_stage(i, x, p), preps, n, nbytes))
         tl, tr = f.pack(L.to(torch.bfloat16), torch.bfloat16), f.pack(R.to(torch.bfloat16), torch.bfloat16)
         # bf16 values (--value-dtype bfloat16) in an fp32 model: the same bytes as fp16 values,
         # but they widen to fp32 by placement alone (no vcvtph2ps on AVX2)
         preps, n, nbytes = bitmap_copies(tl, tr, torch.float32)
-        cases.append(Case("DSF cpu-bitmap bf16 values", lambda i, x, p=preps: two_stage(i, x, p), nbytes, n))
+        cases.append(bitmap_case("DSF cpu-bitmap bf16 values", lambda i, x, p=preps: two_stage(i, x, p), preps, n,
+                                 nbytes))
         # a bf16 model: bf16 values and activations, as dense bf16 (the AVX512_BF16 dot-product
         # path where the CPU has it; elsewhere x is widened to fp32 and the values expand to fp32)
         preps, n, nbytes = bitmap_copies(tl, tr, torch.bfloat16)
-        cases.append(Case("DSF cpu-bitmap bf16 model",
-                          lambda i, x, p=preps: two_stage(i, x.to(torch.bfloat16), p).float(), nbytes, n))
+        cases.append(bitmap_case("DSF cpu-bitmap bf16 model",
+                                 lambda i, x, p=preps: two_stage(i, x.to(torch.bfloat16), p).float(), preps, n, nbytes))
 
     sl, sr = sp.csr_matrix(L.numpy()), sp.csr_matrix(R.numpy())
     nbytes = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in (sl, sr))
@@ -185,10 +199,11 @@ def run_layer_bench(shapes: dict[str, tuple[int, int]] | None = None, batches: t
                 x = torch.randn(batch, in_f)
                 base = {}
                 for case, sec in zip(cases, time_cases(cases, x)):
-                    gbs = (case.weight_bytes + x.numel() * 4) / sec / 1e9
+                    weight_bytes = case.bytes_for(batch)
+                    gbs = (weight_bytes + x.numel() * 4) / sec / 1e9
                     base[case.name] = sec
                     rows.append({"shape": label, "batch": batch, "impl": case.name, "ms": sec * 1e3,
-                                 "weight_mib": case.weight_bytes / 2**20, "gb_s": gbs, "pct_bw": 100 * gbs / bandwidth})
+                                 "weight_mib": weight_bytes / 2**20, "gb_s": gbs, "pct_bw": 100 * gbs / bandwidth})
                 for r in rows[-len(cases):]:
                     r["speedup_vs_fp32"] = base["dense fp32"] / (r["ms"] / 1e3)
                     r["speedup_vs_bf16"] = base["dense bf16"] / (r["ms"] / 1e3)

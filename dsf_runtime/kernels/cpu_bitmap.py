@@ -44,11 +44,43 @@ NZ_MIN_BATCH = {"avx512-vbmi2": 16, "avx2": 12}
 
 def nz_min_batch(isa: str) -> int:
     """The batch from which ``isa``'s nonzero path runs (DSF_NZ_MIN_BATCH overrides)."""
-    env = os.environ.get("DSF_NZ_MIN_BATCH")
+    return _env_int("DSF_NZ_MIN_BATCH", NZ_MIN_BATCH.get(isa, 1), minimum=1)
+
+
+# The AVX2 column-index path: factors at most this dense get each nonzero's column
+# decoded once at load (2 bytes per nonzero more in memory), and batches up to
+# COLUMNS_MAX_BATCH gather x through them instead of expanding bitmap bytes (whose cost
+# is per 8 columns, not per nonzero). Measured crossovers on Zen 3, scripts/path_crossover.py.
+COLUMNS_MAX_DENSITY = 0.2
+COLUMNS_MAX_BATCH = {"avx2": 1}
+
+
+def columns_max_density() -> float:
+    """Density up to which prepare() builds column indices (DSF_COLUMNS_MAX_DENSITY overrides; 0: never)."""
+    env = os.environ.get("DSF_COLUMNS_MAX_DENSITY")
     if not env:
-        return NZ_MIN_BATCH.get(isa, 1)
-    if not env.isdigit() or int(env) < 1:
-        raise ValueError(f"DSF_NZ_MIN_BATCH must be a positive integer, not {env!r}")
+        return COLUMNS_MAX_DENSITY
+    try:
+        value = float(env)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"DSF_COLUMNS_MAX_DENSITY must be a number in [0, 1], not {env!r}")
+    return value
+
+
+def columns_max_batch(isa: str) -> int:
+    """The largest batch that ``isa``'s column-index path takes (DSF_COLUMNS_MAX_BATCH overrides; 0: never)."""
+    return _env_int("DSF_COLUMNS_MAX_BATCH", COLUMNS_MAX_BATCH.get(isa, 0), minimum=0)
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    env = os.environ.get(name)
+    if not env:
+        return default
+    if not env.isdigit() or int(env) < minimum:
+        kind = "a positive integer" if minimum == 1 else "a non-negative integer"
+        raise ValueError(f"{name} must be {kind}, not {env!r}")
     return int(env)
 _REASON: str | None = None
 _P = ctypes.c_void_p
@@ -106,6 +138,10 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsf_bitmap_check.restype = ctypes.c_int64
     lib.dsf_bitmap_spmm_portable.argtypes = [_P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_portable.restype = ctypes.c_int
+    lib.dsf_bitmap_spmm_cols_avx2.argtypes = [_P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.dsf_bitmap_spmm_cols_avx2.restype = ctypes.c_int
+    lib.dsf_bitmap_columns.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P]
+    lib.dsf_bitmap_columns.restype = ctypes.c_int
     return lib
 
 
@@ -170,6 +206,23 @@ def check_bitmap(bitmap: torch.Tensor, offsets: torch.Tensor, cols: int, nnz: in
     return f"{_CHECK_MESSAGES[code % 4]} (row {code // 4})"
 
 
+def bitmap_columns(p: Prepared) -> torch.Tensor:
+    """The column of every nonzero of a prepared factor, row by row (uint16 bits in an
+    int16 tensor): the column-index path's operand. Raises ValueError when the factor's
+    bits do not match its offsets or lie past its columns, or it has over 65536 columns."""
+    lib = build()
+    columns = torch.empty(p.nvalues, dtype=torch.int16)
+    if (tuple(p.bitmap.shape) != (p.rows, p.words) or p.offsets.numel() != p.rows + 1 or p.words * 32 < p.cols
+            or p.bitmap.dtype != torch.int32 or p.offsets.dtype != torch.int32):
+        raise ValueError(f"a {p.rows}x{p.cols} bitmap factor needs a ({p.rows}, {-(-p.cols // 32)}) int32 bitmap "
+                         f"and {p.rows + 1} int32 row offsets")
+    if lib is None or lib.dsf_bitmap_columns(p.ptrs[0], p.ptrs[1], p.rows, p.words, p.cols, p.nvalues,
+                                             columns.data_ptr()) != 0:
+        raise ValueError(f"cannot index the columns of a {p.rows}x{p.cols} bitmap factor: its bits do not match "
+                         "its row offsets or columns (or it has over 65536 columns)")
+    return columns
+
+
 def _isa(forced: str | None) -> str:
     """The path for a DSF_CPU_ISA value (see CPUBitmapBackend.isa); remembered once built."""
     isa = _ISA_CACHE.get(forced)
@@ -194,6 +247,7 @@ class Prepared:
     rows: int
     cols: int
     kind: int  # 0 fp16, 1 bf16, 2 int8
+    columns: torch.Tensor | None = None  # (nnz,) int16 holding uint16 columns: the column-index path's operand
     # (bitmap, offsets, values, scales) addresses, the value count and the words per row,
     # read once: a decode step calls the kernel hundreds of times on small layers, where
     # the Python around each call is a fifth of its time. The tensors above keep them valid.
@@ -209,7 +263,8 @@ class Prepared:
     def __reduce__(self):
         # copy.deepcopy and pickle rebuild through __init__, so that the addresses are
         # those of the copied tensors, never the originals'
-        return (Prepared, (self.bitmap, self.offsets, self.values, self.scales, self.rows, self.cols, self.kind))
+        return (Prepared, (self.bitmap, self.offsets, self.values, self.scales, self.rows, self.cols, self.kind,
+                           self.columns))
 
     @property
     def is_bf16(self) -> int:
@@ -246,21 +301,47 @@ class CPUBitmapBackend:
         if not self.accepts(tensors):
             raise ValueError(f"cpu-bitmap needs fp16, bf16 or int8 (with row scales) values, got {values.dtype}")
         scales = tensors["scales"].contiguous() if values.dtype == torch.int8 else torch.empty(0)
-        return Prepared(
+        p = Prepared(
             tensors["bitmap"].contiguous(), tensors["row_offsets"].contiguous(), values.contiguous(), scales,
             shape[0], shape[1], KIND_CODES[values.dtype],
         )
+        if (self.isa in COLUMNS_MAX_BATCH and 0 < p.cols <= 65536 and p.rows
+                and p.nvalues <= columns_max_density() * p.rows * p.cols):
+            p.columns = bitmap_columns(p)
+        return p
+
+    def _path_isa(self, p: Prepared) -> str:
+        isa = self.isa
+        if p.kind == 2 and isa == "avx512-vbmi2":
+            isa = "avx2" if _CAPS[2] else "portable"  # int8 values run the AVX2 paths (every AVX-512 CPU has AVX2)
+        return isa
+
+    def _takes_columns(self, p: Prepared, batch: int, isa: str) -> bool:
+        return p.columns is not None and isa == "avx2" and batch <= columns_max_batch(isa)
+
+    def streamed_bytes(self, p: Prepared, batch: int) -> int:
+        """Bytes of the factor that one call with ``batch`` rows of x reads: its bitmap and
+        values (int8: and row scales), or on the column-index path its row offsets, columns
+        and values. Benchmarks report GB/s from this."""
+        weights = p.values.numel() * p.values.element_size() + p.scales.numel() * p.scales.element_size()
+        if self._takes_columns(p, batch, self._path_isa(p)):
+            return weights + p.offsets.numel() * 4 + p.columns.numel() * 2
+        return weights + p.bitmap.numel() * 4
 
     def matmul(self, p: Prepared, x: torch.Tensor) -> torch.Tensor:
         lib = build()
         n = x.shape[0]
         padded_cols = p.words * 32
         args = p.ptrs[:3]
-        isa = self.isa
-        if p.kind == 2 and isa == "avx512-vbmi2":
-            isa = "avx2" if _CAPS[2] else "portable"  # int8 values run the AVX2 paths (every AVX-512 CPU has AVX2)
+        isa = self._path_isa(p)
         scales = p.ptrs[3]
-        if isa == "portable" or n >= nz_min_batch(isa):
+        if self._takes_columns(p, n, isa):
+            # a sparse factor at small batch: gather x by the nonzeros' columns (read x in place)
+            xf = x.detach().to(torch.float32).contiguous()
+            y = torch.empty(n, p.rows, dtype=torch.float32)
+            rc = lib.dsf_bitmap_spmm_cols_avx2(args[1], p.columns.data_ptr(), args[2], scales, xf.data_ptr(), p.cols,
+                                               y.data_ptr(), p.rows, p.rows, p.cols, n, p.kind)
+        elif isa == "portable" or n >= nz_min_batch(isa):
             # work proportional to the nonzeros: large batches (prefill, many streams) and
             # the portable path (the kernel lays x out as [in][batch] itself)
             xf = x.detach().to(torch.float32).contiguous()

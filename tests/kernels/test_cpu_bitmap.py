@@ -94,6 +94,9 @@ def test_copied_operands_use_their_own_memory(how):
     twin = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
     right, left = twin._prepared
     assert left.ptrs[2] == twin.L.stored()["values"].data_ptr() != layer._prepared[1].ptrs[2]
+    if backend.isa == "avx2":  # R (16% dense) carries column indices, and the copy its own
+        assert right.columns is not None and right.columns.data_ptr() != layer._prepared[0].columns.data_ptr()
+        torch.testing.assert_close(right.columns, layer._prepared[0].columns)
     del layer
     gc.collect()
     torch.zeros(1 << 20).fill_(float("nan"))  # reuse the freed memory for something else
@@ -114,3 +117,94 @@ def test_bf16_model_path_matches_dense_bf16(shape, density, batch):
     ref = x.double() @ dense.double().t()
     scale = ref.abs().max().clamp_min(1.0)
     assert float((y.double() - ref).abs().max() / scale) < 2 ** -8  # the bf16 rounding of the output
+
+
+needs_avx2 = pytest.mark.skipif(backend.isa != "avx2", reason="the column-index path is the AVX2 path's")
+
+
+@needs_avx2
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("shape", [(830, 545), (1, 33), (64, 1), (37, 95), (300, 4096)])
+@pytest.mark.parametrize("density", [0.01, 0.15, 0.6])
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_column_path_matches_dense(monkeypatch, value_dtype, shape, density, batch):
+    """The column-index path, forced on for any density and batch: rows of 0-7, 8-15 and
+    16+ nonzeros (the scalar tail, one and two vectors), empty rows, x strided."""
+    monkeypatch.setenv("DSF_COLUMNS_MAX_DENSITY", "1")
+    monkeypatch.setenv("DSF_COLUMNS_MAX_BATCH", "8")
+    tensors = get_format("bitmap").pack(random_sparse(*shape, density, seed=batch, empty_rows=2), value_dtype)
+    dense = get_format("bitmap").unpack(tensors, shape)
+    p = backend.prepare("bitmap", tensors, shape, torch.float32)
+    assert p.columns is not None and p.columns.numel() == tensors["values"].numel()
+    x = torch.randn(shape[1], batch, generator=torch.Generator().manual_seed(3)).t()  # non-contiguous
+    y = backend.matmul(p, x)
+    ref = x.double() @ dense.double().t()
+    scale = ref.abs().max().clamp_min(1.0)
+    assert y.shape == (batch, shape[0])
+    assert float((y.double() - ref).abs().max() / scale) < 1e-5
+
+
+@needs_avx2
+def test_columns_are_built_for_sparse_factors_only(monkeypatch):
+    pack = get_format("bitmap").pack
+
+    def columns(density: float, shape: tuple[int, int] = (64, 300)) -> torch.Tensor | None:
+        return backend.prepare("bitmap", pack(random_sparse(*shape, density), torch.float16), shape,
+                               torch.float32).columns
+
+    sparse = columns(0.1)
+    assert sparse is not None
+    # each row's nonzeros' columns, in order
+    dense = random_sparse(64, 300, 0.1)
+    expected = torch.cat([row.nonzero().flatten() for row in dense])
+    assert torch.equal(sparse.to(torch.int64) & 0xFFFF, expected)
+    assert columns(0.5) is None  # above COLUMNS_MAX_DENSITY: the word path is faster
+    assert columns(0.001, (2, 70000)) is None  # columns past 16 bits
+    monkeypatch.setenv("DSF_COLUMNS_MAX_DENSITY", "0")
+    assert columns(0.1) is None
+
+
+@needs_avx2
+def test_streamed_bytes_follow_the_path():
+    shape = (64, 300)
+    tensors = get_format("bitmap").pack(random_sparse(*shape, 0.1), torch.float16)
+    p = backend.prepare("bitmap", tensors, shape, torch.float32)
+    values = tensors["values"].numel() * 2
+    assert backend.streamed_bytes(p, 1) == values + 4 * (shape[0] + 1) + 2 * tensors["values"].numel()
+    assert backend.streamed_bytes(p, 2) == values + tensors["bitmap"].numel() * 4
+
+
+@needs_avx2
+@pytest.mark.parametrize("name,bad,message", [
+    ("DSF_COLUMNS_MAX_DENSITY", "1.5", "DSF_COLUMNS_MAX_DENSITY must be a number in"),
+    ("DSF_COLUMNS_MAX_DENSITY", "dense", "DSF_COLUMNS_MAX_DENSITY must be a number in"),
+    ("DSF_COLUMNS_MAX_BATCH", "-1", "DSF_COLUMNS_MAX_BATCH must be a non-negative integer"),
+    ("DSF_COLUMNS_MAX_BATCH", "one", "DSF_COLUMNS_MAX_BATCH must be a non-negative integer"),
+])
+def test_bad_column_settings_are_clear_errors(monkeypatch, name, bad, message):
+    tensors = get_format("bitmap").pack(random_sparse(16, 64, 0.1), torch.float16)
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(ValueError, match=message):
+        backend.matmul(backend.prepare("bitmap", tensors, (16, 64), torch.float32), torch.randn(1, 64))
+
+
+@needs_avx2
+@pytest.mark.parametrize("corruption", ["popcount", "past_last_column", "offsets", "bitmap_shape"])
+def test_columns_of_an_inconsistent_factor_are_refused(corruption):
+    """prepare() decodes the columns itself and never trusts a factor that slipped past
+    load-time validation: a clear ValueError, not a read outside x."""
+    shape = (16, 40)
+    tensors = {k: v.clone() for k, v in get_format("bitmap").pack(random_sparse(*shape, 0.1), torch.float16).items()}
+    if corruption == "popcount":
+        tensors["bitmap"][3, 0] ^= 1 << 5
+    elif corruption == "past_last_column":
+        row = int((tensors["row_offsets"][1:] - tensors["row_offsets"][:-1]).argmax())
+        word = tensors["bitmap"][row, 1]
+        set_bit = int(word & -word)  # move the row's lowest bit in word 1 to column 63
+        tensors["bitmap"][row, 1] = (word ^ set_bit) | torch.tensor(1 << 31, dtype=torch.int64).to(torch.int32)
+    elif corruption == "offsets":
+        tensors["row_offsets"][5] = -7
+    else:
+        tensors["bitmap"] = tensors["bitmap"][:, :1].contiguous()
+    with pytest.raises(ValueError, match="bitmap factor"):
+        backend.prepare("bitmap", tensors, shape, torch.float32)
