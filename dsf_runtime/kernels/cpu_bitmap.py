@@ -8,7 +8,11 @@ values once per tile (bf16 models: bf16 dot products where the CPU has AVX512_BF
 from that batch on, and on the portable path, it iterates nonzeros against x laid
 out [in][batch]. CPUs with AVX2 (+FMA, F16C) but no AVX-512 take the same two paths
 with 8-lane vectors, expanding each 8-column bitmap byte through a vpshufb table
-(the SparAMX technique's AVX2 form). Where no C++ compiler is found (or the build fails) the
+(the SparAMX technique's AVX2 form). On AVX2, factors at most COLUMNS_MAX_DENSITY dense
+(DSF's square factors are 16%) also get each nonzero's column decoded once at load, and
+batch-1 calls gather x through those instead: the byte expansion costs the same per 8
+columns whatever they hold, so at low density it costs more per nonzero than the
+gather. Where no C++ compiler is found (or the build fails) the
 backend reports itself unavailable and ``auto`` picks torch-csr instead; the reason
 is in ``unavailable_reason()``.
 """

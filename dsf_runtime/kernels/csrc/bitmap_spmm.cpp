@@ -14,7 +14,11 @@
 //    word, expand the 32 packed bf16 values and accumulate with one vdpbf16ps against
 //    the word's 32 bf16 activations (fp32 accumulation): no conversions, which is what
 //    bounds the path above (its expand + converts all compete for one shuffle port).
-//  * portable fallback for CPUs without AVX-512 (chosen at run time): iterate the set
+//  * AVX2 (no AVX-512): the same word and nonzero paths with 8-lane vectors, each
+//    8-column byte expanded through a vpshufb table; and for factors of low density at
+//    batch 1, a column-index path that gathers x by each nonzero's column (decoded once
+//    at load by dsf_bitmap_columns).
+//  * portable fallback for CPUs without AVX2 (chosen at run time): iterate the set
 //    bits (ctz) and FMA each value into all batch columns of x^T ([in][batch]).
 // The caller (Python) validated every index and offset when the checkpoint was loaded.
 
