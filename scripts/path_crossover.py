@@ -1,9 +1,10 @@
 """Where the cpu-bitmap backend should switch between its paths.
 
 Word vs nonzero path (NZ_MIN_BATCH): times one DSF layer (random factors at DSF's
-densities, fp16 values, rotated through more memory than the last-level cache) through
+densities, rotated through more memory than the last-level cache) through
 the backend with the nonzero path forced off and forced on, alternating call by call in
-one process so that both see the same stretch of a shared host's time, per batch size:
+one process so that both see the same stretch of a shared host's time, per batch size
+(--values picks fp16, bf16 or int8 stored values; fp16 by default):
 
     python scripts/path_crossover.py 4096x11008 8,10,12,16 --seconds 8
 
@@ -34,6 +35,7 @@ from dsf_runtime.kernels import BACKENDS
 # The environment forcing each path: (the path, its baseline) per mode.
 NZ_PATHS = {"word": {"DSF_NZ_MIN_BATCH": "1000000000"}, "nz": {"DSF_NZ_MIN_BATCH": "1"}}
 COLUMN_PATHS = {"word": {"DSF_COLUMNS_MAX_BATCH": "0"}, "cols": {"DSF_COLUMNS_MAX_BATCH": "1000000000"}}
+VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 FORCED = ("DSF_NZ_MIN_BATCH", "DSF_COLUMNS_MAX_BATCH", "DSF_COLUMNS_MAX_DENSITY")
 
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("batches", help="comma-separated batch sizes")
     ap.add_argument("--columns", metavar="DENSITIES",
                     help="comma-separated factor densities: time the column-index path instead")
+    ap.add_argument("--values", choices=sorted(VALUE_DTYPES), default="fp16", help="stored values (default fp16)")
     ap.add_argument("--seconds", type=float, default=8.0, help="per batch size (and density)")
     ap.add_argument("--rotate-mib", type=int, default=512)
     args = ap.parse_args(argv)
@@ -87,11 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if not densities:
             L, R = random_dsf_pair(out_f, in_f, 0.5)
-            packed = [fmt.pack(m, torch.float16) for m in (L, R)]
+            packed = [fmt.pack(m, VALUE_DTYPES[args.values]) for m in (L, R)]
             copies = _copies(packed, args.rotate_mib)
             preps = [[backend.prepare("bitmap", {k: v.clone() for k, v in p.items()}, tuple(m.shape), torch.float32)
                       for p, m in zip(packed, (L, R))] for _ in range(copies)]
-            print(f"{args.shape}: {copies} copies, ISA {backend.isa}")
+            print(f"{args.shape}: {args.values} values, {copies} copies, ISA {backend.isa}")
             for batch in batches:
                 x = torch.randn(batch, in_f)
                 t = alternate(NZ_PATHS, lambda i: backend.matmul(preps[i % copies][0],
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         g = torch.Generator().manual_seed(0)
         for density in densities:
             m = torch.randn(out_f, in_f, generator=g) * (torch.rand(out_f, in_f, generator=g) < density)
-            packed = [fmt.pack(m, torch.float16)]
+            packed = [fmt.pack(m, VALUE_DTYPES[args.values])]
             copies = _copies(packed, args.rotate_mib)
             preps = [backend.prepare("bitmap", {k: v.clone() for k, v in packed[0].items()}, (out_f, in_f),
                                      torch.float32) for _ in range(copies)]

@@ -38,7 +38,8 @@ def test_times_both_paths_for_each_batch():
 
 @pytest.mark.skipif(BACKENDS["cpu-bitmap"].isa != "avx2", reason="the column-index path is AVX2's")
 def test_times_the_column_path_for_each_density_and_batch():
-    proc = _run("96x200", "1,3", "--columns", "0.1,0.3", "--seconds", "0.3", "--rotate-mib", "1")
+    proc = _run("96x200", "1,3", "--columns", "0.1,0.3", "--values", "bf16", "--seconds", "0.3",
+                "--rotate-mib", "1")
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if " batch " in ln]
     assert [ln.split()[4] for ln in lines] == ["1:", "3:", "1:", "3:"]
