@@ -86,6 +86,8 @@ def _env_int(name: str, default: int, minimum: int) -> int:
         kind = "a positive integer" if minimum == 1 else "a non-negative integer"
         raise ValueError(f"{name} must be {kind}, not {env!r}")
     return int(env)
+
+
 _REASON: str | None = None
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
