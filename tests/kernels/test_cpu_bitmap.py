@@ -126,12 +126,12 @@ needs_avx2 = pytest.mark.skipif(backend.isa != "avx2", reason="the column-index 
 @pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("shape", [(830, 545), (1, 33), (64, 1), (37, 95), (300, 4096)])
 @pytest.mark.parametrize("density", [0.01, 0.15, 0.6])
-@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("batch", [1, 2, 5, 11])
 def test_column_path_matches_dense(monkeypatch, value_dtype, shape, density, batch):
     """The column-index path, forced on for any density and batch: rows of 0-7, 8-15 and
     16+ nonzeros (the scalar tail, one and two vectors), empty rows, x strided."""
     monkeypatch.setenv("DSF_COLUMNS_MAX_DENSITY", "1")
-    monkeypatch.setenv("DSF_COLUMNS_MAX_BATCH", "8")
+    monkeypatch.setenv("DSF_COLUMNS_MAX_BATCH", "16")
     tensors = get_format("bitmap").pack(random_sparse(*shape, density, seed=batch, empty_rows=2), value_dtype)
     dense = get_format("bitmap").unpack(tensors, shape)
     p = backend.prepare("bitmap", tensors, shape, torch.float32)

@@ -703,7 +703,7 @@ DSF_AVX2 void tile_cols_avx2_t(int nb, const int32_t* offsets, const uint16_t* c
 // The word paths' schedule: rows in blocks of 64 handed to OpenMP threads as they come
 // free (dynamic: on a shared machine one core can run slower than the other for a
 // whole call, and a static half would leave the other waiting); within a block the
-// batch runs as tiles of 16 (up to ``max_nb``), 12 (where the path has that tile), 8,
+// batch runs as tiles of 16 or 8 (as ``max_nb`` allows), 12 (where the path has that tile),
 // 4, or the 1-3 rows left: tile(nb, first batch row, r0, r1).
 template <class Tile>
 void over_row_blocks(int64_t rows, int64_t batch, int max_nb, bool tile12, Tile tile) {
@@ -712,7 +712,11 @@ void over_row_blocks(int64_t rows, int64_t batch, int max_nb, bool tile12, Tile 
     int64_t r0 = blk * 64, r1 = r0 + 64 < rows ? r0 + 64 : rows;
     for (int64_t b0 = 0; b0 < batch;) {
       int64_t left = batch - b0;
-      int nb = left >= 16 && max_nb >= 16 ? 16 : tile12 && left >= 12 ? 12 : left >= 8 ? 8 : left >= 4 ? 4 : int(left);
+      int nb = left >= 16 && max_nb >= 16 ? 16
+               : tile12 && left >= 12     ? 12
+               : left >= 8 && max_nb >= 8 ? 8
+               : left >= 4                ? 4
+                                          : int(left);
       tile(nb, b0, r0, r1);
       b0 += nb;
     }
