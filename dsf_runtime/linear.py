@@ -130,6 +130,11 @@ class DSFLinear(nn.Module):
         self._prepared = (right, backend.prepare(self.fmt, self.L.stored(), self.L.shape, dtype))
         self._backend = backend
 
+    @property
+    def prepared_operands(self) -> tuple:
+        """The backend's operands for R and L as built by prepare() (empty before it)."""
+        return tuple(p for p in self._prepared or () if p is not None)
+
     def _apply(self, fn, *args, **kwargs):
         self._prepared = None  # device or dtype may change: rebuild lazily
         self._backend = None

@@ -278,3 +278,32 @@ def test_misaligned_tensors_are_copied(tmp_path):
     state = _read_tensors(tmp_path, {"a": torch.empty(3, dtype=torch.int8, device="meta"),
                                      "b": torch.empty(2, dtype=torch.int32, device="meta")})
     assert torch.equal(state["a"], a) and torch.equal(state["b"], b)
+
+
+@pytest.mark.parametrize("max_density", [None, "0"])
+def test_backend_summary_names_the_kernel_path_and_column_index(monkeypatch, max_density):
+    """`dsf generate`/`eval` print this: the backend, its ISA and, on AVX2, the column
+    indices built for the sparsest factors (memory beyond the checkpoint's)."""
+    from dsf_runtime.checkpoint import backend_summary
+    from dsf_runtime.kernels import BACKENDS
+    from dsf_runtime.linear import DSFLinear
+    from dsf_runtime.report import format_bytes
+    from helpers import random_sparse
+
+    bitmap = BACKENDS["cpu-bitmap"]
+    if not bitmap.available():
+        pytest.skip("CPU kernel could not be built here")
+    if max_density is not None:
+        monkeypatch.setenv("DSF_COLUMNS_MAX_DENSITY", max_density)
+    L, R = random_sparse(48, 40, 0.34), random_sparse(40, 40, 0.1, seed=1)
+    model = torch.nn.Sequential(*(DSFLinear.from_factors(L, R, None, fmt="bitmap", value_dtype=torch.float16)
+                                  for _ in range(3)))
+    for m in model:
+        m.prepare(torch.float32)
+    summary = backend_summary(model)
+    assert summary.startswith(f"cpu-bitmap x3 ({bitmap.isa}")
+    if bitmap.isa == "avx2" and max_density is None:  # the three 10% R factors, 2 bytes per nonzero
+        nnz = int((R != 0).sum())
+        assert summary.endswith(f"; column index on 3 factors, {format_bytes(3 * 2 * nnz)})")
+    else:
+        assert summary == f"cpu-bitmap x3 ({bitmap.isa})"
