@@ -55,7 +55,7 @@ def nz_min_batch(isa: str) -> int:
 # decoded once at load (2 bytes per nonzero more in memory), and batches up to
 # COLUMNS_MAX_BATCH gather x through them instead of expanding bitmap bytes (whose cost
 # is per 8 columns, not per nonzero). Measured crossovers on Zen 3, scripts/path_crossover.py.
-COLUMNS_MAX_DENSITY = 0.2
+COLUMNS_MAX_DENSITY = 0.22
 COLUMNS_MAX_BATCH = {"avx2": 1}
 
 
