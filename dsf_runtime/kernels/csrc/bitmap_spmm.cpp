@@ -633,7 +633,7 @@ DSF_AVX2 void tile_nz_avx2(int64_t ldb, const int32_t* bitmap, const void* value
 // (16-bit, see dsf_bitmap_columns), a nonzero costs two loads and an insert instead: x
 // is gathered 8 columns at a time by scalar loads and vinsertps (vgatherdps runs at ~12
 // cycles per 8 lanes on Zen 3, 1.6x the time of this), the row's values are widened 8 at
-// a time and FMA'd. ~1 cycle per nonzero: faster than the word path below ~30% density,
+// a time and FMA'd. ~1 cycle per nonzero: faster than the word path below ~25% density,
 // at the cost of 2 more bytes per nonzero read from memory.
 DSF_AVX2 inline __m256 gather8(const float* x, const uint16_t* c) {
   __m128 lo = _mm_load_ss(x + c[0]), hi = _mm_load_ss(x + c[4]);
@@ -644,12 +644,6 @@ DSF_AVX2 inline __m256 gather8(const float* x, const uint16_t* c) {
   lo = _mm_insert_ps(lo, _mm_load_ss(x + c[3]), 0x30);
   hi = _mm_insert_ps(hi, _mm_load_ss(x + c[7]), 0x30);
   return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
-}
-
-// One value as fp32 (int8: unscaled), for the last 0-7 nonzeros of a row.
-template <int KIND>
-DSF_AVX2 inline float value1(const packed_t<KIND>* v) {
-  return KIND == kFp16 ? _cvtsh_ss(uint16_t(*v)) : KIND == kBf16 ? bf16_to_float(uint16_t(*v)) : float(*v);
 }
 
 // Rows r0..r1 against NB batch rows of x ([batch][ldx]): y[b * ldy + r].
@@ -680,7 +674,7 @@ DSF_AVX2 void rows_cols_avx2(const int32_t* offsets, const uint16_t* columns, co
     const float scale = KIND == kInt8 ? scales[r] : 1.f;
     for (int b = 0; b < NB; ++b) {
       float s = hsum256(_mm256_add_ps(acc[b][0], acc[b][1]));
-      for (int64_t j = i; j < n; ++j) s += value1<KIND>(v + j) * x[b * ldx + c[j]];
+      for (int64_t j = i; j < n; ++j) s += value_at(v, j, KIND) * x[b * ldx + c[j]];  // the last 0-7
       y[b * ldy + r] = scale * s;
     }
   }
