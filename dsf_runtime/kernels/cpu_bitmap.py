@@ -341,19 +341,17 @@ class CPUBitmapBackend:
         args = p.ptrs[:3]
         isa = self._path_isa(p)
         scales = p.ptrs[3]
-        if self._takes_columns(p, n, isa):
-            # a sparse factor at small batch: gather x by the nonzeros' columns (read x in place)
+        y = torch.empty(n, p.rows, dtype=torch.float32)
+        columns = self._takes_columns(p, n, isa)
+        if columns or isa == "portable" or n >= nz_min_batch(isa):
+            # x read unpadded: a sparse factor at small batch gathers x by its nonzeros'
+            # columns; large batches (prefill, many streams) and the portable path work in
+            # proportion to the nonzeros (the kernel lays x out as [in][batch] itself)
             xf = x.detach().to(torch.float32).contiguous()
-            y = torch.empty(n, p.rows, dtype=torch.float32)
-            rc = lib.dsf_bitmap_spmm_cols_avx2(args[1], p.columns.data_ptr(), args[2], scales, xf.data_ptr(), p.cols,
-                                               y.data_ptr(), p.rows, p.rows, p.cols, n, p.kind)
-        elif isa == "portable" or n >= nz_min_batch(isa):
-            # work proportional to the nonzeros: large batches (prefill, many streams) and
-            # the portable path (the kernel lays x out as [in][batch] itself)
-            xf = x.detach().to(torch.float32).contiguous()
-            y = torch.empty(n, p.rows, dtype=torch.float32)
             sizes = (xf.data_ptr(), p.cols, y.data_ptr(), p.rows, p.rows, p.cols, p.words, n)
-            if isa == "avx512-vbmi2":
+            if columns:
+                rc = lib.dsf_bitmap_spmm_cols_avx2(args[1], p.columns.data_ptr(), args[2], scales, *sizes[:6], n, p.kind)
+            elif isa == "avx512-vbmi2":
                 rc = lib.dsf_bitmap_spmm_nz(*args, *sizes, p.is_bf16)
             elif isa == "avx2":
                 rc = lib.dsf_bitmap_spmm_nz_avx2(*args, scales, *sizes, p.kind)
@@ -363,7 +361,6 @@ class CPUBitmapBackend:
             # a bf16 model: bf16 x bf16 products with fp32 accumulation, as a dense bf16 matmul does
             xp = torch.zeros(n, padded_cols, dtype=torch.bfloat16)
             xp[:, : p.cols] = x.detach()
-            y = torch.empty(n, p.rows, dtype=torch.float32)
             rc = lib.dsf_bitmap_spmm_bf16dot(*args, p.nvalues, xp.data_ptr(), padded_cols, y.data_ptr(),
                                              p.rows, p.rows, p.words, n)
         else:
@@ -373,7 +370,6 @@ class CPUBitmapBackend:
             else:
                 xp = torch.zeros(n, padded_cols, dtype=torch.float32)
                 xp[:, : p.cols] = xf
-            y = torch.empty(n, p.rows, dtype=torch.float32)
             if isa == "avx512-vbmi2":
                 rc = lib.dsf_bitmap_spmm_avx512(*args, p.nvalues, xp.data_ptr(), padded_cols, y.data_ptr(),
                                                 p.rows, p.rows, p.words, n, p.is_bf16)
