@@ -39,15 +39,19 @@ VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int
 FORCED = ("DSF_NZ_MIN_BATCH", "DSF_COLUMNS_MAX_BATCH", "DSF_COLUMNS_MAX_DENSITY")
 
 
-def alternate(paths: dict[str, dict[str, str]], call: Callable[[int], object], seconds: float) -> dict[str, float]:
+def alternate(paths: dict[str, dict[str, str]], call: Callable[[int], object], seconds: float,
+              refresh: Callable[[int], object]) -> dict[str, float]:
     """Median seconds of ``call(i)`` (i: the call's number) under each path's environment,
-    the paths taking turns call by call (their order flipping each round)."""
+    the paths taking turns call by call (their order flipping each round). The backend
+    decides paths when a factor is prepared: ``refresh(i)`` (untimed) makes call i's
+    factors re-read the environment."""
     times: dict[str, list[float]] = {p: [] for p in paths}
     names = list(paths)
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for path in names if calls % 2 else names[::-1]:
             os.environ.update(paths[path])
+            refresh(calls)
             t0 = time.perf_counter()
             call(calls)
             times[path].append(time.perf_counter() - t0)
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                 x = torch.randn(batch, in_f)
                 t = alternate(NZ_PATHS, lambda i: backend.matmul(preps[i % copies][0],
                                                                   backend.matmul(preps[i % copies][1], x)),
-                              args.seconds)
+                              args.seconds, lambda i: [backend.refresh(p) for p in preps[i % copies]])
                 print(f"{args.shape} batch {batch}: word {t['word'] * 1e3:.4f} ms  nz {t['nz'] * 1e3:.4f} ms  "
                       f"nz/word {t['nz'] / t['word']:.3f}  ({t['calls']} calls each)", flush=True)
             return
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
             actual = packed[0]["values"].numel() / (out_f * in_f)
             for batch in batches:
                 x = torch.randn(batch, in_f)
-                t = alternate(COLUMN_PATHS, lambda i: backend.matmul(preps[i % copies], x), args.seconds)
+                t = alternate(COLUMN_PATHS, lambda i: backend.matmul(preps[i % copies], x), args.seconds,
+                              lambda i: backend.refresh(preps[i % copies]))
                 print(f"{args.shape} density {actual:.3f} batch {batch}: word {t['word'] * 1e3:.4f} ms  "
                       f"cols {t['cols'] * 1e3:.4f} ms  cols/word {t['cols'] / t['word']:.3f}  "
                       f"({t['calls']} calls each)", flush=True)

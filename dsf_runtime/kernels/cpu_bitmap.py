@@ -244,6 +244,19 @@ def _isa(forced: str | None) -> str:
 _ISA_CACHE: dict[str | None, str] = {}
 
 
+@dataclass(frozen=True)
+class Paths:
+    """Which kernel path a prepared factor takes per batch size, decided once at
+    prepare() from the CPU and the DSF_* settings: a decode step makes hundreds of
+    kernel calls, and reading the environment in each cost ~5 us of Python per call
+    (a tenth of SmolLM2's decode). ``CPUBitmapBackend.refresh`` re-reads them."""
+
+    isa: str  # the instruction path for this factor's values (int8 values run AVX2's on AVX-512 CPUs)
+    nz_min_batch: int  # from this batch on, the nonzero path
+    columns_max_batch: int  # up to this batch, the column-index path (when the factor has its indices)
+    bf16_dot: bool  # bf16 activations take the AVX512_BF16 dot-product path
+
+
 @dataclass
 class Prepared:
     bitmap: torch.Tensor  # (rows, words) int32
@@ -254,6 +267,7 @@ class Prepared:
     cols: int
     kind: int  # 0 fp16, 1 bf16, 2 int8
     columns: torch.Tensor | None = None  # (nnz,) int16 holding uint16 columns: the column-index path's operand
+    paths: Paths | None = None  # set by CPUBitmapBackend.prepare (and refresh)
     # (bitmap, offsets, values, scales) addresses, the value count and the words per row,
     # read once: a decode step calls the kernel hundreds of times on small layers, where
     # the Python around each call is a fifth of its time. The tensors above keep them valid.
@@ -270,7 +284,7 @@ class Prepared:
         # copy.deepcopy and pickle rebuild through __init__, so that the addresses are
         # those of the copied tensors, never the originals'
         return (Prepared, (self.bitmap, self.offsets, self.values, self.scales, self.rows, self.cols, self.kind,
-                           self.columns))
+                           self.columns, self.paths))
 
     @property
     def is_bf16(self) -> int:
@@ -314,40 +328,46 @@ class CPUBitmapBackend:
         if (self.isa in COLUMNS_MAX_BATCH and 0 < p.cols <= 65536 and p.rows
                 and p.nvalues <= columns_max_density() * p.rows * p.cols):
             p.columns = bitmap_columns(p)
-        return p
+        return self.refresh(p)
 
-    def _path_isa(self, p: Prepared) -> str:
+    def refresh(self, p: Prepared) -> Prepared:
+        """Decide ``p``'s paths from the CPU and the DSF_CPU_ISA, DSF_NZ_MIN_BATCH and
+        DSF_COLUMNS_MAX_BATCH settings now (prepare() does; call again after changing
+        them). Raises ValueError on a bad setting. Returns ``p``."""
         isa = self.isa
         if p.kind == 2 and isa == "avx512-vbmi2":
             isa = "avx2" if _CAPS[2] else "portable"  # int8 values run the AVX2 paths (every AVX-512 CPU has AVX2)
-        return isa
+        p.paths = Paths(isa, nz_min_batch(isa), columns_max_batch(isa), self.bf16_dot)
+        return p
 
-    def _takes_columns(self, p: Prepared, batch: int, isa: str) -> bool:
-        return p.columns is not None and isa == "avx2" and batch <= columns_max_batch(isa)
+    @staticmethod
+    def _takes_columns(p: Prepared, batch: int) -> bool:
+        return p.columns is not None and p.paths.isa == "avx2" and batch <= p.paths.columns_max_batch
 
     def streamed_bytes(self, p: Prepared, batch: int) -> int:
         """Bytes of the factor that one call with ``batch`` rows of x reads: its bitmap and
         values (int8: and row scales), or on the column-index path its row offsets, columns
         and values. Benchmarks report GB/s from this."""
         weights = p.values.numel() * p.values.element_size() + p.scales.numel() * p.scales.element_size()
-        if self._takes_columns(p, batch, self._path_isa(p)):
+        if self._takes_columns(p, batch):
             return weights + p.offsets.numel() * 4 + p.columns.numel() * 2
         return weights + p.bitmap.numel() * 4
 
     def matmul(self, p: Prepared, x: torch.Tensor) -> torch.Tensor:
-        lib = build()
+        lib = _LIB if _LIB is not None else build()
         n = x.shape[0]
         padded_cols = p.words * 32
         args = p.ptrs[:3]
-        isa = self._path_isa(p)
+        paths = p.paths
+        isa = paths.isa
         scales = p.ptrs[3]
         y = torch.empty(n, p.rows, dtype=torch.float32)
-        columns = self._takes_columns(p, n, isa)
-        if columns or isa == "portable" or n >= nz_min_batch(isa):
+        columns = self._takes_columns(p, n)
+        if columns or isa == "portable" or n >= paths.nz_min_batch:
             # x read unpadded: a sparse factor at small batch gathers x by its nonzeros'
             # columns; large batches (prefill, many streams) and the portable path work in
             # proportion to the nonzeros (the kernel lays x out as [in][batch] itself)
-            xf = x.detach().to(torch.float32).contiguous()
+            xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.detach().to(torch.float32).contiguous()
             sizes = (xf.data_ptr(), p.cols, y.data_ptr(), p.rows, p.rows, p.cols, p.words, n)
             if columns:
                 rc = lib.dsf_bitmap_spmm_cols_avx2(args[1], p.columns.data_ptr(), args[2], scales, *sizes[:6], n, p.kind)
@@ -357,7 +377,7 @@ class CPUBitmapBackend:
                 rc = lib.dsf_bitmap_spmm_nz_avx2(*args, scales, *sizes, p.kind)
             else:
                 rc = lib.dsf_bitmap_spmm_portable(*args, scales, *sizes, p.kind)
-        elif x.dtype == torch.bfloat16 and p.is_bf16 and isa == "avx512-vbmi2" and self.bf16_dot:
+        elif x.dtype == torch.bfloat16 and p.is_bf16 and isa == "avx512-vbmi2" and paths.bf16_dot:
             # a bf16 model: bf16 x bf16 products with fp32 accumulation, as a dense bf16 matmul does
             xp = torch.zeros(n, padded_cols, dtype=torch.bfloat16)
             xp[:, : p.cols] = x.detach()

@@ -47,7 +47,7 @@ def test_word_and_nonzero_paths_agree_either_side_of_the_switch(monkeypatch, bat
     ys = []
     for switch in ("1", "1000"):
         monkeypatch.setenv("DSF_NZ_MIN_BATCH", switch)
-        ys.append(backend.matmul(p, x).double())
+        ys.append(backend.matmul(backend.refresh(p), x).double())
     ref = x.double() @ dense.t()
     for y in ys:
         assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
@@ -55,10 +55,14 @@ def test_word_and_nonzero_paths_agree_either_side_of_the_switch(monkeypatch, bat
 
 @pytest.mark.parametrize("bad", ["0", "-3", "many", "1.5"])
 def test_a_bad_nz_min_batch_is_a_clear_error(monkeypatch, bad):
+    """A bad setting is refused when a layer is prepared (loaded), and by refresh()."""
+    tensors = get_format("bitmap").pack(torch.eye(8), torch.float16)
+    p = backend.prepare("bitmap", tensors, (8, 8), torch.float32)
     monkeypatch.setenv("DSF_NZ_MIN_BATCH", bad)
-    p = backend.prepare("bitmap", get_format("bitmap").pack(torch.eye(8), torch.float16), (8, 8), torch.float32)
     with pytest.raises(ValueError, match="DSF_NZ_MIN_BATCH must be a positive integer"):
-        backend.matmul(p, torch.randn(2, 8))
+        backend.prepare("bitmap", tensors, (8, 8), torch.float32)
+    with pytest.raises(ValueError, match="DSF_NZ_MIN_BATCH must be a positive integer"):
+        backend.refresh(p)
 
 
 def test_auto_prefers_the_kernel_for_fp16_bitmap_and_declines_fp32():
