@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsf_runtime.checkpoint import VALUE_DTYPES, DSFQuantConfig, ModuleEntry, save_checkpoint
+from dsf_runtime.checkpoint import DEFAULT_VALUE_DTYPE, VALUE_DTYPES, DSFQuantConfig, ModuleEntry, save_checkpoint
 from dsf_runtime.errors import ConfigError
 from dsf_runtime.formats import get_format
 from dsf_runtime.patch import dsf_modules, replace_with_factors
@@ -31,7 +31,7 @@ def pack_model(
     *,
     sparsity: float,
     fmt: str = "bitmap",
-    value_dtype: str = "float16",
+    value_dtype: str = DEFAULT_VALUE_DTYPE,
     method: str = "dsf",
     factorization: dict | None = None,
     format_options: dict | None = None,
@@ -140,7 +140,7 @@ def read_external_factors(path: str | os.PathLike, transposed: bool = False) -> 
 
 
 def pack_external(factors_file: str | os.PathLike, base_model: str, out_dir: str | os.PathLike, fmt: str = "bitmap",
-                  value_dtype: str = "float16", transposed: bool = False, overwrite: bool = False,
+                  value_dtype: str = DEFAULT_VALUE_DTYPE, transposed: bool = False, overwrite: bool = False,
                   **format_options) -> Path:
     """Check external factor pairs against the base model's shapes and write a checkpoint."""
     from dsf_runtime.errors import CheckpointError

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dsf_runtime.checkpoint import is_dsf_checkpoint
+from dsf_runtime.checkpoint import DEFAULT_VALUE_DTYPE, is_dsf_checkpoint
 from dsf_runtime.converters.calibrate import CompressionResult, compress_sequential
 from dsf_runtime.converters.config import CALIB_PRESETS, CalibConfig, DSFConfig, preset
 from dsf_runtime.converters.data import calibration_text, sample_windows, tokenize
@@ -34,7 +34,7 @@ class CompressJob:
     method: str = "dsf"
     calib_files: list[str] | None = None
     device: str = "cpu"
-    value_dtype: str = "float16"
+    value_dtype: str = DEFAULT_VALUE_DTYPE
     fmt: str = "bitmap"
     overwrite: bool = False
     progress: bool = True
@@ -80,7 +80,7 @@ def make_job(
         calib = CalibConfig(**calib_args)
     except ValueError as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
-    check_storage(options.get("fmt", "bitmap"), options.get("value_dtype", "float16"))
+    check_storage(options.get("fmt", "bitmap"), options.get("value_dtype", DEFAULT_VALUE_DTYPE))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     out = Path(out_dir)

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from dsf_runtime.checkpoint import DEFAULT_VALUE_DTYPE
 from dsf_runtime.errors import ConfigError, DSFError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -43,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", action="append", metavar="FILE", help="calibration text file(s) (default: bundled Austen novels)")
     p.add_argument("--nsamples", type=int, help="calibration windows (preset default)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (preset default)")
-    p.add_argument("--value-dtype", default="float16", choices=["float16", "bfloat16", "float32", "int8"],
-                   help="bfloat16: the bytes of float16, ~14%% faster on AVX2-only CPUs (no widening instruction); "
-                   "int8: one signed byte per nonzero with a per-row scale (bitmap and csr formats)")
+    p.add_argument("--value-dtype", default=DEFAULT_VALUE_DTYPE, choices=["float16", "bfloat16", "float32", "int8"],
+                   help="stored nonzero values (default bfloat16: float16's bytes, faster on AVX2-only CPUs, "
+                   "fp32's range; float16 keeps 3 more mantissa bits); int8: one signed byte per nonzero with a "
+                   "per-row scale (bitmap and csr formats)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
     p.add_argument("--method", default="dsf", help="dsf (default), or a one-matrix baseline: sparsegpt, wanda, magnitude "
                    "(n:m as e.g. sparsegpt:2:4); all at the same nonzero budget")
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="bitmap", help="bitmap (compact default), csr or bsr")
     p.add_argument("--block", type=int, help="block size for bsr (default 16)")
     p.add_argument("--value-dtype", choices=["float16", "bfloat16", "float32", "int8"],
-                   help="default: keep (repack) / float16; int8: per-row scaled bytes (bitmap and csr formats)")
+                   help="default: keep (repack) / bfloat16; int8: per-row scaled bytes (bitmap and csr formats)")
     p.add_argument("--transposed", action="store_true", help="external factors are stored as L^T (r x out), R^T (in x r)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
 
@@ -216,7 +218,7 @@ def cmd_pack(args) -> None:
     elif src.is_file():
         if not args.base:
             raise ConfigError("packing external factors needs --base MODEL (the dense model they belong to)")
-        out = pack_external(src, args.base, args.out, args.format, args.value_dtype or "float16",
+        out = pack_external(src, args.base, args.out, args.format, args.value_dtype or DEFAULT_VALUE_DTYPE,
                             transposed=args.transposed, overwrite=args.overwrite, **options)
     else:
         raise ConfigError(f"{src} is neither a DSF checkpoint nor a safetensors file")

@@ -40,7 +40,7 @@ def test_layout_and_metadata(ckpt):
     tensors = load_file(ckpt / "model.safetensors")
     assert "model.layers.0.self_attn.q_proj.L.col_indices" in tensors
     assert "model.layers.0.self_attn.q_proj.weight" not in tensors  # no dense W stored
-    assert tensors["model.layers.0.mlp.up_proj.R.values"].dtype == torch.float16
+    assert tensors["model.layers.0.mlp.up_proj.R.values"].dtype == torch.bfloat16  # the default value dtype
 
 
 def test_refuses_to_overwrite_user_directory(tiny_model_dir, tmp_path):
@@ -127,7 +127,7 @@ TENSOR_EDITS = {
     "offsets not monotone": (_assign(f"{PREFIX}.crow_indices", 4, 10**5), "monotone|end at nnz"),
     "NaN factor value": (_assign(f"{PREFIX}.values", 0, float("nan")), "NaN"),
     "Inf dense weight": (_assign("model.norm.weight", 0, float("inf")), "NaN or Inf"),
-    "dtype flipped": (_set(f"{PREFIX}.values", lambda x: x.float()), "expected F16"),
+    "dtype flipped": (_set(f"{PREFIX}.values", lambda x: x.float()), "expected BF16"),
     "index dtype flipped": (_set(f"{PREFIX}.col_indices", lambda x: x.long()), "expected I16"),
     "shape changed": (_set(f"{PREFIX}.values", lambda x: x[:-1]), "expected"),
     "tensor removed": (lambda t: t.pop(f"{PREFIX}.values"), "lacks"),

@@ -14,7 +14,7 @@ import torch
 
 from dsf_runtime.formats import TensorSpec, register_format
 from dsf_runtime.formats.csr import check_columns, check_offsets
-from dsf_runtime.formats.values import check_value_tensors, is_int8
+from dsf_runtime.formats.values import check_value_tensors, encode_values, is_int8
 
 DEFAULT_BLOCK = 16
 
@@ -61,7 +61,7 @@ class BSRFormat:
         return {
             "crow_indices": crow.to(torch.int32),
             "col_indices": col.to(torch.int32),
-            "values": tiles[present].to(value_dtype).contiguous(),
+            "values": encode_values(tiles[present], crow, value_dtype)["values"].contiguous(),  # (nblocks, b, b)
         }
 
     def extra(self, tensors: dict[str, torch.Tensor]) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from dsf_runtime.errors import ConfigError
 from dsf_runtime.formats import TensorSpec, all_finite
 
 INT8_MAX = 127
@@ -36,7 +37,14 @@ def _row_of_each(crow: torch.Tensor) -> torch.Tensor:
 def encode_values(values: torch.Tensor, crow: torch.Tensor, value_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Row-major nonzero values (nnz,) -> {"values"} or, for int8, {"values", "scales"}."""
     if not is_int8(value_dtype):
-        return {"values": values.to(value_dtype)}
+        stored = values.to(value_dtype)
+        if value_dtype == torch.float16 and not all_finite(stored) and all_finite(values):
+            # float16 tops out at 65504: a larger factor value would be stored as inf
+            # (and every output it touches with it) instead of refused
+            big = float(values.float().abs().max())
+            raise ConfigError(f"a nonzero value of magnitude {big:.4g} does not fit float16 (largest 65504): "
+                              "store the values as bfloat16 or float32 (--value-dtype)")
+        return {"values": stored}
     rows = crow.numel() - 1
     v = values.float()
     row = _row_of_each(crow)

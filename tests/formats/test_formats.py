@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
 
+from dsf_runtime.errors import ConfigError
 from dsf_runtime.formats import FORMATS, get_format, tensors_nbytes
 from helpers import random_sparse
 
@@ -252,3 +253,17 @@ def test_int8_bad_scales_are_refused(name, bad):
 def test_bsr_refuses_int8_values():
     with pytest.raises(ValueError, match="int8"):
         get_format("bsr").pack(torch.eye(4), torch.int8)
+
+
+@pytest.mark.parametrize("name", ["bitmap", "csr", "bsr"])
+def test_values_past_float16_are_refused_not_stored_as_inf(name):
+    """A factor value over float16's 65504 (legal in a factor pair: L scaled up, R down)
+    is a clear error naming the way out, not an inf in the checkpoint; bfloat16, the
+    default, keeps it."""
+    m = torch.zeros(16, 32)
+    m[3, 5], m[7, 1] = 7.0e4, -2.0
+    with pytest.raises(ConfigError, match="does not fit float16.*bfloat16 or float32"):
+        get_format(name).pack(m, torch.float16)
+    tensors = get_format(name).pack(m, torch.bfloat16)
+    back = get_format(name).unpack(tensors, (16, 32)).float()
+    assert float(back[3, 5]) == pytest.approx(7.0e4, rel=2**-8) and float(back[7, 1]) == -2.0
