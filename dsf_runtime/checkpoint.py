@@ -37,7 +37,7 @@ CONFIG_NAME = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 # Stored values of new checkpoints. bfloat16: the bytes of float16, widened to fp32 by
-# placement alone (no vcvtph2ps: 0.86-0.91x the batch-1 time of fp16 values on AVX2),
+# placement alone (no vcvtph2ps: 0.86-0.92x the batch-1 time of fp16 values on AVX2),
 # fp32's exponent range (a factor value past float16's 65504 cannot overflow), and the
 # same held-out perplexity on SmolLM2 as float16 (README, "Value dtype").
 DEFAULT_VALUE_DTYPE = "bfloat16"

@@ -249,11 +249,11 @@ class Paths:
     """Which kernel path a prepared factor takes per batch size, decided once at
     prepare() from the CPU and the DSF_* settings: a decode step makes hundreds of
     kernel calls, and reading the environment in each cost ~5 us of Python per call
-    (a tenth of SmolLM2's decode). ``CPUBitmapBackend.refresh`` re-reads them."""
+    (~7% of a SmolLM2 decode step under cProfile). ``CPUBitmapBackend.refresh`` re-reads them."""
 
     isa: str  # the instruction path for this factor's values (int8 values run AVX2's on AVX-512 CPUs)
     nz_min_batch: int  # from this batch on, the nonzero path
-    columns_max_batch: int  # up to this batch, the column-index path (when the factor has its indices)
+    columns_max_batch: int  # up to this batch, the column-index path (0 unless AVX2 and the factor has its indices)
     bf16_dot: bool  # bf16 activations take the AVX512_BF16 dot-product path
 
 
@@ -337,12 +337,14 @@ class CPUBitmapBackend:
         isa = self.isa
         if p.kind == 2 and isa == "avx512-vbmi2":
             isa = "avx2" if _CAPS[2] else "portable"  # int8 values run the AVX2 paths (every AVX-512 CPU has AVX2)
-        p.paths = Paths(isa, nz_min_batch(isa), columns_max_batch(isa), self.bf16_dot)
+        columns = columns_max_batch(isa)  # read (and checked) whatever the path
+        p.paths = Paths(isa, nz_min_batch(isa), columns if isa == "avx2" and p.columns is not None else 0,
+                        self.bf16_dot)
         return p
 
     @staticmethod
     def _takes_columns(p: Prepared, batch: int) -> bool:
-        return p.columns is not None and p.paths.isa == "avx2" and batch <= p.paths.columns_max_batch
+        return batch <= p.paths.columns_max_batch
 
     def streamed_bytes(self, p: Prepared, batch: int) -> int:
         """Bytes of the factor that one call with ``batch`` rows of x reads: its bitmap and
@@ -354,7 +356,7 @@ class CPUBitmapBackend:
         return weights + p.bitmap.numel() * 4
 
     def matmul(self, p: Prepared, x: torch.Tensor) -> torch.Tensor:
-        lib = _LIB if _LIB is not None else build()
+        lib = build()
         n = x.shape[0]
         padded_cols = p.words * 32
         args = p.ptrs[:3]
