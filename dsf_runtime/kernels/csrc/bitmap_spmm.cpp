@@ -123,10 +123,12 @@ DSF_AVX512 inline __m512i expand_packed(const uint16_t* src, const uint16_t* end
 // Software prefetch DSF_PREFETCH_BYTES ahead in the value stream (two lines: a step of
 // U words can consume more than one at high density) and the bitmap stream: the
 // hardware prefetcher alone streams these at about half the bandwidth.
+// HINT and AHEAD are the AVX2 word path's (see row_avx2).
+template <int HINT = _MM_HINT_T0, int AHEAD = DSF_PREFETCH_BYTES>
 inline void prefetch_ahead(const void* v, const uint32_t* bitmap_word) {
-  _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES, _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(v) + DSF_PREFETCH_BYTES + 64, _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(bitmap_word) + DSF_PREFETCH_BYTES / 4, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(v) + AHEAD, static_cast<decltype(_MM_HINT_T0)>(HINT));
+  _mm_prefetch(reinterpret_cast<const char*>(v) + AHEAD + 64, static_cast<decltype(_MM_HINT_T0)>(HINT));
+  _mm_prefetch(reinterpret_cast<const char*>(bitmap_word) + AHEAD / 4, static_cast<decltype(_MM_HINT_T0)>(HINT));
 }
 
 // The same, converted to two vectors of 16 fp32.
@@ -448,6 +450,12 @@ DSF_AVX2 inline void bytes_avx2(uint64_t bits, const packed_t<KIND>* v, int64_t&
 // One bitmap row against a tile of NB batch rows, four words per step (a quarter of the
 // loop, prefetch and skip-test overhead; four empty words are skipped at once). A =
 // accumulators per batch row, so that FMA latency is hidden at small batches.
+// The streams are prefetched 1.5 KiB ahead into L2 (T1), not L1: this loop is bound by
+// its loads (3 per byte: values, table entry, x; on Zen 3 taking the table load out
+// alone made it 0.85x), and lines pulled into L1 early compete with x and the table.
+// scripts/kernel_ab.py against the T0, 4 KiB prefetch of the other paths: 0.96-0.98x
+// (4096x4096, 11008x4096, 4096x11008; fp16, bf16, int8; batch 1 and 4); 0.75, 1.5
+// and 3 KiB ahead time the same.
 template <int NB, int KIND, bool CHECKED>
 DSF_AVX2 void row_avx2(const uint32_t* row, const packed_t<KIND>* v, const packed_t<KIND>* end, float scale,
                        const float* x, int64_t ldx, float* y, int64_t ldy, int64_t words, const ShuffleTables& t) {
@@ -460,7 +468,7 @@ DSF_AVX2 void row_avx2(const uint32_t* row, const packed_t<KIND>* v, const packe
   asm("" : "+r"(v));
   int64_t w = 0, k = 0;
   for (; w + 4 <= words; w += 4) {
-    prefetch_ahead(v + k, row + w);
+    prefetch_ahead<_MM_HINT_T1, 1536>(v + k, row + w);
     uint64_t p0, p1;
     std::memcpy(&p0, row + w, 8);
     std::memcpy(&p1, row + w + 2, 8);
