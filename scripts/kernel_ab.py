@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kind", choices=sorted(KINDS), default="fp16")
     ap.add_argument("--new-kind", choices=sorted(KINDS),
                     help="stored values of the new version's factors (default: --kind)")
-    ap.add_argument("--path", choices=["word", "nz"], default="word",
-                    help="AVX2 word path (the backend's below its nonzero-path batch) or nonzero path (x as [in][batch])")
+    ap.add_argument("--path", choices=["word", "nz", "cols"], default="word",
+                    help="AVX2 word path (the backend's below its nonzero-path batch), nonzero path (x as "
+                         "[in][batch]) or column-index path (both factors, whatever their density)")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--no-check", action="store_true",
                     help="skip the equal-results check (to time a version with a phase cut out)")
@@ -77,6 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     L, R = random_dsf_pair(out_f, in_f, args.sparsity)
     fmt = get_format("bitmap")
     packed = [[fmt.pack(L, KINDS[k]), fmt.pack(R, KINDS[k])] for k in kind_names]  # [version][L, R]
+    if args.path == "cols":  # each factor's 16-bit column indices, as the backend decodes them at load
+        index_lib = compile_lib(args.old)
+        for pv in packed:
+            for t, (rows, cols) in zip(pv, (L.shape, R.shape)):
+                t["columns"] = torch.empty(t["values"].numel(), dtype=torch.int16)
+                rc = index_lib.dsf_bitmap_columns(t["bitmap"].data_ptr(), t["row_offsets"].data_ptr(), rows,
+                                                  t["bitmap"].shape[1], cols, t["values"].numel(),
+                                                  t["columns"].data_ptr())
+                assert rc == 0, "dsf_bitmap_columns refused the factor"
     nbytes = max(sum(t.numel() * t.element_size() for p in pv for t in p.values()) for pv in packed)
     copies = max(1, -(-args.rotate_mib * 2**20 // nbytes))
     pairs = [[[{k: v.clone() for k, v in p.items()} for p in pv] for _ in range(copies)] for pv in packed]
@@ -90,6 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     def factor(lib: ctypes.CDLL, kind: int, t: dict[str, torch.Tensor], rows: int, xin: torch.Tensor) -> torch.Tensor:
         words = t["bitmap"].shape[1]
         scales = t["scales"].data_ptr() if "scales" in t else None
+        if args.path == "cols":
+            y = torch.empty(xin.shape[0], rows)
+            rc = lib.dsf_bitmap_spmm_cols_avx2(t["row_offsets"].data_ptr(), t["columns"].data_ptr(),
+                                               t["values"].data_ptr(), scales, xin.data_ptr(), xin.shape[1],
+                                               y.data_ptr(), rows, rows, xin.shape[1], xin.shape[0], kind)
+            assert rc == 0, "kernel refused its arguments"
+            return y
         if args.path == "nz":
             y = torch.empty(xin.shape[0], rows)
             rc = lib.dsf_bitmap_spmm_nz_avx2(t["bitmap"].data_ptr(), t["row_offsets"].data_ptr(),

@@ -28,7 +28,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_times_both_versions_on_both_paths(tmp_path):
     twin = tmp_path / "twin.cpp"
     twin.write_text(SOURCE.read_text())
-    for path, batch in (("word", "3"), ("nz", "17")):
+    for path, batch in (("word", "3"), ("nz", "17"), ("cols", "2")):
         proc = _run(SOURCE, twin, "--shape", "96x200", "--batch", batch, "--path", path, "--seconds", "0.3",
                     "--rotate-mib", "1")
         assert proc.returncode == 0, proc.stderr
@@ -61,3 +61,17 @@ def test_new_kind_times_other_values_and_checks_them(tmp_path):
     proc = _run(SOURCE, wrong, "--shape", "64x96", "--kind", "int8", "--new-kind", "bf16", "--seconds", "0.3",
                 "--rotate-mib", "1")
     assert proc.returncode != 0 and "differ by" in proc.stderr and "int8 vs bf16" in proc.stderr
+
+
+def test_cols_path_checks_the_column_index_kernel(tmp_path):
+    """--path cols runs dsf_bitmap_spmm_cols_avx2 on both factors' decoded columns: a
+    version whose column-index kernel computes another y is refused."""
+    wrong = tmp_path / "wrong.cpp"
+    text = SOURCE.read_text()
+    line = "      y[b * ldy + r] = scale * s;"
+    assert text.count(line) == 1
+    wrong.write_text(text.replace(line, "      y[b * ldy + r] = 0.5f * scale * s;"))
+    proc = _run(SOURCE, wrong, "--shape", "64x96", "--path", "cols", "--seconds", "0.3", "--rotate-mib", "1")
+    assert proc.returncode != 0 and "Mismatched elements" in proc.stderr
+    same = _run(SOURCE, wrong, "--shape", "64x96", "--path", "word", "--seconds", "0.3", "--rotate-mib", "1")
+    assert same.returncode == 0, same.stderr  # the word path does not use that kernel
