@@ -453,9 +453,9 @@ DSF_AVX2 inline void bytes_avx2(uint64_t bits, const packed_t<KIND>* v, int64_t&
 // The streams are prefetched 1.5 KiB ahead into L2 (T1), not L1: this loop is bound by
 // its loads (3 per byte: values, table entry, x; on Zen 3 taking the table load out
 // alone made it 0.85x), and lines pulled into L1 early compete with x and the table.
-// scripts/kernel_ab.py against the T0, 4 KiB prefetch of the other paths: 0.96-0.98x
-// (4096x4096, 11008x4096, 4096x11008; fp16, bf16, int8; batch 1 and 4); 0.75, 1.5
-// and 3 KiB ahead time the same.
+// scripts/kernel_ab.py against the T0, 4 KiB prefetch of the other paths, each order
+// (4096x4096 and 11008x4096 bf16 at batch 1, 4096x4096 fp16 at batch 4): 1-1.5% less
+// time; 0.75, 1.5 and 3 KiB ahead time the same.
 template <int NB, int KIND, bool CHECKED>
 DSF_AVX2 void row_avx2(const uint32_t* row, const packed_t<KIND>* v, const packed_t<KIND>* end, float scale,
                        const float* x, int64_t ldx, float* y, int64_t ldy, int64_t words, const ShuffleTables& t) {
@@ -668,10 +668,6 @@ DSF_AVX2 void rows_cols_avx2(const int32_t* offsets, const uint16_t* columns, co
     for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-      // 1.5 KiB ahead in the value and column streams (into L1 here: 0.97-0.98x the time
-      // of T1 hints; against no prefetch 0.95-0.98x, scripts/kernel_ab.py --path cols)
-      _mm_prefetch(reinterpret_cast<const char*>(v + i) + 1536, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(c + i) + 1536, _MM_HINT_T0);
       __m256 v0 = widen8<KIND>(load8<false>(v + i, v), 1.f), v1 = widen8<KIND>(load8<false>(v + i + 8, v), 1.f);
       for (int b = 0; b < NB; ++b) {
         acc[b][0] = _mm256_fmadd_ps(v0, gather8(x + b * ldx, c + i), acc[b][0]);
