@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -274,11 +275,16 @@ class Prepared:
     ptrs: tuple[int, int, int, int] = field(init=False, repr=False)
     nvalues: int = field(init=False, repr=False)
     words: int = field(init=False, repr=False)
+    # The kernel call for one contiguous fp32 row of x, all but x's and y's addresses
+    # bound (see batch1_call); None where that case takes matmul's general route.
+    call1: Callable[[int, int], int] | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self.ptrs = (self.bitmap.data_ptr(), self.offsets.data_ptr(), self.values.data_ptr(), self.scales.data_ptr())
         self.nvalues = self.values.numel()
         self.words = self.bitmap.shape[1]
+        if self.paths is not None:
+            self.call1 = batch1_call(self)
 
     def __reduce__(self):
         # copy.deepcopy and pickle rebuild through __init__, so that the addresses are
@@ -289,6 +295,29 @@ class Prepared:
     @property
     def is_bf16(self) -> int:
         return int(self.kind == 1)
+
+
+def batch1_call(p: Prepared) -> Callable[[int, int], int] | None:
+    """The kernel call ``call(x_address, y_address)`` for one contiguous fp32 row of x
+    (a decode step's), on the path ``p.paths`` chooses at batch 1, with everything else
+    bound now: SmolLM2's decode step makes 420 kernel calls, and matmul's general route
+    costs ~5 us of Python more per call. None where batch 1 takes that route anyway (x
+    to be padded to whole words, the nonzero or the portable path)."""
+    lib, paths = build(), p.paths
+    if lib is None or paths is None:
+        return None
+    bitmap, offsets, values, scales = p.ptrs
+    rows, cols, words, nvalues, kind = p.rows, p.cols, p.words, p.nvalues, p.kind
+    if paths.columns_max_batch >= 1:
+        fn, columns = lib.dsf_bitmap_spmm_cols_avx2, p.columns.data_ptr()
+        return lambda xp, yp: fn(offsets, columns, values, scales, xp, cols, yp, rows, rows, cols, 1, kind)
+    if paths.nz_min_batch <= 1 or paths.isa == "portable" or cols != words * 32:
+        return None
+    if paths.isa == "avx512-vbmi2":
+        fn, is_bf16 = lib.dsf_bitmap_spmm_avx512, p.is_bf16
+        return lambda xp, yp: fn(bitmap, offsets, values, nvalues, xp, cols, yp, rows, rows, words, 1, is_bf16)
+    fn = lib.dsf_bitmap_spmm_avx2
+    return lambda xp, yp: fn(bitmap, offsets, values, scales, nvalues, xp, cols, yp, rows, rows, words, 1, kind)
 
 
 @register_backend
@@ -340,6 +369,7 @@ class CPUBitmapBackend:
         columns = columns_max_batch(isa)  # read (and checked) whatever the path
         p.paths = Paths(isa, nz_min_batch(isa), columns if isa == "avx2" and p.columns is not None else 0,
                         self.bf16_dot)
+        p.call1 = batch1_call(p)
         return p
 
     @staticmethod
@@ -356,6 +386,12 @@ class CPUBitmapBackend:
         return weights + p.bitmap.numel() * 4
 
     def matmul(self, p: Prepared, x: torch.Tensor) -> torch.Tensor:
+        call = p.call1
+        if call is not None and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_contiguous():
+            y = torch.empty(1, p.rows, dtype=torch.float32)  # a decode step's call: the least Python
+            if call(x.data_ptr(), y.data_ptr()) != 0:
+                raise RuntimeError("cpu-bitmap kernel refused its arguments")
+            return y
         lib = build()
         n = x.shape[0]
         padded_cols = p.words * 32

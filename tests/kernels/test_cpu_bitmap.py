@@ -53,6 +53,42 @@ def test_word_and_nonzero_paths_agree_either_side_of_the_switch(monkeypatch, bat
         assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("density", [0.1, 0.5])
+def test_a_decode_steps_call_is_bound_once_and_matches_the_general_route(monkeypatch, value_dtype, density):
+    """One contiguous fp32 row of x (a decode step's call) goes through the call bound at
+    prepare(): bitwise the general route's result (reached with a strided x), also on a
+    deep copy whose original is gone; x to be padded, or the nonzero path at batch 1,
+    take the general route."""
+    import copy
+    import gc
+
+    if backend.isa == "portable":
+        pytest.skip("the portable path has no bound call")
+    shape = (96, 256)
+    tensors = get_format("bitmap").pack(random_sparse(*shape, density, seed=5), value_dtype)
+    dense = get_format("bitmap").unpack(tensors, shape).double()
+    p = backend.prepare("bitmap", tensors, shape, torch.float32)
+    assert p.call1 is not None
+    assert (p.paths.columns_max_batch >= 1) == (density < 0.2 and backend.isa == "avx2")
+    x = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(2))
+    strided = torch.stack([x[0], x[0]], dim=1)[:, 0].unsqueeze(0)  # the same numbers, not contiguous
+    assert not strided.is_contiguous()
+    fast, general = backend.matmul(p, x), backend.matmul(p, strided)
+    assert torch.equal(fast, general)
+    ref = x.double() @ dense.t()
+    assert float((fast.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    twin = copy.deepcopy(p)
+    del p, tensors
+    gc.collect()
+    assert twin.call1 is not None and torch.equal(backend.matmul(twin, x), fast)
+    padded = backend.prepare("bitmap", get_format("bitmap").pack(random_sparse(96, 250, 0.5, seed=5), value_dtype),
+                             (96, 250), torch.float32)
+    assert padded.call1 is None  # x is padded to whole 32-column words on the word path
+    monkeypatch.setenv("DSF_NZ_MIN_BATCH", "1")
+    assert backend.refresh(twin).call1 is None or twin.paths.columns_max_batch >= 1
+
+
 @pytest.mark.parametrize("bad", ["0", "-3", "many", "1.5"])
 def test_a_bad_nz_min_batch_is_a_clear_error(monkeypatch, bad):
     """A bad setting is refused when a layer is prepared (loaded), and by refresh()."""
