@@ -53,6 +53,21 @@ def test_word_and_nonzero_paths_agree_either_side_of_the_switch(monkeypatch, bat
         assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("shape", [(70, 1100), (130, 576)])
+@pytest.mark.parametrize("batch", [33, 48, 64, 65, 100, 129])
+def test_prefill_batches_in_chunks_of_up_to_64_match_dense(value_dtype, shape, batch):
+    """Batches past 32 (prefill) run in chunks of up to 64 rows of x on the nonzero path,
+    with one set of accumulators from 5 vectors per x^T row on; chunk edges and the
+    column blocks (4 words at 64 rows) give the dense product."""
+    tensors = get_format("bitmap").pack(random_sparse(*shape, 0.4, seed=batch, empty_rows=1), value_dtype)
+    dense = get_format("bitmap").unpack(tensors, shape).double()
+    p = backend.prepare("bitmap", tensors, shape, torch.float32)
+    x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(4))
+    ref = x.double() @ dense.t()
+    assert float((backend.matmul(p, x).double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("density", [0.1, 0.5])
 def test_a_decode_steps_call_is_bound_once_and_matches_the_general_route(monkeypatch, value_dtype, density):

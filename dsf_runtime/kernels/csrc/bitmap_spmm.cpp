@@ -552,10 +552,16 @@ constexpr int64_t kNzBlockBytes = int64_t(32) << 10;
 // share of a block is a short run of bitmap and values at its own place in memory, so
 // the runs of the row kNzPrefetchRows ahead are prefetched (the hardware prefetcher
 // starts too late on runs this short). ``idx`` holds a row block's columns.
+// Batches run in chunks of up to 64 rows (NV up to 8): with 32-row chunks a batch of 64
+// decoded and streamed the factor twice; scripts/kernel_ab.py --path nz, both orders:
+// batch 64 0.80-0.93x the time (576x576, 1536x576, 4096x4096), batch 33 0.77-0.80x
+// (4096x11008). noinline: with the larger instances inlined into one dispatcher the
+// NV = 3 instance ran 6% slower.
 template <int NV, int KIND>
-DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const void* values_raw, const float* scales, const float* xt,
-                           int64_t ldb, float* yt, int64_t r0, int64_t r1, int64_t words, int64_t w0, int64_t w1,
-                           int64_t* cursor, uint16_t* idx) {
+__attribute__((noinline)) DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const void* values_raw,
+                                                     const float* scales, const float* xt, int64_t ldb, float* yt,
+                                                     int64_t r0, int64_t r1, int64_t words, int64_t w0, int64_t w1,
+                                                     int64_t* cursor, uint16_t* idx) {
   const ShuffleTables& t = shuffle_tables();
   const packed_t<KIND>* values = static_cast<const packed_t<KIND>*>(values_raw);
   const float* xtb = xt + w0 * 32 * ldb;  // x^T's first row of the block
@@ -588,6 +594,13 @@ DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const void* values_raw, const 
     const float scale = KIND == kInt8 ? scales[r] : 1.f;
     __m256 acc[NV], acc2[NV];
     for (int j = 0; j < NV; ++j) acc[j] = acc2[j] = _mm256_setzero_ps();
+    // past 4 vectors per x^T row one set of accumulators hides the FMA latency by itself,
+    // and two would not fit the 16 registers: odd nonzeros then go to acc as well
+#define DSF_FMA_ODD(a, xa) \
+  do {                                                  \
+    if constexpr (NV > 4) fma_x_row<NV>(a, xa, acc);    \
+    else fma_x_row<NV>(a, xa, acc2);                    \
+  } while (0)
     int64_t k = 0;
     for (; k + 8 <= nnz; k += 8) {
       // eight values per step, each broadcast by an in-lane shuffle rather than a load
@@ -596,13 +609,13 @@ DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const void* values_raw, const 
       const __m256 lo = _mm256_permute2f128_ps(vals, vals, 0x00), hi = _mm256_permute2f128_ps(vals, vals, 0x11);
       const uint16_t* c = idx + k;
       fma_x_row<NV>(_mm256_shuffle_ps(lo, lo, 0x00), xtb + int64_t(c[0]) * ldb, acc);
-      fma_x_row<NV>(_mm256_shuffle_ps(lo, lo, 0x55), xtb + int64_t(c[1]) * ldb, acc2);
+      DSF_FMA_ODD(_mm256_shuffle_ps(lo, lo, 0x55), xtb + int64_t(c[1]) * ldb);
       fma_x_row<NV>(_mm256_shuffle_ps(lo, lo, 0xAA), xtb + int64_t(c[2]) * ldb, acc);
-      fma_x_row<NV>(_mm256_shuffle_ps(lo, lo, 0xFF), xtb + int64_t(c[3]) * ldb, acc2);
+      DSF_FMA_ODD(_mm256_shuffle_ps(lo, lo, 0xFF), xtb + int64_t(c[3]) * ldb);
       fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0x00), xtb + int64_t(c[4]) * ldb, acc);
-      fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0x55), xtb + int64_t(c[5]) * ldb, acc2);
+      DSF_FMA_ODD(_mm256_shuffle_ps(hi, hi, 0x55), xtb + int64_t(c[5]) * ldb);
       fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0xAA), xtb + int64_t(c[6]) * ldb, acc);
-      fma_x_row<NV>(_mm256_shuffle_ps(hi, hi, 0xFF), xtb + int64_t(c[7]) * ldb, acc2);
+      DSF_FMA_ODD(_mm256_shuffle_ps(hi, hi, 0xFF), xtb + int64_t(c[7]) * ldb);
     }
     if (k < nnz) {  // the last 1-7: widened into val (zeros past the row), two per step, then one
       float val[8];
@@ -610,17 +623,19 @@ DSF_AVX2 void rows_nz_avx2(const int32_t* bitmap, const void* values_raw, const 
       int64_t i = 0;
       for (; k + 2 <= nnz; k += 2, i += 2) {
         fma_x_row<NV>(_mm256_broadcast_ss(val + i), xtb + int64_t(idx[k]) * ldb, acc);
-        fma_x_row<NV>(_mm256_broadcast_ss(val + i + 1), xtb + int64_t(idx[k + 1]) * ldb, acc2);
+        DSF_FMA_ODD(_mm256_broadcast_ss(val + i + 1), xtb + int64_t(idx[k + 1]) * ldb);
       }
       if (k < nnz) fma_x_row<NV>(_mm256_broadcast_ss(val + i), xtb + int64_t(idx[k]) * ldb, acc);
     }
     float* out = yt + r * ldb;
     for (int j = 0; j < NV; ++j) {
-      __m256 sum = _mm256_add_ps(acc[j], acc2[j]);
+      __m256 sum = NV > 4 ? acc[j] : _mm256_add_ps(acc[j], acc2[j]);
       _mm256_storeu_ps(out + 8 * j, w0 == 0 ? sum : _mm256_add_ps(_mm256_loadu_ps(out + 8 * j), sum));
     }
   }
 }
+
+#undef DSF_FMA_ODD
 
 template <int KIND>
 DSF_AVX2 void tile_nz_avx2(int64_t ldb, const int32_t* bitmap, const void* values, const float* scales,
@@ -630,7 +645,11 @@ DSF_AVX2 void tile_nz_avx2(int64_t ldb, const int32_t* bitmap, const void* value
     case 1: rows_nz_avx2<1, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
     case 2: rows_nz_avx2<2, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
     case 3: rows_nz_avx2<3, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
-    default: rows_nz_avx2<4, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
+    case 4: rows_nz_avx2<4, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
+    case 5: rows_nz_avx2<5, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
+    case 6: rows_nz_avx2<6, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
+    case 7: rows_nz_avx2<7, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
+    default: rows_nz_avx2<8, KIND>(bitmap, values, scales, xt, ldb, yt, r0, r1, words, w0, w1, cursor, idx); break;
   }
 }
 
@@ -891,10 +910,11 @@ int dsf_bitmap_spmm_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const
       kind > kInt8)
     return -1;
   auto tile = kind == kInt8 ? tile_nz_avx2<kInt8> : kind == kBf16 ? tile_nz_avx2<kBf16> : tile_nz_avx2<kFp16>;
-  over_batch_chunks(x, ldx, y, ldy, rows, cols, words, batch, 8, 32, [&](const float* xt, int64_t ldb, float* yt) {
-    // words per column block: x^T's block at most kNzBlockBytes, all words if less (at
-    // most 32 words, 1024 columns: the decoded 16-bit columns cannot overflow)
-    const int64_t block_words = std::max<int64_t>(8, kNzBlockBytes / (32 * ldb * int64_t(sizeof(float))));
+  over_batch_chunks(x, ldx, y, ldy, rows, cols, words, batch, 8, 64, [&](const float* xt, int64_t ldb, float* yt) {
+    // words per column block: x^T's block at most kNzBlockBytes (4 words at 64 batch
+    // rows), all words if less (at most 32 words, 1024 columns: the decoded 16-bit columns
+    // cannot overflow). With 8 words at 64 rows (a 64 KiB block) 1536x576 ran 1.2x slower.
+    const int64_t block_words = std::max<int64_t>(1, kNzBlockBytes / (32 * ldb * int64_t(sizeof(float))));
 #pragma omp parallel
     {
       // each thread takes a contiguous run of 64-row blocks and walks the column blocks over all of it
