@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     copies = max(1, -(-args.rotate_mib * 2**20 // nbytes))
     # The versions read the same copies when their values are the same kind, else copies
     # allocated in turn: where the copies of one version were all allocated after the
-    # other's, the second version timed 1.5% faster with both sources the same (the
-    # memory's placement, e.g. huge pages, differed by version).
+    # other's, the second version timed 1.5% faster with both sources the same (where
+    # each version's memory landed; the cause was not pinned down further).
     clones = [[[{k: v.clone() for k, v in p.items()} for p in pv] for pv in packed[: 1 + (kind_names[0] != kind_names[1])]]
               for _ in range(copies)]  # [copy][version][L, R]
     pairs = [[c[min(v, len(c) - 1)] for c in clones] for v in range(2)]  # [version][copy][L, R]
