@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     L, R = random_dsf_pair(out_f, in_f, args.sparsity)
     fmt = get_format("bitmap")
     packed = [[fmt.pack(L, KINDS[k]), fmt.pack(R, KINDS[k])] for k in kind_names]  # [version][L, R]
+    libs = [compile_lib(args.old), compile_lib(args.new)]
     if args.path == "cols":  # each factor's 16-bit column indices, as the backend decodes them at load
-        index_lib = compile_lib(args.old)
+        index_lib = libs[0]
         for pv in packed:
             for t, (rows, cols) in zip(pv, (L.shape, R.shape)):
                 t["columns"] = torch.empty(t["values"].numel(), dtype=torch.int16)
@@ -100,7 +101,6 @@ def main(argv: list[str] | None = None) -> None:
           f"call, {copies} copies; L {tuple(L.shape)} density {packed[0][0]['values'].numel() / L.numel():.2f}, "
           f"R {tuple(R.shape)} density {packed[0][1]['values'].numel() / R.numel():.2f}")
 
-    libs = [compile_lib(args.old), compile_lib(args.new)]
     x = torch.randn(args.batch, in_f)
 
     def factor(lib: ctypes.CDLL, kind: int, t: dict[str, torch.Tensor], rows: int, xin: torch.Tensor) -> torch.Tensor:

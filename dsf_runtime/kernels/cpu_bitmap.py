@@ -297,6 +297,27 @@ class Prepared:
         return int(self.kind == 1)
 
 
+def _columns_call(lib: ctypes.CDLL, p: Prepared, n: int) -> Callable[[int, int], int]:
+    """``call(x_address, y_address)`` of the column-index kernel for ``n`` rows of x
+    ([n][cols], fp32)."""
+    fn, columns = lib.dsf_bitmap_spmm_cols_avx2, p.columns.data_ptr()
+    _, offsets, values, scales = p.ptrs
+    rows, cols, kind = p.rows, p.cols, p.kind
+    return lambda xp, yp: fn(offsets, columns, values, scales, xp, cols, yp, rows, rows, cols, n, kind)
+
+
+def _words_call(lib: ctypes.CDLL, p: Prepared, n: int) -> Callable[[int, int], int]:
+    """``call(x_address, y_address)`` of the word path (AVX-512 or AVX2, per ``p.paths``)
+    for ``n`` rows of x padded to whole 32-column words ([n][32 * words], fp32)."""
+    bitmap, offsets, values, scales = p.ptrs
+    rows, words, nvalues, ldx = p.rows, p.words, p.nvalues, p.words * 32
+    if p.paths.isa == "avx512-vbmi2":
+        fn, is_bf16 = lib.dsf_bitmap_spmm_avx512, p.is_bf16
+        return lambda xp, yp: fn(bitmap, offsets, values, nvalues, xp, ldx, yp, rows, rows, words, n, is_bf16)
+    fn, kind = lib.dsf_bitmap_spmm_avx2, p.kind
+    return lambda xp, yp: fn(bitmap, offsets, values, scales, nvalues, xp, ldx, yp, rows, rows, words, n, kind)
+
+
 def batch1_call(p: Prepared) -> Callable[[int, int], int] | None:
     """The kernel call ``call(x_address, y_address)`` for one contiguous fp32 row of x
     (a decode step's), on the path ``p.paths`` chooses at batch 1, with everything else
@@ -306,18 +327,11 @@ def batch1_call(p: Prepared) -> Callable[[int, int], int] | None:
     lib, paths = build(), p.paths
     if lib is None or paths is None:
         return None
-    bitmap, offsets, values, scales = p.ptrs
-    rows, cols, words, nvalues, kind = p.rows, p.cols, p.words, p.nvalues, p.kind
     if paths.columns_max_batch >= 1:
-        fn, columns = lib.dsf_bitmap_spmm_cols_avx2, p.columns.data_ptr()
-        return lambda xp, yp: fn(offsets, columns, values, scales, xp, cols, yp, rows, rows, cols, 1, kind)
-    if paths.nz_min_batch <= 1 or paths.isa == "portable" or cols != words * 32:
+        return _columns_call(lib, p, 1)
+    if paths.nz_min_batch <= 1 or paths.isa == "portable" or p.cols != p.words * 32:
         return None
-    if paths.isa == "avx512-vbmi2":
-        fn, is_bf16 = lib.dsf_bitmap_spmm_avx512, p.is_bf16
-        return lambda xp, yp: fn(bitmap, offsets, values, nvalues, xp, cols, yp, rows, rows, words, 1, is_bf16)
-    fn = lib.dsf_bitmap_spmm_avx2
-    return lambda xp, yp: fn(bitmap, offsets, values, scales, nvalues, xp, cols, yp, rows, rows, words, 1, kind)
+    return _words_call(lib, p, 1)
 
 
 @register_backend
@@ -408,7 +422,7 @@ class CPUBitmapBackend:
             xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.detach().to(torch.float32).contiguous()
             sizes = (xf.data_ptr(), p.cols, y.data_ptr(), p.rows, p.rows, p.cols, p.words, n)
             if columns:
-                rc = lib.dsf_bitmap_spmm_cols_avx2(args[1], p.columns.data_ptr(), args[2], scales, *sizes[:6], n, p.kind)
+                rc = _columns_call(lib, p, n)(xf.data_ptr(), y.data_ptr())
             elif isa == "avx512-vbmi2":
                 rc = lib.dsf_bitmap_spmm_nz(*args, *sizes, p.is_bf16)
             elif isa == "avx2":
@@ -428,12 +442,7 @@ class CPUBitmapBackend:
             else:
                 xp = torch.zeros(n, padded_cols, dtype=torch.float32)
                 xp[:, : p.cols] = xf
-            if isa == "avx512-vbmi2":
-                rc = lib.dsf_bitmap_spmm_avx512(*args, p.nvalues, xp.data_ptr(), padded_cols, y.data_ptr(),
-                                                p.rows, p.rows, p.words, n, p.is_bf16)
-            else:
-                rc = lib.dsf_bitmap_spmm_avx2(*args, scales, p.nvalues, xp.data_ptr(), padded_cols,
-                                              y.data_ptr(), p.rows, p.rows, p.words, n, p.kind)
+            rc = _words_call(lib, p, n)(xp.data_ptr(), y.data_ptr())
         if rc != 0:
             raise RuntimeError("cpu-bitmap kernel refused its arguments")
         return y if y.dtype == x.dtype else y.to(x.dtype)
