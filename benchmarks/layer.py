@@ -214,7 +214,7 @@ def run_layer_bench(shapes: dict[str, tuple[int, int]] | None = None, batches: t
             del cases
     env = environment()
     env["memory_bandwidth_gb_s"] = bandwidth
-    env["cpu_kernel_isa"] = CPUBitmapBackend().isa if BACKENDS["cpu-bitmap"].available() else "unavailable"
+    env["cpu_kernel_isa"] = CPUBitmapBackend().describe() if BACKENDS["cpu-bitmap"].available() else "unavailable"
     payload = {"benchmark": "layer", "sparsity": sparsity, "environment": env, "rows": rows}
     table = (f"memory bandwidth (best of buffer copy and read-only sum, same run): {bandwidth:.1f} GB/s; cpu-bitmap ISA: {env['cpu_kernel_isa']}\n\n"
              + markdown_table(rows, [("shape", "layer", ""), ("batch", "batch", "d"), ("impl", "implementation", ""),

@@ -479,7 +479,7 @@ def backend_summary(model: nn.Module) -> str:
 
         indexed = (f"; column index on {len(columns)} factors, "
                    f"{format_bytes(sum(c.numel() * c.element_size() for c in columns))}") if columns else ""
-        summary += f" ({BACKENDS['cpu-bitmap'].isa}{indexed})"
+        summary += f" ({BACKENDS['cpu-bitmap'].describe()}{indexed})"
     return summary
 
 

@@ -133,7 +133,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsf_has_avx2.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_nz.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_nz.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_bf16dot.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64]
+    lib.dsf_bitmap_spmm_bf16dot.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_bf16dot.restype = ctypes.c_int
     lib.dsf_bitmap_spmm_avx512.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dsf_bitmap_spmm_avx512.restype = ctypes.c_int
@@ -149,6 +149,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsf_bitmap_spmm_cols_avx2.restype = ctypes.c_int
     lib.dsf_bitmap_columns.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P]
     lib.dsf_bitmap_columns.restype = ctypes.c_int
+    lib.dsf_plan_word_paths.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
+    lib.dsf_plan_word_paths.restype = ctypes.c_int
     return lib
 
 
@@ -172,11 +174,69 @@ def build(force: bool = False) -> ctypes.CDLL | None:
     except OSError as exc:
         _REASON = f"loading the CPU kernel failed: {exc}"
         return None
-    global _CAPS
+    global _CAPS, _PLAN
     _CAPS = (bool(lib.dsf_has_avx512()), bool(lib.dsf_has_avx512_bf16()), bool(lib.dsf_has_avx2()))
     _ISA_CACHE.clear()
+    _PLAN = _measure_plan(lib) if _CAPS[0] else None
     _LIB, _REASON = lib, None
     return lib
+
+
+# The AVX-512 word path's variants, timed once per process at build (dsf_plan_word_paths:
+# a synthetic factor at batch 1, ~5 ms): which is faster depends on the microarchitecture.
+# On AMD Zen 4 the 512-bit form ran 2.0x slower than the 256-bit one (vpexpandw zmm and
+# 512-bit widening are double-pumped there), and for fp16 values (which have no 256-bit
+# variant here) 2.0x slower than the AVX2 path; on the Intel core of the project's first
+# sessions the 512-bit form met the batch-1 targets. DSF_AVX512_WORDS=zmm or =ymm
+# overrides the measurement (ymm: 256-bit variants, and fp16 values on the AVX2 path).
+PLAN_CANDIDATES = ("avx512 bf16", "avx512-ymm bf16", "avx2 bf16", "avx512 fp16", "avx2 fp16",
+                   "avx512 bf16 model", "avx512-ymm bf16 model")
+
+
+@dataclass(frozen=True)
+class WordPlan:
+    """The measured batch-1 time (ns per call of the planner's factor; None where the CPU
+    lacks the instructions) of each PLAN_CANDIDATES variant."""
+
+    ns: dict[str, float | None]
+
+    def _faster(self, a: str, b: str) -> bool:
+        ta, tb = self.ns.get(a), self.ns.get(b)
+        return ta is not None and (tb is None or ta < tb)
+
+    def choice(self, setting: str | None = None) -> dict[str, str]:
+        """Per value kind (bf16, fp16, bf16 model), the variant to run: from the timings,
+        or as DSF_AVX512_WORDS (``setting``: auto, zmm or ymm) says."""
+        setting = (os.environ.get("DSF_AVX512_WORDS") or "auto") if setting is None else setting
+        if setting not in ("auto", "zmm", "ymm"):
+            raise ValueError(f"DSF_AVX512_WORDS must be auto, zmm or ymm, not {setting!r}")
+        has_ymm = self.ns.get("avx512-ymm bf16") is not None
+        if setting == "zmm" or (setting == "ymm" and not has_ymm):
+            return {"bf16": "avx512", "fp16": "avx512", "bf16 model": "avx512"}
+        if setting == "ymm":
+            return {"bf16": "avx512-ymm", "fp16": "avx2", "bf16 model": "avx512-ymm"}
+        bf16 = "avx512-ymm" if self._faster("avx512-ymm bf16", "avx512 bf16") else "avx512"
+        if self._faster("avx2 bf16", f"{bf16} bf16"):
+            bf16 = "avx2"
+        return {"bf16": bf16,
+                "fp16": "avx2" if self._faster("avx2 fp16", "avx512 fp16") else "avx512",
+                "bf16 model": "avx512-ymm" if self._faster("avx512-ymm bf16 model", "avx512 bf16 model") else "avx512"}
+
+
+_PLAN: WordPlan | None = None
+
+
+def _measure_plan(lib: ctypes.CDLL) -> WordPlan | None:
+    ns = (ctypes.c_double * len(PLAN_CANDIDATES))()
+    if lib.dsf_plan_word_paths(ns, len(PLAN_CANDIDATES)) != 0:
+        return None
+    return WordPlan({name: (t if t >= 0 else None) for name, t in zip(PLAN_CANDIDATES, ns)})
+
+
+def word_plan() -> WordPlan | None:
+    """This CPU's measured AVX-512 word-path plan (None without AVX-512 or the kernel)."""
+    build()
+    return _PLAN
 
 
 def unavailable_reason() -> str | None:
@@ -252,10 +312,13 @@ class Paths:
     kernel calls, and reading the environment in each cost ~5 us of Python per call
     (~7% of a SmolLM2 decode step under cProfile). ``CPUBitmapBackend.refresh`` re-reads them."""
 
-    isa: str  # the instruction path for this factor's values (int8 values run AVX2's on AVX-512 CPUs)
+    isa: str  # the instruction path for this factor's values (int8 values run AVX2's on AVX-512 CPUs;
+    # fp16 values too where the word plan measured AVX2's word path faster)
     nz_min_batch: int  # from this batch on, the nonzero path
     columns_max_batch: int  # up to this batch, the column-index path (0 unless AVX2 and the factor has its indices)
     bf16_dot: bool  # bf16 activations take the AVX512_BF16 dot-product path
+    ymm: bool = False  # AVX-512 word path: the 256-bit variant (bf16 values: x split into bf16 parts)
+    dot_ymm: bool = False  # the bf16 dot-product path's 256-bit variant
 
 
 @dataclass
@@ -312,8 +375,8 @@ def _words_call(lib: ctypes.CDLL, p: Prepared, n: int) -> Callable[[int, int], i
     bitmap, offsets, values, scales = p.ptrs
     rows, words, nvalues, ldx = p.rows, p.words, p.nvalues, p.words * 32
     if p.paths.isa == "avx512-vbmi2":
-        fn, is_bf16 = lib.dsf_bitmap_spmm_avx512, p.is_bf16
-        return lambda xp, yp: fn(bitmap, offsets, values, nvalues, xp, ldx, yp, rows, rows, words, n, is_bf16)
+        fn, mode = lib.dsf_bitmap_spmm_avx512, p.is_bf16 | (2 if p.paths.ymm else 0)
+        return lambda xp, yp: fn(bitmap, offsets, values, nvalues, xp, ldx, yp, rows, rows, words, n, mode)
     fn, kind = lib.dsf_bitmap_spmm_avx2, p.kind
     return lambda xp, yp: fn(bitmap, offsets, values, scales, nvalues, xp, ldx, yp, rows, rows, words, n, kind)
 
@@ -368,7 +431,7 @@ class CPUBitmapBackend:
             tensors["bitmap"].contiguous(), tensors["row_offsets"].contiguous(), values.contiguous(), scales,
             shape[0], shape[1], KIND_CODES[values.dtype],
         )
-        if (self.isa in COLUMNS_MAX_BATCH and 0 < p.cols <= 65536 and p.rows
+        if (self._factor_isa(p.kind)[0] in COLUMNS_MAX_BATCH and 0 < p.cols <= 65536 and p.rows
                 and p.nvalues <= columns_max_density() * p.rows * p.cols):
             p.columns = bitmap_columns(p)
         return self.refresh(p)
@@ -377,14 +440,35 @@ class CPUBitmapBackend:
         """Decide ``p``'s paths from the CPU and the DSF_CPU_ISA, DSF_NZ_MIN_BATCH and
         DSF_COLUMNS_MAX_BATCH settings now (prepare() does; call again after changing
         them). Raises ValueError on a bad setting. Returns ``p``."""
-        isa = self.isa
-        if p.kind == 2 and isa == "avx512-vbmi2":
-            isa = "avx2" if _CAPS[2] else "portable"  # int8 values run the AVX2 paths (every AVX-512 CPU has AVX2)
+        isa, choice = self._factor_isa(p.kind)
         columns = columns_max_batch(isa)  # read (and checked) whatever the path
         p.paths = Paths(isa, nz_min_batch(isa), columns if isa == "avx2" and p.columns is not None else 0,
-                        self.bf16_dot)
+                        self.bf16_dot, ymm=isa == "avx512-vbmi2" and choice.get("bf16") == "avx512-ymm",
+                        dot_ymm=choice.get("bf16 model") == "avx512-ymm")
         p.call1 = batch1_call(p)
         return p
+
+    def _factor_isa(self, kind: int) -> tuple[str, dict[str, str]]:
+        """The instruction path for a factor of value ``kind`` and, on AVX-512, the word
+        plan's choice per value kind (empty elsewhere)."""
+        isa = self.isa
+        if isa != "avx512-vbmi2":
+            return isa, {}
+        if kind == 2:
+            return ("avx2" if _CAPS[2] else "portable"), {}  # int8 values run the AVX2 paths
+        choice = _PLAN.choice() if _PLAN is not None else {}
+        if choice.get("bf16" if kind == 1 else "fp16") == "avx2" and _CAPS[2]:
+            return "avx2", choice
+        return isa, choice
+
+    def describe(self) -> str:
+        """The instruction path and, on AVX-512, the word plan's choices (for `dsf info`,
+        `dsf generate` and the benchmarks)."""
+        isa = self.isa
+        if isa != "avx512-vbmi2" or _PLAN is None:
+            return isa
+        choice = _PLAN.choice()
+        return f"{isa} (word path: bf16 values {choice['bf16']}, fp16 values {choice['fp16']})"
 
     @staticmethod
     def _takes_columns(p: Prepared, batch: int) -> bool:
@@ -434,7 +518,7 @@ class CPUBitmapBackend:
             xp = torch.zeros(n, padded_cols, dtype=torch.bfloat16)
             xp[:, : p.cols] = x.detach()
             rc = lib.dsf_bitmap_spmm_bf16dot(*args, p.nvalues, xp.data_ptr(), padded_cols, y.data_ptr(),
-                                             p.rows, p.rows, p.words, n)
+                                             p.rows, p.rows, p.words, n, int(paths.dot_ymm))
         else:
             xf = x.detach() if x.dtype == torch.float32 else x.detach().to(torch.float32)  # (no call when fp32)
             if p.cols == padded_cols and xf.is_contiguous():

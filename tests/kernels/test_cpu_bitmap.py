@@ -85,7 +85,8 @@ def test_a_decode_steps_call_is_bound_once_and_matches_the_general_route(monkeyp
     dense = get_format("bitmap").unpack(tensors, shape).double()
     p = backend.prepare("bitmap", tensors, shape, torch.float32)
     assert p.call1 is not None
-    assert (p.paths.columns_max_batch >= 1) == (density < 0.2 and backend.isa == "avx2")
+    # factors on the AVX2 paths (int8 values, and on some AVX-512 CPUs fp16 values) index sparse factors
+    assert (p.paths.columns_max_batch >= 1) == (density < 0.2 and p.paths.isa == "avx2")
     x = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(2))
     strided = torch.stack([x[0], x[0]], dim=1)[:, 0].unsqueeze(0)  # the same numbers, not contiguous
     assert not strided.is_contiguous()

@@ -23,6 +23,7 @@
 // The caller (Python) validated every index and offset when the checkpoint was loaded.
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -259,6 +260,183 @@ DSF_AVX512 void rows_avx512_16(const int32_t* bitmap, const int32_t* offsets, co
       if (row[w]) v += fma_word<NB>(v, end, row[w], is_bf16, x + w * 32, ldx, acc, acc);
     }
     for (int b = 0; b < NB; ++b) y[b * ldy + r] = _mm512_reduce_add_ps(acc[b]);
+  }
+}
+
+// The 256-bit variants (``mode`` bit 2 of the AVX-512 entry points). On AMD Zen 4 a 512-bit
+// vpexpandw, and each 512-bit op that crosses 256-bit halves (vpmovzxwd, vcvtph2ps from a
+// ymm), costs about twice a 256-bit one, and the 512-bit word above ran at 16.5 cycles per
+// word against 8.2 for the AVX2 path (single thread, factor in L2). These expand each word
+// as two 16-column halves into ymm registers (vpexpandw ymm: one per cycle there) and never
+// widen the values: with AVX512_BF16, vdpbf16ps multiplies bf16 pairs exactly into fp32,
+// and fp32 x is carried as two bf16 parts, x ~ hi + lo with hi = bf16(x), lo = bf16(x - hi)
+// (16 significant bits: |x - hi - lo| <= 2^-16 |x|). 5.4 cycles per word in that test.
+// bf16 values only; which variant is faster on this CPU is measured (dsf_avx512_plan).
+#define DSF_AVX512Y __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16")))
+
+// The next popcount(bits) packed values into the lanes of the 16 ``bits`` that are set.
+// CHECKED (the rows whose last 16 values run past ``end``): the fault-safe memory form
+// near the end; elsewhere no per-word test (7-10% of the time). The compiler folds the
+// load into vpexpandw's memory form; forcing the register form (an empty asm on the
+// loaded vector) was 1.15x faster with the factor in L2 but 1.04-1.09x slower streamed
+// from memory, as real layers are (Zen 4).
+template <bool CHECKED>
+DSF_AVX512Y inline __m256bh expand16(const uint16_t* src, const uint16_t* end, uint32_t bits) {
+  if (CHECKED && src + 16 > end) return (__m256bh)_mm256_maskz_expandloadu_epi16(__mmask16(bits), src);
+  return (__m256bh)_mm256_maskz_expand_epi16(__mmask16(bits), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+}
+
+DSF_AVX512Y inline __m256bh load_bh(const uint16_t* p) {
+  return (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// fp32 x [batch][ldx] (ldx = 32 * words) as bf16 parts xs [batch][64 * words]: per 32-column
+// word its 32 hi parts, then its 32 lo parts, so that one word's operands are adjacent.
+DSF_AVX512Y void split_x(const float* x, int64_t ldx, int64_t batch, int64_t words, uint16_t* xs) {
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t w = 0; w < words; ++w)
+      for (int h = 0; h < 2; ++h) {
+        __m512 v = _mm512_loadu_ps(x + b * ldx + w * 32 + h * 16);
+        __m256bh hi = _mm512_cvtneps_pbh(v);
+        __m512 hif = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hi), 16));
+        __m256bh lo = _mm512_cvtneps_pbh(_mm512_sub_ps(v, hif));
+        uint16_t* o = xs + b * 64 * words + w * 64 + h * 16;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), (__m256i)hi);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32), (__m256i)lo);
+      }
+}
+
+// One word against NB rows of split x (xw: the word's 64 parts of batch row 0, rows ldxs
+// apart): acc[b][0..1] gather the hi products of the two halves, acc[b][2..3] the lo ones.
+template <int NB, bool CHECKED>
+DSF_AVX512Y inline int split_word(const uint16_t* v, const uint16_t* end, uint32_t bits, const uint16_t* xw,
+                                  int64_t ldxs, __m256 (*acc)[4]) {
+  const int n0 = __builtin_popcount(bits & 0xFFFFu);
+  __m256bh p0 = expand16<CHECKED>(v, end, bits & 0xFFFFu), p1 = expand16<CHECKED>(v + n0, end, bits >> 16);
+  for (int b = 0; b < NB; ++b) {
+    const uint16_t* xb = xw + b * ldxs;
+    acc[b][0] = _mm256_dpbf16_ps(acc[b][0], p0, load_bh(xb));
+    acc[b][1] = _mm256_dpbf16_ps(acc[b][1], p1, load_bh(xb + 16));
+    acc[b][2] = _mm256_dpbf16_ps(acc[b][2], p0, load_bh(xb + 32));
+    acc[b][3] = _mm256_dpbf16_ps(acc[b][3], p1, load_bh(xb + 48));
+  }
+  return n0 + __builtin_popcount(bits >> 16);
+}
+
+DSF_AVX512Y inline float hsum256y(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// One row of a tile of NB <= 4 batch rows over split x, U words per step with their own
+// accumulators: the row's sums into y[b * ldy].
+template <int NB, int U, bool CHECKED>
+DSF_AVX512Y inline void row_split(const uint32_t* row, const uint16_t* v, const uint16_t* xs, int64_t ldxs, float* y,
+                                  int64_t ldy, int64_t words, const uint16_t* end) {
+  __m256 acc[U][NB][4];
+  for (int u = 0; u < U; ++u)
+    for (int b = 0; b < NB; ++b)
+      for (int k = 0; k < 4; ++k) acc[u][b][k] = _mm256_setzero_ps();
+  int64_t w = 0;
+  for (; w + U <= words; w += U) {
+    prefetch_ahead(v, row + w);
+    for (int u = 0; u < U; ++u)
+      if (row[w + u]) v += split_word<NB, CHECKED>(v, end, row[w + u], xs + (w + u) * 64, ldxs, acc[u]);
+  }
+  for (; w < words; ++w)
+    if (row[w]) v += split_word<NB, CHECKED>(v, end, row[w], xs + w * 64, ldxs, acc[0]);
+  for (int b = 0; b < NB; ++b) {
+    __m256 sum = _mm256_setzero_ps();
+    for (int u = 0; u < U; ++u)
+      sum = _mm256_add_ps(sum, _mm256_add_ps(_mm256_add_ps(acc[u][b][0], acc[u][b][2]),
+                                             _mm256_add_ps(acc[u][b][1], acc[u][b][3])));
+    y[b * ldy] = hsum256y(sum);
+  }
+}
+
+template <int NB, int U>
+DSF_AVX512Y void rows_split(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const uint16_t* xs,
+                            int64_t ldxs, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words,
+                            const uint16_t* end) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
+    if (values + offsets[r + 1] + 16 <= end)
+      row_split<NB, U, false>(row, values + offsets[r], xs, ldxs, y + r, ldy, words, end);
+    else
+      row_split<NB, U, true>(row, values + offsets[r], xs, ldxs, y + r, ldy, words, end);
+  }
+}
+
+// One word of the bf16-model path's 256-bit form against NB rows of bf16 x (xw: the
+// word's 32 activations of batch row 0, rows ldx apart). Returns the values consumed.
+template <int NB, bool CHECKED>
+DSF_AVX512Y inline int dot_word_ymm(const uint16_t* v, const uint16_t* end, uint32_t bits, const uint16_t* xw,
+                                    int64_t ldx, __m256 (*acc)[2]) {
+  const int n0 = __builtin_popcount(bits & 0xFFFFu);
+  __m256bh p0 = expand16<CHECKED>(v, end, bits & 0xFFFFu), p1 = expand16<CHECKED>(v + n0, end, bits >> 16);
+  for (int b = 0; b < NB; ++b) {
+    acc[b][0] = _mm256_dpbf16_ps(acc[b][0], p0, load_bh(xw + b * ldx));
+    acc[b][1] = _mm256_dpbf16_ps(acc[b][1], p1, load_bh(xw + b * ldx + 16));
+  }
+  return n0 + __builtin_popcount(bits >> 16);
+}
+
+// The bf16-model path's 256-bit form: bf16 x [batch][ldx], tiles of NB <= 4 rows; one
+// row's sums into y[b * ldy].
+template <int NB, int U, bool CHECKED>
+DSF_AVX512Y inline void row_dot_ymm(const uint32_t* row, const uint16_t* v, const uint16_t* x, int64_t ldx, float* y,
+                                    int64_t ldy, int64_t words, const uint16_t* end) {
+  __m256 acc[U][NB][2];
+  for (int u = 0; u < U; ++u)
+    for (int b = 0; b < NB; ++b) acc[u][b][0] = acc[u][b][1] = _mm256_setzero_ps();
+  int64_t w = 0;
+  for (; w + U <= words; w += U) {
+    prefetch_ahead(v, row + w);
+    for (int u = 0; u < U; ++u)
+      if (row[w + u]) v += dot_word_ymm<NB, CHECKED>(v, end, row[w + u], x + (w + u) * 32, ldx, acc[u]);
+  }
+  for (; w < words; ++w)
+    if (row[w]) v += dot_word_ymm<NB, CHECKED>(v, end, row[w], x + w * 32, ldx, acc[0]);
+  for (int b = 0; b < NB; ++b) {
+    __m256 sum = _mm256_setzero_ps();
+    for (int u = 0; u < U; ++u) sum = _mm256_add_ps(sum, _mm256_add_ps(acc[u][b][0], acc[u][b][1]));
+    y[b * ldy] = hsum256y(sum);
+  }
+}
+
+template <int NB, int U>
+DSF_AVX512Y void rows_dot_ymm(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
+                              const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1,
+                              int64_t words, const uint16_t* end) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
+    if (values + offsets[r + 1] + 16 <= end)
+      row_dot_ymm<NB, U, false>(row, values + offsets[r], x, ldx, y + r, ldy, words, end);
+    else
+      row_dot_ymm<NB, U, true>(row, values + offsets[r], x, ldx, y + r, ldy, words, end);
+  }
+}
+
+DSF_AVX512Y void tile_split(int nb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
+                            const uint16_t* xs, int64_t ldxs, float* y, int64_t ldy, int64_t r0, int64_t r1,
+                            int64_t words, const uint16_t* end) {
+  switch (nb) {
+    case 1: rows_split<1, 2>(bitmap, offsets, values, xs, ldxs, y, ldy, r0, r1, words, end); break;
+    case 2: rows_split<2, 2>(bitmap, offsets, values, xs, ldxs, y, ldy, r0, r1, words, end); break;
+    case 3: rows_split<3, 1>(bitmap, offsets, values, xs, ldxs, y, ldy, r0, r1, words, end); break;
+    default: rows_split<4, 1>(bitmap, offsets, values, xs, ldxs, y, ldy, r0, r1, words, end); break;
+  }
+}
+
+DSF_AVX512Y void tile_dot_ymm(int nb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
+                              const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1,
+                              int64_t words, const uint16_t* end) {
+  switch (nb) {
+    case 1: rows_dot_ymm<1, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
+    case 2: rows_dot_ymm<2, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
+    case 3: rows_dot_ymm<3, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
+    default: rows_dot_ymm<4, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
   }
 }
 
@@ -802,17 +980,33 @@ int dsf_has_avx512(void) {
 #endif
 }
 
+int dsf_has_avx512_bf16(void);
+
 // AVX-512 path, any batch. x: [batch][ldx] fp32 with ldx >= 32 * words (zero padded),
-// y: [batch][ldy] fp32, ``nvalues`` values. Batches are split into tiles of 16, 12, 8, 4,
-// 3, 2, 1. Returns 0, or -1 without AVX-512.
+// y: [batch][ldy] fp32, ``nvalues`` values. ``mode``: bit 0 set for bf16 values (else
+// fp16); bit 1 for the 256-bit variant (bf16 values and AVX512_BF16 only), which splits x
+// into bf16 parts and runs tiles of 4, 3, 2, 1; else tiles of 16, 12, 8, 4, 3, 2, 1.
+// Returns 0, or -1 without AVX-512 (or AVX512_BF16 for the variant) or for a bad mode.
 int dsf_bitmap_spmm_avx512(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, int64_t nvalues,
                            const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t words,
-                           int64_t batch, int is_bf16) {
+                           int64_t batch, int mode) {
 #ifdef DSF_X86
-  if (!dsf_has_avx512() || batch < 1) return -1;
+  if (!dsf_has_avx512() || batch < 1 || mode < 0 || mode > 3 || ldx < 32 * words) return -1;
+  const uint16_t* end = values + nvalues;
+  if (mode & 2) {
+    if (!(mode & 1) || !dsf_has_avx512_bf16()) return -1;
+    static thread_local std::vector<uint16_t> xs;  // the calling thread's split x, reused
+    const int64_t ldxs = 64 * words;
+    xs.resize(size_t(batch * ldxs));
+    split_x(x, ldx, batch, words, xs.data());
+    const uint16_t* xsp = xs.data();
+    over_row_blocks(rows, batch, 4, false, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
+      tile_split(nb, bitmap, offsets, values, xsp + b0 * ldxs, ldxs, y + b0 * ldy, ldy, r0, r1, words, end);
+    });
+    return 0;
+  }
   over_row_blocks(rows, batch, 16, true, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
-    tile_avx512(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, is_bf16,
-                values + nvalues);
+    tile_avx512(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, mode & 1, end);
   });
   return 0;
 #else
@@ -830,16 +1024,20 @@ int dsf_has_avx512_bf16(void) {
 }
 
 // bf16 values x bf16 activations, fp32 accumulation and output. x: [batch][ldx] bf16
-// with ldx >= 32 * words (zero padded), y: [batch][ldy] fp32. Tiles of 16, 8, 4, 3, 2, 1.
-// Returns 0, or -1 where the CPU lacks AVX512_BF16.
+// with ldx >= 32 * words (zero padded), y: [batch][ldy] fp32. Tiles of 16, 8, 4, 3, 2, 1,
+// or with ``ymm`` the 256-bit variant's of 4, 3, 2, 1. Returns 0, or -1 where the CPU
+// lacks AVX512_BF16.
 int dsf_bitmap_spmm_bf16dot(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, int64_t nvalues,
                             const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t words,
-                            int64_t batch) {
+                            int64_t batch, int ymm) {
 #ifdef DSF_X86
-  if (!dsf_has_avx512_bf16() || batch < 1) return -1;
-  over_row_blocks(rows, batch, 16, false, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
-    tile_bf16dot(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words,
-                 values + nvalues);
+  if (!dsf_has_avx512_bf16() || batch < 1 || ldx < 32 * words) return -1;
+  const uint16_t* end = values + nvalues;
+  over_row_blocks(rows, batch, ymm ? 4 : 16, false, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
+    if (ymm)
+      tile_dot_ymm(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, end);
+    else
+      tile_bf16dot(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, end);
   });
   return 0;
 #else
@@ -869,6 +1067,65 @@ int dsf_bitmap_spmm_nz(const int32_t* bitmap, const int32_t* offsets, const uint
 #else
   return -1;
 #endif
+}
+
+// Times the word-path variants at batch 1 on this CPU, so that the backend runs the faster
+// one: which is faster differs between microarchitectures (Intel cores run 512-bit
+// vpexpandw at full width, AMD Zen 4 double-pumps it) and no flag tells. A synthetic
+// 1024 x 2048 factor 30% dense (~0.7 MiB, in L2 or L3) with fp32 x (bf16 x for 5 and 6);
+// each variant is called in turn, 9 rounds, and its best time kept. ns[i] gets the best
+// time of one call in ns, or -1 where the CPU lacks the variant's instructions:
+// 0 AVX-512 bf16 values, 1 its 256-bit variant, 2 AVX2 bf16 values, 3 AVX-512 fp16
+// values, 4 AVX2 fp16 values, 5 the bf16-model path, 6 its 256-bit variant.
+// Returns 0, or -1 when n < 7.
+int dsf_bitmap_spmm_avx2(const int32_t* bitmap, const int32_t* offsets, const void* values, const float* scales,
+                         int64_t nvalues, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows,
+                         int64_t words, int64_t batch, int kind);
+
+int dsf_plan_word_paths(double* ns, int n) {
+  if (n < 7) return -1;
+  const int64_t rows = 1024, words = 64;
+  std::vector<int32_t> bitmap(size_t(rows * words)), offsets(size_t(rows + 1), 0);
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t count = 0;
+    for (int64_t w = 0; w < words; ++w) {
+      uint32_t bits = 0;
+      for (int i = 0; i < 32; ++i) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        if ((state >> 33) % 10 < 3) bits |= 1u << i;
+      }
+      bitmap[size_t(r * words + w)] = int32_t(bits);
+      count += __builtin_popcount(bits);
+    }
+    offsets[size_t(r + 1)] = int32_t(offsets[size_t(r)] + count);
+  }
+  const int64_t nnz = offsets[size_t(rows)];
+  std::vector<uint16_t> bf16(size_t(nnz), 0x3F00), fp16(size_t(nnz), 0x3800);  // 0.5 in each
+  std::vector<float> x(size_t(32 * words), 0.25f), y(static_cast<size_t>(rows), 0.f);
+  std::vector<uint16_t> xb(size_t(32 * words), 0x3E80);  // 0.25 in bf16
+  const int32_t *bm = bitmap.data(), *of = offsets.data();
+  auto run = [&](int i) -> int {
+    switch (i) {
+      case 0: return dsf_bitmap_spmm_avx512(bm, of, bf16.data(), nnz, x.data(), 32 * words, y.data(), rows, rows, words, 1, 1);
+      case 1: return dsf_bitmap_spmm_avx512(bm, of, bf16.data(), nnz, x.data(), 32 * words, y.data(), rows, rows, words, 1, 3);
+      case 2: return dsf_bitmap_spmm_avx2(bm, of, bf16.data(), nullptr, nnz, x.data(), 32 * words, y.data(), rows, rows, words, 1, kBf16);
+      case 3: return dsf_bitmap_spmm_avx512(bm, of, fp16.data(), nnz, x.data(), 32 * words, y.data(), rows, rows, words, 1, 0);
+      case 4: return dsf_bitmap_spmm_avx2(bm, of, fp16.data(), nullptr, nnz, x.data(), 32 * words, y.data(), rows, rows, words, 1, kFp16);
+      case 5: return dsf_bitmap_spmm_bf16dot(bm, of, bf16.data(), nnz, xb.data(), 32 * words, y.data(), rows, rows, words, 1, 0);
+      default: return dsf_bitmap_spmm_bf16dot(bm, of, bf16.data(), nnz, xb.data(), 32 * words, y.data(), rows, rows, words, 1, 1);
+    }
+  };
+  for (int i = 0; i < 7; ++i) ns[i] = run(i) == 0 ? 1e300 : -1.0;  // also the warm-up call
+  for (int round = 0; round < 9; ++round)
+    for (int i = 0; i < 7; ++i) {
+      if (ns[i] < 0) continue;
+      auto t0 = std::chrono::steady_clock::now();
+      run(i);
+      double t = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+      ns[i] = std::min(ns[i], t);
+    }
+  return 0;
 }
 
 // 1 when the AVX2 paths can run on this CPU (AVX2, FMA, F16C and BMI2: every x86-64 CPU
