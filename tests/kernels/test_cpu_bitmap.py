@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
 from dsf_runtime.formats import get_format
-from dsf_runtime.kernels import BACKENDS, choose_backend
+from dsf_runtime.kernels import BACKENDS, choose_backend, cpu_bitmap
 from dsf_runtime.linear import DSFLinear
 from helpers import random_sparse
 
@@ -175,7 +177,17 @@ def test_bf16_model_path_matches_dense_bf16(shape, density, batch):
     assert float((y.double() - ref).abs().max() / scale) < 2 ** -8  # the bf16 rounding of the output
 
 
-needs_avx2 = pytest.mark.skipif(backend.isa != "avx2", reason="the column-index path is the AVX2 path's")
+@pytest.fixture
+def on_avx2(monkeypatch):
+    """The AVX2 paths (the column-index path is theirs): native on AVX2 CPUs, forced by
+    DSF_CPU_ISA=avx2 on AVX-512 ones (which all have AVX2)."""
+    if backend.isa != "avx2":
+        if not cpu_bitmap._CAPS[2]:
+            pytest.skip("this CPU has no AVX2")
+        monkeypatch.setenv("DSF_CPU_ISA", "avx2")
+
+
+needs_avx2 = pytest.mark.usefixtures("on_avx2")
 
 
 @needs_avx2
@@ -264,3 +276,107 @@ def test_columns_of_an_inconsistent_factor_are_refused(corruption):
         tensors["bitmap"] = tensors["bitmap"][:, :1].contiguous()
     with pytest.raises(ValueError, match="bitmap factor"):
         backend.prepare("bitmap", tensors, shape, torch.float32)
+
+
+needs_avx512 = pytest.mark.skipif(not cpu_bitmap._CAPS[0] or backend.isa == "portable",
+                                  reason="this CPU has no AVX-512 VBMI2 path")
+
+
+@needs_avx512
+@pytest.mark.parametrize("setting", ["zmm", "ymm"])
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(830, 545), (1, 33), (37, 95), (300, 4096)])
+@pytest.mark.parametrize("density", [0.01, 0.5, 0.9])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 8, 13])
+def test_avx512_word_variants_match_dense(monkeypatch, setting, value_dtype, shape, density, batch):
+    """Both AVX-512 word-path variants, forced: the 512-bit one exact to fp32 rounding; the
+    256-bit one (bf16 values) carries x as two bf16 parts, so each product's x is off by
+    at most 2^-16 of |x|: the error stays under 2^-15 of sum |w| |x| per output. (fp16
+    values under ``ymm`` run the AVX2 path, exact like the 512-bit one.)"""
+    monkeypatch.setenv("DSF_AVX512_WORDS", setting)
+    tensors = get_format("bitmap").pack(random_sparse(*shape, density, seed=batch, empty_rows=2), value_dtype)
+    dense = get_format("bitmap").unpack(tensors, shape).double()
+    p = backend.prepare("bitmap", tensors, shape, torch.float32)
+    split = setting == "ymm" and value_dtype == torch.bfloat16 and cpu_bitmap._CAPS[1]
+    assert p.paths.ymm == split
+    assert p.paths.isa == ("avx2" if setting == "ymm" and value_dtype == torch.float16 else "avx512-vbmi2")
+    x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(7))
+    y = backend.matmul(p, x).double()
+    ref = x.double() @ dense.t()
+    if split:
+        bound = 2.0**-15 * (x.double().abs() @ dense.abs().t()) + 1e-30
+        assert bool(((y - ref).abs() <= bound).all()), float(((y - ref).abs() / bound).max())
+    else:
+        assert float((y - ref).abs().max() / ref.abs().max().clamp_min(1.0)) < 1e-5
+
+
+@needs_avx512
+@pytest.mark.parametrize("setting", ["zmm", "ymm"])
+@pytest.mark.parametrize("shape", [(830, 545), (1, 33), (300, 4096)])
+@pytest.mark.parametrize("batch", [1, 2, 4, 7])
+def test_bf16_model_path_variants_match_dense_bf16(monkeypatch, setting, shape, batch):
+    if not cpu_bitmap._CAPS[1]:
+        pytest.skip("this CPU has no AVX512_BF16")
+    monkeypatch.setenv("DSF_AVX512_WORDS", setting)
+    dense = random_sparse(*shape, 0.4, seed=batch).to(torch.bfloat16)
+    p = backend.prepare("bitmap", get_format("bitmap").pack(dense, torch.bfloat16), shape, torch.bfloat16)
+    assert p.paths.bf16_dot and p.paths.dot_ymm == (setting == "ymm")
+    x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    y = backend.matmul(p, x)
+    ref = x.double() @ dense.double().t()
+    assert float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)) < 2**-8
+
+
+@needs_avx512
+def test_the_word_plan_times_every_variant_this_cpu_has():
+    plan = cpu_bitmap.word_plan()
+    assert plan is not None and set(plan.ns) == set(cpu_bitmap.PLAN_CANDIDATES)
+    for name, ns in plan.ns.items():
+        assert (ns is None) == ("ymm" in name and not cpu_bitmap._CAPS[1]), name
+        assert ns is None or 0 < ns < 1e9  # one call on a 1024 x 2048 factor: well under a second
+    assert backend.describe().startswith("avx512-vbmi2 (word path: bf16 values ")
+    lib = cpu_bitmap.build()
+    short = (ctypes.c_double * 6)()
+    assert lib.dsf_plan_word_paths(short, 6) == -1  # too small an array: refused, not overrun
+
+
+@needs_avx512
+@pytest.mark.parametrize("mode", [-1, 2, 4])
+def test_the_avx512_entry_refuses_a_bad_mode(mode):
+    """Mode 2 asks for the 256-bit variant with fp16 values, which it does not have."""
+    tensors = get_format("bitmap").pack(random_sparse(8, 64, 0.5), torch.float16)
+    x, y = torch.randn(1, 64), torch.empty(1, 8)
+    rc = cpu_bitmap.build().dsf_bitmap_spmm_avx512(
+        tensors["bitmap"].data_ptr(), tensors["row_offsets"].data_ptr(), tensors["values"].data_ptr(),
+        tensors["values"].numel(), x.data_ptr(), 64, y.data_ptr(), 8, 8, 2, 1, mode)
+    assert rc == -1
+
+
+def _plan(**ns):
+    names = dict(zip(("zb", "yb", "ab", "zf", "af", "zd", "yd"), cpu_bitmap.PLAN_CANDIDATES))
+    return cpu_bitmap.WordPlan({names[k]: v for k, v in ns.items()})
+
+
+@pytest.mark.parametrize("ns,expected", [
+    # Zen 4's measurement: the 256-bit variant, fp16 values on AVX2, the 256-bit dot
+    (dict(zb=150, yb=58, ab=71, zf=158, af=70, zd=61, yd=51), ("avx512-ymm", "avx2", "avx512-ymm")),
+    # a core with fast 512-bit expansion keeps the 512-bit forms
+    (dict(zb=40, yb=58, ab=71, zf=42, af=70, zd=35, yd=51), ("avx512", "avx512", "avx512")),
+    # no AVX512_BF16: no 256-bit variant to choose; AVX2 wins bf16 values if faster
+    (dict(zb=80, yb=None, ab=71, zf=90, af=70, zd=None, yd=None), ("avx2", "avx2", "avx512")),
+])
+def test_the_word_plan_picks_the_fastest_variant(monkeypatch, ns, expected):
+    monkeypatch.delenv("DSF_AVX512_WORDS", raising=False)
+    choice = _plan(**ns).choice()
+    assert (choice["bf16"], choice["fp16"], choice["bf16 model"]) == expected
+
+
+def test_the_word_plan_setting_overrides_and_is_checked(monkeypatch):
+    plan = _plan(zb=150, yb=58, ab=71, zf=158, af=70, zd=61, yd=51)
+    assert plan.choice("zmm") == {"bf16": "avx512", "fp16": "avx512", "bf16 model": "avx512"}
+    assert plan.choice("ymm") == {"bf16": "avx512-ymm", "fp16": "avx2", "bf16 model": "avx512-ymm"}
+    no_bf16 = _plan(zb=40, yb=None, ab=71, zf=42, af=70, zd=None, yd=None)
+    assert no_bf16.choice("ymm")["bf16"] == "avx512"  # nothing 256-bit to force
+    monkeypatch.setenv("DSF_AVX512_WORDS", "fastest")
+    with pytest.raises(ValueError, match="DSF_AVX512_WORDS must be auto, zmm or ymm"):
+        plan.choice()
