@@ -43,8 +43,11 @@ _CAPS = (False, False, False)  # (AVX-512 VBMI2 path, AVX512_BF16 path, AVX2 pat
 # expanding bitmap words: the measured crossovers, AVX-512 on the layer benchmark, AVX2
 # on Zen 3 (scripts/path_crossover.py: the nonzero path is 0.7-0.93x the word path's
 # time at batch 12 on the LLaMA-7B shapes and 0.99-1.09x on SmolLM2's, which cross at
-# 12-14). DSF_NZ_MIN_BATCH overrides both.
-NZ_MIN_BATCH = {"avx512-vbmi2": 16, "avx2": 12}
+# 12-14), and AVX-512's 256-bit variant on Zen 4 (tiles of at most 4 rows, so a batch of
+# n expands each word n/4 times: 0.70x at batch 12 on 4096x4096, 1.22-1.24x on the MLP
+# shapes, which cross at 13; a LLaMA-7B decoder layer's seven linears take the same
+# time either way at 12). DSF_NZ_MIN_BATCH overrides all.
+NZ_MIN_BATCH = {"avx512-vbmi2": 16, "avx512-vbmi2 ymm": 12, "avx2": 12}
 
 
 def nz_min_batch(isa: str) -> int:
@@ -442,9 +445,10 @@ class CPUBitmapBackend:
         them). Raises ValueError on a bad setting. Returns ``p``."""
         isa, choice = self._factor_isa(p.kind)
         columns = columns_max_batch(isa)  # read (and checked) whatever the path
-        p.paths = Paths(isa, nz_min_batch(isa), columns if isa == "avx2" and p.columns is not None else 0,
-                        self.bf16_dot, ymm=isa == "avx512-vbmi2" and choice.get("bf16") == "avx512-ymm",
-                        dot_ymm=choice.get("bf16 model") == "avx512-ymm")
+        ymm = isa == "avx512-vbmi2" and p.kind == 1 and choice.get("bf16") == "avx512-ymm"
+        p.paths = Paths(isa, nz_min_batch(f"{isa} ymm" if ymm else isa),
+                        columns if isa == "avx2" and p.columns is not None else 0,
+                        self.bf16_dot, ymm=ymm, dot_ymm=choice.get("bf16 model") == "avx512-ymm")
         p.call1 = batch1_call(p)
         return p
 

@@ -380,3 +380,25 @@ def test_the_word_plan_setting_overrides_and_is_checked(monkeypatch):
     monkeypatch.setenv("DSF_AVX512_WORDS", "fastest")
     with pytest.raises(ValueError, match="DSF_AVX512_WORDS must be auto, zmm or ymm"):
         plan.choice()
+
+
+@needs_avx512
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16])
+def test_each_factor_takes_its_own_kinds_choice(monkeypatch, value_dtype):
+    """A plan with bf16 values on the 256-bit variant and fp16 values on the 512-bit path:
+    an fp16 factor must not be handed the variant (which has no fp16 form), and bf16
+    factors on it switch to the nonzero path at its own batch."""
+    if not cpu_bitmap._CAPS[1]:
+        pytest.skip("this CPU has no AVX512_BF16")
+    monkeypatch.delenv("DSF_AVX512_WORDS", raising=False)
+    monkeypatch.delenv("DSF_NZ_MIN_BATCH", raising=False)
+    monkeypatch.setattr(cpu_bitmap, "_PLAN", _plan(zb=150, yb=58, ab=71, zf=40, af=70, zd=61, yd=51))
+    shape = (70, 200)
+    tensors = get_format("bitmap").pack(random_sparse(*shape, 0.3), value_dtype)
+    p = backend.prepare("bitmap", tensors, shape, torch.float32)
+    bf16 = value_dtype == torch.bfloat16
+    assert p.paths.isa == "avx512-vbmi2" and p.paths.ymm == bf16
+    assert p.paths.nz_min_batch == cpu_bitmap.NZ_MIN_BATCH["avx512-vbmi2 ymm" if bf16 else "avx512-vbmi2"]
+    x = torch.randn(3, shape[1], generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ get_format("bitmap").unpack(tensors, shape).double().t()
+    assert float((backend.matmul(p, x).double() - ref).abs().max() / ref.abs().max()) < 1e-4
