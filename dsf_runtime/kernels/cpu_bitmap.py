@@ -6,7 +6,12 @@ fp16/bf16 values into vector lanes (vpexpandw) and fuses multiply-adds with x fo
 tiles of up to 16 batch rows, so the kernel reads 1 bit per weight plus the nonzero
 values once per tile (bf16 models: bf16 dot products where the CPU has AVX512_BF16);
 from that batch on, and on the portable path, it iterates nonzeros against x laid
-out [in][batch]. CPUs with AVX2 (+FMA, F16C) but no AVX-512 take the same two paths
+out [in][batch]. The word path's 256-bit variant (bf16 values, AVX512_BF16) expands
+each word as two 16-column halves and multiplies them (vdpbf16ps) with x carried as
+two bf16 parts, hi + lo (16 significant bits); a timing at build (PathPlan) picks, per
+value kind, whichever word path runs faster on this CPU: on AMD Zen 4, whose 512-bit
+expand and widening ops are double-pumped, the variant for bf16 values and the AVX2
+path for fp16 values. CPUs with AVX2 (+FMA, F16C) but no AVX-512 take the same two paths
 with 8-lane vectors, expanding each 8-column bitmap byte through a vpshufb table
 (the SparAMX technique's AVX2 form). On AVX2, factors at most COLUMNS_MAX_DENSITY dense
 (DSF's square factors are 16%) also get each nonzero's column decoded once at load, and
@@ -152,8 +157,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsf_bitmap_spmm_cols_avx2.restype = ctypes.c_int
     lib.dsf_bitmap_columns.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P]
     lib.dsf_bitmap_columns.restype = ctypes.c_int
-    lib.dsf_plan_word_paths.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
-    lib.dsf_plan_word_paths.restype = ctypes.c_int
+    lib.dsf_plan_paths.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
+    lib.dsf_plan_paths.restype = ctypes.c_int
     return lib
 
 
@@ -185,21 +190,25 @@ def build(force: bool = False) -> ctypes.CDLL | None:
     return lib
 
 
-# The AVX-512 word path's variants, timed once per process at build (dsf_plan_word_paths:
-# a synthetic factor at batch 1, ~5 ms): which is faster depends on the microarchitecture.
-# On AMD Zen 4 the 512-bit form ran 2.0x slower than the 256-bit one (vpexpandw zmm and
-# 512-bit widening are double-pumped there), and for fp16 values (which have no 256-bit
-# variant here) 2.0x slower than the AVX2 path; on the Intel core of the project's first
-# sessions the 512-bit form met the batch-1 targets. DSF_AVX512_WORDS=zmm or =ymm
-# overrides the measurement (ymm: 256-bit variants, and fp16 values on the AVX2 path).
-PLAN_CANDIDATES = ("avx512 bf16", "avx512-ymm bf16", "avx2 bf16", "avx512 fp16", "avx2 fp16",
-                   "avx512 bf16 model", "avx512-ymm bf16 model")
+# On AVX-512 CPUs the paths' variants are timed once per process at build (dsf_plan_paths:
+# a synthetic factor, ~10 ms), because which is faster depends on the microarchitecture.
+# On AMD Zen 4, at batch 1, the 512-bit word path ran 2.0x slower than its 256-bit
+# variant (vpexpandw zmm and 512-bit widening are double-pumped there) and for fp16
+# values (which have no 256-bit variant) 2.0x slower than the AVX2 path; at batch 16 the
+# AVX-512 nonzero path ran 1.05-1.4x slower than the AVX2 one (improved over stops 17-19).
+# On the Intel core of the project's first sessions the 512-bit word path met the batch-1
+# targets. DSF_AVX512_WIDTH=512 or =256 overrides the measurement: 512 runs the 512-bit
+# forms, 256 the 256-bit variant for bf16 values and the AVX2 paths for the rest.
+PLAN_CANDIDATES = ("avx512 bf16", "avx512-256 bf16", "avx2 bf16", "avx512 fp16", "avx2 fp16",
+                   "avx512 bf16 model", "avx512-256 bf16 model", "avx512 nonzeros", "avx2 nonzeros")
+_WIDTHS = ("auto", "512", "256")
 
 
 @dataclass(frozen=True)
-class WordPlan:
-    """The measured batch-1 time (ns per call of the planner's factor; None where the CPU
-    lacks the instructions) of each PLAN_CANDIDATES variant."""
+class PathPlan:
+    """The measured time (ns per call on the planner's factor, word paths at batch 1 and
+    nonzero paths at batch 16; None where the CPU lacks the instructions) of each of
+    PLAN_CANDIDATES, and from them the variant each kind of call runs."""
 
     ns: dict[str, float | None]
 
@@ -208,36 +217,39 @@ class WordPlan:
         return ta is not None and (tb is None or ta < tb)
 
     def choice(self, setting: str | None = None) -> dict[str, str]:
-        """Per value kind (bf16, fp16, bf16 model), the variant to run: from the timings,
-        or as DSF_AVX512_WORDS (``setting``: auto, zmm or ymm) says."""
-        setting = (os.environ.get("DSF_AVX512_WORDS") or "auto") if setting is None else setting
-        if setting not in ("auto", "zmm", "ymm"):
-            raise ValueError(f"DSF_AVX512_WORDS must be auto, zmm or ymm, not {setting!r}")
-        has_ymm = self.ns.get("avx512-ymm bf16") is not None
-        if setting == "zmm" or (setting == "ymm" and not has_ymm):
-            return {"bf16": "avx512", "fp16": "avx512", "bf16 model": "avx512"}
-        if setting == "ymm":
-            return {"bf16": "avx512-ymm", "fp16": "avx2", "bf16 model": "avx512-ymm"}
-        bf16 = "avx512-ymm" if self._faster("avx512-ymm bf16", "avx512 bf16") else "avx512"
+        """The variant for the word path per value kind (bf16, fp16, bf16 model) and for
+        the nonzero path (nonzeros): from the timings, or as DSF_AVX512_WIDTH
+        (``setting``: auto, 512 or 256) says."""
+        setting = (os.environ.get("DSF_AVX512_WIDTH") or "auto") if setting is None else setting
+        if setting not in _WIDTHS:
+            raise ValueError(f"DSF_AVX512_WIDTH must be auto, 512 or 256, not {setting!r}")
+        has_256 = self.ns.get("avx512-256 bf16") is not None
+        if setting == "512":
+            return {"bf16": "avx512", "fp16": "avx512", "bf16 model": "avx512", "nonzeros": "avx512"}
+        if setting == "256":
+            return {"bf16": "avx512-256" if has_256 else "avx2", "fp16": "avx2",
+                    "bf16 model": "avx512-256" if has_256 else "avx512", "nonzeros": "avx2"}
+        bf16 = "avx512-256" if self._faster("avx512-256 bf16", "avx512 bf16") else "avx512"
         if self._faster("avx2 bf16", f"{bf16} bf16"):
             bf16 = "avx2"
         return {"bf16": bf16,
                 "fp16": "avx2" if self._faster("avx2 fp16", "avx512 fp16") else "avx512",
-                "bf16 model": "avx512-ymm" if self._faster("avx512-ymm bf16 model", "avx512 bf16 model") else "avx512"}
+                "bf16 model": "avx512-256" if self._faster("avx512-256 bf16 model", "avx512 bf16 model") else "avx512",
+                "nonzeros": "avx2" if self._faster("avx2 nonzeros", "avx512 nonzeros") else "avx512"}
 
 
-_PLAN: WordPlan | None = None
+_PLAN: PathPlan | None = None
 
 
-def _measure_plan(lib: ctypes.CDLL) -> WordPlan | None:
+def _measure_plan(lib: ctypes.CDLL) -> PathPlan | None:
     ns = (ctypes.c_double * len(PLAN_CANDIDATES))()
-    if lib.dsf_plan_word_paths(ns, len(PLAN_CANDIDATES)) != 0:
+    if lib.dsf_plan_paths(ns, len(PLAN_CANDIDATES)) != 0:
         return None
-    return WordPlan({name: (t if t >= 0 else None) for name, t in zip(PLAN_CANDIDATES, ns)})
+    return PathPlan({name: (t if t >= 0 else None) for name, t in zip(PLAN_CANDIDATES, ns)})
 
 
-def word_plan() -> WordPlan | None:
-    """This CPU's measured AVX-512 word-path plan (None without AVX-512 or the kernel)."""
+def path_plan() -> PathPlan | None:
+    """This CPU's measured plan for the AVX-512 paths (None without AVX-512 or the kernel)."""
     build()
     return _PLAN
 
@@ -316,12 +328,13 @@ class Paths:
     (~7% of a SmolLM2 decode step under cProfile). ``CPUBitmapBackend.refresh`` re-reads them."""
 
     isa: str  # the instruction path for this factor's values (int8 values run AVX2's on AVX-512 CPUs;
-    # fp16 values too where the word plan measured AVX2's word path faster)
+    # fp16 values too where the plan measured AVX2's word path faster)
     nz_min_batch: int  # from this batch on, the nonzero path
     columns_max_batch: int  # up to this batch, the column-index path (0 unless AVX2 and the factor has its indices)
     bf16_dot: bool  # bf16 activations take the AVX512_BF16 dot-product path
     ymm: bool = False  # AVX-512 word path: the 256-bit variant (bf16 values: x split into bf16 parts)
     dot_ymm: bool = False  # the bf16 dot-product path's 256-bit variant
+    nz_isa: str = ""  # the nonzero path's instruction path where it is not ``isa``'s (AVX-512 CPUs: the plan's)
 
 
 @dataclass
@@ -417,8 +430,12 @@ class CPUBitmapBackend:
     @property
     def isa(self) -> str:
         """The instruction path in use: avx512-vbmi2, avx2 or portable, the widest the
-        CPU has; DSF_CPU_ISA=avx2 or =portable forces a narrower one."""
-        return _isa(os.environ.get("DSF_CPU_ISA"))
+        CPU has; DSF_CPU_ISA=avx2 or =portable forces a narrower one (=avx512 keeps
+        AVX-512 without the bf16 dot-product path). Raises ValueError on another value."""
+        forced = os.environ.get("DSF_CPU_ISA") or None
+        if forced not in (None, "avx512", "avx2", "portable"):
+            raise ValueError(f"DSF_CPU_ISA must be avx512, avx2 or portable, not {forced!r}")
+        return _isa(forced)
 
     @property
     def bf16_dot(self) -> bool:
@@ -445,16 +462,17 @@ class CPUBitmapBackend:
         them). Raises ValueError on a bad setting. Returns ``p``."""
         isa, choice = self._factor_isa(p.kind)
         columns = columns_max_batch(isa)  # read (and checked) whatever the path
-        ymm = isa == "avx512-vbmi2" and p.kind == 1 and choice.get("bf16") == "avx512-ymm"
+        ymm = isa == "avx512-vbmi2" and p.kind == 1 and choice.get("bf16") == "avx512-256"
+        nz_isa = "avx2" if isa == "avx512-vbmi2" and choice.get("nonzeros") == "avx2" and _CAPS[2] else isa
         p.paths = Paths(isa, nz_min_batch(f"{isa} ymm" if ymm else isa),
                         columns if isa == "avx2" and p.columns is not None else 0,
-                        self.bf16_dot, ymm=ymm, dot_ymm=choice.get("bf16 model") == "avx512-ymm")
+                        self.bf16_dot, ymm=ymm, dot_ymm=choice.get("bf16 model") == "avx512-256", nz_isa=nz_isa)
         p.call1 = batch1_call(p)
         return p
 
     def _factor_isa(self, kind: int) -> tuple[str, dict[str, str]]:
-        """The instruction path for a factor of value ``kind`` and, on AVX-512, the word
-        plan's choice per value kind (empty elsewhere)."""
+        """The instruction path for a factor of value ``kind`` and, on AVX-512, the
+        plan's choices (empty elsewhere)."""
         isa = self.isa
         if isa != "avx512-vbmi2":
             return isa, {}
@@ -466,13 +484,14 @@ class CPUBitmapBackend:
         return isa, choice
 
     def describe(self) -> str:
-        """The instruction path and, on AVX-512, the word plan's choices (for `dsf info`,
+        """The instruction path and, on AVX-512, the plan's choices (for `dsf info`,
         `dsf generate` and the benchmarks)."""
         isa = self.isa
         if isa != "avx512-vbmi2" or _PLAN is None:
             return isa
         choice = _PLAN.choice()
-        return f"{isa} (word path: bf16 values {choice['bf16']}, fp16 values {choice['fp16']})"
+        return (f"{isa}; words: bf16 values {choice['bf16']}, fp16 values {choice['fp16']}; "
+                f"nonzeros {choice['nonzeros']}")
 
     @staticmethod
     def _takes_columns(p: Prepared, batch: int) -> bool:
@@ -509,11 +528,12 @@ class CPUBitmapBackend:
             # proportion to the nonzeros (the kernel lays x out as [in][batch] itself)
             xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.detach().to(torch.float32).contiguous()
             sizes = (xf.data_ptr(), p.cols, y.data_ptr(), p.rows, p.rows, p.cols, p.words, n)
+            nz_isa = paths.nz_isa or isa
             if columns:
                 rc = _columns_call(lib, p, n)(xf.data_ptr(), y.data_ptr())
-            elif isa == "avx512-vbmi2":
+            elif nz_isa == "avx512-vbmi2":
                 rc = lib.dsf_bitmap_spmm_nz(*args, *sizes, p.is_bf16)
-            elif isa == "avx2":
+            elif nz_isa == "avx2":
                 rc = lib.dsf_bitmap_spmm_nz_avx2(*args, scales, *sizes, p.kind)
             else:
                 rc = lib.dsf_bitmap_spmm_portable(*args, scales, *sizes, p.kind)

@@ -107,6 +107,13 @@ def test_a_decode_steps_call_is_bound_once_and_matches_the_general_route(monkeyp
     assert backend.refresh(twin).call1 is None or twin.paths.columns_max_batch >= 1
 
 
+def test_a_bad_isa_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("DSF_CPU_ISA", "avx1024")
+    tensors = get_format("bitmap").pack(random_sparse(8, 64, 0.5), torch.bfloat16)
+    with pytest.raises(ValueError, match="DSF_CPU_ISA must be avx512, avx2 or portable, not 'avx1024'"):
+        backend.prepare("bitmap", tensors, (8, 64), torch.float32)
+
+
 @pytest.mark.parametrize("bad", ["0", "-3", "many", "1.5"])
 def test_a_bad_nz_min_batch_is_a_clear_error(monkeypatch, bad):
     """A bad setting is refused when a layer is prepared (loaded), and by refresh()."""
@@ -283,27 +290,30 @@ needs_avx512 = pytest.mark.skipif(not cpu_bitmap._CAPS[0] or backend.isa == "por
 
 
 @needs_avx512
-@pytest.mark.parametrize("setting", ["zmm", "ymm"])
+@pytest.mark.parametrize("width", ["512", "256"])
 @pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(830, 545), (1, 33), (37, 95), (300, 4096)])
 @pytest.mark.parametrize("density", [0.01, 0.5, 0.9])
-@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 8, 13])
-def test_avx512_word_variants_match_dense(monkeypatch, setting, value_dtype, shape, density, batch):
-    """Both AVX-512 word-path variants, forced: the 512-bit one exact to fp32 rounding; the
-    256-bit one (bf16 values) carries x as two bf16 parts, so each product's x is off by
-    at most 2^-16 of |x|: the error stays under 2^-15 of sum |w| |x| per output. (fp16
-    values under ``ymm`` run the AVX2 path, exact like the 512-bit one.)"""
-    monkeypatch.setenv("DSF_AVX512_WORDS", setting)
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 8, 13, 16])
+def test_avx512_variants_match_dense(monkeypatch, width, value_dtype, shape, density, batch):
+    """Both widths of the AVX-512 paths, forced. The 512-bit ones are exact to fp32
+    rounding, and so are the AVX2 paths that fp16 values and the nonzero path take at
+    256; the 256-bit word variant (bf16 values) carries x as two bf16 parts, so each
+    product's x is off by at most 2^-16 of |x|: the error stays under 2^-15 of
+    sum |w| |x| per output."""
+    monkeypatch.setenv("DSF_AVX512_WIDTH", width)
     tensors = get_format("bitmap").pack(random_sparse(*shape, density, seed=batch, empty_rows=2), value_dtype)
     dense = get_format("bitmap").unpack(tensors, shape).double()
     p = backend.prepare("bitmap", tensors, shape, torch.float32)
-    split = setting == "ymm" and value_dtype == torch.bfloat16 and cpu_bitmap._CAPS[1]
+    bf16 = value_dtype == torch.bfloat16
+    split = width == "256" and bf16 and cpu_bitmap._CAPS[1]
     assert p.paths.ymm == split
-    assert p.paths.isa == ("avx2" if setting == "ymm" and value_dtype == torch.float16 else "avx512-vbmi2")
+    assert p.paths.isa == ("avx512-vbmi2" if width == "512" or split else "avx2")
+    assert (p.paths.nz_isa or p.paths.isa) == ("avx512-vbmi2" if width == "512" else "avx2")
     x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(7))
     y = backend.matmul(p, x).double()
     ref = x.double() @ dense.t()
-    if split:
+    if split and batch < p.paths.nz_min_batch:
         bound = 2.0**-15 * (x.double().abs() @ dense.abs().t()) + 1e-30
         assert bool(((y - ref).abs() <= bound).all()), float(((y - ref).abs() / bound).max())
     else:
@@ -311,16 +321,16 @@ def test_avx512_word_variants_match_dense(monkeypatch, setting, value_dtype, sha
 
 
 @needs_avx512
-@pytest.mark.parametrize("setting", ["zmm", "ymm"])
+@pytest.mark.parametrize("width", ["512", "256"])
 @pytest.mark.parametrize("shape", [(830, 545), (1, 33), (300, 4096)])
 @pytest.mark.parametrize("batch", [1, 2, 4, 7])
-def test_bf16_model_path_variants_match_dense_bf16(monkeypatch, setting, shape, batch):
+def test_bf16_model_path_variants_match_dense_bf16(monkeypatch, width, shape, batch):
     if not cpu_bitmap._CAPS[1]:
         pytest.skip("this CPU has no AVX512_BF16")
-    monkeypatch.setenv("DSF_AVX512_WORDS", setting)
+    monkeypatch.setenv("DSF_AVX512_WIDTH", width)
     dense = random_sparse(*shape, 0.4, seed=batch).to(torch.bfloat16)
     p = backend.prepare("bitmap", get_format("bitmap").pack(dense, torch.bfloat16), shape, torch.bfloat16)
-    assert p.paths.bf16_dot and p.paths.dot_ymm == (setting == "ymm")
+    assert p.paths.bf16_dot and p.paths.dot_ymm == (width == "256")
     x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     y = backend.matmul(p, x)
     ref = x.double() @ dense.double().t()
@@ -328,16 +338,16 @@ def test_bf16_model_path_variants_match_dense_bf16(monkeypatch, setting, shape, 
 
 
 @needs_avx512
-def test_the_word_plan_times_every_variant_this_cpu_has():
-    plan = cpu_bitmap.word_plan()
+def test_the_plan_times_every_variant_this_cpu_has():
+    plan = cpu_bitmap.path_plan()
     assert plan is not None and set(plan.ns) == set(cpu_bitmap.PLAN_CANDIDATES)
     for name, ns in plan.ns.items():
-        assert (ns is None) == ("ymm" in name and not cpu_bitmap._CAPS[1]), name
-        assert ns is None or 0 < ns < 1e9  # one call on a 1024 x 2048 factor: well under a second
-    assert backend.describe().startswith("avx512-vbmi2 (word path: bf16 values ")
+        assert (ns is None) == (name.startswith("avx512-256") and not cpu_bitmap._CAPS[1]), name
+        assert ns is None or 0 < ns < 1e9  # one call on a 2048 x 4096 factor: well under a second
+    assert backend.describe().startswith("avx512-vbmi2; words: bf16 values ")
     lib = cpu_bitmap.build()
-    short = (ctypes.c_double * 6)()
-    assert lib.dsf_plan_word_paths(short, 6) == -1  # too small an array: refused, not overrun
+    short = (ctypes.c_double * (len(cpu_bitmap.PLAN_CANDIDATES) - 1))()
+    assert lib.dsf_plan_paths(short, len(short)) == -1  # too small an array: refused, not overrun
 
 
 @needs_avx512
@@ -353,32 +363,36 @@ def test_the_avx512_entry_refuses_a_bad_mode(mode):
 
 
 def _plan(**ns):
-    names = dict(zip(("zb", "yb", "ab", "zf", "af", "zd", "yd"), cpu_bitmap.PLAN_CANDIDATES))
-    return cpu_bitmap.WordPlan({names[k]: v for k, v in ns.items()})
+    names = dict(zip(("zb", "yb", "ab", "zf", "af", "zd", "yd", "zn", "an"), cpu_bitmap.PLAN_CANDIDATES))
+    return cpu_bitmap.PathPlan({names[k]: v for k, v in ns.items()})
+
+
+ZEN4 = dict(zb=605, yb=309, ab=355, zf=674, af=385, zd=275, yd=267, zn=2859, an=2249)  # stop 20's measurement
 
 
 @pytest.mark.parametrize("ns,expected", [
-    # Zen 4's measurement: the 256-bit variant, fp16 values on AVX2, the 256-bit dot
-    (dict(zb=150, yb=58, ab=71, zf=158, af=70, zd=61, yd=51), ("avx512-ymm", "avx2", "avx512-ymm")),
+    # Zen 4: the 256-bit word variant, fp16 values and the nonzero path on AVX2
+    (ZEN4, ("avx512-256", "avx2", "avx512-256", "avx2")),
     # a core with fast 512-bit expansion keeps the 512-bit forms
-    (dict(zb=40, yb=58, ab=71, zf=42, af=70, zd=35, yd=51), ("avx512", "avx512", "avx512")),
+    (dict(zb=40, yb=58, ab=71, zf=42, af=70, zd=35, yd=51, zn=200, an=260), ("avx512", "avx512", "avx512", "avx512")),
     # no AVX512_BF16: no 256-bit variant to choose; AVX2 wins bf16 values if faster
-    (dict(zb=80, yb=None, ab=71, zf=90, af=70, zd=None, yd=None), ("avx2", "avx2", "avx512")),
+    (dict(zb=80, yb=None, ab=71, zf=90, af=70, zd=None, yd=None, zn=200, an=190), ("avx2", "avx2", "avx512", "avx2")),
 ])
-def test_the_word_plan_picks_the_fastest_variant(monkeypatch, ns, expected):
-    monkeypatch.delenv("DSF_AVX512_WORDS", raising=False)
+def test_the_plan_picks_the_fastest_variant(monkeypatch, ns, expected):
+    monkeypatch.delenv("DSF_AVX512_WIDTH", raising=False)
     choice = _plan(**ns).choice()
-    assert (choice["bf16"], choice["fp16"], choice["bf16 model"]) == expected
+    assert (choice["bf16"], choice["fp16"], choice["bf16 model"], choice["nonzeros"]) == expected
 
 
-def test_the_word_plan_setting_overrides_and_is_checked(monkeypatch):
-    plan = _plan(zb=150, yb=58, ab=71, zf=158, af=70, zd=61, yd=51)
-    assert plan.choice("zmm") == {"bf16": "avx512", "fp16": "avx512", "bf16 model": "avx512"}
-    assert plan.choice("ymm") == {"bf16": "avx512-ymm", "fp16": "avx2", "bf16 model": "avx512-ymm"}
-    no_bf16 = _plan(zb=40, yb=None, ab=71, zf=42, af=70, zd=None, yd=None)
-    assert no_bf16.choice("ymm")["bf16"] == "avx512"  # nothing 256-bit to force
-    monkeypatch.setenv("DSF_AVX512_WORDS", "fastest")
-    with pytest.raises(ValueError, match="DSF_AVX512_WORDS must be auto, zmm or ymm"):
+def test_the_width_setting_overrides_the_plan_and_is_checked(monkeypatch):
+    plan = _plan(**ZEN4)
+    assert plan.choice("512") == {"bf16": "avx512", "fp16": "avx512", "bf16 model": "avx512", "nonzeros": "avx512"}
+    assert plan.choice("256") == {"bf16": "avx512-256", "fp16": "avx2", "bf16 model": "avx512-256",
+                                  "nonzeros": "avx2"}
+    no_bf16 = _plan(zb=40, yb=None, ab=71, zf=42, af=70, zd=None, yd=None, zn=200, an=260)
+    assert no_bf16.choice("256")["bf16"] == "avx2"  # no 256-bit AVX-512 variant: the AVX2 path
+    monkeypatch.setenv("DSF_AVX512_WIDTH", "ymm")
+    with pytest.raises(ValueError, match="DSF_AVX512_WIDTH must be auto, 512 or 256, not 'ymm'"):
         plan.choice()
 
 
@@ -390,15 +404,17 @@ def test_each_factor_takes_its_own_kinds_choice(monkeypatch, value_dtype):
     factors on it switch to the nonzero path at its own batch."""
     if not cpu_bitmap._CAPS[1]:
         pytest.skip("this CPU has no AVX512_BF16")
-    monkeypatch.delenv("DSF_AVX512_WORDS", raising=False)
+    monkeypatch.delenv("DSF_AVX512_WIDTH", raising=False)
     monkeypatch.delenv("DSF_NZ_MIN_BATCH", raising=False)
-    monkeypatch.setattr(cpu_bitmap, "_PLAN", _plan(zb=150, yb=58, ab=71, zf=40, af=70, zd=61, yd=51))
+    monkeypatch.setattr(cpu_bitmap, "_PLAN", _plan(**{**ZEN4, "zf": 40}))
     shape = (70, 200)
     tensors = get_format("bitmap").pack(random_sparse(*shape, 0.3), value_dtype)
     p = backend.prepare("bitmap", tensors, shape, torch.float32)
     bf16 = value_dtype == torch.bfloat16
-    assert p.paths.isa == "avx512-vbmi2" and p.paths.ymm == bf16
+    assert p.paths.isa == "avx512-vbmi2" and p.paths.ymm == bf16 and p.paths.nz_isa == "avx2"
     assert p.paths.nz_min_batch == cpu_bitmap.NZ_MIN_BATCH["avx512-vbmi2 ymm" if bf16 else "avx512-vbmi2"]
-    x = torch.randn(3, shape[1], generator=torch.Generator().manual_seed(1))
-    ref = x.double() @ get_format("bitmap").unpack(tensors, shape).double().t()
-    assert float((backend.matmul(p, x).double() - ref).abs().max() / ref.abs().max()) < 1e-4
+    ref_w = get_format("bitmap").unpack(tensors, shape).double()
+    for batch in (3, 20):  # the word path, then the (AVX2) nonzero path
+        x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(1))
+        ref = x.double() @ ref_w.t()
+        assert float((backend.matmul(p, x).double() - ref).abs().max() / ref.abs().max()) < 1e-4

@@ -1069,22 +1069,28 @@ int dsf_bitmap_spmm_nz(const int32_t* bitmap, const int32_t* offsets, const uint
 #endif
 }
 
-// Times the word-path variants at batch 1 on this CPU, so that the backend runs the faster
-// one: which is faster differs between microarchitectures (Intel cores run 512-bit
-// vpexpandw at full width, AMD Zen 4 double-pumps it) and no flag tells. A synthetic
-// 1024 x 2048 factor 30% dense (~0.7 MiB, in L2 or L3) with fp32 x (bf16 x for 5 and 6);
-// each variant is called in turn, 9 rounds, and its best time kept. ns[i] gets the best
-// time of one call in ns, or -1 where the CPU lacks the variant's instructions:
-// 0 AVX-512 bf16 values, 1 its 256-bit variant, 2 AVX2 bf16 values, 3 AVX-512 fp16
-// values, 4 AVX2 fp16 values, 5 the bf16-model path, 6 its 256-bit variant.
-// Returns 0, or -1 when n < 7.
+// Times the paths' variants on this CPU, so that the backend runs the faster ones: which
+// is faster differs between microarchitectures (Intel cores run 512-bit vpexpandw at full
+// width, AMD Zen 4 double-pumps it) and no flag tells. A synthetic 2048 x 4096 factor 30%
+// dense (3.5 MiB, past L2, as real layers are; on a 1024 x 2048 one Zen 4's 256-bit
+// variant and AVX2 path came within noise of each other, at 0.73x here and streamed from
+// memory); each variant is called in turn, 9 rounds, and its best time kept (~0.1 s). ns[i] gets that time of one call in ns, or -1 where the CPU lacks the
+// variant's instructions. Word paths at batch 1 with fp32 x (bf16 x for 5 and 6):
+// 0 AVX-512 bf16 values, 1 its 256-bit variant, 2 AVX2 bf16 values, 3 AVX-512 fp16 values,
+// 4 AVX2 fp16 values, 5 the bf16-model path, 6 its 256-bit variant; nonzero paths at batch
+// 16, bf16 values: 7 AVX-512, 8 AVX2. Returns 0, or -1 when n < 9.
 int dsf_bitmap_spmm_avx2(const int32_t* bitmap, const int32_t* offsets, const void* values, const float* scales,
                          int64_t nvalues, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows,
                          int64_t words, int64_t batch, int kind);
 
-int dsf_plan_word_paths(double* ns, int n) {
-  if (n < 7) return -1;
-  const int64_t rows = 1024, words = 64;
+int dsf_bitmap_spmm_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const void* values, const float* scales,
+                            const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t cols,
+                            int64_t words, int64_t batch, int kind);
+
+int dsf_plan_paths(double* ns, int n) {
+  constexpr int kCandidates = 9;
+  if (n < kCandidates) return -1;
+  const int64_t rows = 2048, words = 128;
   std::vector<int32_t> bitmap(size_t(rows * words)), offsets(size_t(rows + 1), 0);
   uint64_t state = 0x9E3779B97F4A7C15ull;
   for (int64_t r = 0; r < rows; ++r) {
@@ -1104,6 +1110,7 @@ int dsf_plan_word_paths(double* ns, int n) {
   std::vector<uint16_t> bf16(size_t(nnz), 0x3F00), fp16(size_t(nnz), 0x3800);  // 0.5 in each
   std::vector<float> x(size_t(32 * words), 0.25f), y(static_cast<size_t>(rows), 0.f);
   std::vector<uint16_t> xb(size_t(32 * words), 0x3E80);  // 0.25 in bf16
+  std::vector<float> x16(size_t(16 * 32 * words), 0.25f), y16(static_cast<size_t>(16 * rows), 0.f);
   const int32_t *bm = bitmap.data(), *of = offsets.data();
   auto run = [&](int i) -> int {
     switch (i) {
@@ -1113,12 +1120,14 @@ int dsf_plan_word_paths(double* ns, int n) {
       case 3: return dsf_bitmap_spmm_avx512(bm, of, fp16.data(), nnz, x.data(), 32 * words, y.data(), rows, rows, words, 1, 0);
       case 4: return dsf_bitmap_spmm_avx2(bm, of, fp16.data(), nullptr, nnz, x.data(), 32 * words, y.data(), rows, rows, words, 1, kFp16);
       case 5: return dsf_bitmap_spmm_bf16dot(bm, of, bf16.data(), nnz, xb.data(), 32 * words, y.data(), rows, rows, words, 1, 0);
-      default: return dsf_bitmap_spmm_bf16dot(bm, of, bf16.data(), nnz, xb.data(), 32 * words, y.data(), rows, rows, words, 1, 1);
+      case 6: return dsf_bitmap_spmm_bf16dot(bm, of, bf16.data(), nnz, xb.data(), 32 * words, y.data(), rows, rows, words, 1, 1);
+      case 7: return dsf_bitmap_spmm_nz(bm, of, bf16.data(), x16.data(), 32 * words, y16.data(), rows, rows, 32 * words, words, 16, 1);
+      default: return dsf_bitmap_spmm_nz_avx2(bm, of, bf16.data(), nullptr, x16.data(), 32 * words, y16.data(), rows, rows, 32 * words, words, 16, kBf16);
     }
   };
-  for (int i = 0; i < 7; ++i) ns[i] = run(i) == 0 ? 1e300 : -1.0;  // also the warm-up call
+  for (int i = 0; i < kCandidates; ++i) ns[i] = run(i) == 0 ? 1e300 : -1.0;  // also the warm-up call
   for (int round = 0; round < 9; ++round)
-    for (int i = 0; i < 7; ++i) {
+    for (int i = 0; i < kCandidates; ++i) {
       if (ns[i] < 0) continue;
       auto t0 = std::chrono::steady_clock::now();
       run(i);
