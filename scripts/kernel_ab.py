@@ -7,6 +7,7 @@ calls them in alternation on the same factor pairs (rotated through more memory 
 the last-level cache), so both see the same stretch of time.
 
     python scripts/kernel_ab.py OLD.cpp NEW.cpp --shape 4096x4096 --batch 1 --kind fp16
+    python scripts/kernel_ab.py OLD.cpp NEW.cpp --path word256 --kind bf16   # AVX-512's 256-bit variant
     git show HEAD:dsf_runtime/kernels/csrc/bitmap_spmm.cpp > /tmp/old.cpp  # an old version
 
 Prints each version's median ms per y = L(R x) and NEW/OLD's ratio, over the whole run
@@ -56,9 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kind", choices=sorted(KINDS), default="fp16")
     ap.add_argument("--new-kind", choices=sorted(KINDS),
                     help="stored values of the new version's factors (default: --kind)")
-    ap.add_argument("--path", choices=["word", "nz", "cols"], default="word",
+    ap.add_argument("--path", choices=["word", "nz", "cols", "word512", "word256"], default="word",
                     help="AVX2 word path (the backend's below its nonzero-path batch), nonzero path (x as "
-                         "[in][batch]) or column-index path (both factors, whatever their density)")
+                         "[in][batch]), column-index path (both factors, whatever their density), or the "
+                         "AVX-512 word path's 512-bit form or 256-bit variant (bf16 values)")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--no-check", action="store_true",
                     help="skip the equal-results check (to time a version with a phase cut out)")
@@ -73,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     for src in (args.old, args.new):
         if not src.is_file():
             ap.error(f"no such source file: {src}")
+    if args.path == "word256" and {args.kind, args.new_kind or args.kind} != {"bf16"}:
+        ap.error("--path word256 (the 256-bit variant) runs bf16 values only: --kind bf16")
+    if args.path in ("word512", "word256") and {args.kind, args.new_kind or args.kind} & {"int8"}:
+        ap.error("the AVX-512 word paths take fp16 or bf16 values, not int8")
 
     kind_names = (args.kind, args.new_kind or args.kind)
     L, R = random_dsf_pair(out_f, in_f, args.sparsity)
@@ -123,6 +129,13 @@ def main(argv: list[str] | None = None) -> None:
         xp = torch.zeros(xin.shape[0], words * 32)
         xp[:, : xin.shape[1]] = xin
         y = torch.empty(xin.shape[0], rows)
+        if args.path in ("word512", "word256"):  # mode: bit 0 bf16 values, bit 1 the 256-bit variant
+            mode = kind | (2 if args.path == "word256" else 0)
+            rc = lib.dsf_bitmap_spmm_avx512(t["bitmap"].data_ptr(), t["row_offsets"].data_ptr(),
+                                            t["values"].data_ptr(), t["values"].numel(), xp.data_ptr(), words * 32,
+                                            y.data_ptr(), rows, rows, words, xin.shape[0], mode)
+            assert rc == 0, "kernel refused its arguments (no AVX-512 VBMI2, or AVX512_BF16 for word256)"
+            return y
         rc = lib.dsf_bitmap_spmm_avx2(t["bitmap"].data_ptr(), t["row_offsets"].data_ptr(), t["values"].data_ptr(),
                                       scales, t["values"].numel(), xp.data_ptr(), words * 32, y.data_ptr(), rows,
                                       rows, words, xin.shape[0], kind)

@@ -75,3 +75,24 @@ def test_cols_path_checks_the_column_index_kernel(tmp_path):
     assert proc.returncode != 0 and "Mismatched elements" in proc.stderr
     same = _run(SOURCE, wrong, "--shape", "64x96", "--path", "word", "--seconds", "0.3", "--rotate-mib", "1")
     assert same.returncode == 0, same.stderr  # the word path does not use that kernel
+
+
+def test_avx512_word_paths_check_their_own_kernel(tmp_path):
+    """--path word512 / word256 time the AVX-512 word path's two forms; a version whose
+    256-bit variant computes another y is refused there and not on the 512-bit form;
+    word256 takes bf16 values only."""
+    from dsf_runtime.kernels import cpu_bitmap
+
+    if not (cpu_bitmap._CAPS[0] and cpu_bitmap._CAPS[1]):
+        pytest.skip("needs AVX-512 VBMI2 and AVX512_BF16")
+    wrong = tmp_path / "wrong.cpp"
+    text = SOURCE.read_text()
+    line = "    y[b * ldy] = hsum256y(sum);"
+    assert text.count(line) == 2  # the 256-bit word variant's and its bf16-model twin's
+    wrong.write_text(text.replace(line, "    y[b * ldy] = 0.5f * hsum256y(sum);"))
+    for path, code in (("word256", 1), ("word512", 0)):
+        proc = _run(SOURCE, wrong, "--shape", "64x96", "--path", path, "--kind", "bf16", "--batch", "2",
+                    "--seconds", "0.3", "--rotate-mib", "1")
+        assert (proc.returncode != 0 and "Mismatched elements" in proc.stderr) == bool(code), proc.stderr
+    bad = _run(SOURCE, SOURCE, "--path", "word256", "--kind", "fp16")
+    assert bad.returncode == 2 and "bf16 values only" in bad.stderr

@@ -33,3 +33,27 @@ def test_builds_and_reports_cycles(tmp_path):
     assert len(rows) == 9, run.stdout
     assert all(float(c) > 0 and float(ghz) > 0 for _, c, ghz in rows)
     assert rows[0][0].strip() == "8 x vcvtph2ps ymm"
+
+
+def test_the_avx512_table(tmp_path):
+    """`op_rates N avx512`: the AVX-512 word paths' instructions, or exit 3 where the CPU
+    lacks them; any other mode is a usage error."""
+    from dsf_runtime.kernels import cpu_bitmap
+
+    exe = tmp_path / "op_rates"
+    build = subprocess.run([find_compiler(), "-x", "c", "-O2", "-mavx2", "-mfma", "-mf16c", "-mbmi2", "-mpopcnt",
+                            str(ROOT / "scripts" / "op_rates.c"), "-o", str(exe)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    bad = subprocess.run([str(exe), "100", "avx1024"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+    run = subprocess.run([str(exe), "20000", "avx512"], capture_output=True, text=True, timeout=120)
+    cpu_bitmap.build()
+    if not (cpu_bitmap._CAPS[0] and cpu_bitmap._CAPS[1]):
+        assert run.returncode == 3 and "lacks" in run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    rows = re.findall(r"^(.+?)\s+([0-9.]+) cycles per iteration \(clock ([0-9.]+) GHz\)$", run.stdout, re.M)
+    assert [name.strip() for name, _, _ in rows] == [
+        "4 x vpexpandw zmm", "4 x vpexpandw ymm", "4 x (vpexpandw zmm + vfmadd231ps zmm)", "4 x vpmovzxwd ymm -> zmm",
+        "12 x vfmadd231ps zmm", "12 x vfmadd231ps ymm", "12 x vdpbf16ps zmm", "12 x vdpbf16ps ymm"]
+    assert all(float(c) > 0 and float(ghz) > 0 for _, c, ghz in rows)

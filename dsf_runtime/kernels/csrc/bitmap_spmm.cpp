@@ -1014,10 +1014,11 @@ int dsf_bitmap_spmm_avx512(const int32_t* bitmap, const int32_t* offsets, const 
 #endif
 }
 
-// 1 when the bf16 dot-product path can run (AVX-512 path plus AVX512_BF16).
+// 1 when the bf16 dot-product paths can run (AVX-512 path plus AVX512_BF16, and VL for
+// the 256-bit variants: every CPU with AVX512_BF16 has it).
 int dsf_has_avx512_bf16(void) {
 #ifdef DSF_X86
-  return dsf_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return dsf_has_avx512() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl");
 #else
   return 0;
 #endif
