@@ -306,137 +306,81 @@ DSF_AVX512Y void split_x(const float* x, int64_t ldx, int64_t batch, int64_t wor
       }
 }
 
-// One word against NB rows of split x (xw: the word's 64 parts of batch row 0, rows ldxs
-// apart): acc[b][0..1] gather the hi products of the two halves, acc[b][2..3] the lo ones.
-template <int NB, bool CHECKED>
-DSF_AVX512Y inline int split_word(const uint16_t* v, const uint16_t* end, uint32_t bits, const uint16_t* xw,
-                                  int64_t ldxs, __m256 (*acc)[4]) {
-  const int n0 = __builtin_popcount(bits & 0xFFFFu);
-  __m256bh p0 = expand16<CHECKED>(v, end, bits & 0xFFFFu), p1 = expand16<CHECKED>(v + n0, end, bits >> 16);
-  for (int b = 0; b < NB; ++b) {
-    const uint16_t* xb = xw + b * ldxs;
-    acc[b][0] = _mm256_dpbf16_ps(acc[b][0], p0, load_bh(xb));
-    acc[b][1] = _mm256_dpbf16_ps(acc[b][1], p1, load_bh(xb + 16));
-    acc[b][2] = _mm256_dpbf16_ps(acc[b][2], p0, load_bh(xb + 32));
-    acc[b][3] = _mm256_dpbf16_ps(acc[b][3], p1, load_bh(xb + 48));
-  }
-  return n0 + __builtin_popcount(bits >> 16);
-}
-
 DSF_AVX512Y inline float hsum256y(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// One row of a tile of NB <= 4 batch rows over split x, U words per step with their own
-// accumulators: the row's sums into y[b * ldy].
-template <int NB, int U, bool CHECKED>
-DSF_AVX512Y inline void row_split(const uint32_t* row, const uint16_t* v, const uint16_t* xs, int64_t ldxs, float* y,
-                                  int64_t ldy, int64_t words, const uint16_t* end) {
-  __m256 acc[U][NB][4];
-  for (int u = 0; u < U; ++u)
-    for (int b = 0; b < NB; ++b)
-      for (int k = 0; k < 4; ++k) acc[u][b][k] = _mm256_setzero_ps();
-  int64_t w = 0;
-  for (; w + U <= words; w += U) {
-    prefetch_ahead(v, row + w);
-    for (int u = 0; u < U; ++u)
-      if (row[w + u]) v += split_word<NB, CHECKED>(v, end, row[w + u], xs + (w + u) * 64, ldxs, acc[u]);
-  }
-  for (; w < words; ++w)
-    if (row[w]) v += split_word<NB, CHECKED>(v, end, row[w], xs + w * 64, ldxs, acc[0]);
-  for (int b = 0; b < NB; ++b) {
-    __m256 sum = _mm256_setzero_ps();
-    for (int u = 0; u < U; ++u)
-      sum = _mm256_add_ps(sum, _mm256_add_ps(_mm256_add_ps(acc[u][b][0], acc[u][b][2]),
-                                             _mm256_add_ps(acc[u][b][1], acc[u][b][3])));
-    y[b * ldy] = hsum256y(sum);
-  }
-}
-
-template <int NB, int U>
-DSF_AVX512Y void rows_split(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const uint16_t* xs,
-                            int64_t ldxs, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words,
-                            const uint16_t* end) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
-    if (values + offsets[r + 1] + 16 <= end)
-      row_split<NB, U, false>(row, values + offsets[r], xs, ldxs, y + r, ldy, words, end);
-    else
-      row_split<NB, U, true>(row, values + offsets[r], xs, ldxs, y + r, ldy, words, end);
-  }
-}
-
-// One word of the bf16-model path's 256-bit form against NB rows of bf16 x (xw: the
-// word's 32 activations of batch row 0, rows ldx apart). Returns the values consumed.
-template <int NB, bool CHECKED>
-DSF_AVX512Y inline int dot_word_ymm(const uint16_t* v, const uint16_t* end, uint32_t bits, const uint16_t* xw,
-                                    int64_t ldx, __m256 (*acc)[2]) {
+// One word of the 256-bit variants against NB rows of x in bf16 PARTS (2: split fp32 x,
+// each word's 32 hi parts then its 32 lo parts; 1: a bf16 model's x), xw: the word's
+// 32 * PARTS values of batch row 0, rows ldx apart. acc[b][2p] and acc[b][2p + 1] gather
+// part p's products with the word's two 16-column halves. Returns the values consumed.
+template <int NB, int PARTS, bool CHECKED>
+DSF_AVX512Y inline int word_256(const uint16_t* v, const uint16_t* end, uint32_t bits, const uint16_t* xw,
+                                int64_t ldx, __m256 (*acc)[2 * PARTS]) {
   const int n0 = __builtin_popcount(bits & 0xFFFFu);
   __m256bh p0 = expand16<CHECKED>(v, end, bits & 0xFFFFu), p1 = expand16<CHECKED>(v + n0, end, bits >> 16);
-  for (int b = 0; b < NB; ++b) {
-    acc[b][0] = _mm256_dpbf16_ps(acc[b][0], p0, load_bh(xw + b * ldx));
-    acc[b][1] = _mm256_dpbf16_ps(acc[b][1], p1, load_bh(xw + b * ldx + 16));
-  }
+  for (int b = 0; b < NB; ++b)
+    for (int p = 0; p < PARTS; ++p) {
+      acc[b][2 * p] = _mm256_dpbf16_ps(acc[b][2 * p], p0, load_bh(xw + b * ldx + 32 * p));
+      acc[b][2 * p + 1] = _mm256_dpbf16_ps(acc[b][2 * p + 1], p1, load_bh(xw + b * ldx + 32 * p + 16));
+    }
   return n0 + __builtin_popcount(bits >> 16);
 }
 
-// The bf16-model path's 256-bit form: bf16 x [batch][ldx], tiles of NB <= 4 rows; one
-// row's sums into y[b * ldy].
-template <int NB, int U, bool CHECKED>
-DSF_AVX512Y inline void row_dot_ymm(const uint32_t* row, const uint16_t* v, const uint16_t* x, int64_t ldx, float* y,
-                                    int64_t ldy, int64_t words, const uint16_t* end) {
-  __m256 acc[U][NB][2];
+// One row of a tile of NB <= 4 batch rows, U words per step with their own accumulators:
+// the row's sums into y[b * ldy].
+template <int NB, int U, int PARTS, bool CHECKED>
+DSF_AVX512Y inline void row_256(const uint32_t* row, const uint16_t* v, const uint16_t* x, int64_t ldx, float* y,
+                                int64_t ldy, int64_t words, const uint16_t* end) {
+  __m256 acc[U][NB][2 * PARTS];
   for (int u = 0; u < U; ++u)
-    for (int b = 0; b < NB; ++b) acc[u][b][0] = acc[u][b][1] = _mm256_setzero_ps();
+    for (int b = 0; b < NB; ++b)
+      for (int k = 0; k < 2 * PARTS; ++k) acc[u][b][k] = _mm256_setzero_ps();
   int64_t w = 0;
   for (; w + U <= words; w += U) {
     prefetch_ahead(v, row + w);
     for (int u = 0; u < U; ++u)
-      if (row[w + u]) v += dot_word_ymm<NB, CHECKED>(v, end, row[w + u], x + (w + u) * 32, ldx, acc[u]);
+      if (row[w + u]) v += word_256<NB, PARTS, CHECKED>(v, end, row[w + u], x + (w + u) * 32 * PARTS, ldx, acc[u]);
   }
   for (; w < words; ++w)
-    if (row[w]) v += dot_word_ymm<NB, CHECKED>(v, end, row[w], x + w * 32, ldx, acc[0]);
+    if (row[w]) v += word_256<NB, PARTS, CHECKED>(v, end, row[w], x + w * 32 * PARTS, ldx, acc[0]);
   for (int b = 0; b < NB; ++b) {
     __m256 sum = _mm256_setzero_ps();
-    for (int u = 0; u < U; ++u) sum = _mm256_add_ps(sum, _mm256_add_ps(acc[u][b][0], acc[u][b][1]));
+    for (int u = 0; u < U; ++u)
+      for (int k = 0; k < 2 * PARTS; ++k) sum = _mm256_add_ps(sum, acc[u][b][k]);
     y[b * ldy] = hsum256y(sum);
   }
 }
 
-template <int NB, int U>
-DSF_AVX512Y void rows_dot_ymm(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
-                              const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1,
-                              int64_t words, const uint16_t* end) {
+// Rows r0..r1 of the 256-bit variants; the rows whose last 16 values run past ``end``
+// take the checked loads.
+template <int NB, int U, int PARTS>
+DSF_AVX512Y void rows_256(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const uint16_t* x,
+                          int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words,
+                          const uint16_t* end) {
   for (int64_t r = r0; r < r1; ++r) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
     if (values + offsets[r + 1] + 16 <= end)
-      row_dot_ymm<NB, U, false>(row, values + offsets[r], x, ldx, y + r, ldy, words, end);
+      row_256<NB, U, PARTS, false>(row, values + offsets[r], x, ldx, y + r, ldy, words, end);
     else
-      row_dot_ymm<NB, U, true>(row, values + offsets[r], x, ldx, y + r, ldy, words, end);
+      row_256<NB, U, PARTS, true>(row, values + offsets[r], x, ldx, y + r, ldy, words, end);
   }
 }
 
-DSF_AVX512Y void tile_split(int nb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
-                            const uint16_t* xs, int64_t ldxs, float* y, int64_t ldy, int64_t r0, int64_t r1,
-                            int64_t words, const uint16_t* end) {
+// Tiles of the 256-bit variants (x in PARTS bf16 parts per value): two words in flight
+// where the accumulators (2 * PARTS per row and word) fit in 16 registers.
+template <int PARTS>
+DSF_AVX512Y void tile_256(int nb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
+                          const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1,
+                          int64_t words, const uint16_t* end) {
+  constexpr int kWide = PARTS == 1 ? 2 : 1;  // words in flight for 3-4 rows
   switch (nb) {
-    case 1: rows_split<1, 2>(bitmap, offsets, values, xs, ldxs, y, ldy, r0, r1, words, end); break;
-    case 2: rows_split<2, 2>(bitmap, offsets, values, xs, ldxs, y, ldy, r0, r1, words, end); break;
-    case 3: rows_split<3, 1>(bitmap, offsets, values, xs, ldxs, y, ldy, r0, r1, words, end); break;
-    default: rows_split<4, 1>(bitmap, offsets, values, xs, ldxs, y, ldy, r0, r1, words, end); break;
-  }
-}
-
-DSF_AVX512Y void tile_dot_ymm(int nb, const int32_t* bitmap, const int32_t* offsets, const uint16_t* values,
-                              const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1,
-                              int64_t words, const uint16_t* end) {
-  switch (nb) {
-    case 1: rows_dot_ymm<1, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
-    case 2: rows_dot_ymm<2, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
-    case 3: rows_dot_ymm<3, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
-    default: rows_dot_ymm<4, 2>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
+    case 1: rows_256<1, 2, PARTS>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
+    case 2: rows_256<2, 2, PARTS>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
+    case 3: rows_256<3, kWide, PARTS>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
+    default: rows_256<4, kWide, PARTS>(bitmap, offsets, values, x, ldx, y, ldy, r0, r1, words, end); break;
   }
 }
 
@@ -1001,7 +945,7 @@ int dsf_bitmap_spmm_avx512(const int32_t* bitmap, const int32_t* offsets, const 
     split_x(x, ldx, batch, words, xs.data());
     const uint16_t* xsp = xs.data();
     over_row_blocks(rows, batch, 4, false, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
-      tile_split(nb, bitmap, offsets, values, xsp + b0 * ldxs, ldxs, y + b0 * ldy, ldy, r0, r1, words, end);
+      tile_256<2>(nb, bitmap, offsets, values, xsp + b0 * ldxs, ldxs, y + b0 * ldy, ldy, r0, r1, words, end);
     });
     return 0;
   }
@@ -1036,7 +980,7 @@ int dsf_bitmap_spmm_bf16dot(const int32_t* bitmap, const int32_t* offsets, const
   const uint16_t* end = values + nvalues;
   over_row_blocks(rows, batch, ymm ? 4 : 16, false, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
     if (ymm)
-      tile_dot_ymm(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, end);
+      tile_256<1>(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, end);
     else
       tile_bf16dot(nb, bitmap, offsets, values, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1, words, end);
   });
