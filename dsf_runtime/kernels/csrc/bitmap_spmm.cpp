@@ -321,11 +321,13 @@ DSF_AVX512Y inline int word_256(const uint16_t* v, const uint16_t* end, uint32_t
                                 int64_t ldx, __m256 (*acc)[2 * PARTS]) {
   const int n0 = __builtin_popcount(bits & 0xFFFFu);
   __m256bh p0 = expand16<CHECKED>(v, end, bits & 0xFFFFu), p1 = expand16<CHECKED>(v + n0, end, bits >> 16);
-  for (int b = 0; b < NB; ++b)
+  for (int b = 0; b < NB; ++b) {
+    const uint16_t* xb = xw + b * ldx;  // one base per row: GCC otherwise spills the addresses
     for (int p = 0; p < PARTS; ++p) {
-      acc[b][2 * p] = _mm256_dpbf16_ps(acc[b][2 * p], p0, load_bh(xw + b * ldx + 32 * p));
-      acc[b][2 * p + 1] = _mm256_dpbf16_ps(acc[b][2 * p + 1], p1, load_bh(xw + b * ldx + 32 * p + 16));
+      acc[b][2 * p] = _mm256_dpbf16_ps(acc[b][2 * p], p0, load_bh(xb + 32 * p));
+      acc[b][2 * p + 1] = _mm256_dpbf16_ps(acc[b][2 * p + 1], p1, load_bh(xb + 32 * p + 16));
     }
+  }
   return n0 + __builtin_popcount(bits >> 16);
 }
 
