@@ -191,7 +191,7 @@ def build(force: bool = False) -> ctypes.CDLL | None:
 
 
 # On AVX-512 CPUs the paths' variants are timed once per process at build (dsf_plan_paths:
-# a synthetic factor, ~10 ms), because which is faster depends on the microarchitecture.
+# a synthetic factor, ~0.12 s), because which is faster depends on the microarchitecture.
 # On AMD Zen 4, at batch 1, the 512-bit word path ran 2.0x slower than its 256-bit
 # variant (vpexpandw zmm and 512-bit widening are double-pumped there) and for fp16
 # values (which have no 256-bit variant) 2.0x slower than the AVX2 path; at batch 16 the
