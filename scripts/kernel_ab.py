@@ -75,12 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     for src in (args.old, args.new):
         if not src.is_file():
             ap.error(f"no such source file: {src}")
-    if args.path == "word256" and {args.kind, args.new_kind or args.kind} != {"bf16"}:
+    kind_names = (args.kind, args.new_kind or args.kind)
+    if args.path == "word256" and set(kind_names) != {"bf16"}:
         ap.error("--path word256 (the 256-bit variant) runs bf16 values only: --kind bf16")
-    if args.path in ("word512", "word256") and {args.kind, args.new_kind or args.kind} & {"int8"}:
+    if args.path in ("word512", "word256") and "int8" in kind_names:
         ap.error("the AVX-512 word paths take fp16 or bf16 values, not int8")
 
-    kind_names = (args.kind, args.new_kind or args.kind)
     L, R = random_dsf_pair(out_f, in_f, args.sparsity)
     fmt = get_format("bitmap")
     packed = [[fmt.pack(L, KINDS[k]), fmt.pack(R, KINDS[k])] for k in kind_names]  # [version][L, R]

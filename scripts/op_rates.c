@@ -85,17 +85,11 @@ static int avx512_rates(void) {
 }
 
 int main(int argc, char** argv) {
-  if (argc > 1 && (N = atol(argv[1])) <= 0) {
+  if ((argc > 1 && (N = atol(argv[1])) <= 0) || (argc > 2 && strcmp(argv[2], "avx512") != 0)) {
     fprintf(stderr, "usage: %s [ITERATIONS > 0] [avx512]\n", argv[0]);
     return 2;
   }
-  if (argc > 2) {
-    if (strcmp(argv[2], "avx512") != 0) {
-      fprintf(stderr, "usage: %s [ITERATIONS > 0] [avx512]\n", argv[0]);
-      return 2;
-    }
-    return avx512_rates();
-  }
+  if (argc > 2) return avx512_rates();
   TEST("8 x vcvtph2ps ymm", "vcvtph2ps %%xmm8,%%ymm0\n vcvtph2ps %%xmm8,%%ymm1\n vcvtph2ps %%xmm8,%%ymm2\n"
                             "vcvtph2ps %%xmm8,%%ymm3\n vcvtph2ps %%xmm9,%%ymm4\n vcvtph2ps %%xmm9,%%ymm5\n"
                             "vcvtph2ps %%xmm9,%%ymm6\n vcvtph2ps %%xmm9,%%ymm7");

@@ -87,9 +87,9 @@ def test_avx512_word_paths_check_their_own_kernel(tmp_path):
         pytest.skip("needs AVX-512 VBMI2 and AVX512_BF16")
     wrong = tmp_path / "wrong.cpp"
     text = SOURCE.read_text()
-    line = "    y[b * ldy] = hsum256y(sum);"
+    line = "    y[b * ldy] = hsum256(sum);"
     assert text.count(line) == 1  # the 256-bit variants' (split fp32 x and the bf16 model's)
-    wrong.write_text(text.replace(line, "    y[b * ldy] = 0.5f * hsum256y(sum);"))
+    wrong.write_text(text.replace(line, "    y[b * ldy] = 0.5f * hsum256(sum);"))
     for path, code in (("word256", 1), ("word512", 0)):
         proc = _run(SOURCE, wrong, "--shape", "64x96", "--path", path, "--kind", "bf16", "--batch", "2",
                     "--seconds", "0.3", "--rotate-mib", "1")

@@ -18,11 +18,18 @@ pytestmark = pytest.mark.skipif(find_compiler() is None or platform.machine() no
                                 reason="needs a C compiler on x86-64")
 
 
-def test_builds_and_reports_cycles(tmp_path):
-    exe = tmp_path / "op_rates"
+@pytest.fixture(scope="module")
+def op_rates(tmp_path_factory) -> Path:
+    """The probe, built as its header says."""
+    exe = tmp_path_factory.mktemp("op_rates") / "op_rates"
     build = subprocess.run([find_compiler(), "-x", "c", "-O2", "-mavx2", "-mfma", "-mf16c", "-mbmi2", "-mpopcnt",
                             str(ROOT / "scripts" / "op_rates.c"), "-o", str(exe)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
+    return exe
+
+
+def test_builds_and_reports_cycles(op_rates):
+    exe = op_rates
     bad = subprocess.run([str(exe), "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
     if BACKENDS["cpu-bitmap"].isa == "portable":  # the kernel's own check: no AVX2 + FMA + F16C + BMI2 here
@@ -35,15 +42,12 @@ def test_builds_and_reports_cycles(tmp_path):
     assert rows[0][0].strip() == "8 x vcvtph2ps ymm"
 
 
-def test_the_avx512_table(tmp_path):
+def test_the_avx512_table(op_rates):
     """`op_rates N avx512`: the AVX-512 word paths' instructions, or exit 3 where the CPU
     lacks them; any other mode is a usage error."""
     from dsf_runtime.kernels import cpu_bitmap
 
-    exe = tmp_path / "op_rates"
-    build = subprocess.run([find_compiler(), "-x", "c", "-O2", "-mavx2", "-mfma", "-mf16c", "-mbmi2", "-mpopcnt",
-                            str(ROOT / "scripts" / "op_rates.c"), "-o", str(exe)], capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
+    exe = op_rates
     bad = subprocess.run([str(exe), "100", "avx1024"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
     run = subprocess.run([str(exe), "20000", "avx512"], capture_output=True, text=True, timeout=120)

@@ -112,6 +112,14 @@ void rows_scalar(const int32_t* bitmap, const int32_t* offsets, const void* valu
 #endif
 #define DSF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
 
+// The sum of a ymm register's 8 floats. Only AVX, so that the AVX2 paths and AVX-512's
+// 256-bit variants (whose target sets both contain it) inline the one definition.
+__attribute__((target("avx"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 // Expand the next popcount(bits) packed 16-bit values into the lanes of the set bits.
 // Where 32 values are readable before
 // ``end`` the register form of vpexpandw is used (on current Intel cores much faster
@@ -263,7 +271,7 @@ DSF_AVX512 void rows_avx512_16(const int32_t* bitmap, const int32_t* offsets, co
   }
 }
 
-// The 256-bit variants (``mode`` bit 2 of the AVX-512 entry points). On AMD Zen 4 a 512-bit
+// The 256-bit variants (``mode`` & 2 of dsf_bitmap_spmm_avx512, ``ymm`` of dsf_bitmap_spmm_bf16dot). On AMD Zen 4 a 512-bit
 // vpexpandw, and each 512-bit op that crosses 256-bit halves (vpmovzxwd, vcvtph2ps from a
 // ymm), costs about twice a 256-bit one, and the 512-bit word above ran at 16.5 cycles per
 // word against 8.2 for the AVX2 path (single thread, factor in L2). These expand each word
@@ -271,7 +279,7 @@ DSF_AVX512 void rows_avx512_16(const int32_t* bitmap, const int32_t* offsets, co
 // widen the values: with AVX512_BF16, vdpbf16ps multiplies bf16 pairs exactly into fp32,
 // and fp32 x is carried as two bf16 parts, x ~ hi + lo with hi = bf16(x), lo = bf16(x - hi)
 // (16 significant bits: |x - hi - lo| <= 2^-16 |x|). 5.4 cycles per word in that test.
-// bf16 values only; which variant is faster on this CPU is measured (dsf_avx512_plan).
+// bf16 values only; which variant is faster on this CPU is measured (dsf_plan_paths).
 #define DSF_AVX512Y __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16")))
 
 // The next popcount(bits) packed values into the lanes of the 16 ``bits`` that are set.
@@ -304,12 +312,6 @@ DSF_AVX512Y void split_x(const float* x, int64_t ldx, int64_t batch, int64_t wor
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), (__m256i)hi);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32), (__m256i)lo);
       }
-}
-
-DSF_AVX512Y inline float hsum256y(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 // One word of the 256-bit variants against NB rows of x in bf16 PARTS (2: split fp32 x,
@@ -352,7 +354,7 @@ DSF_AVX512Y inline void row_256(const uint32_t* row, const uint16_t* v, const ui
     __m256 sum = _mm256_setzero_ps();
     for (int u = 0; u < U; ++u)
       for (int k = 0; k < 2 * PARTS; ++k) sum = _mm256_add_ps(sum, acc[u][b][k]);
-    y[b * ldy] = hsum256y(sum);
+    y[b * ldy] = hsum256(sum);
   }
 }
 
@@ -538,13 +540,6 @@ DSF_AVX2 inline __m256 expand8(const packed_t<KIND>* v, const packed_t<KIND>* en
         _mm256_load_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint8_t*>(t.i8) + c))));
   return _mm256_cvtph_ps(
       _mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(t.fp16) + c))));
-}
-
-DSF_AVX2 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 inline uint64_t rotr64(uint64_t x, int r) { return (x >> r) | (x << ((64 - r) & 63)); }
@@ -1016,16 +1011,6 @@ int dsf_bitmap_spmm_nz(const int32_t* bitmap, const int32_t* offsets, const uint
 #endif
 }
 
-// Times the paths' variants on this CPU, so that the backend runs the faster ones: which
-// is faster differs between microarchitectures (Intel cores run 512-bit vpexpandw at full
-// width, AMD Zen 4 double-pumps it) and no flag tells. A synthetic 2048 x 4096 factor 30%
-// dense (3.5 MiB, past L2, as real layers are; on a 1024 x 2048 one Zen 4's 256-bit
-// variant and AVX2 path came within noise of each other, at 0.73x here and streamed from
-// memory); each variant is called in turn, 9 rounds, and its best time kept (~0.1 s). ns[i] gets that time of one call in ns, or -1 where the CPU lacks the
-// variant's instructions. Word paths at batch 1 with fp32 x (bf16 x for 5 and 6):
-// 0 AVX-512 bf16 values, 1 its 256-bit variant, 2 AVX2 bf16 values, 3 AVX-512 fp16 values,
-// 4 AVX2 fp16 values, 5 the bf16-model path, 6 its 256-bit variant; nonzero paths at batch
-// 16, bf16 values: 7 AVX-512, 8 AVX2. Returns 0, or -1 when n < 9.
 int dsf_bitmap_spmm_avx2(const int32_t* bitmap, const int32_t* offsets, const void* values, const float* scales,
                          int64_t nvalues, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows,
                          int64_t words, int64_t batch, int kind);
@@ -1034,6 +1019,17 @@ int dsf_bitmap_spmm_nz_avx2(const int32_t* bitmap, const int32_t* offsets, const
                             const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t cols,
                             int64_t words, int64_t batch, int kind);
 
+// Times the paths' variants on this CPU, so that the backend runs the faster ones: which
+// is faster differs between microarchitectures (Intel cores run 512-bit vpexpandw at full
+// width, AMD Zen 4 double-pumps it) and no flag tells. A synthetic 2048 x 4096 factor 30%
+// dense (3.5 MiB, past L2, as real layers are; on a 1024 x 2048 one Zen 4's 256-bit
+// variant and AVX2 path came within noise of each other, at 0.73x here and streamed from
+// memory); each variant is called in turn, 9 rounds, and its best time kept (~0.1 s).
+// ns[i] gets that time of one call in ns, or -1 where the CPU lacks the variant's
+// instructions. Word paths at batch 1 with fp32 x (bf16 x for 5 and 6):
+// 0 AVX-512 bf16 values, 1 its 256-bit variant, 2 AVX2 bf16 values, 3 AVX-512 fp16 values,
+// 4 AVX2 fp16 values, 5 the bf16-model path, 6 its 256-bit variant; nonzero paths at batch
+// 16, bf16 values: 7 AVX-512, 8 AVX2. Returns 0, or -1 when n < 9.
 int dsf_plan_paths(double* ns, int n) {
   constexpr int kCandidates = 9;
   if (n < kCandidates) return -1;
