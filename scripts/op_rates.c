@@ -55,6 +55,7 @@ static double clock_hz(void) {
 // accumulators cover the multiply-adds' latency (4-6 cycles). k1 (mask 0x5a5a5a5a)
 // is set once: code built without -mavx512f never touches the mask registers.
 #define EXPAND(w, d) "vpexpandw %%" #w "mm8,%%" #w "mm" #d "%{%%k1%}%{z%}\n"
+#define COMPRESS(op, w, d) #op " %%" #w "mm8,%%" #w "mm" #d "%{%%k1%}%{z%}\n"
 #define OP4(op, w) op " %%" #w "mm8,%%" #w "mm9,%%" #w "mm0\n " op " %%" #w "mm8,%%" #w "mm9,%%" #w "mm1\n " \
   op " %%" #w "mm8,%%" #w "mm9,%%" #w "mm2\n " op " %%" #w "mm8,%%" #w "mm9,%%" #w "mm3\n "
 #define OP12(op, w) OP4(op, w) op " %%" #w "mm8,%%" #w "mm9,%%" #w "mm4\n " op " %%" #w "mm8,%%" #w "mm9,%%" #w "mm5\n " \
@@ -72,6 +73,16 @@ static int avx512_rates(void) {
   __asm__ volatile("mov $0x5a5a5a5a,%%eax\n kmovd %%eax,%%k1" ::: "rax");
   TEST("4 x vpexpandw zmm", EXPAND(z, 0) EXPAND(z, 1) EXPAND(z, 2) EXPAND(z, 3));
   TEST("4 x vpexpandw ymm", EXPAND(y, 0) EXPAND(y, 1) EXPAND(y, 2) EXPAND(y, 3));
+  TEST("4 x vpcompressw zmm", COMPRESS(vpcompressw, z, 0) COMPRESS(vpcompressw, z, 1)
+       COMPRESS(vpcompressw, z, 2) COMPRESS(vpcompressw, z, 3));
+  TEST("4 x vpcompressw ymm", COMPRESS(vpcompressw, y, 0) COMPRESS(vpcompressw, y, 1)
+       COMPRESS(vpcompressw, y, 2) COMPRESS(vpcompressw, y, 3));
+  TEST("4 x vcompressps zmm", COMPRESS(vcompressps, z, 0) COMPRESS(vcompressps, z, 1)
+       COMPRESS(vcompressps, z, 2) COMPRESS(vcompressps, z, 3));
+  TEST("4 x (vcompressps zmm + vfmadd231ps zmm)", COMPRESS(vcompressps, z, 0) COMPRESS(vcompressps, z, 1)
+       COMPRESS(vcompressps, z, 2) COMPRESS(vcompressps, z, 3)
+       "vfmadd231ps %%zmm8,%%zmm9,%%zmm10\n vfmadd231ps %%zmm8,%%zmm9,%%zmm11\n"
+       "vfmadd231ps %%zmm8,%%zmm9,%%zmm12\n vfmadd231ps %%zmm8,%%zmm9,%%zmm13\n");
   TEST("4 x (vpexpandw zmm + vfmadd231ps zmm)", EXPAND(z, 0) EXPAND(z, 1) EXPAND(z, 2) EXPAND(z, 3)
        "vfmadd231ps %%zmm8,%%zmm9,%%zmm10\n vfmadd231ps %%zmm8,%%zmm9,%%zmm11\n"
        "vfmadd231ps %%zmm8,%%zmm9,%%zmm12\n vfmadd231ps %%zmm8,%%zmm9,%%zmm13\n");

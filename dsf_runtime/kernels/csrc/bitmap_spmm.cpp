@@ -294,8 +294,10 @@ DSF_AVX512Y inline __m256bh expand16(const uint16_t* src, const uint16_t* end, u
   return (__m256bh)_mm256_maskz_expand_epi16(__mmask16(bits), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
 }
 
+// As a float load (vmovups): GCC emits the integer form as the EVEX vmovdqu16, and with it
+// the 4096x11008 pair ran 1.04x slower (Zen 4, streamed).
 DSF_AVX512Y inline __m256bh load_bh(const uint16_t* p) {
-  return (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (__m256bh)_mm256_loadu_ps(reinterpret_cast<const float*>(p));
 }
 
 // fp32 x [batch][ldx] (ldx = 32 * words) as bf16 parts xs [batch][64 * words]: per 32-column
@@ -318,10 +320,12 @@ DSF_AVX512Y void split_x(const float* x, int64_t ldx, int64_t batch, int64_t wor
 // each word's 32 hi parts then its 32 lo parts; 1: a bf16 model's x), xw: the word's
 // 32 * PARTS values of batch row 0, rows ldx apart. acc[b][2p] and acc[b][2p + 1] gather
 // part p's products with the word's two 16-column halves. Returns the values consumed.
+// 64-bit popcounts, the word's total in one: the int forms' sign extensions and the extra
+// add cost 1.09x on the square layer.
 template <int NB, int PARTS, bool CHECKED>
-DSF_AVX512Y inline int word_256(const uint16_t* v, const uint16_t* end, uint32_t bits, const uint16_t* xw,
-                                int64_t ldx, __m256 (*acc)[2 * PARTS]) {
-  const int n0 = __builtin_popcount(bits & 0xFFFFu);
+DSF_AVX512Y inline int64_t word_256(const uint16_t* v, const uint16_t* end, uint32_t bits, const uint16_t* xw,
+                                    int64_t ldx, __m256 (*acc)[2 * PARTS]) {
+  const uint64_t n0 = __builtin_popcountll(bits & 0xFFFFu);
   __m256bh p0 = expand16<CHECKED>(v, end, bits & 0xFFFFu), p1 = expand16<CHECKED>(v + n0, end, bits >> 16);
   for (int b = 0; b < NB; ++b) {
     const uint16_t* xb = xw + b * ldx;  // one base per row: GCC otherwise spills the addresses
@@ -330,12 +334,19 @@ DSF_AVX512Y inline int word_256(const uint16_t* v, const uint16_t* end, uint32_t
       acc[b][2 * p + 1] = _mm256_dpbf16_ps(acc[b][2 * p + 1], p1, load_bh(xb + 32 * p + 16));
     }
   }
-  return n0 + __builtin_popcount(bits >> 16);
+  return int64_t(__builtin_popcountll(uint64_t(bits)));
 }
 
 // One row of a tile of NB <= 4 batch rows, U words per step with their own accumulators:
-// the row's sums into y[b * ldy].
-template <int NB, int U, int PARTS, bool CHECKED>
+// the row's sums into y[b * ldy]. SKIP: empty words are passed over. Without the test
+// (SKIP false) an empty word's expands give zeros; at DSF's densities, where hardly any word
+// is empty, the test made the square layer 1.13x slower. Sparse rows keep it (1/16 of the
+// positions or fewer set: 0.5x the time at 1% density, factor in L2), and so do the rows near
+// the array's end, whose fault-safe expands from an empty word take hundreds of cycles (an
+// empty factor, all of whose rows are such, ran 23-30x slower without the test). The value and bitmap streams are prefetched into
+// L2, not L1: 0.92x the time of the L1 hint on the square layer with the rest of this form
+// (Zen 4; the AVX2 path's lesson too), where L1 holds the row's x.
+template <int NB, int U, int PARTS, bool CHECKED, bool SKIP>
 DSF_AVX512Y inline void row_256(const uint32_t* row, const uint16_t* v, const uint16_t* x, int64_t ldx, float* y,
                                 int64_t ldy, int64_t words, const uint16_t* end) {
   __m256 acc[U][NB][2 * PARTS];
@@ -344,12 +355,13 @@ DSF_AVX512Y inline void row_256(const uint32_t* row, const uint16_t* v, const ui
       for (int k = 0; k < 2 * PARTS; ++k) acc[u][b][k] = _mm256_setzero_ps();
   int64_t w = 0;
   for (; w + U <= words; w += U) {
-    prefetch_ahead(v, row + w);
+    prefetch_ahead<_MM_HINT_T1>(v, row + w);
     for (int u = 0; u < U; ++u)
-      if (row[w + u]) v += word_256<NB, PARTS, CHECKED>(v, end, row[w + u], x + (w + u) * 32 * PARTS, ldx, acc[u]);
+      if (!SKIP || row[w + u])
+        v += word_256<NB, PARTS, CHECKED>(v, end, row[w + u], x + (w + u) * 32 * PARTS, ldx, acc[u]);
   }
   for (; w < words; ++w)
-    if (row[w]) v += word_256<NB, PARTS, CHECKED>(v, end, row[w], x + w * 32 * PARTS, ldx, acc[0]);
+    if (!SKIP || row[w]) v += word_256<NB, PARTS, CHECKED>(v, end, row[w], x + w * 32 * PARTS, ldx, acc[0]);
   for (int b = 0; b < NB; ++b) {
     __m256 sum = _mm256_setzero_ps();
     for (int u = 0; u < U; ++u)
@@ -359,17 +371,20 @@ DSF_AVX512Y inline void row_256(const uint32_t* row, const uint16_t* v, const ui
 }
 
 // Rows r0..r1 of the 256-bit variants; the rows whose last 16 values run past ``end``
-// take the checked loads.
+// take the checked loads, and sparse rows (as row_256 says) the test for empty words.
 template <int NB, int U, int PARTS>
 DSF_AVX512Y void rows_256(const int32_t* bitmap, const int32_t* offsets, const uint16_t* values, const uint16_t* x,
                           int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t words,
                           const uint16_t* end) {
   for (int64_t r = r0; r < r1; ++r) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
-    if (values + offsets[r + 1] + 16 <= end)
-      row_256<NB, U, PARTS, false>(row, values + offsets[r], x, ldx, y + r, ldy, words, end);
+    const uint16_t* v = values + offsets[r];
+    if (values + offsets[r + 1] + 16 > end)
+      row_256<NB, U, PARTS, true, true>(row, v, x, ldx, y + r, ldy, words, end);
+    else if (int64_t(offsets[r + 1] - offsets[r]) * 16 <= 32 * words)
+      row_256<NB, U, PARTS, false, true>(row, v, x, ldx, y + r, ldy, words, end);
     else
-      row_256<NB, U, PARTS, true>(row, values + offsets[r], x, ldx, y + r, ldy, words, end);
+      row_256<NB, U, PARTS, false, false>(row, v, x, ldx, y + r, ldy, words, end);
   }
 }
 
