@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -182,16 +183,19 @@ def build(force: bool = False) -> ctypes.CDLL | None:
     except OSError as exc:
         _REASON = f"loading the CPU kernel failed: {exc}"
         return None
-    global _CAPS, _PLAN
+    global _CAPS, _PLAN, _PLANNED
     _CAPS = (bool(lib.dsf_has_avx512()), bool(lib.dsf_has_avx512_bf16()), bool(lib.dsf_has_avx2()))
     _ISA_CACHE.clear()
-    _PLAN = _measure_plan(lib) if _CAPS[0] else None
+    with _PLAN_LOCK:
+        _PLAN, _PLANNED = None, False  # measured on first use (path_plan)
     _LIB, _REASON = lib, None
     return lib
 
 
-# On AVX-512 CPUs the paths' variants are timed once per process at build (dsf_plan_paths:
-# a synthetic factor, ~0.12 s), because which is faster depends on the microarchitecture.
+# On AVX-512 CPUs the paths' variants are timed once per process (dsf_plan_paths: a
+# synthetic factor, ~0.12 s), when a factor with fp16 or bf16 values is first prepared or
+# the backend described: a process that only checks availability or runs int8 factors does
+# not pay for it. Which variant is faster depends on the microarchitecture.
 # On AMD Zen 4, at batch 1, the 512-bit word path ran 2.0x slower than its 256-bit
 # variant (vpexpandw zmm and 512-bit widening are double-pumped there) and for fp16
 # values (which have no 256-bit variant) 2.0x slower than the AVX2 path; at batch 16 the
@@ -239,6 +243,8 @@ class PathPlan:
 
 
 _PLAN: PathPlan | None = None
+_PLANNED = False  # whether _PLAN was measured for the loaded library
+_PLAN_LOCK = threading.Lock()
 
 
 def _measure_plan(lib: ctypes.CDLL) -> PathPlan | None:
@@ -249,9 +255,15 @@ def _measure_plan(lib: ctypes.CDLL) -> PathPlan | None:
 
 
 def path_plan() -> PathPlan | None:
-    """This CPU's measured plan for the AVX-512 paths (None without AVX-512 or the kernel)."""
-    build()
-    return _PLAN
+    """This CPU's measured plan for the AVX-512 paths (None without AVX-512 or the kernel),
+    timed on the first call after the library is loaded."""
+    global _PLAN, _PLANNED
+    lib = build()
+    with _PLAN_LOCK:
+        if not _PLANNED:
+            _PLAN = _measure_plan(lib) if lib is not None and _CAPS[0] else None
+            _PLANNED = True
+        return _PLAN
 
 
 def unavailable_reason() -> str | None:
@@ -478,7 +490,8 @@ class CPUBitmapBackend:
             return isa, {}
         if kind == 2:
             return ("avx2" if _CAPS[2] else "portable"), {}  # int8 values run the AVX2 paths
-        choice = _PLAN.choice() if _PLAN is not None else {}
+        plan = path_plan()
+        choice = plan.choice() if plan is not None else {}
         if choice.get("bf16" if kind == 1 else "fp16") == "avx2" and _CAPS[2]:
             return "avx2", choice
         return isa, choice
@@ -487,9 +500,10 @@ class CPUBitmapBackend:
         """The instruction path and, on AVX-512, the plan's choices (for `dsf info`,
         `dsf generate` and the benchmarks)."""
         isa = self.isa
-        if isa != "avx512-vbmi2" or _PLAN is None:
+        plan = path_plan() if isa == "avx512-vbmi2" else None
+        if plan is None:
             return isa
-        choice = _PLAN.choice()
+        choice = plan.choice()
         return (f"{isa}; words: bf16 values {choice['bf16']}, fp16 values {choice['fp16']}; "
                 f"nonzeros {choice['nonzeros']}")
 

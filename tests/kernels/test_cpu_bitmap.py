@@ -352,6 +352,25 @@ def test_the_plan_times_every_variant_this_cpu_has():
 
 
 @needs_avx512
+def test_the_plan_is_timed_on_first_use_not_at_build(monkeypatch):
+    """Loading the kernel, and preparing int8 factors (which run the AVX2 paths), time
+    nothing; the first fp16/bf16 factor times the plan, once."""
+    calls = []
+    measure = cpu_bitmap._measure_plan
+    monkeypatch.setattr(cpu_bitmap, "_measure_plan", lambda lib: calls.append(1) or measure(lib))
+    monkeypatch.setattr(cpu_bitmap, "_PLAN", None)
+    monkeypatch.setattr(cpu_bitmap, "_PLANNED", False)
+    assert cpu_bitmap.build() is not None and backend.available()
+    shape = (40, 96)
+    backend.prepare("bitmap", get_format("bitmap").pack(random_sparse(*shape, 0.3), torch.int8), shape, torch.float32)
+    assert calls == []
+    for _ in range(2):
+        backend.prepare("bitmap", get_format("bitmap").pack(random_sparse(*shape, 0.3), torch.bfloat16), shape,
+                        torch.float32)
+    assert calls == [1] and cpu_bitmap.path_plan() is not None and calls == [1]
+
+
+@needs_avx512
 @pytest.mark.parametrize("mode", [-1, 2, 4])
 def test_the_avx512_entry_refuses_a_bad_mode(mode):
     """Mode 2 asks for the 256-bit variant with fp16 values, which it does not have."""
@@ -408,6 +427,7 @@ def test_each_factor_takes_its_own_kinds_choice(monkeypatch, value_dtype):
     monkeypatch.delenv("DSF_AVX512_WIDTH", raising=False)
     monkeypatch.delenv("DSF_NZ_MIN_BATCH", raising=False)
     monkeypatch.setattr(cpu_bitmap, "_PLAN", _plan(**{**ZEN4, "zf": 40}))
+    monkeypatch.setattr(cpu_bitmap, "_PLANNED", True)
     shape = (70, 200)
     tensors = get_format("bitmap").pack(random_sparse(*shape, 0.3), value_dtype)
     p = backend.prepare("bitmap", tensors, shape, torch.float32)
