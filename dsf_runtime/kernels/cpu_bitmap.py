@@ -8,8 +8,8 @@ values once per tile (bf16 models: bf16 dot products where the CPU has AVX512_BF
 from that batch on, and on the portable path, it iterates nonzeros against x laid
 out [in][batch]. The word path's 256-bit variant (bf16 values, AVX512_BF16) expands
 each word as two 16-column halves and multiplies them (vdpbf16ps) with x carried as
-two bf16 parts, hi + lo (16 significant bits); a timing at build (PathPlan) picks, per
-value kind, whichever word path runs faster on this CPU: on AMD Zen 4, whose 512-bit
+two bf16 parts, hi + lo (16 significant bits); a timing on first use (PathPlan) picks,
+per value kind, whichever word path runs faster on this CPU: on AMD Zen 4, whose 512-bit
 expand and widening ops are double-pumped, the variant for bf16 values and the AVX2
 path for fp16 values. CPUs with AVX2 (+FMA, F16C) but no AVX-512 take the same two paths
 with 8-lane vectors, expanding each 8-column bitmap byte through a vpshufb table

@@ -343,9 +343,10 @@ DSF_AVX512Y inline int64_t word_256(const uint16_t* v, const uint16_t* end, uint
 // is empty, the test made the square layer 1.13x slower. Sparse rows keep it (1/16 of the
 // positions or fewer set: 0.5x the time at 1% density, factor in L2), and so do the rows near
 // the array's end, whose fault-safe expands from an empty word take hundreds of cycles (an
-// empty factor, all of whose rows are such, ran 23-30x slower without the test). The value and bitmap streams are prefetched into
-// L2, not L1: 0.92x the time of the L1 hint on the square layer with the rest of this form
-// (Zen 4; the AVX2 path's lesson too), where L1 holds the row's x.
+// empty factor, all of whose rows are such, ran 23-30x slower without the test). The value
+// and bitmap streams are prefetched into L2, not L1: 0.92x the time of the L1 hint on the
+// square layer with the rest of this form (Zen 4; the AVX2 path's lesson too), where L1
+// holds the row's x.
 template <int NB, int U, int PARTS, bool CHECKED, bool SKIP>
 DSF_AVX512Y inline void row_256(const uint32_t* row, const uint16_t* v, const uint16_t* x, int64_t ldx, float* y,
                                 int64_t ldy, int64_t words, const uint16_t* end) {
