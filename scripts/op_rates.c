@@ -1,5 +1,6 @@
 // Issue rates of the instructions in cpu-bitmap's AVX2 batch-1 loop, on this core (and
-// with "avx512", of the AVX-512 word paths' instructions, 512- against 256-bit).
+// with "avx512", of the AVX-512 word paths' instructions, 512- against 256-bit, and the
+// compresses a gather-x-to-the-values row would use instead of the expands).
 //
 // Without performance counters (as on most cloud VMs) the way to see what bounds the
 // kernel is to time its instruction mix in isolation. Each test is a loop of independent
