@@ -341,12 +341,12 @@ class Paths:
 
     isa: str  # the instruction path for this factor's values (int8 values run AVX2's on AVX-512 CPUs;
     # fp16 values too where the plan measured AVX2's word path faster)
+    nz_isa: str  # the nonzero path's instruction path (AVX-512 CPUs: the plan's choice; else ``isa``)
     nz_min_batch: int  # from this batch on, the nonzero path
     columns_max_batch: int  # up to this batch, the column-index path (0 unless AVX2 and the factor has its indices)
     bf16_dot: bool  # bf16 activations take the AVX512_BF16 dot-product path
     ymm: bool = False  # AVX-512 word path: the 256-bit variant (bf16 values: x split into bf16 parts)
     dot_ymm: bool = False  # the bf16 dot-product path's 256-bit variant
-    nz_isa: str = ""  # the nonzero path's instruction path where it is not ``isa``'s (AVX-512 CPUs: the plan's)
 
 
 @dataclass
@@ -476,9 +476,9 @@ class CPUBitmapBackend:
         columns = columns_max_batch(isa)  # read (and checked) whatever the path
         ymm = isa == "avx512-vbmi2" and p.kind == 1 and choice.get("bf16") == "avx512-256"
         nz_isa = "avx2" if isa == "avx512-vbmi2" and choice.get("nonzeros") == "avx2" and _CAPS[2] else isa
-        p.paths = Paths(isa, nz_min_batch(f"{isa} ymm" if ymm else isa),
+        p.paths = Paths(isa, nz_isa, nz_min_batch(f"{isa} ymm" if ymm else isa),
                         columns if isa == "avx2" and p.columns is not None else 0,
-                        self.bf16_dot, ymm=ymm, dot_ymm=choice.get("bf16 model") == "avx512-256", nz_isa=nz_isa)
+                        self.bf16_dot, ymm=ymm, dot_ymm=choice.get("bf16 model") == "avx512-256")
         p.call1 = batch1_call(p)
         return p
 
@@ -542,12 +542,11 @@ class CPUBitmapBackend:
             # proportion to the nonzeros (the kernel lays x out as [in][batch] itself)
             xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.detach().to(torch.float32).contiguous()
             sizes = (xf.data_ptr(), p.cols, y.data_ptr(), p.rows, p.rows, p.cols, p.words, n)
-            nz_isa = paths.nz_isa or isa
             if columns:
                 rc = _columns_call(lib, p, n)(xf.data_ptr(), y.data_ptr())
-            elif nz_isa == "avx512-vbmi2":
+            elif paths.nz_isa == "avx512-vbmi2":
                 rc = lib.dsf_bitmap_spmm_nz(*args, *sizes, p.is_bf16)
-            elif nz_isa == "avx2":
+            elif paths.nz_isa == "avx2":
                 rc = lib.dsf_bitmap_spmm_nz_avx2(*args, scales, *sizes, p.kind)
             else:
                 rc = lib.dsf_bitmap_spmm_portable(*args, scales, *sizes, p.kind)
