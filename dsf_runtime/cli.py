@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="context per request (default: the model's, at most 2048)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set DSF_API_KEY)")
     p.add_argument("--served-model-name", help="the model name clients send (default: directory or embedded name)")
+    p.add_argument("--max-request-bytes", type=int, default=2 * 2**20,
+                   help="largest request body accepted; larger ones get 413 (default 2 MiB)")
+    p.add_argument("--max-engine-restarts", type=int, default=5,
+                   help="restarts after failed engine steps allowed per minute before the server reports "
+                        "itself unhealthy (default 5)")
     _add_device(p)
 
     p = sub.add_parser("demo", help="compress the embedded model, generate, and compare with dense")
@@ -425,9 +430,13 @@ def cmd_serve(args) -> None:
         raise ConfigError("--max-queue must be >= 0")
     if args.max_model_len is not None:
         _positive(args.max_model_len, "--max-model-len")
+    _positive(args.max_request_bytes, "--max-request-bytes")
+    if args.max_engine_restarts < 0:
+        raise ConfigError("--max-engine-restarts must be >= 0")
     serve(args.model, args.host, args.port, served_model_name=args.served_model_name, api_key=args.api_key,
-          log_level="info" if args.verbose else "warning", device=args.device, backend=args.backend,
-          max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_model_len=args.max_model_len)
+          log_level="info" if args.verbose else "warning", max_request_bytes=args.max_request_bytes,
+          device=args.device, backend=args.backend, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+          max_model_len=args.max_model_len, max_restarts=args.max_engine_restarts)
 
 
 def cmd_demo(args) -> None:

@@ -4,25 +4,32 @@ Routes: POST /v1/completions, POST /v1/chat/completions (both streaming as
 server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus),
 POST /tokenize, POST /detokenize. Errors are OpenAI-shaped:
 {"error": {"message", "type", "param", "code"}}.
+
+Tokenizing and detokenizing run in a thread pool, never on the event loop, so a
+huge prompt being tokenized does not hold up /health or other clients' streams.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import secrets
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dsf_runtime.errors import DSFError
 
 from dsf_runtime.serve.engine import (
     Completion,
@@ -35,6 +42,8 @@ from dsf_runtime.serve.engine import (
     StepOutput,
     collect,
 )
+from dsf_runtime.serve.errors import APIError, ErrorResponse
+from dsf_runtime.serve.guard import PUBLIC_PATHS, RequestGuard
 from dsf_runtime.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from dsf_runtime.serve.protocol import (
     ChatCompletionRequest,
@@ -48,22 +57,11 @@ from dsf_runtime.serve.sampling import SamplingParams, TokenChoice
 log = logging.getLogger("dsf_runtime.serve")
 
 Loader = Callable[[ServerMetrics], Engine]
-
-
-class APIError(Exception):
-    """An error the client should see, with its HTTP status and OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+DEFAULT_MAX_REQUEST_BYTES = 2 * 2**20
 
 
 def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return err.response()
 
 
 class ServerState:
@@ -85,7 +83,10 @@ class ServerState:
             self.engine = engine.start() if start_engine else engine
             log.info("model %s ready (context %d tokens)", self.model_name, engine.max_model_len)
         except Exception as exc:  # reported by /health and every route
-            log.exception("loading %s failed", self.model_name)
+            if isinstance(exc, DSFError):  # a bad checkpoint or setting: its message says it all
+                log.debug("loading %s failed: %s", self.model_name, exc)
+            else:
+                log.exception("loading %s failed", self.model_name)
             self.load_error = f"{type(exc).__name__}: {exc}"
             self.load_exception = exc
         finally:
@@ -101,9 +102,12 @@ class ServerState:
         return self.engine
 
 
-def create_app(loader: Loader, model_name: str, api_key: str | None = None, start_engine: bool = True) -> FastAPI:
+def create_app(loader: Loader, model_name: str, api_key: str | None = None, start_engine: bool = True,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """An app that loads its engine with ``loader`` in a thread (so /health answers 503 meanwhile).
-    ``start_engine=False`` leaves running the engine to the caller (`dsf serve` runs it on the main thread)."""
+    ``start_engine=False`` leaves running the engine to the caller (`dsf serve` runs it on the main thread).
+    ``api_key`` (checked before any body is read) guards every route but /health, /metrics and the docs;
+    bodies over ``max_request_bytes`` get 413."""
     state = ServerState(model_name, api_key)
 
     @asynccontextmanager
@@ -115,6 +119,8 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, star
 
     app = FastAPI(title="dsf-runtime", version="1", lifespan=lifespan)
     app.state.server = state
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_request_bytes)
+    app.openapi = lambda: _openapi(app)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -128,19 +134,6 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, star
     async def _http_error(_: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(APIError(exc.status_code, str(exc.detail), kind))
-
-    @app.exception_handler(Exception)
-    async def _internal_error(_: Request, exc: Exception):
-        log.exception("internal error")
-        return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
-
-    async def authorize(authorization: str | None = Header(None)) -> None:
-        if state.api_key is None:
-            return
-        expected = f"Bearer {state.api_key}"
-        if authorization is None or not secrets.compare_digest(authorization.encode(), expected.encode()):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                           "invalid_request_error", code="invalid_api_key")
 
     def check_model(name: str | None) -> None:
         if name is not None and name != state.model_name:
@@ -157,31 +150,41 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, star
             return JSONResponse({"status": "error", "message": state.load_error}, 503)
         return JSONResponse({"status": "loading"}, 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def metrics():
         if state.engine is not None:
             running, waiting = state.engine.load()
             state.metrics.set_load(running, waiting)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
-    async def models():
+    def model_entry() -> dict:
         entry = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "dsf-runtime"}
         if state.engine is not None:
             entry["max_model_len"] = state.engine.max_model_len
-        return {"object": "list", "data": [entry]}
+        return entry
 
-    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_entry()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str):
+        check_model(model_id)
+        return model_entry()
+
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         engine = state.ready_engine()
         check_model(body.model)
         if body.messages is not None:
-            ids = _chat_ids(engine.tokenizer, [m.template_dict() for m in body.messages])
+            ids = await run_in_threadpool(_chat_ids, engine.tokenizer, [m.template_dict() for m in body.messages])
         else:
-            ids = engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+            ids = await run_in_threadpool(_encode, engine.tokenizer, body.prompt, body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
-    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         engine = state.ready_engine()
         check_model(body.model)
@@ -189,14 +192,14 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, star
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})",
                            param="tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens)}
+        return {"prompt": await run_in_threadpool(engine.tokenizer.decode, body.tokens)}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         engine = state.ready_engine()
         check_model(body.model)
         _warn_ignored(body, "/v1/completions")
-        prompts = _prompt_ids(engine, body.prompt)
+        prompts = await run_in_threadpool(_prompt_ids, engine, body.prompt)
         max_tokens = body.max_tokens or 16
         jobs = [(ids, body.sampling(max_tokens, i)) for ids in prompts for i in range(body.n)]
         streams = _open_all(engine, jobs)
@@ -206,21 +209,22 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, star
             return _sse(_completion_chunks(engine, streams, meta, body.include_usage, prompt_tokens))
         results = await _collect_all(streams, request)
         choices = []
+        echoed = await run_in_threadpool(_echoes, engine.tokenizer, prompts) if body.echo else None
         for k, result in enumerate(results):
             text = result.text
-            if body.echo:
-                text = engine.tokenizer.decode(prompts[k // body.n], skip_special_tokens=True) + text
+            if echoed is not None:
+                text = echoed[k // body.n] + text
             choices.append({"index": k, "text": text, "finish_reason": result.finish_reason,
                             "logprobs": _completion_logprobs(engine.tokenizer, result.logprobs)
                             if body.logprobs is not None else None})
         return meta.body("text_completion", choices, _usage(prompt_tokens, results))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = state.ready_engine()
         check_model(body.model)
         _warn_ignored(body, "/v1/chat/completions")
-        ids = _chat_ids(engine.tokenizer, body.template_messages())
+        ids = await run_in_threadpool(_chat_ids, engine.tokenizer, body.template_messages())
         max_tokens = body.requested_max_tokens
         if max_tokens is None:  # OpenAI: up to the context
             max_tokens = engine.max_model_len - len(ids)
@@ -261,10 +265,14 @@ def _handler(status: int, kind: str):
 def _from_validation(errors) -> APIError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-    param = ".".join(loc) or None
+    param = (first.get("ctx") or {}).get("param") or ".".join(loc) or None
     message = first.get("msg", "invalid request")
-    if first.get("type") == "json_invalid":
-        message = "the request body is not valid JSON"
+    if first.get("type") == "json_invalid":  # its loc is a character offset, not a parameter
+        where = (first.get("ctx") or {}).get("error")
+        message = "the request body is not valid JSON" + (f" ({where})" if where else "")
+        param = None
+    elif first.get("type") == "invalid_unicode":
+        pass  # the message names the field already
     elif first.get("type") == "missing":
         message = f"'{param}' is a required field"
     elif param:
@@ -277,18 +285,23 @@ def _warn_ignored(body: _Common, route: str) -> None:
         log.warning("%s: ignoring unsupported fields %s", route, ", ".join(sorted(body.model_extra)))
 
 
+def _encode(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
 def _prompt_ids(engine: Engine, prompt) -> list[list[int]]:
-    """Every OpenAI prompt form -> a list of token-id lists."""
+    """Every OpenAI prompt form -> a list of token-id lists (run in the thread pool)."""
     if isinstance(prompt, str):
         prompts = [prompt]
     elif all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     else:
         prompts = prompt
-    out = []
-    for p in prompts:
-        out.append(engine.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p))
-    return out
+    return [_encode(engine.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
+
+
+def _echoes(tokenizer, prompts: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
 
 
 def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -331,6 +344,8 @@ async def _collect_all(streams: list[OutputStream], request: Request) -> list[Co
             if await request.is_disconnected():
                 log.info("client disconnected; cancelling %d request(s)", len(streams))
                 gathered.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gathered  # retrieve the cancellation (else asyncio logs it as never retrieved)
                 raise APIError(499, "client disconnected", "invalid_request_error")
     finally:
         for s in streams:
@@ -469,3 +484,59 @@ def _chat_chunks(engine: Engine, streams, meta: _Meta, include_usage: bool, prom
     first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
              for i in range(len(streams))]
     return _chunks(streams, meta, "chat.completion.chunk", include_usage, prompt_tokens, choice, first)
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid parameters, prompt or JSON",
+    401: "Missing or wrong API key (when the server has one)",
+    404: "Another model name than the one served",
+    413: "The request body is larger than --max-request-bytes",
+    500: "Generation failed for this request (the server goes on)",
+    503: "The model is loading, failed to load, the engine stopped, or the queue is full",
+}
+
+
+def _operation_errors(path: str, method: str) -> list[int]:
+    """The error statuses a route can answer with (what the served schema documents)."""
+    if path == "/health":
+        return []
+    statuses = [] if path in PUBLIC_PATHS else [401]
+    if method == "post":
+        statuses += [400, 404, 413, 503]
+        if path in ("/v1/completions", "/v1/chat/completions"):
+            statuses.append(500)
+    elif path.startswith("/v1/models/"):
+        statuses.append(404)
+    return sorted(statuses)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema with the statuses this server really answers: 400 (not 422) for invalid
+    bodies, the OpenAI error object for every error, server-sent events for streaming routes."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ErrorResponse,):
+        defs = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(defs.pop("$defs", {}))
+        components[model.__name__] = defs
+    error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            for status in _operation_errors(path, method):
+                responses[str(status)] = {"description": _ERROR_DESCRIPTIONS[status], "content": error_content}
+            if path in ("/v1/completions", "/v1/chat/completions"):
+                responses["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+            if path == "/health":
+                health = {"application/json": {"schema": {"type": "object", "properties": {
+                    "status": {"type": "string"}, "message": {"type": "string"}}, "required": ["status"]}}}
+                responses["200"] = {"description": "Ready", "content": health}
+                responses["503"] = {"description": "Loading, failed to load, or the engine stopped",
+                                    "content": health}
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    app.openapi_schema = schema
+    return schema

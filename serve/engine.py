@@ -4,6 +4,13 @@ Continuous batching: between two decode steps, waiting requests are prefilled
 into free KV-cache slots and join the batch; finished or cancelled ones leave
 and free their slot at once. Every request streams its tokens through a sink
 (a callable run on the engine thread), which the HTTP layer bridges to asyncio.
+
+Isolation: whatever goes wrong with one request (its prefill, its sampling, its
+detokenization) ends that request with finish_reason "error" and frees its slot;
+the others go on. A failure of the batched decode step ends the requests in it,
+clears the KV cache and restarts the loop (waiting requests keep their place);
+only more than ``max_restarts`` such failures within ``restart_window`` seconds
+stop the engine for good.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from torch import nn
 from dsf_runtime.errors import DSFError
 from dsf_runtime.serve.metrics import ServerMetrics
 from dsf_runtime.serve.runner import ModelRunner
-from dsf_runtime.serve.sampling import SamplingParams, TokenChoice, choose_token
+from dsf_runtime.serve.sampling import SamplingParams, TokenChoice, check_logits, choose_token
 from dsf_runtime.serve.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -121,9 +128,11 @@ class Engine:
         max_model_len: int | None = None,
         metrics: ServerMetrics | None = None,
         max_prefill_tokens: int = 2048,
+        max_restarts: int = 5,
+        restart_window: float = 60.0,
     ) -> None:
-        if max_concurrency < 1 or max_queue < 0:
-            raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
+        if max_concurrency < 1 or max_queue < 0 or max_restarts < 0:
+            raise ValueError("max_concurrency must be >= 1, max_queue >= 0 and max_restarts >= 0")
         self.runner = ModelRunner(model, slots=max_concurrency, max_len=max_model_len)
         self.tokenizer = tokenizer
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -132,6 +141,9 @@ class Engine:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.metrics = metrics
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.restarts: deque[float] = deque()  # times of the restarts within the window
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # index == KV-cache slot
         self._cond = threading.Condition()
@@ -202,7 +214,7 @@ class Engine:
             raise InvalidPromptError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         generator = None
         if params.seed is not None:
-            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.generator_seed())
         request = Request(
             request_id=f"req-{next(self._ids)}",
             prompt_ids=list(prompt_ids),
@@ -247,7 +259,8 @@ class Engine:
             self.metrics.set_load(len(self._running), len(self._waiting))
 
     def run_forever(self) -> None:
-        """The scheduler loop on the calling thread; returns after ``shutdown`` or a fatal error."""
+        """The scheduler loop on the calling thread; returns after ``shutdown`` or when restarts
+        are exhausted. A failed step is survived by ``_restart`` while the restart budget lasts."""
         self._loop_running = True
         try:
             while True:
@@ -256,9 +269,14 @@ class Engine:
                         self._cond.wait()
                     if self._stop:
                         break
-                self.step()
-        except BaseException as exc:  # a fatal model error: fail everyone, report unhealthy
-            log.exception("engine stopped by a fatal error")
+                try:
+                    self.step()
+                except Exception as exc:
+                    if not self._restart(exc):
+                        self.error = exc
+                        break
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: fail everyone, report unhealthy
+            log.exception("engine stopped")
             self.error = exc
         finally:
             with self._cond:
@@ -271,6 +289,31 @@ class Engine:
             for request in pending:
                 self._finish(request, reason, error=message)
             self._loop_running = False
+
+    def _restart(self, exc: Exception) -> bool:
+        """After a failed step: end the running requests with an error, clear the KV cache, and
+        go on with the waiting ones. False when more than ``max_restarts`` happened within
+        ``restart_window`` seconds (the engine then stops and reports unhealthy)."""
+        now = time.monotonic()
+        while self.restarts and now - self.restarts[0] > self.restart_window:
+            self.restarts.popleft()
+        if len(self.restarts) >= self.max_restarts:
+            log.error("engine step failed (%s: %s); %d restarts within %.0f s already: stopping", type(exc).__name__,
+                      exc, len(self.restarts), self.restart_window, exc_info=exc)
+            return False
+        self.restarts.append(now)
+        log.error("engine step failed (%s: %s); ending the %d running request(s) and restarting", type(exc).__name__,
+                  exc, len(self._running), exc_info=exc)
+        with self._cond:
+            running = list(self._running)
+            self._running.clear()
+            self._update_gauges()
+        for request in running:
+            self._finish(request, "error", error=f"engine error: {type(exc).__name__}: {exc} (the engine restarted)")
+        self.runner.clear()
+        if self.metrics is not None:
+            self.metrics.observe_restart()
+        return True
 
     def step(self) -> None:
         """Drop cancelled requests, admit waiting ones (prefill), then one decode step for all."""
@@ -306,9 +349,13 @@ class Engine:
             now = time.perf_counter()
             if self.metrics is not None:
                 self.metrics.observe_queue(now - request.arrival, len(request.prompt_ids))
-            logits = self.runner.prefill(slot, request.prompt_ids)
-            request.pos = len(request.prompt_ids)
-            self._sample_and_emit([request], logits.unsqueeze(0))
+            try:
+                logits = self.runner.prefill(slot, request.prompt_ids)
+            except Exception as exc:  # this prompt's forward failed: only this request ends
+                self._fail(request, slot, exc)
+            else:
+                request.pos = len(request.prompt_ids)
+                self._sample_and_emit([request], logits.unsqueeze(0))
             self._release([slot] if request.done else [], reason=None)
 
     def _decode(self) -> None:
@@ -320,20 +367,32 @@ class Engine:
         self._release([i for i, r in enumerate(self._running) if r.done], reason=None)
 
     def _sample_and_emit(self, batch: list[Request], logits: torch.Tensor) -> None:
-        """logits (B, vocab) for the requests in ``batch``: choose, detokenize, stream."""
-        simple = all(r.params.greedy and r.params.repetition_penalty == 1.0 and r.params.logprobs is None for r in batch)
-        if simple:
-            choices = [TokenChoice(int(t)) for t in torch.argmax(logits, dim=-1).tolist()]
-        else:
-            choices = []
-            for r, row in zip(batch, logits):
-                seen = None
-                if r.params.repetition_penalty != 1.0:
-                    seen = torch.tensor(r.prompt_ids + r.generated, dtype=torch.long, device=row.device)
-                choices.append(choose_token(row, r.params, seen, r.generator))
+        """logits (B, vocab) for the requests in ``batch`` (slots 0..B-1, or one prefilled slot):
+        choose, detokenize, stream. A request whose sampling or detokenization fails ends alone."""
+        argmax = None
+        if all(r.params.plain_greedy for r in batch):
+            argmax = torch.argmax(logits, dim=-1).tolist()
         now = time.perf_counter()
-        for r, choice in zip(batch, choices):
-            self._emit_token(r, choice, now)
+        for i, (r, row) in enumerate(zip(batch, logits)):
+            try:
+                if argmax is not None:
+                    check_logits(row)  # argmax would pick a NaN
+                    choice = TokenChoice(int(argmax[i]))
+                else:
+                    seen = None
+                    if r.params.repetition_penalty != 1.0:
+                        seen = torch.tensor(r.prompt_ids + r.generated, dtype=torch.long, device=row.device)
+                    choice = choose_token(row, r.params, seen, r.generator)
+                self._emit_token(r, choice, now)
+            except Exception as exc:
+                self._fail(r, self._running.index(r), exc)
+
+    def _fail(self, r: Request, slot: int, exc: Exception) -> None:
+        """End one request with an error; its slot's cache is cleared (it may hold NaNs that a
+        masked attention read would spread to the next occupant)."""
+        log.warning("request %s failed: %s: %s", r.request_id, type(exc).__name__, exc)
+        self.runner.clear(slot)
+        self._finish(r, "error", error=f"{type(exc).__name__}: {exc}")
 
     def _emit_token(self, r: Request, choice: TokenChoice, now: float) -> None:
         first = not r.generated
@@ -370,8 +429,12 @@ class Engine:
             r.cancelled = True
 
     def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
-        if not r.done:
-            self._send(r, r.stream.delta(final=True) if reason != "abort" else "", [], [], reason, error)
+        if r.done:
+            return
+        text = ""
+        if reason not in ("abort", "error"):
+            text = r.stream.delta(final=True)
+        self._send(r, text, [], [], reason, error)
 
     def _release(self, slots: list[int], reason: str | None) -> None:
         """Remove the requests in ``slots`` (highest first), moving the last active one into each hole."""

@@ -34,6 +34,9 @@ class ServerMetrics:
         )
         self.running = Gauge("dsf_num_requests_running", "Requests decoding now.", labels, registry=r)
         self.waiting = Gauge("dsf_num_requests_waiting", "Requests waiting for a slot.", labels, registry=r)
+        self.restarts = Counter(
+            "dsf_engine_restarts", "Times the engine loop restarted after a failed step.", labels, registry=r
+        )
         self.model_name = model_name
 
     def observe_queue(self, seconds: float, prompt_tokens: int) -> None:
@@ -48,6 +51,9 @@ class ServerMetrics:
     def observe_finish(self, seconds: float, reason: str) -> None:
         self.e2e.labels(self.model_name).observe(seconds)
         self.finished.labels(self.model_name, reason).inc()
+
+    def observe_restart(self) -> None:
+        self.restarts.labels(self.model_name).inc()
 
     def set_load(self, running: int, waiting: int) -> None:
         self.running.labels(self.model_name).set(running)

@@ -4,6 +4,10 @@ Fields OpenAI defines and we honour are typed here; a few extensions that vLLM
 and llama.cpp also accept (top_k, repetition_penalty, ignore_eos,
 stop_token_ids) too. Anything else is allowed through and reported by the app
 as ignored, so clients that send extra fields keep working.
+
+Every body is checked for lone surrogates (U+D800..U+DFFF, which JSON's \\u escapes
+can carry but no tokenizer or UTF-8 encoder accepts) before its fields are read,
+and non-finite numbers (NaN, Infinity) are refused.
 """
 
 from __future__ import annotations
@@ -11,8 +15,53 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from dsf_runtime.serve.sampling import SamplingParams
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator takes, signed or unsigned
+
+
+def lone_surrogate_at(value, path: str = "") -> str | None:
+    """The path (e.g. ``messages.0.content``) of the first string in a decoded JSON value
+    (keys included) that holds a lone surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and lone_surrogate_at(key) is not None:
+            return where
+        found = lone_surrogate_at(item, where)
+        if found is not None:
+            return found
+    return None
+
+
+class _Body(BaseModel):
+    """A request body: extra fields allowed (and reported as ignored), valid Unicode only."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        where = lone_surrogate_at(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_unicode", "{param}: the text is not valid Unicode (a lone surrogate, U+D800..U+DFFF)",
+                {"param": where})
+        return data
 
 
 class StreamOptions(BaseModel):
@@ -20,8 +69,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Common(_Body):
 
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -30,7 +78,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
@@ -107,13 +155,13 @@ class CompletionRequest(_Common):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
@@ -150,8 +198,7 @@ class ChatCompletionRequest(_Common):
         return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, index)
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -164,7 +211,6 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]

@@ -150,6 +150,16 @@ class ModelRunner:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self._finish(x[:, 0])
 
+    def clear(self, slot: int | None = None) -> None:
+        """Zero one slot's cache, or every slot's: masked attention multiplies stale positions by
+        zero weights, so a NaN left there by a failed request would reach the next occupant."""
+        if slot is None:
+            self.k_cache.zero_()
+            self.v_cache.zero_()
+        else:
+            self.k_cache[:, slot].zero_()
+            self.v_cache[:, slot].zero_()
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""
         if src != dst and length > 0:

@@ -22,7 +22,7 @@ def default_model_name(model: str) -> str:
 
 
 def make_loader(model: str, device: str = "cpu", backend: str = "auto", max_concurrency: int = 8,
-                max_queue: int = 64, max_model_len: int | None = None):
+                max_queue: int = 64, max_model_len: int | None = None, max_restarts: int = 5):
     """A function that loads the model and builds its engine (run by the app in a thread)."""
 
     def load(metrics: ServerMetrics) -> Engine:
@@ -30,7 +30,7 @@ def make_loader(model: str, device: str = "cpu", backend: str = "auto", max_conc
 
         net, tokenizer = load_any(model, device=device, backend=backend)
         engine = Engine(net, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue,
-                        max_model_len=max_model_len, metrics=metrics)
+                        max_model_len=max_model_len, metrics=metrics, max_restarts=max_restarts)
         log.warning("serving %s on %s: backend %s; %d slots x %d tokens of KV cache (%.0f MiB)", model, device,
                     backend_summary(net), max_concurrency, engine.max_model_len, engine.runner.cache_bytes() / 2**20)
         return engine
@@ -52,14 +52,15 @@ def check_model_exists(model: str) -> None:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model_name: str | None = None,
-          api_key: str | None = None, log_level: str = "info", **engine_options) -> None:
+          api_key: str | None = None, log_level: str = "info", max_request_bytes: int | None = None,
+          **engine_options) -> None:
     """Serve until SIGINT/SIGTERM: HTTP in a thread, the engine on this (main) thread."""
-    from dsf_runtime.serve.app import create_app
+    from dsf_runtime.serve.app import DEFAULT_MAX_REQUEST_BYTES, create_app
 
     check_model_exists(model)
     api_key = api_key or os.environ.get("DSF_API_KEY") or None
     app = create_app(make_loader(model, **engine_options), served_model_name or default_model_name(model), api_key,
-                     start_engine=False)
+                     start_engine=False, max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES)
     state = app.state.server
     server = BackgroundServer(app, host, port, log_level=log_level).start()
     print(f"dsf serve: listening on {server.url} (loading {model}; /health is 503 until ready)", flush=True)
@@ -82,7 +83,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
         # The engine runs here, on the main thread: torch's CPU GEMMs are much slower from other threads.
         engine.run_forever()
         if engine.error is not None and not stopping.is_set():
-            log.error("the engine stopped (%s); /health answers 503 until the server is restarted", engine.error)
+            log.error("the engine stopped after %d restarts (%s); /health answers 503 until the server is "
+                      "restarted", len(engine.restarts), engine.error)
             stopping.wait()
     finally:
         for sig, handler in previous.items():

@@ -248,15 +248,15 @@ def test_metrics_count_what_happened(client):
     assert "dsf_prompt_tokens_total" in text
 
 
-def test_engine_failure_mid_stream_is_an_error_chunk_then_done(parts):
-    app = create_app(_loader(parts), NAME)
+def test_engine_failure_mid_stream_is_an_error_chunk_then_the_engine_restarts(parts):
+    app = create_app(_loader(parts, max_restarts=1), NAME)
     with TestClient(app) as c:
         engine = _ready(c).app.state.server.engine
         real, calls = engine.runner.decode, []
 
         def failing(*args, **kwargs):
             calls.append(1)
-            if len(calls) > 2:
+            if len(calls) == 3:
                 raise RuntimeError("device lost")
             return real(*args, **kwargs)
 
@@ -267,6 +267,21 @@ def test_engine_failure_mid_stream_is_an_error_chunk_then_done(parts):
         chunks = _events(resp)  # ends with [DONE]
         assert "device lost" in chunks[-1]["error"]["message"]
         assert any(ch.get("choices") for ch in chunks[:-1])  # tokens before the failure were delivered
+        assert c.get("/health").status_code == 200  # restarted, not dead
+        assert 'dsf_engine_restarts_total{model_name="tiny-dsf"} 1.0' in c.get("/metrics").text
+        ok = c.post("/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 3, "ignore_eos": True})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("device lost for good")
+
+        engine.runner.decode = broken  # the second failure within the window exhausts max_restarts=1
+        failed = c.post("/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 3})
+        assert _error(failed, 500)["message"].startswith("engine error")
+        end = time.monotonic() + 10
+        while engine.alive:
+            assert time.monotonic() < end
+            time.sleep(0.01)
         health = c.get("/health")
-        assert health.status_code == 503 and "device lost" in health.json()["message"]
+        assert health.status_code == 503 and "device lost for good" in health.json()["message"]
         assert _error(c.post("/v1/completions", json={"model": NAME, "prompt": "a"}), 503)["code"] == "engine_dead"

@@ -17,6 +17,7 @@ from dsf_runtime.serve.engine import (
     EngineDeadError,
     InvalidPromptError,
     QueueFullError,
+    collect,
 )
 from dsf_runtime.serve.metrics import ServerMetrics
 from dsf_runtime.serve.sampling import SamplingParams
@@ -146,19 +147,104 @@ def test_queue_bound_and_prompt_checks(model, tiny_tokenizer):
         eng.submit([5, 100000], greedy(4), sink)
 
 
-def test_fatal_error_fails_requests_and_marks_engine_dead(model, tiny_tokenizer, monkeypatch):
-    eng = Engine(model, tiny_tokenizer, max_concurrency=2, max_model_len=64).start()
+def test_failed_steps_restart_the_engine_until_the_budget_is_spent(model, tiny_tokenizer, monkeypatch):
+    metrics = ServerMetrics("tiny")
+    eng = Engine(model, tiny_tokenizer, max_concurrency=2, max_model_len=64, metrics=metrics, max_restarts=2).start()
 
     def broken(*args, **kwargs):
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(eng.runner, "decode", broken)
-    result = eng.generate(_ids(tiny_tokenizer, "Anne"), greedy(5), timeout=30)
-    assert result.finish_reason == "error" and "kernel exploded" in result.error
+    for _ in range(2):  # two restarts are allowed: each failure ends only the requests in the step
+        result = eng.generate(_ids(tiny_tokenizer, "Anne"), greedy(5), timeout=30)
+        assert result.finish_reason == "error" and "kernel exploded" in result.error
+        assert eng.alive
+    result = eng.generate(_ids(tiny_tokenizer, "Anne"), greedy(5), timeout=30)  # the third within the window
+    assert result.finish_reason == "error"
     eng._thread.join(5)
-    assert not eng.alive
+    assert not eng.alive and len(eng.restarts) == 2
+    assert b'dsf_engine_restarts_total{model_name="tiny"} 2.0' in metrics.render()
     with pytest.raises(EngineDeadError, match="kernel exploded"):
         eng.submit(_ids(tiny_tokenizer, "Anne"), greedy(5), lambda out: None)
+
+
+def test_waiting_requests_survive_a_restart(model, tiny_tokenizer, monkeypatch):
+    eng = Engine(model, tiny_tokenizer, max_concurrency=1, max_model_len=64).start()
+    real, calls = eng.runner.decode, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("transient")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eng.runner, "decode", fails_once)
+    try:
+        first, second = queue.Queue(), queue.Queue()
+        eng.submit(_ids(tiny_tokenizer, "Anne"), greedy(6), first.put)
+        eng.submit(_ids(tiny_tokenizer, "Emma"), greedy(6), second.put)  # waits for the only slot
+        ended = collect(iter(lambda: first.get(timeout=30), None))
+        served = collect(iter(lambda: second.get(timeout=30), None))
+        assert ended.finish_reason == "error" and "transient" in ended.error
+        monkeypatch.setattr(eng.runner, "decode", real)
+        alone = eng.generate(_ids(tiny_tokenizer, "Emma"), greedy(6), timeout=30)
+        assert served.finish_reason == "length" and served.token_ids == alone.token_ids
+    finally:
+        eng.shutdown()
+
+
+def test_a_request_with_non_finite_logits_fails_alone(model, tiny_tokenizer, monkeypatch):
+    """NaN logits for one request (as a broken model would give) end that request only; the
+    others in the same batched steps get what they get alone, and its slot's cache is cleared."""
+    eng = Engine(model, tiny_tokenizer, max_concurrency=3, max_model_len=64).start()
+    poison = _ids(tiny_tokenizer, "Mr. Darcy")
+    real = eng.runner.decode
+
+    def poisoned(tokens, positions):
+        logits = real(tokens, positions).clone()  # inference tensors are read-only
+        for i, r in enumerate(list(eng._running)[:len(tokens)]):
+            if r.prompt_ids == poison and len(r.generated) >= 2:
+                logits[i] = float("nan")
+        return logits
+
+    cleared = []
+    real_clear = eng.runner.clear
+    monkeypatch.setattr(eng.runner, "clear", lambda slot=None: (cleared.append(slot), real_clear(slot)))
+    alone = {p: eng.generate(_ids(tiny_tokenizer, p), greedy(12), timeout=60).token_ids for p in PROMPTS[:2]}
+    monkeypatch.setattr(eng.runner, "decode", poisoned)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            jobs = [pool.submit(eng.generate, ids, params, 60) for ids, params in (
+                (_ids(tiny_tokenizer, PROMPTS[0]), greedy(12)), (poison, greedy(12)),
+                (_ids(tiny_tokenizer, PROMPTS[1]), SamplingParams(max_tokens=12, temperature=0.7, top_p=0.9,
+                                                                   ignore_eos=True, seed=3)))]
+            good, bad, sampled = (j.result() for j in jobs)
+        assert bad.finish_reason == "error" and "non-finite" in bad.error and bad.completion_tokens == 2
+        assert good.token_ids == alone[PROMPTS[0]] and sampled.completion_tokens == 12
+        assert cleared and eng.alive and not eng.restarts
+    finally:
+        eng.shutdown()
+
+
+def test_a_failed_prefill_fails_only_its_request(model, tiny_tokenizer, monkeypatch):
+    eng = Engine(model, tiny_tokenizer, max_concurrency=2, max_model_len=64).start()
+    real = eng.runner.prefill
+    bad_ids = _ids(tiny_tokenizer, "Emma")
+
+    def prefill(slot, ids):
+        if ids == bad_ids:
+            raise MemoryError("cannot allocate this prompt")
+        return real(slot, ids)
+
+    monkeypatch.setattr(eng.runner, "prefill", prefill)
+    try:
+        failed = eng.generate(bad_ids, greedy(4), timeout=30)
+        assert failed.finish_reason == "error" and "cannot allocate" in failed.error
+        ok = eng.generate(_ids(tiny_tokenizer, "Anne"), greedy(4), timeout=30)
+        assert ok.finish_reason == "length" and eng.alive and not eng.restarts
+        wait_idle(eng)
+    finally:
+        eng.shutdown()
 
 
 def test_serves_a_dsf_checkpoint(tiny_model_dir, tiny_tokenizer, tmp_path):
