@@ -110,7 +110,7 @@ class _WorkDir:
                 stored = None
             if stored != fingerprint:
                 raise ConfigError(
-                    f"{path} holds a partial run with other settings; delete it to start over"
+                    f"{path} holds a partial run with other settings; delete it (or run with --fresh) to start over"
                 )
         else:
             job.write_text(json.dumps(fingerprint, sort_keys=True))
@@ -118,12 +118,29 @@ class _WorkDir:
     def _files(self, i: int) -> tuple[Path, Path]:
         return self.path / f"layer_{i:04d}.safetensors", self.path / f"layer_{i:04d}.json"
 
-    def load(self, i: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], list[LayerReport]] | None:
-        from safetensors.torch import load_file
-
+    def load(self, i: int, names: list[str]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+                                                      list[LayerReport]] | None:
+        """Layer ``i``'s saved factors for the linears ``names``, or None when it must be computed:
+        not saved yet, or its files are unreadable (then they are removed, with a warning)."""
         tensors_file, report_file = self._files(i)
         if not (tensors_file.exists() and report_file.exists()):
             return None
+        try:
+            factors, reports = self._read(tensors_file, report_file)
+            if sorted(factors) != sorted(names):
+                raise ValueError(f"it holds {len(factors)} linears, the layer has {len(names)}")
+        except Exception as exc:  # truncated or edited files: recompute rather than fail or trust them
+            log.warning("layer %d's saved factors in %s are unreadable (%s: %s); computing the layer again", i,
+                        self.path, type(exc).__name__, exc)
+            tensors_file.unlink(missing_ok=True)
+            report_file.unlink(missing_ok=True)
+            return None
+        return factors, reports
+
+    @staticmethod
+    def _read(tensors_file: Path, report_file: Path):
+        from safetensors.torch import load_file
+
         meta = json.loads(report_file.read_text())
         tensors = load_file(tensors_file)
         csr = get_format("csr")
@@ -154,7 +171,9 @@ class _WorkDir:
         tensors_file, report_file = self._files(i)
         save_file(tensors, str(tensors_file) + ".tmp")
         os.replace(str(tensors_file) + ".tmp", tensors_file)
-        report_file.write_text(json.dumps({"shapes": shapes, "reports": [asdict(r) for r in reports]}))
+        tmp_report = report_file.with_name(report_file.name + ".tmp")
+        tmp_report.write_text(json.dumps({"shapes": shapes, "reports": [asdict(r) for r in reports]}))
+        os.replace(tmp_report, report_file)
 
 
 @torch.no_grad()
@@ -189,7 +208,7 @@ def compress_sequential(
     for i in bar:
         layer = layers[i].to(device)
         linears = {name: layer.get_submodule(name) for name in arch.linears}
-        done = work.load(i) if work is not None else None
+        done = work.load(i, [f"{arch.layers}.{i}.{name}" for name in linears]) if work is not None else None
         if done is not None:
             factors, reports = done
             for name, linear in linears.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dsf_runtime.checkpoint import DEFAULT_VALUE_DTYPE, is_dsf_checkpoint
+from dsf_runtime.checkpoint import DEFAULT_VALUE_DTYPE, is_dsf_checkpoint, remove_stale_temporaries
 from dsf_runtime.converters.calibrate import CompressionResult, compress_sequential
 from dsf_runtime.converters.config import CALIB_PRESETS, CalibConfig, DSFConfig, preset
 from dsf_runtime.converters.data import calibration_text, sample_windows, tokenize
@@ -95,6 +95,7 @@ def run_compress(job: CompressJob) -> tuple[Path, CompressionResult]:
 
     Finished layers are kept in ``job.work_dir`` until the checkpoint is written, so
     running the same job again after a crash resumes where it stopped."""
+    remove_stale_temporaries(job.out_dir)
     model, tokenizer = load_dense(job.model)
     max_len = getattr(model.config, "max_position_embeddings", None)
     seqlen = min(job.calib.seqlen, max_len) if max_len else job.calib.seqlen

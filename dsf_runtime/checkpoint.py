@@ -14,7 +14,9 @@ values) before anything runs on it. A dense W is never built.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +30,8 @@ from dsf_runtime.errors import CheckpointError, ConfigError, UnsupportedModelErr
 from dsf_runtime.formats import FORMATS, all_finite, get_format
 from dsf_runtime.linear import DSFLinear
 from dsf_runtime.patch import dsf_modules, set_backend, set_submodule
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -129,6 +133,30 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in unique}
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove the hidden ``.OUT.tmp-PID`` directories that writers of ``out_dir`` killed
+    mid-write left behind (their PID is gone); a running writer's directory is kept."""
+    out = Path(out_dir)
+    removed = []
+    for tmp in sorted(out.parent.glob(glob.escape(f".{out.name}.tmp-") + "*")):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if tmp.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            log.warning("removing %s, left by a writer that was killed", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 def save_checkpoint(
     model: nn.Module,
     tokenizer,
@@ -148,6 +176,7 @@ def save_checkpoint(
     if out.exists() and any(out.iterdir()):
         if not (overwrite and is_dsf_checkpoint(out)):
             raise ConfigError(f"{out} exists and is not empty; choose another directory (or --overwrite a DSF checkpoint)")
+    remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

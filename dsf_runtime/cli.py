@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible server (completions, chat, streaming, /metrics)")
     p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port (printed at start)")
     p.add_argument("--max-concurrency", type=int, default=8, help="requests decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
     p.add_argument("--max-model-len", type=int, help="context per request (default: the model's, at most 2048)")
@@ -425,7 +425,8 @@ def cmd_serve(args) -> None:
     from dsf_runtime.serve.server import serve
 
     _positive(args.max_concurrency, "--max-concurrency")
-    _positive(args.port, "--port")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be 0..65535 (0: any free port), got {args.port}")
     if args.max_queue < 0:
         raise ConfigError("--max-queue must be >= 0")
     if args.max_model_len is not None:

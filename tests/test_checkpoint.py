@@ -309,3 +309,25 @@ def test_backend_summary_names_the_kernel_path_and_column_index(monkeypatch, max
         assert summary.endswith(f"; column index on 3 factors, {format_bytes(3 * 2 * nnz)})")
     else:
         assert summary == f"cpu-bitmap x3 ({bitmap.describe()})"
+
+
+HOSTILE = {**{f"config: {k}": (lambda p, e=e: _edit_config(p, e)) for k, (e, _) in CONFIG_EDITS.items()
+              if k != "not dsf"},  # without its quantization_config it is a valid dense model, and serves
+           **{f"tensors: {k}": (lambda p, e=e: _edit_tensors(p, e)) for k, (e, _) in TENSOR_EDITS.items()},
+           "invalid JSON": lambda p: (p / "config.json").write_text("{not json"),
+           "truncated weights": lambda p: (p / "model.safetensors").write_bytes(
+               (p / "model.safetensors").read_bytes()[:1000])}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_dsf_serve_on_a_hostile_checkpoint_prints_one_line(copy, case, capsys, monkeypatch):
+    """`dsf serve` (in-process, port 0) on a corrupt checkpoint: exit 2, one line on stderr, no traceback."""
+    import logging
+
+    from dsf_runtime.cli import main
+
+    HOSTILE[case](copy)
+    monkeypatch.setattr(logging.root, "handlers", [])  # so the CLI's basicConfig logs to stderr, as outside pytest
+    assert main(["serve", str(copy), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsf: error: "), err

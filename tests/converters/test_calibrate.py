@@ -103,3 +103,56 @@ def test_driver_reports_per_linear(tiny_model_dir):
         assert r.info["error_after_finalize"] <= r.info["error_before_finalize"] * 1.001
         assert r.rel_error == pytest.approx(r.info["error_after_finalize"], rel=1e-3, abs=1e-6)
         assert r.seconds >= 0
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sigkill_then_corrupt_partial_layer_then_resume(tiny_model_dir, tmp_path, caplog):
+    """A compress killed with SIGKILL (after its first layer was saved) resumes; a truncated saved
+    layer is computed again with a warning; a temporary checkpoint directory left by a killed
+    writer is removed; the result equals an uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ck"
+    args = ["compress", str(tiny_model_dir), str(out), "--sparsity", "0.5", "--nsamples", "4", "--seqlen", "32"]
+    work = out.with_name(f".{out.name}.partial")
+    # slow the second layer down so the kill lands after the first layer is saved
+    code = ("import sys, time; from dsf_runtime.converters import calibrate as c; real = c._compress_layer\n"
+            "def slow(*a, **k):\n    if a[6].endswith('.1'): time.sleep(60)\n    return real(*a, **k)\n"
+            "c._compress_layer = slow\nfrom dsf_runtime.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 120
+    while not (work / "layer_0000.json").exists():
+        assert proc.poll() is None and time.monotonic() < end, "compress ended before its first layer was saved"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    layer = work / "layer_0000.safetensors"
+    layer.write_bytes(layer.read_bytes()[: layer.stat().st_size // 2])
+    stale = out.with_name(f".{out.name}.tmp-{_dead_pid()}")
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half-written")
+
+    from dsf_runtime.cli import main
+
+    with caplog.at_level("WARNING"):
+        assert main(args) == 0
+    assert "computing the layer again" in caplog.text and not stale.exists() and not work.exists()
+    fresh = tmp_path / "fresh"
+    assert main([*args[:2], str(fresh), *args[3:]]) == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "model.safetensors"), load_file(fresh / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
