@@ -60,7 +60,7 @@ class _Body(BaseModel):
         if where is not None:
             raise PydanticCustomError(
                 "invalid_unicode", "{param}: the text is not valid Unicode (a lone surrogate, U+D800..U+DFFF)",
-                {"param": where})
+                {"param": where.encode("utf-8", "backslashreplace").decode("utf-8")})
         return data
 
 
@@ -78,7 +78,7 @@ class _Common(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
@@ -97,6 +97,13 @@ class _Common(_Body):
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, v):
+        if v is not None and not SEED_MIN <= v <= SEED_MAX:
+            raise ValueError(f"seeds must be integers from {SEED_MIN} to {SEED_MAX}")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self):
