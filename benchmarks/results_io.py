@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name (platform.processor() is empty or generic on many Linux hosts)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break  # the first processor is enough
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields and "model" in fields:  # virtual machines often show only "AMD EPYC"
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def environment() -> dict:
@@ -17,6 +36,8 @@ def environment() -> dict:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "processor": platform.processor() or "unknown",
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

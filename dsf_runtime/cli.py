@@ -153,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--append", action="store_true", help="merge into an existing serving.json instead of replacing it")
     q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where JSON/markdown go")
 
+    q = bench.add_parser("soak", help="hostile load on `dsf serve`: random parameters and cancellations, a huge "
+                                      "prompt; counts 5xx, failures, stuck slots, RSS growth, /health latency")
+    q.add_argument("model", nargs="?", help="checkpoint or model to start `dsf serve` on (or give --url)")
+    q.add_argument("--url", help="a server already running on this machine (loopback only)")
+    q.add_argument("--served-model-name", help="with --url: the model name it serves (default: asked from it)")
+    q.add_argument("--pid", type=int, help="with --url: the server's process id, to measure its memory")
+    q.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    q.add_argument("--seconds", type=float, default=300.0, help="measured duration after warm-up (default 300)")
+    q.add_argument("--warmup", type=float, default=10.0, help="seconds of the same load before RSS is first read")
+    q.add_argument("--huge-prompt-mb", type=float, default=8.0,
+                   help="size of the one huge prompt sent mid-run (0: none; default 8)")
+    q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where soak.json/.md go")
+
     p = sub.add_parser("serve", help="OpenAI-compatible server (completions, chat, streaming, /metrics)")
     p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -374,6 +387,19 @@ def cmd_bench(args) -> None:
             raise ConfigError("nothing to measure: give --checkpoint, --dense or --external")
         run_serving_bench(servers, external, Path(args.out), streams, args.rounds, args.max_tokens,
                           engines_model=args.checkpoint if args.engines else None, append=args.append)
+        return
+    if args.bench == "soak":
+        from dsf_runtime.benchmarks.soak import soak_command
+
+        if (args.model is None) == (args.url is None):
+            raise ConfigError("give a model to serve or the --url of a running server (one of them)")
+        _positive(args.clients, "--clients")
+        if args.seconds <= 0 or args.warmup < 0 or args.huge_prompt_mb < 0:
+            raise ConfigError("--seconds must be > 0, --warmup and --huge-prompt-mb >= 0")
+        report = soak_command(args.model, args.url, args.served_model_name, args.pid, Path(args.out), args.clients,
+                              args.seconds, args.warmup, int(args.huge_prompt_mb * 1e6))
+        if not report.ok():
+            raise DSFError("the soak found problems (see the table above)")
         return
     if args.bench == "gpu":
         from dsf_runtime.benchmarks.gpu import run_gpu_bench

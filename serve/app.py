@@ -224,7 +224,9 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, star
         engine = state.ready_engine()
         check_model(body.model)
         _warn_ignored(body, "/v1/chat/completions")
-        ids = await run_in_threadpool(_chat_ids, engine.tokenizer, body.template_messages())
+        messages = body.template_messages()
+        engine.check_text_fits([m["content"] for m in messages])
+        ids = await run_in_threadpool(_chat_ids, engine.tokenizer, messages)
         max_tokens = body.requested_max_tokens
         if max_tokens is None:  # OpenAI: up to the context
             max_tokens = engine.max_model_len - len(ids)
@@ -297,6 +299,9 @@ def _prompt_ids(engine: Engine, prompt) -> list[list[int]]:
         return [list(prompt)]
     else:
         prompts = prompt
+    for p in prompts:
+        if isinstance(p, str):
+            engine.check_text_fits([p])
     return [_encode(engine.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
 
 

@@ -32,7 +32,7 @@ from dsf_runtime.errors import DSFError
 from dsf_runtime.serve.metrics import ServerMetrics
 from dsf_runtime.serve.runner import ModelRunner
 from dsf_runtime.serve.sampling import SamplingParams, TokenChoice, check_logits, choose_token
-from dsf_runtime.serve.text import TextStream
+from dsf_runtime.serve.text import TextStream, max_token_bytes
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = int(model.config.vocab_size)
+        per_token = max_token_bytes(tokenizer)
+        # text longer than this cannot fit the context: refused before it is tokenized (x2: normalizer slack)
+        self.max_prompt_bytes = None if per_token is None else 2 * per_token * self.runner.max_len
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
@@ -205,6 +208,18 @@ class Engine:
                 f"requested ({prompt_tokens} in the prompt, {max_tokens} for the completion); "
                 "reduce the prompt or max_tokens"
             )
+
+    def check_text_fits(self, texts: list[str]) -> None:
+        """Refuse prompt text that cannot fit the context whatever it tokenizes to, without
+        tokenizing it (an 8 MB prompt would take seconds of CPU and hundreds of MiB to count)."""
+        if self.max_prompt_bytes is None:
+            return
+        size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        if size > self.max_prompt_bytes:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.runner.max_len} tokens, and a prompt of {size} bytes "
+                f"cannot fit it (prompts longer than {self.max_prompt_bytes} bytes are refused before tokenizing); "
+                "reduce the prompt")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[StepOutput], None]) -> Request:
         """Queue a request; raises ContextLengthError, QueueFullError or EngineDeadError."""

@@ -49,3 +49,18 @@ class TextStream:
         out = self.text[self.sent : end]
         self.sent = end
         return out
+
+
+def max_token_bytes(tokenizer) -> int | None:
+    """An upper bound of the UTF-8 bytes one token stands for: the longest vocabulary entry's
+    UTF-8 length (byte-level BPE writes each byte as one char of 1-2 bytes, SentencePiece's
+    marker and byte-fallback entries are longer than what they stand for). A text of more than
+    ``bound * n`` bytes cannot tokenize to n tokens or fewer, unless the tokenizer's normalizer
+    drops characters (the caller leaves slack for that). None if the vocabulary is not readable."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:
+        return None
+    if not vocab:
+        return None
+    return max(len(str(token).encode("utf-8", "surrogatepass")) for token in vocab)

@@ -202,3 +202,108 @@ def test_dsf_serve_bad_arguments(args, fragment):
     proc = subprocess.run([sys.executable, "-m", "dsf_runtime.cli", "serve", *args], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_models_retrieve_with_the_openai_client(client):
+    assert client.models.retrieve("tiny-dsf").id == "tiny-dsf"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_errors_keep_the_connection_usable(server, monkeypatch):
+    """400s and even an internal error answer on the same keep-alive connection, which goes on working."""
+    engine = server.server.config.app.state.server.engine
+    body = {"model": "tiny-dsf", "prompt": "Anne", "max_tokens": 2}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for bad in ({"seed": 2**70}, {"prompt": "a\ud800b"}, {"temperature": 1e-39}):
+            sent = http.post("/v1/completions", content=json.dumps({**body, **bad}),  # ASCII JSON: \\ud800 escaped
+                             headers={"Content-Type": "application/json"})
+            assert sent.status_code == (200 if "temperature" in bad else 400), sent.text
+        monkeypatch.setattr(engine.tokenizer, "decode", lambda *a, **k: 1 / 0)
+        broken = http.post("/detokenize", json={"tokens": [5, 6]})
+        assert broken.status_code == 500 and "ZeroDivisionError" in broken.json()["error"]["message"]
+        monkeypatch.undo()
+        assert broken.headers.get("connection") != "close"
+        assert http.post("/v1/completions", json=body).status_code == 200
+        assert http.post("/detokenize", json={"tokens": [5, 6]}).status_code == 200
+
+
+def test_health_stays_fast_while_a_huge_prompt_is_handled(checkpoint):
+    """Tokenizing runs in a thread pool: /health answers within 100 ms (p99) while 4 MB are tokenized,
+    and an 8 MB completion prompt that cannot fit is refused without being tokenized."""
+    app = create_app(make_loader(str(checkpoint)), "tiny-dsf", max_request_bytes=16 * 2**20)
+    with BackgroundServer(app) as srv:
+        done = threading.Event()
+        result = {}
+
+        def tokenize():
+            with httpx.Client(base_url=srv.url, timeout=300) as http:
+                t0 = time.monotonic()
+                result["tokenize"] = http.post("/tokenize", json={"prompt": "Pride and prejudice. " * 200_000})
+                result["tokenize_s"] = time.monotonic() - t0
+                t0 = time.monotonic()
+                result["huge"] = http.post("/v1/completions", json={"model": "tiny-dsf", "prompt": "x" * 8_000_000})
+                result["huge_s"] = time.monotonic() - t0
+            done.set()
+
+        latencies = []
+        threading.Thread(target=tokenize, daemon=True).start()
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            while not done.is_set():
+                t0 = time.monotonic()
+                assert http.get("/health").status_code == 200
+                latencies.append(time.monotonic() - t0)
+                time.sleep(0.02)
+        latencies.sort()
+        assert result["tokenize"].status_code == 200 and result["tokenize"].json()["count"] > 100_000
+        assert result["tokenize_s"] > 0.3 and len(latencies) >= 10  # /health was probed while tokenizing
+        assert latencies[int(0.99 * len(latencies))] < 0.1, latencies[-5:]
+        huge = result["huge"]
+        assert huge.status_code == 400 and huge.json()["error"]["code"] == "context_length_exceeded"
+        assert result["huge_s"] < 5
+
+
+def test_client_disconnect_logs_no_unretrieved_future(server, caplog):
+    import gc
+
+    engine = server.server.config.app.state.server.engine
+    real = _slow_decode(engine, 0.05)
+    try:
+        with caplog.at_level("ERROR", logger="asyncio"):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(server.url + "/v1/completions", timeout=0.5,
+                           json={"model": "tiny-dsf", "prompt": "Anne", "max_tokens": 200, "ignore_eos": True})
+            end = time.monotonic() + 10
+            while engine.load() != (0, 0):
+                assert time.monotonic() < end
+                time.sleep(0.05)
+            time.sleep(0.3)
+            gc.collect()
+        assert "never retrieved" not in caplog.text
+    finally:
+        engine.runner.decode = real
+
+
+def test_soak_of_sixteen_clients(checkpoint):
+    """A short soak in CI (`dsf bench soak` runs the long one): random parameters, cancellations and an
+    8 MB prompt; no 5xx, no failed request, no slot held afterwards, flat memory."""
+    import os
+
+    from dsf_runtime.benchmarks.soak import run_soak
+
+    app = create_app(make_loader(str(checkpoint), max_concurrency=8, max_queue=64), "tiny-dsf",
+                     max_request_bytes=16 * 2**20)
+    with BackgroundServer(app) as srv:
+        report = run_soak(srv.url, "tiny-dsf", clients=16, seconds=15, warmup=5, pid=os.getpid(), timeout=60)
+    assert report.requests > 100 and report.cancelled > 0
+    assert report.server_errors == 0 and report.failures == 0, report.failure_examples
+    assert report.stuck_slots == 0 and report.health_failures == 0
+    assert report.rss_growth < 0.10 and report.huge_prompt_status == 400
+    assert report.by_status.get("200", 0) > 50 and report.by_status.get("400", 0) > 10
+
+
+def test_soak_refuses_other_hosts():
+    from dsf_runtime.benchmarks.soak import run_soak
+
+    with pytest.raises(ValueError, match="only targets this machine"):
+        run_soak("http://10.0.0.1:8000", "m", seconds=1)
