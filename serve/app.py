@@ -320,6 +320,10 @@ def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 def _open_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[OutputStream]:
     """Submit every sub-request (prompt x n) or none: a failure cancels the ones already queued."""
+    capacity = engine.max_queue + engine.max_concurrency
+    if len(jobs) > capacity:  # could never be admitted whole, however idle the server: not a 503
+        raise APIError(400, f"this request asks for {len(jobs)} generations (prompts x n); this server holds at "
+                            f"most {capacity} at once (--max-concurrency + --max-queue)", param="n")
     for ids, params in jobs:
         engine.check_fits(len(ids), params.max_tokens)
     streams: list[OutputStream] = []
@@ -534,7 +538,9 @@ def _openapi(app: FastAPI) -> dict:
             for status in _operation_errors(path, method):
                 responses[str(status)] = {"description": _ERROR_DESCRIPTIONS[status], "content": error_content}
             if path in ("/v1/completions", "/v1/chat/completions"):
-                responses["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+                event = {"type": "object", "required": ["data"], "properties": {"data": {
+                    "type": "string", "description": "a JSON chunk (or an error object), then [DONE]"}}}
+                responses["200"]["content"]["text/event-stream"] = {"schema": event}
             if path == "/health":
                 health = {"application/json": {"schema": {"type": "object", "properties": {
                     "status": {"type": "string"}, "message": {"type": "string"}}, "required": ["status"]}}}

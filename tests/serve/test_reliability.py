@@ -188,3 +188,9 @@ def test_served_schema_states_the_real_statuses(client):
     assert "text/event-stream" in completions["200"]["content"]
     assert list(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     assert completions["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+
+
+def test_a_request_larger_than_the_server_is_400_not_503(client):
+    body = {"model": NAME, "prompt": ["a"] * 20, "n": 16, "max_tokens": 1}  # 320 > 4 slots + 64 queued
+    err = _error(_post(client, "/v1/completions", body), 400)
+    assert err["param"] == "n" and "320 generations" in err["message"]
