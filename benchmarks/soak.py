@@ -312,7 +312,16 @@ def soak_command(model: str | None, url: str | None, served_name: str | None, pi
     table = soak_table(report)
     payload = {"environment": environment(), "model": model or url, "server": served_name, "report": asdict(report),
                "ok": report.ok(), "table": table}
-    files = write_results(out_dir, "soak", payload, f"# Soak of {served_name}\n\n{table}")
+    files = write_results(out_dir, "soak", payload, soak_markdown(payload))
     print(table)
     print("written: " + ", ".join(str(p) for p in files.values()))
     return report
+
+
+def soak_markdown(payload: dict) -> str:
+    """soak.md from soak.json's payload: what ran where, the verdict, the table."""
+    env = payload["environment"]
+    verdict = "passed" if payload["ok"] else "FAILED"
+    return (f"# Soak of {payload['server']}\n\n`dsf bench soak` on {payload['model']}: {verdict}. "
+            f"CPU: {env.get('cpu', env.get('processor'))}, {env.get('cores')} cores; torch {env['torch']}.\n\n"
+            f"{payload['table']}")

@@ -73,3 +73,11 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_tokenizer):
+    """A tiny random LLaMA and the tiny tokenizer with a chat template (the serving tests)."""
+    from tests_support import chat_tokenizer
+
+    return make_tiny_llama(384), chat_tokenizer(tiny_tokenizer)

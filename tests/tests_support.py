@@ -27,3 +27,11 @@ def chat_tokenizer(tokenizer):
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+def api_error(resp, status: int) -> dict:
+    """The OpenAI-shaped error object of ``resp``, after checking its status and fields."""
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err

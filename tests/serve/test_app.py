@@ -12,14 +12,9 @@ from fastapi.testclient import TestClient
 from conftest import make_tiny_llama
 from dsf_runtime.serve.app import create_app
 from dsf_runtime.serve.engine import Engine
-from tests_support import chat_tokenizer
+from tests_support import api_error
 
 NAME = "tiny-dsf"
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_tokenizer):
-    return make_tiny_llama(384), chat_tokenizer(tiny_tokenizer)
 
 
 def _loader(parts, **kw):
@@ -41,13 +36,6 @@ def client(parts):
         yield _ready(c)
 
 
-def _error(resp, status: int) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    return err
-
-
 def _events(resp) -> list:
     """Parse an SSE body into JSON chunks; assert it ends with [DONE]."""
     lines = [line for line in resp.text.split("\n\n") if line]
@@ -66,7 +54,7 @@ def test_health_is_503_while_loading_then_200(parts):
 
     with TestClient(create_app(slow, NAME)) as c:
         assert c.get("/health").status_code == 503 and c.get("/health").json()["status"] == "loading"
-        err = _error(c.post("/v1/completions", json={"model": NAME, "prompt": "a"}), 503)
+        err = api_error(c.post("/v1/completions", json={"model": NAME, "prompt": "a"}), 503)
         assert err["code"] == "loading"
         gate.set()
         assert _ready(c).get("/health").json() == {"status": "ok"}
@@ -82,7 +70,7 @@ def test_load_failure_is_reported(parts):
             time.sleep(0.02)
         resp = c.get("/health")
         assert resp.status_code == 503 and "checkpoint is corrupt" in resp.json()["message"]
-        assert "checkpoint is corrupt" in _error(c.post("/v1/completions", json={"model": NAME, "prompt": "a"}),
+        assert "checkpoint is corrupt" in api_error(c.post("/v1/completions", json={"model": NAME, "prompt": "a"}),
                                                  503)["message"]
 
 
@@ -162,7 +150,7 @@ def test_chat_and_chat_stream(client):
 def test_chat_without_template_is_400(tiny_tokenizer):
     model = make_tiny_llama(384)
     with TestClient(create_app(lambda m: Engine(model, tiny_tokenizer, max_model_len=64, metrics=m), NAME)) as c:
-        err = _error(_ready(c).post("/v1/chat/completions", json={"model": NAME, "messages": [
+        err = api_error(_ready(c).post("/v1/chat/completions", json={"model": NAME, "messages": [
             {"role": "user", "content": "hi"}]}), 400)
         assert "chat template" in err["message"]
 
@@ -178,17 +166,17 @@ def test_chat_without_template_is_400(tiny_tokenizer):
     ({"model": NAME, "prompt": "a", "frequency_penalty": 1.0}, None, "repetition_penalty"),
 ])
 def test_invalid_parameters_are_400(client, body, param, fragment):
-    err = _error(client.post("/v1/completions", json=body), 400)
+    err = api_error(client.post("/v1/completions", json=body), 400)
     assert err["type"] == "invalid_request_error" and err["param"] == param and fragment in err["message"]
 
 
 def test_bad_json_and_unknown_model(client):
-    err = _error(client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
+    err = api_error(client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
                  400)
     assert "JSON" in err["message"]
-    err = _error(client.post("/v1/completions", json={"model": "gpt-4", "prompt": "a"}), 404)
+    err = api_error(client.post("/v1/completions", json={"model": "gpt-4", "prompt": "a"}), 404)
     assert err["code"] == "model_not_found" and "gpt-4" in err["message"] and NAME in err["message"]
-    _error(client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user",
+    api_error(client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user",
                                                                                       "content": "a"}]}), 404)
 
 
@@ -196,10 +184,10 @@ def test_context_overflow_names_the_numbers(client, parts):
     _, tok = parts
     prompt = "Anne " * 20
     n = len(tok(prompt)["input_ids"])
-    err = _error(client.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 128}), 400)
+    err = api_error(client.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 128}), 400)
     assert err["code"] == "context_length_exceeded"
     assert "128" in err["message"] and str(n) in err["message"] and str(n + 128) in err["message"]
-    err = _error(client.post("/v1/completions", json={"model": NAME, "prompt": [5, 999999]}), 400)
+    err = api_error(client.post("/v1/completions", json={"model": NAME, "prompt": [5, 999999]}), 400)
     assert "vocabulary" in err["message"]
 
 
@@ -215,9 +203,9 @@ def test_api_key(parts):
     with TestClient(create_app(_loader(parts), NAME, api_key="s3cret")) as c:
         _ready(c)
         body = {"model": NAME, "prompt": "a", "max_tokens": 2}
-        assert _error(c.post("/v1/completions", json=body), 401)["code"] == "invalid_api_key"
-        _error(c.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
-        _error(c.get("/v1/models"), 401)
+        assert api_error(c.post("/v1/completions", json=body), 401)["code"] == "invalid_api_key"
+        api_error(c.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+        api_error(c.get("/v1/models"), 401)
         ok = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert c.get("/health").status_code == 200  # probes need no key
@@ -231,8 +219,8 @@ def test_tokenize_round_trip(client, parts):
     assert back["prompt"].endswith("Pride and Prejudice")
     chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     assert chat["count"] > 2
-    _error(client.post("/detokenize", json={"tokens": [-1]}), 400)
-    _error(client.post("/tokenize", json={"prompt": "a", "messages": [{"role": "user", "content": "b"}]}), 400)
+    api_error(client.post("/detokenize", json={"tokens": [-1]}), 400)
+    api_error(client.post("/tokenize", json={"prompt": "a", "messages": [{"role": "user", "content": "b"}]}), 400)
 
 
 def test_metrics_count_what_happened(client):
@@ -277,11 +265,11 @@ def test_engine_failure_mid_stream_is_an_error_chunk_then_the_engine_restarts(pa
 
         engine.runner.decode = broken  # the second failure within the window exhausts max_restarts=1
         failed = c.post("/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 3})
-        assert _error(failed, 500)["message"].startswith("engine error")
+        assert api_error(failed, 500)["message"].startswith("engine error")
         end = time.monotonic() + 10
         while engine.alive:
             assert time.monotonic() < end
             time.sleep(0.01)
         health = c.get("/health")
         assert health.status_code == 503 and "device lost for good" in health.json()["message"]
-        assert _error(c.post("/v1/completions", json={"model": NAME, "prompt": "a"}), 503)["code"] == "engine_dead"
+        assert api_error(c.post("/v1/completions", json={"model": NAME, "prompt": "a"}), 503)["code"] == "engine_dead"

@@ -11,17 +11,11 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny_llama
 from dsf_runtime.serve.app import create_app
 from dsf_runtime.serve.engine import Engine
-from tests_support import chat_tokenizer
+from tests_support import api_error
 
 NAME = "tiny-dsf"
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_tokenizer):
-    return make_tiny_llama(384), chat_tokenizer(tiny_tokenizer)
 
 
 def _app(parts, **kw):
@@ -41,13 +35,6 @@ def client(parts):
 def _post(client, path: str, body: dict, **kw):
     """Send JSON as Python writes it: NaN and Infinity go out as the bare tokens many clients emit."""
     return client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"}, **kw)
-
-
-def _error(resp, status: int) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    return err
 
 
 EXTREME_FLOATS = st.one_of(
@@ -97,7 +84,7 @@ def test_the_requests_that_once_killed_the_engine_now_generate(client, body):
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_numbers_are_400(client, value):
     raw = '{"model": "%s", "prompt": "Hi", "temperature": %s}' % (NAME, value)
-    err = _error(client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400)
+    err = api_error(client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400)
     assert err["param"] == "temperature"
 
 
@@ -109,7 +96,7 @@ def test_seeds(client):
             for _ in range(2)]
     assert same[0] == same[1]
     for seed in (2**64, 2**70, -(2**63) - 1):
-        err = _error(_post(client, "/v1/completions", {**body, "seed": seed}), 400)
+        err = api_error(_post(client, "/v1/completions", {**body, "seed": seed}), 400)
         assert err["param"] == "seed" and "9223372036854775808" in err["message"], err
 
 
@@ -129,7 +116,7 @@ SURROGATE = "a\ud800b"
      "messages.0.content.0.text"),
 ])
 def test_lone_surrogates_are_400_everywhere(client, path, body, param):
-    err = _error(_post(client, path, body), 400)
+    err = api_error(_post(client, path, body), 400)
     assert "not valid Unicode" in err["message"]
     assert err["param"] == param
     json.dumps(err, ensure_ascii=False).encode("utf-8")  # the error itself is valid UTF-8
@@ -137,18 +124,18 @@ def test_lone_surrogates_are_400_everywhere(client, path, body, param):
 
 def test_invalid_utf8_bytes_are_400(client):
     raw = b'{"model": "tiny-dsf", "prompt": "\xff\xfe"}'
-    _error(client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400)
+    api_error(client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400)
 
 
 def test_malformed_json_has_no_offset_as_param(client):
-    err = _error(client.post("/v1/completions", content=b'{"model": ', headers={"Content-Type": "application/json"}),
+    err = api_error(client.post("/v1/completions", content=b'{"model": ', headers={"Content-Type": "application/json"}),
                  400)
     assert err["param"] is None and "not valid JSON" in err["message"]
 
 
 def test_request_body_limit_is_413(client):
     big = {"model": NAME, "prompt": "x" * (65 * 1024)}
-    err = _error(_post(client, "/v1/completions", big), 413)
+    err = api_error(_post(client, "/v1/completions", big), 413)
     assert err["code"] == "request_too_large" and "65536" in err["message"]
 
     def chunks():  # no Content-Length: counted as it arrives
@@ -157,7 +144,7 @@ def test_request_body_limit_is_413(client):
             yield b"x" * 1024
         yield b'"}'
 
-    _error(client.post("/tokenize", content=chunks(), headers={"Content-Type": "application/json"}), 413)
+    api_error(client.post("/tokenize", content=chunks(), headers={"Content-Type": "application/json"}), 413)
     assert _post(client, "/tokenize", {"prompt": "x" * 1000}).status_code == 200
 
 
@@ -165,8 +152,8 @@ def test_api_key_is_checked_before_the_body(parts):
     with TestClient(_app(parts, api_key="k")) as c:
         c.app.state.server.loaded.wait(30)
         bad = c.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
-        assert _error(bad, 401)["code"] == "invalid_api_key"
-        assert _error(c.get("/v1/models/" + NAME), 401)["code"] == "invalid_api_key"
+        assert api_error(bad, 401)["code"] == "invalid_api_key"
+        assert api_error(c.get("/v1/models/" + NAME), 401)["code"] == "invalid_api_key"
         assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
         auth = {"Authorization": "Bearer k"}
         assert c.get("/v1/models/" + NAME, headers=auth).json()["id"] == NAME
@@ -174,7 +161,7 @@ def test_api_key_is_checked_before_the_body(parts):
 
 def test_retrieve_model(client):
     assert client.get(f"/v1/models/{NAME}").json()["id"] == NAME
-    err = _error(client.get("/v1/models/gpt-4"), 404)
+    err = api_error(client.get("/v1/models/gpt-4"), 404)
     assert err["code"] == "model_not_found"
 
 
@@ -192,5 +179,5 @@ def test_served_schema_states_the_real_statuses(client):
 
 def test_a_request_larger_than_the_server_is_400_not_503(client):
     body = {"model": NAME, "prompt": ["a"] * 20, "n": 16, "max_tokens": 1}  # 320 > 4 slots + 64 queued
-    err = _error(_post(client, "/v1/completions", body), 400)
+    err = api_error(_post(client, "/v1/completions", body), 400)
     assert err["param"] == "n" and "320 generations" in err["message"]

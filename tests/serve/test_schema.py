@@ -35,7 +35,7 @@ def server(tiny_tokenizer, tmp_path_factory):
     dense = save_tiny(root / "dense", chat_tokenizer(tiny_tokenizer), max_position_embeddings=256)
     out = root / NAME
     assert main(["compress", str(dense), str(out), "--sparsity", "0.5", "--nsamples", "4", "--seqlen", "32"]) == 0
-    app = create_app(make_loader(str(out), max_concurrency=4, max_queue=64), NAME)
+    app = create_app(make_loader(str(out), max_concurrency=4, max_queue=64, max_model_len=64), NAME)
     with BackgroundServer(app) as srv:
         yield srv
 
