@@ -10,7 +10,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 
 def _rss_mib(field: str = "VmHWM") -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsf_runtime.converters.data import evaluation_text
+from dsf_runtime.data import evaluation_text
 
 STREAMS = (1, 4, 8)
 

@@ -4,11 +4,9 @@ layer with random factors at DSF's densities, in every registered format."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from dsf_runtime.converters.factorize import split_budget
-from dsf_runtime.formats import FORMATS, get_format, tensors_nbytes
-from dsf_runtime.patch import dsf_modules
+from dsf_runtime.report import format_bytes_of, model_format_bytes  # noqa: F401  (used by the storage bench)
 
 LLAMA7B_LAYER = {  # (out, in) of one LLaMA-7B decoder layer's linears
     "q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
@@ -29,32 +27,6 @@ def random_dsf_pair(out_f: int, in_f: int, sparsity: float = 0.5, seed: int = 0)
         return flat.view(rows, cols)
 
     return mat(out_f, r, nnz_l), mat(r, in_f, nnz_r)
-
-
-def format_bytes_of(mats: list[torch.Tensor], value_dtype: torch.dtype = torch.float16) -> dict[str, int]:
-    """Total bytes of the matrices in every registered format that stores ``value_dtype``,
-    and ('<format>+int8') in those that also store int8 values with row scales."""
-    variants = [(name, name, value_dtype) for name in sorted(FORMATS)]
-    if value_dtype != torch.int8:
-        variants += [(f"{name}+int8", name, torch.int8) for name in sorted(FORMATS)]
-    sizes = {}
-    for label, name, dtype in variants:
-        try:
-            sizes[label] = sum(tensors_nbytes(get_format(name).pack(m, dtype)) for m in mats)
-        except ValueError:  # the format does not store this value type
-            continue
-    return sizes
-
-
-def model_format_bytes(model: nn.Module, value_dtype: torch.dtype = torch.float16) -> tuple[dict[str, int], int]:
-    """(bytes per format of all DSF factors, dense bf16 bytes of the same linears)."""
-    mats, dense = [], 0
-    for m in dsf_modules(model).values():
-        mats.append(m.L.to_dense())
-        if m.R is not None:
-            mats.append(m.R.to_dense())
-        dense += 2 * m.out_features * m.in_features
-    return format_bytes_of(mats, value_dtype), dense
 
 
 def llama7b_layer_bytes(sparsity: float = 0.5) -> tuple[dict[str, int], int]:

@@ -14,7 +14,7 @@ import torch
 from dsf_runtime.checkpoint import DEFAULT_VALUE_DTYPE, is_dsf_checkpoint, remove_stale_temporaries
 from dsf_runtime.converters.calibrate import CompressionResult, compress_sequential
 from dsf_runtime.converters.config import CALIB_PRESETS, CalibConfig, DSFConfig, preset
-from dsf_runtime.converters.data import calibration_text, sample_windows, tokenize
+from dsf_runtime.data import calibration_text, sample_windows, tokenize
 from dsf_runtime.converters.methods import make_method
 from dsf_runtime.converters.pack import check_storage, write_packed
 from dsf_runtime.errors import ConfigError

@@ -28,6 +28,7 @@ from torch import nn
 
 from dsf_runtime.errors import CheckpointError, ConfigError, UnsupportedModelError
 from dsf_runtime.formats import FORMATS, all_finite, get_format
+from dsf_runtime.kernels import warm_backends
 from dsf_runtime.linear import DSFLinear
 from dsf_runtime.patch import dsf_modules, set_backend, set_submodule
 
@@ -170,7 +171,6 @@ def save_checkpoint(
     Tensors larger in total than ``max_shard_bytes`` go into numbered shards with a
     model.safetensors.index.json, as transformers does. ``extra_files`` (name -> text,
     e.g. the compression log) are written beside them."""
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -468,6 +468,7 @@ def load_model(
         raise CheckpointError(f"{ckpt}: {exc}") from None
     expected = _unique_state(model)
     state = _read_tensors(ckpt, expected)
+    warm_backends()  # native kernels built now register their faster format checks
     validate_dsf_modules(model, state)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -494,22 +495,20 @@ def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
 
 def backend_summary(model: nn.Module) -> str:
     """e.g. 'cpu-bitmap x210 (avx2; column index on 60 factors, 6.1 MiB)' or 'torch-csr
-    x210' — the kernels the DSF modules really use, with the CPU kernel's instruction path
-    and the column indices it built for its sparsest factors (memory beyond the checkpoint's)."""
+    x210' — the kernels the DSF modules really use, each described by the backend itself
+    (the CPU kernel: its instruction path and the memory it built beyond the checkpoint)."""
+    from dsf_runtime.kernels import BACKENDS
+
     counts: dict[str, int] = {}
-    columns = []
+    operands: dict[str, list] = {}
     for module in dsf_modules(model).values():
         counts[module.backend_name] = counts.get(module.backend_name, 0) + 1
-        columns += [p.columns for p in module.prepared_operands if getattr(p, "columns", None) is not None]
-    summary = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none (dense model)"
-    if "cpu-bitmap" in counts:
-        from dsf_runtime.kernels import BACKENDS
-        from dsf_runtime.report import format_bytes
-
-        indexed = (f"; column index on {len(columns)} factors, "
-                   f"{format_bytes(sum(c.numel() * c.element_size() for c in columns))}") if columns else ""
-        summary += f" ({BACKENDS['cpu-bitmap'].describe()}{indexed})"
-    return summary
+        operands.setdefault(module.backend_name, []).extend(module.prepared_operands)
+    parts = []
+    for name, count in sorted(counts.items()):
+        describe = getattr(BACKENDS.get(name), "describe", None)
+        parts.append(f"{name} x{count}" + (f" ({describe(operands[name])})" if describe is not None else ""))
+    return ", ".join(parts) or "none (dense model)"
 
 
 def load_any(name_or_path: str | os.PathLike, device: str = "cpu", backend: str = "auto"):

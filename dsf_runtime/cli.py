@@ -77,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     _add_device(p)
 
-    p = sub.add_parser("info", help="per-layer shapes, factor densities and bytes of a checkpoint")
-    p.add_argument("checkpoint", help="DSF checkpoint directory")
+    p = sub.add_parser("info", help="per-layer shapes, factor densities and bytes of a checkpoint; every kernel "
+                                    "backend and why it can or cannot run; the DSF_* settings")
+    p.add_argument("checkpoint", nargs="?", help="DSF checkpoint directory (without it: backends and settings only)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--formats", action="store_true", help="also compute the bytes of every storage format")
+    p.add_argument("--settings", action="store_true", help="also list the DSF_* environment variables in force")
 
     p = sub.add_parser("eval", help="perplexity on held-out text (default: Pride and Prejudice)")
     p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
@@ -254,15 +256,55 @@ def cmd_generate(args) -> None:
     print(args.prompt + gen.text if not args.chat else gen.text)
 
 
+def _print_backends(fmt: str | None, as_json: bool) -> list[dict]:
+    """Every backend for ``fmt`` (every format when None) on this machine's devices, with its reason."""
+    import torch
+
+    from dsf_runtime.formats import FORMATS
+    from dsf_runtime.kernels import backend_report
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = [{"format": f, "device": d, "backend": name, "priority": prio, "ok": ok,
+             "reason": "runs only when asked for (--backend)" if ok and prio <= 0 else why}
+            for f in ([fmt] if fmt else sorted(FORMATS)) for d in devices
+            for name, prio, ok, why in backend_report(f, d)]
+    if not as_json:
+        print("backends (best first; 'auto' takes the first that can run):")
+        for r in rows:
+            print(f"  {r['format']:7s} {r['device']:5s} {r['backend']:14s} {'yes' if r['ok'] else 'no ':3s} "
+                  f"{r['reason']}")
+    return rows
+
+
+def _print_settings(as_json: bool) -> list[dict]:
+    from dsf_runtime import settings
+
+    rows = settings.describe()
+    if not as_json:
+        print("settings (environment variables):")
+        for r in rows:
+            print(f"  {r['name']:24s} {r['value'] or '(unset)':10s} {r['help']}")
+    return rows
+
+
 def cmd_info(args) -> None:
     from dsf_runtime.checkpoint import load_model, read_quant_config
     from dsf_runtime.report import format_bytes, layer_infos
 
+    if args.checkpoint is None:
+        payload = {"backends": _print_backends(None, args.json), "settings": _print_settings(args.json)}
+        if args.json:
+            print(json.dumps(payload, indent=2))
+        return
     _, quant = read_quant_config(args.checkpoint)
     model, _ = load_model(args.checkpoint, with_tokenizer=False)
     rows = layer_infos(model)
     if args.json:
-        print(json.dumps({"quantization_config": quant.model_dump(), "layers": [r.__dict__ for r in rows]}, indent=2))
+        payload = {"quantization_config": quant.model_dump(), "layers": [r.__dict__ for r in rows],
+                   "backends": _print_backends(quant.format, True)}
+        if args.settings:
+            payload["settings"] = _print_settings(True)
+        print(json.dumps(payload, indent=2))
         return
     from dsf_runtime.checkpoint import backend_summary
 
@@ -280,19 +322,22 @@ def cmd_info(args) -> None:
     print(f"{len(rows)} compressed linears: total density {density:.3f}, {format_bytes(total)} "
           f"= {total / dense:.2f}x dense bf16 ({format_bytes(dense)}), {total / (2 * dense):.2f}x dense fp32")
     if args.formats:
-        from dsf_runtime.benchmarks.storage import model_format_bytes
         from dsf_runtime.checkpoint import VALUE_DTYPES
+        from dsf_runtime.report import model_format_bytes
 
         sizes, dense_bf16 = model_format_bytes(model, VALUE_DTYPES[quant.value_dtype])
         for fmt, nbytes in sizes.items():
             mark = " (stored)" if fmt == quant.format else ""
             print(f"  as {fmt:7s} {format_bytes(nbytes):>10s} = {nbytes / dense_bf16:.3f}x dense bf16{mark}")
+    _print_backends(quant.format, False)
+    if args.settings:
+        _print_settings(False)
 
 
 def cmd_eval(args) -> None:
-    from dsf_runtime.benchmarks.quality import perplexity
     from dsf_runtime.checkpoint import backend_summary, load_any
-    from dsf_runtime.converters.data import evaluation_text, tokenize
+    from dsf_runtime.data import evaluation_text, tokenize
+    from dsf_runtime.evaluate import perplexity
 
     if args.window < 2 or not 1 <= args.stride <= args.window:
         raise ConfigError("need --window >= 2 and 1 <= --stride <= --window")
@@ -304,7 +349,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from dsf_runtime.benchmarks.compare import compare, format_table
+    from dsf_runtime.compare import compare, format_table
 
     rows = compare(args.dense, args.checkpoint, prompt=args.prompt, max_tokens=args.max_tokens,
                    eval_tokens=args.eval_tokens, device=args.device, backend=args.backend)
@@ -432,7 +477,6 @@ def cmd_bench(args) -> None:
         print("written: " + ", ".join(payload["files"].values()))
         return
     from dsf_runtime.benchmarks.quality import run_quality_bench
-
     from dsf_runtime.converters.methods import make_method
 
     sparsities = _float_list(args.sparsity, "--sparsity")
@@ -467,8 +511,8 @@ def cmd_serve(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from dsf_runtime.benchmarks.compare import compare, format_table
     from dsf_runtime.checkpoint import is_dsf_checkpoint
+    from dsf_runtime.compare import compare, format_table
     from dsf_runtime.converters.pipeline import make_job, run_compress
 
     out = Path(args.out)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dsf_runtime import settings
 from dsf_runtime.errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 
 def cache_dir() -> Path:
     """Where converted embedded models are cached (DSF_CACHE_DIR or XDG cache)."""
-    root = os.environ.get("DSF_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "dsf-runtime"
-    )
-    return Path(root)
+    return settings.cache_dir()
 
 
 def _embedded_gguf(entry: EmbeddedModel) -> Path:

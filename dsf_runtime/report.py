@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from dsf_runtime.formats import FORMATS, get_format, tensors_nbytes
 
 from dsf_runtime.linear import DSFLinear
 from dsf_runtime.models import compressible_linears
 from dsf_runtime.patch import dsf_modules
+from dsf_runtime.units import format_bytes  # noqa: F401  (re-exported for the CLI)
 
 
 @dataclass
@@ -55,9 +59,27 @@ def linear_bytes(model: nn.Module) -> int:
     return total
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
+def format_bytes_of(mats: list[torch.Tensor], value_dtype: torch.dtype = torch.float16) -> dict[str, int]:
+    """Total bytes of the matrices in every registered format that stores ``value_dtype``,
+    and ('<format>+int8') in those that also store int8 values with row scales."""
+    variants = [(name, name, value_dtype) for name in sorted(FORMATS)]
+    if value_dtype != torch.int8:
+        variants += [(f"{name}+int8", name, torch.int8) for name in sorted(FORMATS)]
+    sizes = {}
+    for label, name, dtype in variants:
+        try:
+            sizes[label] = sum(tensors_nbytes(get_format(name).pack(m, dtype)) for m in mats)
+        except ValueError:  # the format does not store this value type
+            continue
+    return sizes
+
+
+def model_format_bytes(model: nn.Module, value_dtype: torch.dtype = torch.float16) -> tuple[dict[str, int], int]:
+    """(bytes per format of all DSF factors, dense bf16 bytes of the same linears)."""
+    mats, dense = [], 0
+    for m in dsf_modules(model).values():
+        mats.append(m.L.to_dense())
+        if m.R is not None:
+            mats.append(m.R.to_dense())
+        dense += 2 * m.out_features * m.in_features
+    return format_bytes_of(mats, value_dtype), dense

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
 
+from dsf_runtime import settings
 from dsf_runtime.errors import ConfigError
 from dsf_runtime.serve.engine import Engine
 from dsf_runtime.serve.metrics import ServerMetrics
@@ -58,7 +58,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
     from dsf_runtime.serve.app import DEFAULT_MAX_REQUEST_BYTES, create_app
 
     check_model_exists(model)
-    api_key = api_key or os.environ.get("DSF_API_KEY") or None
+    api_key = api_key or settings.get("DSF_API_KEY")
     app = create_app(make_loader(model, **engine_options), served_model_name or default_model_name(model), api_key,
                      start_engine=False, max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES)
     state = app.state.server

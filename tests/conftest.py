@@ -18,7 +18,7 @@ def make_tokenizer(vocab_size: int = 384):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from dsf_runtime.converters.data import corpus_file
+    from dsf_runtime.data import corpus_file
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

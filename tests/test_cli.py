@@ -95,3 +95,12 @@ def test_bad_options(ckpt):
     _one_line_error(run_cli("generate", str(ckpt), "--backend", "nope"), "unknown backend")
     _one_line_error(run_cli("eval", str(ckpt), "--window", "8", "--stride", "16"), "--stride")
     _one_line_error(run_cli("nonsense"), "invalid choice")
+
+
+def test_info_without_a_checkpoint_lists_backends_and_settings(capsys, monkeypatch):
+    monkeypatch.setenv("DSF_DISABLED_BACKENDS", "torch-bsr")
+    assert main(["info", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    bsr = [r for r in payload["backends"] if r["backend"] == "torch-bsr" and r["format"] == "bsr"]
+    assert bsr and not bsr[0]["ok"] and bsr[0]["reason"] == "disabled by DSF_DISABLED_BACKENDS"
+    assert {r["name"] for r in payload["settings"]} >= {"DSF_CPU_ISA", "DSF_DISABLED_BACKENDS", "DSF_API_KEY"}

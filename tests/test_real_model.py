@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsf_runtime.benchmarks.quality import perplexity
+from dsf_runtime.evaluate import perplexity
 from dsf_runtime.checkpoint import load_model
 from dsf_runtime.converters.calibrate import compress_sequential
 from dsf_runtime.converters.config import DSFConfig
-from dsf_runtime.converters.data import calibration_text, evaluation_text, sample_windows, tokenize
+from dsf_runtime.data import calibration_text, evaluation_text, sample_windows, tokenize
 from dsf_runtime.converters.factorize import split_budget
 from dsf_runtime.converters.methods import make_method
 from dsf_runtime.converters.pack import write_packed

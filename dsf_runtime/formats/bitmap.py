@@ -12,11 +12,23 @@ expand values by popcount (SparAMX-style) stream."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dsf_runtime.formats import TensorSpec, register_format
 from dsf_runtime.formats.csr import check_offsets, csr_from_dense
 from dsf_runtime.formats.values import check_value_tensors, decode_values, encode_values, value_specs
+
+# A faster structural check (one native pass) that a kernel library registers once it is
+# built: (bitmap, row_offsets, cols, nnz) -> None if the checks hold, the problem as text,
+# or False to fall back to the torch checks. Formats import nothing of the kernels.
+_NATIVE_CHECK: Callable[[torch.Tensor, torch.Tensor, int, int], str | None | bool] | None = None
+
+
+def set_native_check(check: Callable[[torch.Tensor, torch.Tensor, int, int], str | None | bool] | None) -> None:
+    global _NATIVE_CHECK
+    _NATIVE_CHECK = check
 
 WORD = 32
 _SHIFTS = torch.arange(WORD, dtype=torch.int64)
@@ -103,9 +115,7 @@ class BitmapFormat:
             raise ValueError(f"values has {values.numel()} entries, expected {nnz}")
         if offsets.numel() != rows + 1:
             raise ValueError(f"row_offsets has {offsets.numel()} entries, expected {rows + 1}")
-        from dsf_runtime.kernels.cpu_bitmap import check_bitmap  # one native pass where the kernel is built
-
-        problem = check_bitmap(bitmap, offsets, cols, nnz)
+        problem = False if _NATIVE_CHECK is None else _NATIVE_CHECK(bitmap, offsets, cols, nnz)
         if problem is False:
             self._check_structure_torch(bitmap, offsets, rows, cols, nnz)
         elif problem is not None:

@@ -39,63 +39,42 @@ from pathlib import Path
 
 import torch
 
-from dsf_runtime.kernels import register_backend
+from dsf_runtime import settings
+from dsf_runtime.formats import bitmap as bitmap_format
+from dsf_runtime.kernels import register_backend, tuning
+from dsf_runtime.units import format_bytes
 
 log = logging.getLogger(__name__)
 
 _LIB: ctypes.CDLL | None = None
 _CAPS = (False, False, False)  # (AVX-512 VBMI2 path, AVX512_BF16 path, AVX2 path) on this CPU, read once at build
-# From these batches on, the vector paths iterate nonzeros (x as [in][batch]) instead of
-# expanding bitmap words: the measured crossovers, AVX-512 on the layer benchmark, AVX2
-# on Zen 3 (scripts/path_crossover.py: the nonzero path is 0.7-0.93x the word path's
-# time at batch 12 on the LLaMA-7B shapes and 0.99-1.09x on SmolLM2's, which cross at
-# 12-14), and AVX-512's 256-bit variant on Zen 4 (tiles of at most 4 rows, so a batch of
-# n expands each word n/4 times: 0.70x at batch 12 on 4096x4096, 1.22-1.24x on the MLP
-# shapes, which cross at 13; a LLaMA-7B decoder layer's seven linears take the same
-# time either way at 12). DSF_NZ_MIN_BATCH overrides all.
-NZ_MIN_BATCH = {"avx512-vbmi2": 16, "avx512-vbmi2 ymm": 12, "avx2": 12}
+# Thresholds measured per instruction path (kernels/tuning.json says how); the DSF_*
+# settings override them. From NZ_MIN_BATCH on, the vector paths iterate nonzeros (x as
+# [in][batch]) instead of expanding bitmap words. On AVX2, factors at most
+# COLUMNS_MAX_DENSITY dense get each nonzero's column decoded once at load (2 bytes per
+# nonzero more in memory), and batches up to COLUMNS_MAX_BATCH gather x through them
+# instead of expanding bitmap bytes (whose cost is per 8 columns, not per nonzero).
+NZ_MIN_BATCH: dict[str, int] = tuning.cpu()["nz_min_batch"]
+COLUMNS_MAX_DENSITY: float = tuning.cpu()["columns_max_density"]
+COLUMNS_MAX_BATCH: dict[str, int] = tuning.cpu()["columns_max_batch"]
 
 
 def nz_min_batch(isa: str) -> int:
     """The batch from which ``isa``'s nonzero path runs (DSF_NZ_MIN_BATCH overrides)."""
-    return _env_int("DSF_NZ_MIN_BATCH", NZ_MIN_BATCH.get(isa, 1), minimum=1)
-
-
-# The AVX2 column-index path: factors at most this dense get each nonzero's column
-# decoded once at load (2 bytes per nonzero more in memory), and batches up to
-# COLUMNS_MAX_BATCH gather x through them instead of expanding bitmap bytes (whose cost
-# is per 8 columns, not per nonzero). Measured crossovers on Zen 3, scripts/path_crossover.py.
-COLUMNS_MAX_DENSITY = 0.22
-COLUMNS_MAX_BATCH = {"avx2": 1}
+    value = settings.get("DSF_NZ_MIN_BATCH")
+    return NZ_MIN_BATCH.get(isa, 1) if value is None else value
 
 
 def columns_max_density() -> float:
     """Density up to which prepare() builds column indices (DSF_COLUMNS_MAX_DENSITY overrides; 0: never)."""
-    env = os.environ.get("DSF_COLUMNS_MAX_DENSITY")
-    if not env:
-        return COLUMNS_MAX_DENSITY
-    try:
-        value = float(env)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"DSF_COLUMNS_MAX_DENSITY must be a number in [0, 1], not {env!r}")
-    return value
+    value = settings.get("DSF_COLUMNS_MAX_DENSITY")
+    return COLUMNS_MAX_DENSITY if value is None else value
 
 
 def columns_max_batch(isa: str) -> int:
     """The largest batch that ``isa``'s column-index path takes (DSF_COLUMNS_MAX_BATCH overrides; 0: never)."""
-    return _env_int("DSF_COLUMNS_MAX_BATCH", COLUMNS_MAX_BATCH.get(isa, 0), minimum=0)
-
-
-def _env_int(name: str, default: int, minimum: int) -> int:
-    env = os.environ.get(name)
-    if not env:
-        return default
-    if not env.isdigit() or int(env) < minimum:
-        kind = "a positive integer" if minimum == 1 else "a non-negative integer"
-        raise ValueError(f"{name} must be {kind}, not {env!r}")
-    return int(env)
+    value = settings.get("DSF_COLUMNS_MAX_BATCH")
+    return COLUMNS_MAX_BATCH.get(isa, 0) if value is None else value
 
 
 _REASON: str | None = None
@@ -119,10 +98,8 @@ def compile_library(src: Path, cxx: str, force: bool = False) -> Path:
     """The shared library built from the C++ source ``src`` by ``cxx``: compiled once per
     source text and compiler into the cache (atomically, so concurrent builds never load
     a half-written file). Raises RuntimeError holding the compiler's last line on failure."""
-    from dsf_runtime.models import cache_dir
-
     digest = hashlib.sha256(src.read_bytes() + cxx.encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"bitmap_spmm-{digest}.so"
+    target = settings.cache_dir() / "kernels" / f"bitmap_spmm-{digest}.so"
     if force or not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -189,6 +166,7 @@ def build(force: bool = False) -> ctypes.CDLL | None:
     with _PLAN_LOCK:
         _PLAN, _PLANNED = None, False  # measured on first use (path_plan)
     _LIB, _REASON = lib, None
+    bitmap_format.set_native_check(check_bitmap)  # checkpoint validation uses the one-pass native check
     return lib
 
 
@@ -224,7 +202,7 @@ class PathPlan:
         """The variant for the word path per value kind (bf16, fp16, bf16 model) and for
         the nonzero path (nonzeros): from the timings, or as DSF_AVX512_WIDTH
         (``setting``: auto, 512 or 256) says."""
-        setting = (os.environ.get("DSF_AVX512_WIDTH") or "auto") if setting is None else setting
+        setting = settings.get("DSF_AVX512_WIDTH") if setting is None else setting
         if setting not in _WIDTHS:
             raise ValueError(f"DSF_AVX512_WIDTH must be auto, 512 or 256, not {setting!r}")
         has_256 = self.ns.get("avx512-256 bf16") is not None
@@ -287,7 +265,7 @@ def check_bitmap(bitmap: torch.Tensor, offsets: torch.Tensor, cols: int, nnz: in
     None when they hold, else the problem in the words the torch checks use; False
     when the library is not built or the tensors are not laid out for it (the caller
     then runs the torch checks). Shapes and dtypes must have been checked already."""
-    lib = build()
+    lib = _LIB
     rows = offsets.numel() - 1
     if (lib is None or bitmap.dtype != torch.int32 or offsets.dtype != torch.int32 or bitmap.device.type != "cpu"
             or not bitmap.is_contiguous() or not offsets.is_contiguous() or rows < 0 or bitmap.dim() != 2):
@@ -435,6 +413,9 @@ class CPUBitmapBackend:
     def available(self) -> bool:
         return build() is not None
 
+    def unavailable_reason(self) -> str | None:
+        return unavailable_reason()
+
     def accepts(self, tensors: dict[str, torch.Tensor]) -> bool:
         values = tensors["values"].dtype
         return values in (torch.float16, torch.bfloat16) or (values == torch.int8 and "scales" in tensors)
@@ -444,15 +425,12 @@ class CPUBitmapBackend:
         """The instruction path in use: avx512-vbmi2, avx2 or portable, the widest the
         CPU has; DSF_CPU_ISA=avx2 or =portable forces a narrower one (=avx512 keeps
         AVX-512 without the bf16 dot-product path). Raises ValueError on another value."""
-        forced = os.environ.get("DSF_CPU_ISA") or None
-        if forced not in (None, "avx512", "avx2", "portable"):
-            raise ValueError(f"DSF_CPU_ISA must be avx512, avx2 or portable, not {forced!r}")
-        return _isa(forced)
+        return _isa(settings.get("DSF_CPU_ISA"))
 
     @property
     def bf16_dot(self) -> bool:
         """Whether bf16 models take the AVX512_BF16 dot-product path (DSF_CPU_ISA=avx512 turns it off)."""
-        return self.isa == "avx512-vbmi2" and os.environ.get("DSF_CPU_ISA") != "avx512" and _CAPS[1]
+        return self.isa == "avx512-vbmi2" and settings.get("DSF_CPU_ISA") != "avx512" and _CAPS[1]
 
     def prepare(self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Prepared:
         values = tensors["values"]
@@ -496,16 +474,22 @@ class CPUBitmapBackend:
             return "avx2", choice
         return isa, choice
 
-    def describe(self) -> str:
+    def describe(self, operands: list | None = None) -> str:
         """The instruction path and, on AVX-512, the plan's choices (for `dsf info`,
-        `dsf generate` and the benchmarks)."""
+        `dsf generate` and the benchmarks); with a model's prepared ``operands``, also the
+        column indices built for its sparsest factors (memory beyond the checkpoint's)."""
         isa = self.isa
         plan = path_plan() if isa == "avx512-vbmi2" else None
-        if plan is None:
-            return isa
-        choice = plan.choice()
-        return (f"{isa}; words: bf16 values {choice['bf16']}, fp16 values {choice['fp16']}; "
-                f"nonzeros {choice['nonzeros']}")
+        text = isa
+        if plan is not None:
+            choice = plan.choice()
+            text = (f"{isa}; words: bf16 values {choice['bf16']}, fp16 values {choice['fp16']}; "
+                    f"nonzeros {choice['nonzeros']}")
+        columns = [p.columns for p in operands or () if getattr(p, "columns", None) is not None]
+        if columns:
+            text += (f"; column index on {len(columns)} factors, "
+                     f"{format_bytes(sum(c.numel() * c.element_size() for c in columns))}")
+        return text
 
     @staticmethod
     def _takes_columns(p: Prepared, batch: int) -> bool:

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from dsf_runtime.formats.bitmap import word_popcounts
-from dsf_runtime.kernels import register_backend
+from dsf_runtime.kernels import register_backend, tuning
 
 CHUNK_WORDS = 8  # 256 columns per chunk-offset entry
-# From this batch size on, tiles go through tl.dot (tensor cores, batch padded to 16 rows):
-# on an H200, 4096x4096 DSF layer: batch 2 52 us via dot vs 59 us vector, batch 4 52 vs 85,
-# batch 6 52 vs 1590 (register spills); batch 1 vector 50 us (gpu_tune.md).
-DOT_MIN_BATCH = 2
+# Launch settings measured per GPU model (kernels/tuning.json; the default entry for GPUs
+# not measured): from DOT_MIN_BATCH on, tiles go through tl.dot (tensor cores, batch padded
+# to 16 rows); (block rows, words per step, warps) per path.
+_DEFAULT = tuning.gpu(None)
+DOT_MIN_BATCH: int = _DEFAULT["dot_min_batch"]
 
 
 @functools.cache
@@ -83,20 +84,23 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter: a few programs per row block, so split-K is exercised
 
 
-# Launch settings (block rows, words per step, warps) by path: measured on an H200
-# (`dsf bench gpu --parts tune`, benchmarks/results/gpu/gpu_tune.md).
-# 4096x4096 DSF layer, fp16: batch 1 50 us at (64, 2, 4) vs 61 at (32, 2, 4) and 89 at (16, 1, 4);
-# batch 16 54 us at (64, 2, 4) vs 75 at (64, 1, 4).
-VECTOR_CONFIG = {"block_r": 64, "wpi": 2, "num_warps": 4}  # batch < DOT_MIN_BATCH
-DOT_CONFIG = {"block_r": 64, "wpi": 2, "num_warps": 4}
+VECTOR_CONFIG: dict = _DEFAULT["vector"]  # batch < DOT_MIN_BATCH
+DOT_CONFIG: dict = _DEFAULT["dot"]
+
+
+@functools.cache
+def device_tuning() -> dict:
+    """The tuning entry of the GPU in use (the default one without CUDA)."""
+    return tuning.gpu(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 
 
 def resolve_config(batch: int, use_dot: bool | None = None, block_r: int | None = None, wpi: int | None = None,
                    num_warps: int | None = None) -> dict:
     """The launch settings for ``batch`` activation rows: the path (tl.dot from
     DOT_MIN_BATCH on) and that path's defaults, with any given setting overriding them."""
-    use_dot = batch >= DOT_MIN_BATCH if use_dot is None else use_dot
-    config = DOT_CONFIG if use_dot else VECTOR_CONFIG
+    tune = device_tuning()
+    use_dot = batch >= tune["dot_min_batch"] if use_dot is None else use_dot
+    config = tune["dot"] if use_dot else tune["vector"]
     resolved = {"use_dot": use_dot, "block_r": block_r or config["block_r"], "wpi": wpi or config["wpi"],
                 "num_warps": num_warps or config["num_warps"]}
     if CHUNK_WORDS % resolved["wpi"]:
@@ -163,6 +167,13 @@ class TritonBitmapBackend:
 
     def available(self) -> bool:
         return triton_installed() and torch.cuda.is_available()
+
+    def unavailable_reason(self) -> str | None:
+        if not triton_installed():
+            return "triton is not installed (pip install 'dsf-runtime[gpu]')"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
 
     def prepare(self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Prepared:
         bitmap = tensors["bitmap"].contiguous()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dsf_runtime.benchmarks.quality import perplexity
+from dsf_runtime.evaluate import perplexity
 
 
 def direct_perplexity(model, ids):

@@ -44,3 +44,31 @@ def test_auto_never_picks_dense_reference():
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ConfigError, match="unknown backend"):
         choose_backend("csr", "cpu", "warp-drive")
+
+
+def test_can_run_says_why_not(monkeypatch):
+    from dsf_runtime.kernels import backend_report, can_run
+
+    assert can_run(BACKENDS["torch-bsr"], "bitmap", "cpu") == (False, "does not run the 'bitmap' format (runs bsr)")
+    assert can_run(BACKENDS["triton-bitmap"], "bitmap", "cpu")[1] == "runs on cuda, not cpu"
+    fp32 = {"values": torch.zeros(3, dtype=torch.float32)}
+    if BACKENDS["cpu-bitmap"].available():
+        assert can_run(BACKENDS["cpu-bitmap"], "bitmap", "cpu", fp32) == (False, "does not take torch.float32 values")
+    monkeypatch.setenv("DSF_DISABLED_BACKENDS", "cpu-bitmap")
+    assert can_run(BACKENDS["cpu-bitmap"], "bitmap", "cpu") == (False, "disabled by DSF_DISABLED_BACKENDS")
+    rows = backend_report("bitmap", "cpu")
+    assert [r[0] for r in rows if r[2]][0] == "torch-csr"  # what auto takes now
+    assert {r[0] for r in rows} == set(BACKENDS)
+
+
+def test_disabled_backends_are_never_chosen(monkeypatch):
+    monkeypatch.setenv("DSF_DISABLED_BACKENDS", "cpu-bitmap,torch-csr")
+    with pytest.raises(ConfigError, match="no backend runs format 'bitmap' on cpu .*cpu-bitmap: disabled"):
+        choose_backend("bitmap", "cpu")
+    with pytest.raises(ConfigError, match="backend 'torch-csr' cannot run format 'csr' on cpu: disabled"):
+        choose_backend("csr", "cpu", "torch-csr")
+    monkeypatch.setenv("DSF_DISABLED_BACKENDS", "cpu-bitmap")
+    assert choose_backend("bitmap", "cpu").name == "torch-csr"
+    monkeypatch.setenv("DSF_DISABLED_BACKENDS", "no-such-kernel")
+    with pytest.raises(ConfigError, match="unknown backends no-such-kernel"):
+        choose_backend("bitmap", "cpu")

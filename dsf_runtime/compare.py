@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dsf_runtime.benchmarks.quality import perplexity
 from dsf_runtime.checkpoint import backend_summary, load_any
-from dsf_runtime.converters.data import evaluation_text, tokenize
+from dsf_runtime.data import evaluation_text, tokenize
+from dsf_runtime.evaluate import perplexity
 from dsf_runtime.generate import generate_text
 from dsf_runtime.report import format_bytes, linear_bytes
 
