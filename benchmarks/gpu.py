@@ -80,7 +80,6 @@ def device_bandwidth(nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     us = _median_us(lambda: dst.copy_(src))
-    del src, dst
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 

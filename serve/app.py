@@ -182,7 +182,9 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, star
             ids = await run_in_threadpool(_chat_ids, engine.tokenizer, [m.template_dict() for m in body.messages])
         else:
             ids = await run_in_threadpool(_encode, engine.tokenizer, body.prompt, body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+        payload = {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+        # a long text's token list takes long to serialize: off the event loop as well
+        return Response(await run_in_threadpool(json.dumps, payload), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):

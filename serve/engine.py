@@ -30,7 +30,7 @@ from torch import nn
 
 from dsf_runtime.errors import DSFError
 from dsf_runtime.serve.metrics import ServerMetrics
-from dsf_runtime.serve.runner import ModelRunner
+from dsf_runtime.runner import ModelRunner, eos_token_ids
 from dsf_runtime.serve.sampling import SamplingParams, TokenChoice, check_logits, choose_token
 from dsf_runtime.serve.text import TextStream, max_token_bytes
 
@@ -105,17 +105,6 @@ class Request:
         self.cancelled = True
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if value is not None:
-            ids.update([value] if isinstance(value, int) else list(value))
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
-
-
 class Engine:
     """Owns the model runner and one scheduler thread; thread-safe ``submit`` / ``cancel``."""
 
@@ -135,7 +124,7 @@ class Engine:
             raise ValueError("max_concurrency must be >= 1, max_queue >= 0 and max_restarts >= 0")
         self.runner = ModelRunner(model, slots=max_concurrency, max_len=max_model_len)
         self.tokenizer = tokenizer
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = int(model.config.vocab_size)
         per_token = max_token_bytes(tokenizer)
         # text longer than this cannot fit the context: refused before it is tokenized (x2: normalizer slack)

@@ -41,14 +41,15 @@ def make_loader(model: str, device: str = "cpu", backend: str = "auto", max_conc
 def check_model_exists(model: str) -> None:
     """Fail before binding a port when MODEL names nothing we could load."""
     from dsf_runtime.checkpoint import is_dsf_checkpoint
-    from dsf_runtime.models import EMBEDDED
+    from dsf_runtime.errors import UnsupportedModelError
+    from dsf_runtime.models import EMBEDDED, resolve_model_dir
 
     if model in EMBEDDED or is_dsf_checkpoint(model):
         return
-    path = Path(model)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ConfigError(f"{model} is neither a DSF checkpoint, a model directory nor an embedded model "
-                          f"({', '.join(sorted(EMBEDDED))})")
+    try:
+        resolve_model_dir(model)  # a local model directory, or a Hub id fetched (or found offline) now
+    except UnsupportedModelError as exc:
+        raise ConfigError(f"{model} is not a DSF checkpoint, and not a dense model either: {exc}") from None
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model_name: str | None = None,

@@ -68,3 +68,23 @@ def test_shared_input_groups_really_share_inputs(model_type, tiny_tokenizer):
     for group in groups:
         for name in group[1:]:
             assert torch.equal(seen[name], seen[group[0]]), (group[0], name)
+
+
+def test_a_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    from dsf_runtime.errors import UnsupportedModelError
+    from dsf_runtime.models import resolve_model_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache: nothing may be found
+    with pytest.raises(UnsupportedModelError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
+        resolve_model_dir("meta-llama/Llama-2-7b-hf")
+    with pytest.raises(UnsupportedModelError, match="neither a model directory, a Hugging Face Hub id"):
+        resolve_model_dir("not/a/hub/id")
+
+
+def test_a_local_directory_wins_over_a_hub_id(tiny_model_dir, monkeypatch):
+    from dsf_runtime.models import resolve_model_dir
+
+    monkeypatch.chdir(tiny_model_dir.parent.parent)
+    relative = tiny_model_dir.relative_to(tiny_model_dir.parent.parent)  # "owner/name"-shaped
+    assert resolve_model_dir(str(relative)) == relative

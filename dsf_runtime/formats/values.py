@@ -8,12 +8,22 @@ decodes and validates values the same way."""
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from dsf_runtime.errors import ConfigError
 from dsf_runtime.formats import TensorSpec, all_finite
 
 INT8_MAX = 127
+
+# The value dtypes a checkpoint may store, by the name written in its metadata: the one
+# definition every layer (checkpoint, converters, CLI, benchmarks) uses.
+ValueDtypeName = Literal["bfloat16", "float16", "float32", "int8"]
+VALUE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                                        "float32": torch.float32, "int8": torch.int8}
+DEFAULT_VALUE_DTYPE: ValueDtypeName = "bfloat16"  # fp32's exponent range in fp16's bytes
+assert tuple(VALUE_DTYPES) == get_args(ValueDtypeName)
 
 
 def is_int8(value_dtype: torch.dtype) -> bool:

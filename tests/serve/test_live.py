@@ -194,7 +194,7 @@ def test_dsf_serve_command(checkpoint):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["does-not-exist"], "neither a DSF checkpoint"),
+    (["does-not-exist"], "not a DSF checkpoint, and not a dense model either"),
     (["smollm2-135m", "--max-concurrency", "0"], "--max-concurrency"),
     (["smollm2-135m", "--max-queue", "-1"], "--max-queue"),
 ])
@@ -253,7 +253,7 @@ def test_health_stays_fast_while_a_huge_prompt_is_handled(checkpoint):
                 t0 = time.monotonic()
                 assert http.get("/health").status_code == 200
                 latencies.append(time.monotonic() - t0)
-                time.sleep(0.02)
+                time.sleep(0.01)
         latencies.sort()
         assert result["tokenize"].status_code == 200 and result["tokenize"].json()["count"] > 100_000
         assert result["tokenize_s"] > 0.3 and len(latencies) >= 10  # /health was probed while tokenizing

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsf_runtime.errors import UnsupportedModelError
+from dsf_runtime.models import ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)  # the architecture table's decoders (LLaMA-style attention)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -165,3 +166,15 @@ class ModelRunner:
         if src != dst and length > 0:
             self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
             self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Every id that ends a sequence: the generation config's, the model config's and the tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else list(value))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_tiny_llama
 from dsf_runtime.errors import UnsupportedModelError
-from dsf_runtime.serve.runner import ModelRunner
+from dsf_runtime.runner import ModelRunner
 
 
 def _reference(model, ids: list[int]) -> torch.Tensor:
