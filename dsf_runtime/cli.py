@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size of the one huge prompt sent mid-run (0: none; default 8)")
     q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where soak.json/.md go")
 
+    q = bench.add_parser("report", help="write docs/results.md from the result files (JSON + markdown)")
+    q.add_argument("--results", default=os.path.join("benchmarks", "results"), help="the result files' folder")
+    q.add_argument("--out", default=os.path.join("docs", "results.md"), help="the page to write")
+    q.add_argument("--no-readme", dest="readme", action="store_false",
+                   help="leave the README's headline table (beside the docs folder) as it is")
+
     p = sub.add_parser("serve", help="OpenAI-compatible server (completions, chat, streaming, /metrics)")
     p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -431,6 +437,17 @@ def cmd_bench(args) -> None:
             raise ConfigError("nothing to measure: give --checkpoint, --dense or --external")
         run_serving_bench(servers, external, Path(args.out), streams, args.rounds, args.max_tokens,
                           engines_model=args.checkpoint if args.engines else None, append=args.append)
+        return
+    if args.bench == "report":
+        from dsf_runtime.benchmarks.report import write_headline, write_results_page
+
+        if not Path(args.results).is_dir():
+            raise ConfigError(f"{args.results} is not a folder of result files")
+        print(f"written: {write_results_page(Path(args.results), Path(args.out))}")
+        readme = Path(args.out).resolve().parent.parent / "README.md"
+        if args.readme and readme.is_file():
+            write_headline(readme, Path(args.results))
+            print(f"written: the headline table of {readme.name}")
         return
     if args.bench == "soak":
         from dsf_runtime.benchmarks.soak import soak_command
