@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -23,19 +24,32 @@ def ckpt(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def test_info_lists_every_layer(ckpt):
-    proc = run_cli("info", str(ckpt))
-    assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("model.layers.")]
+def cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    """Run `dsf ARGS` in this process as the console script would: (exit code, stdout, stderr).
+    Logging goes to stderr as outside pytest (the CLI's basicConfig is a no-op under pytest's handlers)."""
+    monkeypatch.setattr(logging.root, "handlers", [])
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_info_lists_every_layer(ckpt, capsys, monkeypatch):
+    code, out, err = cli(capsys, monkeypatch, "info", str(ckpt))
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("model.layers.")]
     assert len(lines) == 14
-    assert "14 compressed linears" in proc.stdout
-    proc = run_cli("info", str(ckpt), "--json")
-    layers = json.loads(proc.stdout)["layers"]
+    assert "14 compressed linears" in out
+    code, out, _ = cli(capsys, monkeypatch, "info", str(ckpt), "--json")
+    layers = json.loads(out)["layers"]
     assert all(row["total_density"] <= 0.4 + 1e-9 for row in layers)
     assert all(0 < row["density_left"] <= 1 and 0 < row["density_right"] <= 1 for row in layers)
 
 
 def test_generate_reports_backend(ckpt):
+    """The one subprocess test: the real console entry point, end to end."""
     proc = run_cli("generate", str(ckpt), "--prompt", "Elizabeth", "--max-tokens", "5")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Elizabeth")
@@ -43,58 +57,66 @@ def test_generate_reports_backend(ckpt):
 
     expected = "cpu-bitmap" if BACKENDS["cpu-bitmap"].available() else "torch-csr"  # the default format is bitmap
     assert f"backend: {expected} x14" in proc.stderr
+    bad = run_cli("nonsense")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "invalid choice" in bad.stderr
 
 
-def test_eval_prints_perplexity(ckpt, tiny_model_dir, tmp_path):
+def test_eval_prints_perplexity(ckpt, tiny_model_dir, tmp_path, capsys, monkeypatch):
     text = tmp_path / "held.txt"
     text.write_text("It is a truth universally acknowledged. " * 40)
     for model in (ckpt, tiny_model_dir):
-        proc = run_cli("eval", str(model), "--text", str(text), "--window", "64", "--stride", "32")
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.startswith("perplexity ")
-        assert float(proc.stdout.split()[1]) > 1.0
+        code, out, err = cli(capsys, monkeypatch, "eval", str(model), "--text", str(text), "--window", "64",
+                             "--stride", "32")
+        assert code == 0, err
+        assert out.startswith("perplexity ")
+        assert float(out.split()[1]) > 1.0
 
 
-def _one_line_error(proc, pattern):
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert pattern in lines[0], lines[0]
+@pytest.fixture
+def one_line_error(capsys, monkeypatch):
+    """Check that `dsf ARGS` exits with code 2 and one line on stderr containing ``pattern``."""
+    def check(pattern: str, *args: str) -> None:
+        code, _, err = cli(capsys, monkeypatch, *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert pattern in lines[0], lines[0]
+
+    return check
 
 
 @pytest.mark.parametrize("sparsity", ["0", "1", "1.5", "-0.2"])
-def test_bad_sparsity(tiny_model_dir, tmp_path, sparsity):
-    _one_line_error(run_cli("compress", str(tiny_model_dir), str(tmp_path / "o"), "--sparsity", sparsity), "sparsity")
+def test_bad_sparsity(tiny_model_dir, tmp_path, sparsity, one_line_error):
+    one_line_error("sparsity", "compress", str(tiny_model_dir), str(tmp_path / "o"), "--sparsity", sparsity)
 
 
-def test_unsupported_model(tmp_path):
+def test_unsupported_model(tmp_path, one_line_error):
     bad = tmp_path / "gpt"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    _one_line_error(run_cli("compress", str(bad), str(tmp_path / "o")), "not supported")
+    one_line_error("not supported", "compress", str(bad), str(tmp_path / "o"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_error(run_cli("compress", str(empty), str(tmp_path / "o")), "no config.json")
-    _one_line_error(run_cli("compress", str(tmp_path / "absent"), str(tmp_path / "o")), "neither a model directory")
+    one_line_error("no config.json", "compress", str(empty), str(tmp_path / "o"))
+    one_line_error("neither a model directory", "compress", str(tmp_path / "absent"), str(tmp_path / "o"))
 
 
-def test_checkpoint_missing_files(ckpt, tmp_path):
+def test_checkpoint_missing_files(ckpt, tmp_path, one_line_error):
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
     (broken / "model.safetensors").unlink()
-    _one_line_error(run_cli("info", str(broken)), "missing model.safetensors")
-    _one_line_error(run_cli("generate", str(broken)), "missing model.safetensors")
+    one_line_error("missing model.safetensors", "info", str(broken))
+    one_line_error("missing model.safetensors", "generate", str(broken))
     (broken / "config.json").unlink()
-    _one_line_error(run_cli("eval", str(broken)), "missing config.json")
+    one_line_error("missing config.json", "eval", str(broken))
 
 
-def test_bad_options(ckpt):
-    _one_line_error(run_cli("generate", str(ckpt), "--max-tokens", "0"), "--max-tokens")
-    _one_line_error(run_cli("generate", str(ckpt), "--backend", "nope"), "unknown backend")
-    _one_line_error(run_cli("eval", str(ckpt), "--window", "8", "--stride", "16"), "--stride")
-    _one_line_error(run_cli("nonsense"), "invalid choice")
+def test_bad_options(ckpt, one_line_error):
+    one_line_error("--max-tokens", "generate", str(ckpt), "--max-tokens", "0")
+    one_line_error("unknown backend", "generate", str(ckpt), "--backend", "nope")
+    one_line_error("--stride", "eval", str(ckpt), "--window", "8", "--stride", "16")
+    one_line_error("invalid choice", "nonsense")
 
 
 def test_info_without_a_checkpoint_lists_backends_and_settings(capsys, monkeypatch):
