@@ -35,3 +35,16 @@ def api_error(resp, status: int) -> dict:
     err = resp.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     return err
+
+
+def fail_on_call(fn, n: int, error: Exception):
+    """``fn`` wrapped so that its ``n``-th call raises ``error`` (and every other call goes through)."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return fn(*args, **kwargs)
+
+    return wrapper

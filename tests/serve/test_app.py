@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from conftest import make_tiny_llama
 from dsf_runtime.serve.app import create_app
 from dsf_runtime.serve.engine import Engine
-from tests_support import api_error
+from tests_support import api_error, fail_on_call
 
 NAME = "tiny-dsf"
 
@@ -240,15 +240,7 @@ def test_engine_failure_mid_stream_is_an_error_chunk_then_the_engine_restarts(pa
     app = create_app(_loader(parts, max_restarts=1), NAME)
     with TestClient(app) as c:
         engine = _ready(c).app.state.server.engine
-        real, calls = engine.runner.decode, []
-
-        def failing(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 3:
-                raise RuntimeError("device lost")
-            return real(*args, **kwargs)
-
-        engine.runner.decode = failing
+        engine.runner.decode = fail_on_call(engine.runner.decode, 3, RuntimeError("device lost"))
         body = {"model": NAME, "prompt": "Anne", "max_tokens": 20, "ignore_eos": True, "stream": True}
         with c.stream("POST", "/v1/completions", json=body) as resp:
             resp.read()

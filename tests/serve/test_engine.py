@@ -21,6 +21,7 @@ from dsf_runtime.serve.engine import (
 )
 from dsf_runtime.serve.metrics import ServerMetrics
 from dsf_runtime.serve.sampling import SamplingParams
+from tests_support import fail_on_call
 
 PROMPTS = ["Elizabeth was", "It is a truth universally acknowledged", "Mr. Darcy", "The sisters walked",
            "Anne", "Captain Wentworth had", "Emma", "Her mother"]
@@ -170,15 +171,8 @@ def test_failed_steps_restart_the_engine_until_the_budget_is_spent(model, tiny_t
 
 def test_waiting_requests_survive_a_restart(model, tiny_tokenizer, monkeypatch):
     eng = Engine(model, tiny_tokenizer, max_concurrency=1, max_model_len=64).start()
-    real, calls = eng.runner.decode, []
-
-    def fails_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("transient")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(eng.runner, "decode", fails_once)
+    real = eng.runner.decode
+    monkeypatch.setattr(eng.runner, "decode", fail_on_call(real, 2, RuntimeError("transient")))
     try:
         first, second = queue.Queue(), queue.Queue()
         eng.submit(_ids(tiny_tokenizer, "Anne"), greedy(6), first.put)
