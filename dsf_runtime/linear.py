@@ -145,9 +145,13 @@ class DSFLinear(nn.Module):
             self.prepare(x.dtype)
         right, left = self._prepared
         h = x.reshape(-1, self.in_features)  # (N, in)
-        if right is not None:
-            h = self._backend.matmul(right, h)  # (N, rank)
-        y = self._backend.matmul(left, h)  # (N, out)
+        pair = getattr(self._backend, "pair", None)  # L (R x) in one kernel call, where the backend has it
+        if right is not None and pair is not None:
+            y = pair(right, left, h)  # (N, out)
+        else:
+            if right is not None:
+                h = self._backend.matmul(right, h)  # (N, rank)
+            y = self._backend.matmul(left, h)  # (N, out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -24,30 +24,19 @@ is in ``unavailable_reason()``.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 
 import torch
 
 from dsf_runtime import settings
 from dsf_runtime.formats import bitmap as bitmap_format
-from dsf_runtime.kernels import register_backend, tuning
+from dsf_runtime.kernels import cpu_ops, register_backend, tuning
 from dsf_runtime.units import format_bytes
 
 log = logging.getLogger(__name__)
 
-_LIB: ctypes.CDLL | None = None
-_CAPS = (False, False, False)  # (AVX-512 VBMI2 path, AVX512_BF16 path, AVX2 path) on this CPU, read once at build
 # Thresholds measured per instruction path (kernels/tuning.json says how); the DSF_*
 # settings override them. From NZ_MIN_BATCH on, the vector paths iterate nonzeros (x as
 # [in][batch]) instead of expanding bitmap words. On AVX2, factors at most
@@ -78,100 +67,39 @@ def columns_max_batch(isa: str) -> int:
 
 
 _REASON: str | None = None
-_P = ctypes.c_void_p
-_I64 = ctypes.c_int64
+_LOADED = False
+_PATHS: frozenset[str] = frozenset()  # the op library's paths on this CPU (cpu_paths), read once at build
+find_compiler = cpu_ops.find_compiler
 
 
-def _source() -> Path:
-    return Path(str(resources.files("dsf_runtime.kernels") / "csrc" / "bitmap_spmm.cpp"))
+def has_path(name: str) -> bool:
+    """Whether this CPU runs the library's ``name`` path: avx512-vbmi2, avx512-bf16, avx2, portable."""
+    return name in _PATHS
 
 
-def find_compiler() -> str | None:
-    """The C++ compiler to build the kernel with: $CXX, else the first of c++, g++, clang++."""
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def compile_library(src: Path, cxx: str, force: bool = False) -> Path:
-    """The shared library built from the C++ source ``src`` by ``cxx``: compiled once per
-    source text and compiler into the cache (atomically, so concurrent builds never load
-    a half-written file). Raises RuntimeError holding the compiler's last line on failure."""
-    digest = hashlib.sha256(src.read_bytes() + cxx.encode()).hexdigest()[:16]
-    target = settings.cache_dir() / "kernels" / f"bitmap_spmm-{digest}.so"
-    if force or not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            out = Path(tmp) / target.name
-            cmd = [cxx, "-O3", "-fPIC", "-shared", "-fopenmp", "-std=c++17", str(src), "-o", str(out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(str(proc.stderr.strip().splitlines()[-1:]))
-            os.replace(out, target)
-    return target
-
-
-def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """Declare the argument and result types of the library's entry points."""
-    lib.dsf_has_avx512.restype = ctypes.c_int
-    lib.dsf_has_avx512_bf16.restype = ctypes.c_int
-    lib.dsf_has_avx2.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_nz.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]
-    lib.dsf_bitmap_spmm_nz.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_bf16dot.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
-    lib.dsf_bitmap_spmm_bf16dot.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_avx512.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
-    lib.dsf_bitmap_spmm_avx512.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_nz_avx2.argtypes = [_P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]
-    lib.dsf_bitmap_spmm_nz_avx2.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_avx2.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
-    lib.dsf_bitmap_spmm_avx2.restype = ctypes.c_int
-    lib.dsf_bitmap_check.argtypes = [_P, _P, _I64, _I64, _I64, _I64]
-    lib.dsf_bitmap_check.restype = ctypes.c_int64
-    lib.dsf_bitmap_spmm_portable.argtypes = [_P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]
-    lib.dsf_bitmap_spmm_portable.restype = ctypes.c_int
-    lib.dsf_bitmap_spmm_cols_avx2.argtypes = [_P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, ctypes.c_int]
-    lib.dsf_bitmap_spmm_cols_avx2.restype = ctypes.c_int
-    lib.dsf_bitmap_columns.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P]
-    lib.dsf_bitmap_columns.restype = ctypes.c_int
-    lib.dsf_plan_paths.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
-    lib.dsf_plan_paths.restype = ctypes.c_int
-    return lib
-
-
-def build(force: bool = False) -> ctypes.CDLL | None:
-    """Compile (once per source and compiler) and load the kernel library."""
-    global _LIB, _REASON
-    if _LIB is not None and not force:
-        return _LIB
-    cxx = find_compiler()
-    if cxx is None:
-        _REASON = "no C++ compiler found (set CXX or install g++)"
-        return None
+def build() -> bool:
+    """Build (once per source, cached) and load the kernels' torch ops; False (with the
+    reason in unavailable_reason()) where that fails."""
+    global _LOADED, _REASON, _PATHS, _PLAN, _PLANNED
+    if _LOADED:
+        return True
     try:
-        target = compile_library(_source(), cxx, force)
-    except RuntimeError as exc:
-        _REASON = f"compiling the CPU kernel failed: {exc}"
+        cpu_ops.load()
+    except cpu_ops.BuildError as exc:
+        _REASON = str(exc)
         log.warning(_REASON)
-        return None
-    try:
-        lib = bind(ctypes.CDLL(str(target)))
-    except OSError as exc:
-        _REASON = f"loading the CPU kernel failed: {exc}"
-        return None
-    global _CAPS, _PLAN, _PLANNED
-    _CAPS = (bool(lib.dsf_has_avx512()), bool(lib.dsf_has_avx512_bf16()), bool(lib.dsf_has_avx2()))
+        return False
+    _PATHS = frozenset(cpu_ops.ops().cpu_paths())
     _ISA_CACHE.clear()
     with _PLAN_LOCK:
         _PLAN, _PLANNED = None, False  # measured on first use (path_plan)
-    _LIB, _REASON = lib, None
+    _LOADED, _REASON = True, None
     bitmap_format.set_native_check(check_bitmap)  # checkpoint validation uses the one-pass native check
-    return lib
+    return True
 
 
-# On AVX-512 CPUs the paths' variants are timed once per process (dsf_plan_paths: a
-# synthetic factor, ~0.12 s), when a factor with fp16 or bf16 values is first prepared or
+# On AVX-512 CPUs the paths' variants are timed once per process (csrc/plan.cpp: a
+# synthetic factor, ~0.12 s; the ``plan_paths`` op), when a factor with fp16 or bf16 values is first prepared or
 # the backend described: a process that only checks availability or runs int8 factors does
 # not pay for it. Which variant is faster depends on the microarchitecture.
 # On AMD Zen 4, at batch 1, the 512-bit word path ran 2.0x slower than its 256-bit
@@ -225,21 +153,20 @@ _PLANNED = False  # whether _PLAN was measured for the loaded library
 _PLAN_LOCK = threading.Lock()
 
 
-def _measure_plan(lib: ctypes.CDLL) -> PathPlan | None:
-    ns = (ctypes.c_double * len(PLAN_CANDIDATES))()
-    if lib.dsf_plan_paths(ns, len(PLAN_CANDIDATES)) != 0:
-        return None
-    return PathPlan({name: (t if t >= 0 else None) for name, t in zip(PLAN_CANDIDATES, ns)})
+def _measure_plan() -> PathPlan:
+    names, ns = cpu_ops.ops().plan_paths()
+    timed = dict(zip(names, ns))
+    return PathPlan({name: timed.get(name) for name in PLAN_CANDIDATES})
 
 
 def path_plan() -> PathPlan | None:
     """This CPU's measured plan for the AVX-512 paths (None without AVX-512 or the kernel),
     timed on the first call after the library is loaded."""
     global _PLAN, _PLANNED
-    lib = build()
+    built = build()
     with _PLAN_LOCK:
         if not _PLANNED:
-            _PLAN = _measure_plan(lib) if lib is not None and _CAPS[0] else None
+            _PLAN = _measure_plan() if built and has_path("avx512-vbmi2") else None
             _PLANNED = True
         return _PLAN
 
@@ -247,10 +174,6 @@ def path_plan() -> PathPlan | None:
 def unavailable_reason() -> str | None:
     build()
     return _REASON
-
-
-# Value kinds as the C++ kernel numbers them (its ``kind`` argument).
-KIND_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
 _CHECK_MESSAGES = {
@@ -265,12 +188,12 @@ def check_bitmap(bitmap: torch.Tensor, offsets: torch.Tensor, cols: int, nnz: in
     None when they hold, else the problem in the words the torch checks use; False
     when the library is not built or the tensors are not laid out for it (the caller
     then runs the torch checks). Shapes and dtypes must have been checked already."""
-    lib = _LIB
     rows = offsets.numel() - 1
-    if (lib is None or bitmap.dtype != torch.int32 or offsets.dtype != torch.int32 or bitmap.device.type != "cpu"
-            or not bitmap.is_contiguous() or not offsets.is_contiguous() or rows < 0 or bitmap.dim() != 2):
+    if (not _LOADED or bitmap.dtype != torch.int32 or offsets.dtype != torch.int32 or bitmap.device.type != "cpu"
+            or not bitmap.is_contiguous() or not offsets.is_contiguous() or rows < 0 or bitmap.dim() != 2
+            or bitmap.shape[0] != rows or bitmap.shape[1] * 32 < cols):
         return False
-    code = lib.dsf_bitmap_check(bitmap.data_ptr(), offsets.data_ptr(), rows, bitmap.shape[1], cols, nnz)
+    code = cpu_ops.ops().bitmap_check(bitmap, offsets, cols, nnz)
     if code == 0:
         return None
     if code < 0:
@@ -282,16 +205,19 @@ def bitmap_columns(p: Prepared) -> torch.Tensor:
     """The column of every nonzero of a prepared factor, row by row (uint16 bits in an
     int16 tensor): the column-index path's operand. Raises ValueError when the factor's
     bits do not match its offsets or lie past its columns, or it has over 65536 columns."""
-    lib = build()
-    columns = torch.empty(p.nvalues, dtype=torch.int16)
     if (tuple(p.bitmap.shape) != (p.rows, p.words) or p.offsets.numel() != p.rows + 1 or p.words * 32 < p.cols
             or p.bitmap.dtype != torch.int32 or p.offsets.dtype != torch.int32):
         raise ValueError(f"a {p.rows}x{p.cols} bitmap factor needs a ({p.rows}, {-(-p.cols // 32)}) int32 bitmap "
                          f"and {p.rows + 1} int32 row offsets")
-    if lib is None or lib.dsf_bitmap_columns(p.ptrs[0], p.ptrs[1], p.rows, p.words, p.cols, p.nvalues,
-                                             columns.data_ptr()) != 0:
-        raise ValueError(f"cannot index the columns of a {p.rows}x{p.cols} bitmap factor: its bits do not match "
-                         "its row offsets or columns (or it has over 65536 columns)")
+    if not build():
+        raise ValueError(f"cannot index a bitmap factor's columns: {_REASON}")
+    try:
+        columns = cpu_ops.ops().bitmap_columns(p.bitmap, p.offsets, p.cols)
+    except RuntimeError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
+    if columns.numel() != p.nvalues:
+        raise ValueError(f"a {p.rows}x{p.cols} bitmap factor's row offsets count {columns.numel()} nonzeros, "
+                         f"its values {p.nvalues}")
     return columns
 
 
@@ -299,23 +225,29 @@ def _isa(forced: str | None) -> str:
     """The path for a DSF_CPU_ISA value (see CPUBitmapBackend.isa); remembered once built."""
     isa = _ISA_CACHE.get(forced)
     if isa is None:
-        lib = build()
-        if lib is None or forced == "portable":
+        if not build() or forced == "portable":
             return "portable"  # not remembered: a later build may succeed
-        isa = "avx512-vbmi2" if _CAPS[0] and forced != "avx2" else "avx2" if _CAPS[2] else "portable"
+        isa = ("avx512-vbmi2" if has_path("avx512-vbmi2") and forced != "avx2"
+               else "avx2" if has_path("avx2") else "portable")
         _ISA_CACHE[forced] = isa
     return isa
 
 
 _ISA_CACHE: dict[str | None, str] = {}
 
+# Value kinds as the kernels number them.
+KIND_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}
+# Path codes of the ops' plan (csrc/ops.cpp).
+_WORD_CODES = {"portable": 0, "avx2": 1, "avx512-vbmi2": 2}
+_NZ_CODES = {"portable": 0, "avx2": 1, "avx512-vbmi2": 2}
+_NO_COLUMNS = torch.empty(0, dtype=torch.int16)
+
 
 @dataclass(frozen=True)
 class Paths:
     """Which kernel path a prepared factor takes per batch size, decided once at
-    prepare() from the CPU and the DSF_* settings: a decode step makes hundreds of
-    kernel calls, and reading the environment in each cost ~5 us of Python per call
-    (~7% of a SmolLM2 decode step under cProfile). ``CPUBitmapBackend.refresh`` re-reads them."""
+    prepare() from the CPU and the DSF_* settings (a decode step makes hundreds of
+    kernel calls; none reads the environment). ``CPUBitmapBackend.refresh`` re-reads them."""
 
     isa: str  # the instruction path for this factor's values (int8 values run AVX2's on AVX-512 CPUs;
     # fp16 values too where the plan measured AVX2's word path faster)
@@ -325,6 +257,12 @@ class Paths:
     bf16_dot: bool  # bf16 activations take the AVX512_BF16 dot-product path
     ymm: bool = False  # AVX-512 word path: the 256-bit variant (bf16 values: x split into bf16 parts)
     dot_ymm: bool = False  # the bf16 dot-product path's 256-bit variant
+
+    def codes(self) -> list[int]:
+        """The ops' plan: [word path, nonzero path, nz_min_batch, columns_max_batch, dot path]."""
+        word = 3 if self.isa == "avx512-vbmi2" and self.ymm else _WORD_CODES[self.isa]
+        dot = (3 if self.dot_ymm else 2) if self.bf16_dot else 0
+        return [word, _NZ_CODES[self.nz_isa], self.nz_min_batch, self.columns_max_batch, dot]
 
 
 @dataclass
@@ -338,69 +276,31 @@ class Prepared:
     kind: int  # 0 fp16, 1 bf16, 2 int8
     columns: torch.Tensor | None = None  # (nnz,) int16 holding uint16 columns: the column-index path's operand
     paths: Paths | None = None  # set by CPUBitmapBackend.prepare (and refresh)
-    # (bitmap, offsets, values, scales) addresses, the value count and the words per row,
-    # read once: a decode step calls the kernel hundreds of times on small layers, where
-    # the Python around each call is a fifth of its time. The tensors above keep them valid.
-    ptrs: tuple[int, int, int, int] = field(init=False, repr=False)
-    nvalues: int = field(init=False, repr=False)
-    words: int = field(init=False, repr=False)
-    # The kernel call for one contiguous fp32 row of x, all but x's and y's addresses
-    # bound (see batch1_call); None where that case takes matmul's general route.
-    call1: Callable[[int, int], int] | None = field(init=False, repr=False, default=None)
+    # The ops' operands, built once: [bitmap, offsets, values, scales, columns or empty]
+    # and the plan's codes (from ``paths``).
+    tensors: list[torch.Tensor] = field(init=False, repr=False)
+    plan: list[int] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self.ptrs = (self.bitmap.data_ptr(), self.offsets.data_ptr(), self.values.data_ptr(), self.scales.data_ptr())
-        self.nvalues = self.values.numel()
-        self.words = self.bitmap.shape[1]
-        if self.paths is not None:
-            self.call1 = batch1_call(self)
+        self.sync()
 
-    def __reduce__(self):
-        # copy.deepcopy and pickle rebuild through __init__, so that the addresses are
-        # those of the copied tensors, never the originals'
-        return (Prepared, (self.bitmap, self.offsets, self.values, self.scales, self.rows, self.cols, self.kind,
-                           self.columns, self.paths))
+    def sync(self) -> None:
+        """Rebuild the ops' operands from the fields (after ``columns`` or ``paths`` change)."""
+        self.tensors = [self.bitmap, self.offsets, self.values, self.scales,
+                        self.columns if self.columns is not None else _NO_COLUMNS]
+        self.plan = self.paths.codes() if self.paths is not None else []
+
+    @property
+    def nvalues(self) -> int:
+        return self.values.numel()
+
+    @property
+    def words(self) -> int:
+        return self.bitmap.shape[1]
 
     @property
     def is_bf16(self) -> int:
         return int(self.kind == 1)
-
-
-def _columns_call(lib: ctypes.CDLL, p: Prepared, n: int) -> Callable[[int, int], int]:
-    """``call(x_address, y_address)`` of the column-index kernel for ``n`` rows of x
-    ([n][cols], fp32)."""
-    fn, columns = lib.dsf_bitmap_spmm_cols_avx2, p.columns.data_ptr()
-    _, offsets, values, scales = p.ptrs
-    rows, cols, kind = p.rows, p.cols, p.kind
-    return lambda xp, yp: fn(offsets, columns, values, scales, xp, cols, yp, rows, rows, cols, n, kind)
-
-
-def _words_call(lib: ctypes.CDLL, p: Prepared, n: int) -> Callable[[int, int], int]:
-    """``call(x_address, y_address)`` of the word path (AVX-512 or AVX2, per ``p.paths``)
-    for ``n`` rows of x padded to whole 32-column words ([n][32 * words], fp32)."""
-    bitmap, offsets, values, scales = p.ptrs
-    rows, words, nvalues, ldx = p.rows, p.words, p.nvalues, p.words * 32
-    if p.paths.isa == "avx512-vbmi2":
-        fn, mode = lib.dsf_bitmap_spmm_avx512, p.is_bf16 | (2 if p.paths.ymm else 0)
-        return lambda xp, yp: fn(bitmap, offsets, values, nvalues, xp, ldx, yp, rows, rows, words, n, mode)
-    fn, kind = lib.dsf_bitmap_spmm_avx2, p.kind
-    return lambda xp, yp: fn(bitmap, offsets, values, scales, nvalues, xp, ldx, yp, rows, rows, words, n, kind)
-
-
-def batch1_call(p: Prepared) -> Callable[[int, int], int] | None:
-    """The kernel call ``call(x_address, y_address)`` for one contiguous fp32 row of x
-    (a decode step's), on the path ``p.paths`` chooses at batch 1, with everything else
-    bound now: SmolLM2's decode step makes 420 kernel calls, and matmul's general route
-    costs ~5 us of Python more per call. None where batch 1 takes that route anyway (x
-    to be padded to whole words, the nonzero or the portable path)."""
-    lib, paths = build(), p.paths
-    if lib is None or paths is None:
-        return None
-    if paths.columns_max_batch >= 1:
-        return _columns_call(lib, p, 1)
-    if paths.nz_min_batch <= 1 or paths.isa == "portable" or p.cols != p.words * 32:
-        return None
-    return _words_call(lib, p, 1)
 
 
 @register_backend
@@ -411,7 +311,7 @@ class CPUBitmapBackend:
     priority = 20  # preferred over torch-csr where it builds
 
     def available(self) -> bool:
-        return build() is not None
+        return build()
 
     def unavailable_reason(self) -> str | None:
         return unavailable_reason()
@@ -430,13 +330,13 @@ class CPUBitmapBackend:
     @property
     def bf16_dot(self) -> bool:
         """Whether bf16 models take the AVX512_BF16 dot-product path (DSF_CPU_ISA=avx512 turns it off)."""
-        return self.isa == "avx512-vbmi2" and settings.get("DSF_CPU_ISA") != "avx512" and _CAPS[1]
+        return self.isa == "avx512-vbmi2" and settings.get("DSF_CPU_ISA") != "avx512" and has_path("avx512-bf16")
 
     def prepare(self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Prepared:
         values = tensors["values"]
         if not self.accepts(tensors):
             raise ValueError(f"cpu-bitmap needs fp16, bf16 or int8 (with row scales) values, got {values.dtype}")
-        scales = tensors["scales"].contiguous() if values.dtype == torch.int8 else torch.empty(0)
+        scales = tensors["scales"].float().contiguous() if values.dtype == torch.int8 else torch.empty(0)
         p = Prepared(
             tensors["bitmap"].contiguous(), tensors["row_offsets"].contiguous(), values.contiguous(), scales,
             shape[0], shape[1], KIND_CODES[values.dtype],
@@ -453,11 +353,12 @@ class CPUBitmapBackend:
         isa, choice = self._factor_isa(p.kind)
         columns = columns_max_batch(isa)  # read (and checked) whatever the path
         ymm = isa == "avx512-vbmi2" and p.kind == 1 and choice.get("bf16") == "avx512-256"
-        nz_isa = "avx2" if isa == "avx512-vbmi2" and choice.get("nonzeros") == "avx2" and _CAPS[2] else isa
+        nz_isa = ("avx2" if isa == "avx512-vbmi2" and choice.get("nonzeros") == "avx2" and has_path("avx2")
+                  else isa)
         p.paths = Paths(isa, nz_isa, nz_min_batch(f"{isa} ymm" if ymm else isa),
                         columns if isa == "avx2" and p.columns is not None else 0,
                         self.bf16_dot, ymm=ymm, dot_ymm=choice.get("bf16 model") == "avx512-256")
-        p.call1 = batch1_call(p)
+        p.sync()
         return p
 
     def _factor_isa(self, kind: int) -> tuple[str, dict[str, str]]:
@@ -467,10 +368,10 @@ class CPUBitmapBackend:
         if isa != "avx512-vbmi2":
             return isa, {}
         if kind == 2:
-            return ("avx2" if _CAPS[2] else "portable"), {}  # int8 values run the AVX2 paths
+            return ("avx2" if has_path("avx2") else "portable"), {}  # int8 values run the AVX2 paths
         plan = path_plan()
         choice = plan.choice() if plan is not None else {}
-        if choice.get("bf16" if kind == 1 else "fp16") == "avx2" and _CAPS[2]:
+        if choice.get("bf16" if kind == 1 else "fp16") == "avx2" and has_path("avx2"):
             return "avx2", choice
         return isa, choice
 
@@ -505,49 +406,9 @@ class CPUBitmapBackend:
         return weights + p.bitmap.numel() * 4
 
     def matmul(self, p: Prepared, x: torch.Tensor) -> torch.Tensor:
-        call = p.call1
-        if call is not None and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_contiguous():
-            y = torch.empty(1, p.rows, dtype=torch.float32)  # a decode step's call: the least Python
-            if call(x.data_ptr(), y.data_ptr()) != 0:
-                raise RuntimeError("cpu-bitmap kernel refused its arguments")
-            return y
-        lib = build()
-        n = x.shape[0]
-        padded_cols = p.words * 32
-        args = p.ptrs[:3]
-        paths = p.paths
-        isa = paths.isa
-        scales = p.ptrs[3]
-        y = torch.empty(n, p.rows, dtype=torch.float32)
-        columns = self._takes_columns(p, n)
-        if columns or isa == "portable" or n >= paths.nz_min_batch:
-            # x read unpadded: a sparse factor at small batch gathers x by its nonzeros'
-            # columns; large batches (prefill, many streams) and the portable path work in
-            # proportion to the nonzeros (the kernel lays x out as [in][batch] itself)
-            xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.detach().to(torch.float32).contiguous()
-            sizes = (xf.data_ptr(), p.cols, y.data_ptr(), p.rows, p.rows, p.cols, p.words, n)
-            if columns:
-                rc = _columns_call(lib, p, n)(xf.data_ptr(), y.data_ptr())
-            elif paths.nz_isa == "avx512-vbmi2":
-                rc = lib.dsf_bitmap_spmm_nz(*args, *sizes, p.is_bf16)
-            elif paths.nz_isa == "avx2":
-                rc = lib.dsf_bitmap_spmm_nz_avx2(*args, scales, *sizes, p.kind)
-            else:
-                rc = lib.dsf_bitmap_spmm_portable(*args, scales, *sizes, p.kind)
-        elif x.dtype == torch.bfloat16 and p.is_bf16 and isa == "avx512-vbmi2" and paths.bf16_dot:
-            # a bf16 model: bf16 x bf16 products with fp32 accumulation, as a dense bf16 matmul does
-            xp = torch.zeros(n, padded_cols, dtype=torch.bfloat16)
-            xp[:, : p.cols] = x.detach()
-            rc = lib.dsf_bitmap_spmm_bf16dot(*args, p.nvalues, xp.data_ptr(), padded_cols, y.data_ptr(),
-                                             p.rows, p.rows, p.words, n, int(paths.dot_ymm))
-        else:
-            xf = x.detach() if x.dtype == torch.float32 else x.detach().to(torch.float32)  # (no call when fp32)
-            if p.cols == padded_cols and xf.is_contiguous():
-                xp = xf  # no padding needed: read x in place
-            else:
-                xp = torch.zeros(n, padded_cols, dtype=torch.float32)
-                xp[:, : p.cols] = xf
-            rc = _words_call(lib, p, n)(xp.data_ptr(), y.data_ptr())
-        if rc != 0:
-            raise RuntimeError("cpu-bitmap kernel refused its arguments")
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        """x (n, cols) -> (n, rows) in x's dtype: the ``bitmap_spmm`` op on ``p``'s plan."""
+        return torch.ops.dsf.bitmap_spmm(x, p.tensors, p.cols, p.plan)
+
+    def pair(self, right: Prepared, left: Prepared, x: torch.Tensor) -> torch.Tensor:
+        """L (R x) for x (n, right.cols) -> (n, left.rows) in one op (``bitmap_pair``)."""
+        return torch.ops.dsf.bitmap_pair(x, right.tensors, right.cols, right.plan, left.tensors, left.cols, left.plan)

@@ -1,0 +1,241 @@
+// The CPU kernels as torch operators (namespace DSF_OP_NAMESPACE, default ``dsf``), so that
+// torch.compile, torch.export and vLLM see them as ops rather than opaque calls. Which
+// entry point each path code runs is decided once, when the library is loaded, from the
+// CPU's features; a plan naming a path the CPU lacks is refused with an error.
+//
+// A factor travels as Tensor[5]: bitmap (rows, words) int32, row_offsets (rows + 1) int32,
+// values (nnz) fp16 / bf16 / int8, scales (rows) fp32 for int8 values (else empty),
+// columns (nnz) int16 holding uint16 column indices (or empty). Its structure must have
+// passed bitmap_check (done once when a checkpoint is loaded); each call checks shapes,
+// dtypes and the offsets' total only.
+//
+// A plan is int[5]: word path (0 none, 1 avx2, 2 avx512, 3 avx512-256), nonzero path
+// (0 portable, 1 avx2, 2 avx512), nz_min_batch (from this batch on the nonzero path),
+// columns_max_batch (up to this batch the column-index path, where columns are given),
+// bf16 dot path for bf16 x (0 none, 2 avx512, 3 avx512-256).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "common.h"
+
+#ifndef DSF_OP_NAMESPACE
+#define DSF_OP_NAMESPACE dsf
+#endif
+// Indirections, so that the namespace macro is expanded before TORCH_LIBRARY pastes it.
+#define DSF_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define DSF_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+namespace dsf {
+namespace {
+
+const char* const kWordNames[] = {"none", "avx2", "avx512", "avx512-256"};
+const char* const kNzNames[] = {"portable", "avx2", "avx512"};
+
+struct Table {
+  SpmmFn words[4] = {nullptr, nullptr, nullptr, nullptr};
+  SpmmFn nz[3] = {nz_portable, nullptr, nullptr};
+  SpmmFn cols = nullptr;
+  DotFn dot[4] = {nullptr, nullptr, nullptr, nullptr};
+  std::vector<std::string> names{"portable"};
+};
+
+Table make_table() {
+  Table t;
+#ifdef DSF_X86
+  if (has_avx2()) {
+    t.words[1] = words_avx2;
+    t.nz[1] = nz_avx2;
+    t.cols = cols_avx2;
+    t.names.push_back("avx2");
+  }
+  if (has_avx512()) {
+    t.words[2] = words_avx512;
+    t.nz[2] = nz_avx512;
+    t.names.push_back("avx512-vbmi2");
+  }
+  if (has_avx512_bf16()) {
+    t.words[3] = words_avx512_256;
+    t.dot[2] = dot_avx512;
+    t.dot[3] = dot_avx512_256;
+    t.names.push_back("avx512-bf16");
+  }
+#endif
+  return t;
+}
+
+const Table kTable = make_table();  // once, at load
+
+struct Plan {
+  int64_t word, nz, nz_min_batch, columns_max_batch, dot;
+};
+
+Plan unpack_plan(at::IntArrayRef p) {
+  TORCH_CHECK(p.size() == 5, "a cpu-bitmap plan has 5 entries (word, nz, nz_min_batch, columns_max_batch, dot), got ",
+              p.size());
+  Plan plan{p[0], p[1], p[2], p[3], p[4]};
+  TORCH_CHECK(plan.word >= 0 && plan.word <= 3, "plan: word path code must be 0-3, got ", plan.word);
+  TORCH_CHECK(plan.nz >= 0 && plan.nz <= 2, "plan: nonzero path code must be 0-2, got ", plan.nz);
+  TORCH_CHECK(plan.dot == 0 || plan.dot == 2 || plan.dot == 3, "plan: dot path code must be 0, 2 or 3, got ",
+              plan.dot);
+  TORCH_CHECK(plan.word == 0 || kTable.words[plan.word], "the ", kWordNames[plan.word],
+              " word path is not available on this CPU");
+  TORCH_CHECK(kTable.nz[plan.nz], "the ", kNzNames[plan.nz], " nonzero path is not available on this CPU");
+  TORCH_CHECK(plan.dot == 0 || kTable.dot[plan.dot], "the ", kWordNames[plan.dot],
+              " bf16 dot-product path is not available on this CPU");
+  return plan;
+}
+
+Factor unpack_factor(const std::vector<at::Tensor>& t, int64_t cols) {
+  TORCH_CHECK(t.size() == 5, "a cpu-bitmap factor is [bitmap, row_offsets, values, scales, columns], got ", t.size(),
+              " tensors");
+  const at::Tensor &bitmap = t[0], &offsets = t[1], &values = t[2], &scales = t[3], &columns = t[4];
+  for (const auto& x : t)
+    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "cpu-bitmap factor tensors must be contiguous CPU tensors");
+  TORCH_CHECK(bitmap.dim() == 2 && bitmap.scalar_type() == at::kInt, "bitmap must be a 2-D int32 tensor");
+  const int64_t rows = bitmap.size(0), words = bitmap.size(1);
+  TORCH_CHECK(cols >= 0 && words == (cols + 31) / 32,
+              "a factor with ", cols, " columns needs ", (cols + 31) / 32, " bitmap words per row, got ", words);
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kInt && offsets.numel() == rows + 1,
+              "row_offsets must be ", rows + 1, " int32 values");
+  const int kind = values.scalar_type() == at::kHalf       ? kFp16
+                   : values.scalar_type() == at::kBFloat16 ? kBf16
+                   : values.scalar_type() == at::kChar     ? kInt8
+                                                           : -1;
+  TORCH_CHECK(kind >= 0 && values.dim() == 1, "values must be a 1-D fp16, bf16 or int8 tensor, got ",
+              values.scalar_type());
+  const int64_t nnz = values.numel();
+  TORCH_CHECK(offsets.data_ptr<int32_t>()[0] == 0 && offsets.data_ptr<int32_t>()[rows] == nnz,
+              "row_offsets must start at 0 and end at the value count ", nnz);
+  TORCH_CHECK(kind != kInt8 || (scales.scalar_type() == at::kFloat && scales.numel() == rows),
+              "int8 values need ", rows, " fp32 row scales");
+  TORCH_CHECK(columns.numel() == 0 || (columns.scalar_type() == at::kShort && columns.numel() == nnz),
+              "columns must be empty or ", nnz, " int16 column indices");
+  return Factor{bitmap.data_ptr<int32_t>(),
+                offsets.data_ptr<int32_t>(),
+                values.data_ptr(),
+                kind == kInt8 ? scales.data_ptr<float>() : nullptr,
+                columns.numel() ? reinterpret_cast<const uint16_t*>(columns.data_ptr<int16_t>()) : nullptr,
+                nnz,
+                rows,
+                cols,
+                words,
+                kind};
+}
+
+// x: (n, cols) padded with zeros to (n, 32 * words) in ``dtype`` (in place where nothing is to do).
+at::Tensor padded(const at::Tensor& x, int64_t width, at::ScalarType dtype) {
+  if (x.size(1) == width && x.scalar_type() == dtype) return x.contiguous();
+  at::Tensor out = at::zeros({x.size(0), width}, x.options().dtype(dtype));
+  out.narrow(1, 0, x.size(1)).copy_(x);
+  return out;
+}
+
+// y = S x for x (n, cols): (n, rows) in x's dtype, on the path the plan picks for n.
+at::Tensor spmm(const at::Tensor& x, const Factor& f, const Plan& plan) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a 2-D CPU tensor, got ", x.dim(), " dimensions");
+  TORCH_CHECK(x.size(1) == f.cols, "x has ", x.size(1), " columns; the factor takes ", f.cols);
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "x must be float32, bfloat16 or float16, got ", dtype);
+  const int64_t n = x.size(0), width = 32 * f.words;
+  at::Tensor y = at::empty({n, f.rows}, x.options().dtype(at::kFloat));
+  if (n == 0 || f.rows == 0) return y.to(dtype);
+  if (f.words == 0) return y.zero_().to(dtype);
+  if (f.columns && n <= plan.columns_max_batch && kTable.cols) {
+    at::Tensor xf = x.to(at::kFloat).contiguous();
+    kTable.cols(f, xf.data_ptr<float>(), f.cols, y.data_ptr<float>(), f.rows, n);
+  } else if (plan.word == 0 || n >= plan.nz_min_batch) {
+    TORCH_CHECK(plan.nz != 2 || f.kind != kInt8, "the avx512 nonzero path takes fp16 or bf16 values");
+    at::Tensor xf = x.to(at::kFloat).contiguous();
+    kTable.nz[plan.nz](f, xf.data_ptr<float>(), f.cols, y.data_ptr<float>(), f.rows, n);
+  } else if (dtype == at::kBFloat16 && f.kind == kBf16 && plan.dot) {
+    at::Tensor xb = padded(x, width, at::kBFloat16);
+    kTable.dot[plan.dot](f, reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), width,
+                         y.data_ptr<float>(), f.rows, n);
+  } else {
+    TORCH_CHECK(plan.word != 2 || f.kind != kInt8, "the avx512 word path takes fp16 or bf16 values");
+    TORCH_CHECK(plan.word != 3 || f.kind == kBf16, "the avx512-256 word path takes bf16 values");
+    at::Tensor xp = padded(x, width, at::kFloat);
+    kTable.words[plan.word](f, xp.data_ptr<float>(), width, y.data_ptr<float>(), f.rows, n);
+  }
+  return dtype == at::kFloat ? y : y.to(dtype);
+}
+
+at::Tensor bitmap_spmm(const at::Tensor& x, const std::vector<at::Tensor>& factor, int64_t cols,
+                       at::IntArrayRef plan) {
+  return spmm(x, unpack_factor(factor, cols), unpack_plan(plan));
+}
+
+// y = L (R x): one op per factorized layer (half the dispatcher crossings of two).
+at::Tensor bitmap_pair(const at::Tensor& x, const std::vector<at::Tensor>& right, int64_t right_cols,
+                       at::IntArrayRef right_plan, const std::vector<at::Tensor>& left, int64_t left_cols,
+                       at::IntArrayRef left_plan) {
+  const Factor r = unpack_factor(right, right_cols), l = unpack_factor(left, left_cols);
+  TORCH_CHECK(l.cols == r.rows, "the left factor takes ", l.cols, " columns; the right one gives ", r.rows);
+  return spmm(spmm(x, r, unpack_plan(right_plan)), l, unpack_plan(left_plan));
+}
+
+void check_structure_args(const at::Tensor& bitmap, const at::Tensor& offsets, int64_t cols) {
+  TORCH_CHECK(bitmap.dim() == 2 && bitmap.scalar_type() == at::kInt && bitmap.is_contiguous() &&
+                  bitmap.device().is_cpu(),
+              "bitmap must be a contiguous 2-D int32 CPU tensor");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kInt && offsets.is_contiguous() &&
+                  offsets.numel() == bitmap.size(0) + 1,
+              "row_offsets must be ", bitmap.size(0) + 1, " contiguous int32 values");
+  TORCH_CHECK(cols >= 0 && bitmap.size(1) * 32 >= cols, "a factor with ", cols, " columns needs ", (cols + 31) / 32,
+              " bitmap words per row, got ", bitmap.size(1));
+}
+
+int64_t bitmap_check(const at::Tensor& bitmap, const at::Tensor& offsets, int64_t cols, int64_t nnz) {
+  check_structure_args(bitmap, offsets, cols);
+  return check_factor(bitmap.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), bitmap.size(0), bitmap.size(1), cols,
+                      nnz);
+}
+
+at::Tensor bitmap_columns(const at::Tensor& bitmap, const at::Tensor& offsets, int64_t cols) {
+  check_structure_args(bitmap, offsets, cols);
+  const int64_t rows = bitmap.size(0), nnz = offsets.data_ptr<int32_t>()[rows];
+  TORCH_CHECK(nnz >= 0, "row_offsets end at a negative count ", nnz);
+  at::Tensor columns = at::empty({nnz}, bitmap.options().dtype(at::kShort));
+  TORCH_CHECK(index_columns(bitmap.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), rows, bitmap.size(1), cols, nnz,
+                            reinterpret_cast<uint16_t*>(columns.data_ptr<int16_t>())),
+              "cannot index the columns of a ", rows, "x", cols,
+              " bitmap factor: its bits do not match its row offsets or columns (or it has over 65536 columns)");
+  return columns;
+}
+
+std::tuple<std::vector<std::string>, std::vector<double>> plan_paths() {
+  std::vector<std::string> names;
+  std::vector<double> ns;
+  for (const auto& [name, t] : time_paths()) {
+    names.emplace_back(name);
+    ns.push_back(t);
+  }
+  return {names, ns};
+}
+
+std::vector<std::string> cpu_paths() { return kTable.names; }
+
+}  // namespace
+}  // namespace dsf
+
+DSF_LIBRARY(DSF_OP_NAMESPACE, m) {
+  m.def("bitmap_spmm(Tensor x, Tensor[] factor, int cols, int[] plan) -> Tensor");
+  m.def(
+      "bitmap_pair(Tensor x, Tensor[] right, int right_cols, int[] right_plan, Tensor[] left, int left_cols, "
+      "int[] left_plan) -> Tensor");
+  m.def("bitmap_check(Tensor bitmap, Tensor row_offsets, int cols, int nnz) -> int");
+  m.def("bitmap_columns(Tensor bitmap, Tensor row_offsets, int cols) -> Tensor");
+  m.def("plan_paths() -> (str[], float[])", &dsf::plan_paths);
+  m.def("cpu_paths() -> str[]", &dsf::cpu_paths);
+}
+
+DSF_LIBRARY_IMPL(DSF_OP_NAMESPACE, CPU, m) {
+  m.impl("bitmap_spmm", &dsf::bitmap_spmm);
+  m.impl("bitmap_pair", &dsf::bitmap_pair);
+  m.impl("bitmap_check", &dsf::bitmap_check);
+  m.impl("bitmap_columns", &dsf::bitmap_columns);
+}
