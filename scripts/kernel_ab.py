@@ -4,25 +4,26 @@ Kernel changes move the batch-1 time by a few percent, while this kind of machin
 (shared vCPUs) drifts by tens of percent within a minute; timing version A, then B,
 measures the drift. This compiles each source into its own library, loads both, and
 calls them in alternation on the same factor pairs (rotated through more memory than
-the last-level cache), so both see the same stretch of time.
+the last-level cache), so both see the same stretch of time. Each version is a
+directory of kernel sources (as dsf_runtime/kernels/csrc), built as its own op library
+under its own namespace (dsf_ab0, dsf_ab1), and runs the path --path names.
 
-    python scripts/kernel_ab.py OLD.cpp NEW.cpp --shape 4096x4096 --batch 1 --kind fp16
-    python scripts/kernel_ab.py OLD.cpp NEW.cpp --path word256 --kind bf16   # AVX-512's 256-bit variant
-    git show HEAD:dsf_runtime/kernels/csrc/bitmap_spmm.cpp > /tmp/old.cpp  # an old version
+    python scripts/kernel_ab.py OLD_CSRC NEW_CSRC --shape 4096x4096 --batch 1 --kind fp16
+    python scripts/kernel_ab.py OLD_CSRC NEW_CSRC --path word256 --kind bf16   # AVX-512's 256-bit variant
+    mkdir old && git archive HEAD dsf_runtime/kernels/csrc | tar -x -C old  # an old version
 
 Prints each version's median ms per y = L(R x) and NEW/OLD's ratio, over the whole run
 and per quarter (so a ratio that flips between quarters shows as noise). Checks that
 both versions give the same y first (--no-check skips that).
 
 --new-kind times the new version on other stored values (the same factors, e.g. bf16
-against fp16: `kernel_ab.py K.cpp K.cpp --kind fp16 --new-kind bf16`); the check then
+against fp16: `kernel_ab.py CSRC CSRC --kind fp16 --new-kind bf16`); the check then
 allows for the rounding of the values.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import time
 from pathlib import Path
@@ -31,20 +32,23 @@ import torch
 
 from dsf_runtime.benchmarks.storage import random_dsf_pair
 from dsf_runtime.formats import get_format
-from dsf_runtime.kernels.cpu_bitmap import KIND_CODES, bind, compile_library, find_compiler
+from dsf_runtime.kernels import cpu_ops
 
 KINDS = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+BIG = 1 << 30
+# The op plan (csrc/ops.cpp) that runs each --path at any batch:
+# [word path, nonzero path, nz_min_batch, columns_max_batch, dot path].
+PLANS = {"word": [1, 1, BIG, 0, 0], "nz": [0, 1, 1, 0, 0], "cols": [1, 1, BIG, BIG, 0],
+         "word512": [2, 2, BIG, 0, 0], "word256": [3, 2, BIG, 0, 0]}
 
 
-def compile_lib(src: Path) -> ctypes.CDLL:
-    """The backend's build (cached per source text and compiler) of ``src``, loaded."""
-    cxx = find_compiler()
-    if cxx is None:
-        raise SystemExit("kernel_ab: no C++ compiler found (set CXX or install g++)")
+def load_ops(src: Path, namespace: str):
+    """The op library built from the sources in ``src`` under ``namespace``, loaded."""
     try:
-        return bind(ctypes.CDLL(str(compile_library(src, cxx))))
-    except RuntimeError as exc:
-        raise SystemExit(f"kernel_ab: compiling {src} failed: {exc}") from None
+        cpu_ops.load(src, namespace)
+    except cpu_ops.BuildError as exc:
+        raise SystemExit(f"kernel_ab: {src}: {exc}") from None
+    return cpu_ops.ops(namespace)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch < 1:
         ap.error("--batch must be at least 1")
     for src in (args.old, args.new):
-        if not src.is_file():
-            ap.error(f"no such source file: {src}")
+        if not (src / "ops.cpp").is_file():
+            ap.error(f"not a kernel source directory (no ops.cpp): {src}")
     kind_names = (args.kind, args.new_kind or args.kind)
     if args.path == "word256" and set(kind_names) != {"bf16"}:
         ap.error("--path word256 (the 256-bit variant) runs bf16 values only: --kind bf16")
@@ -84,23 +88,21 @@ def main(argv: list[str] | None = None) -> None:
     L, R = random_dsf_pair(out_f, in_f, args.sparsity)
     fmt = get_format("bitmap")
     packed = [[fmt.pack(L, KINDS[k]), fmt.pack(R, KINDS[k])] for k in kind_names]  # [version][L, R]
-    libs = [compile_lib(args.old), compile_lib(args.new)]
-    if args.path == "cols":  # each factor's 16-bit column indices, as the backend decodes them at load
-        index_lib = libs[0]
-        for pv in packed:
-            for t, (rows, cols) in zip(pv, (L.shape, R.shape)):
-                t["columns"] = torch.empty(t["values"].numel(), dtype=torch.int16)
-                rc = index_lib.dsf_bitmap_columns(t["bitmap"].data_ptr(), t["row_offsets"].data_ptr(), rows,
-                                                  t["bitmap"].shape[1], cols, t["values"].numel(),
-                                                  t["columns"].data_ptr())
-                assert rc == 0, "dsf_bitmap_columns refused the factor"
-    nbytes = max(sum(t.numel() * t.element_size() for p in pv for t in p.values()) for pv in packed)
+    libs = [load_ops(args.old, "dsf_ab0"), load_ops(args.new, "dsf_ab1")]
+    empty = torch.empty(0)
+    for pv in packed:
+        for t, cols in zip(pv, (L.shape[1], R.shape[1])):
+            # the ops' operands; the column-index path's 16-bit columns as the backend decodes them at load
+            columns = libs[0].bitmap_columns(t["bitmap"], t["row_offsets"], cols) if args.path == "cols" else \
+                torch.empty(0, dtype=torch.int16)
+            t["operands"] = [t["bitmap"], t["row_offsets"], t["values"], t.get("scales", empty), columns]
+    nbytes = max(sum(t.numel() * t.element_size() for p in pv for t in p["operands"]) for pv in packed)
     copies = max(1, -(-args.rotate_mib * 2**20 // nbytes))
     # The versions read the same copies when their values are the same kind, else copies
     # allocated in turn: where the copies of one version were all allocated after the
     # other's, the second version timed 1.5% faster with both sources the same (where
     # each version's memory landed; the cause was not pinned down further).
-    clones = [[[{k: v.clone() for k, v in p.items()} for p in pv] for pv in packed[: 1 + (kind_names[0] != kind_names[1])]]
+    clones = [[[[t.clone() for t in p["operands"]] for p in pv] for pv in packed[: 1 + (kind_names[0] != kind_names[1])]]
               for _ in range(copies)]  # [copy][version][L, R]
     pairs = [[c[min(v, len(c) - 1)] for c in clones] for v in range(2)]  # [version][copy][L, R]
     print(f"{args.shape} batch {args.batch} {'/'.join(dict.fromkeys(kind_names))}: {nbytes / 2**20:.1f} MiB per "
@@ -109,43 +111,11 @@ def main(argv: list[str] | None = None) -> None:
 
     x = torch.randn(args.batch, in_f)
 
-    def factor(lib: ctypes.CDLL, kind: int, t: dict[str, torch.Tensor], rows: int, xin: torch.Tensor) -> torch.Tensor:
-        words = t["bitmap"].shape[1]
-        scales = t["scales"].data_ptr() if "scales" in t else None
-        if args.path == "cols":
-            y = torch.empty(xin.shape[0], rows)
-            rc = lib.dsf_bitmap_spmm_cols_avx2(t["row_offsets"].data_ptr(), t["columns"].data_ptr(),
-                                               t["values"].data_ptr(), scales, xin.data_ptr(), xin.shape[1],
-                                               y.data_ptr(), rows, rows, xin.shape[1], xin.shape[0], kind)
-            assert rc == 0, "kernel refused its arguments"
-            return y
-        if args.path == "nz":
-            y = torch.empty(xin.shape[0], rows)
-            rc = lib.dsf_bitmap_spmm_nz_avx2(t["bitmap"].data_ptr(), t["row_offsets"].data_ptr(),
-                                             t["values"].data_ptr(), scales, xin.data_ptr(), xin.shape[1],
-                                             y.data_ptr(), rows, rows, xin.shape[1], words, xin.shape[0], kind)
-            assert rc == 0, "kernel refused its arguments"
-            return y
-        xp = torch.zeros(xin.shape[0], words * 32)
-        xp[:, : xin.shape[1]] = xin
-        y = torch.empty(xin.shape[0], rows)
-        if args.path in ("word512", "word256"):  # mode: bit 0 bf16 values, bit 1 the 256-bit variant
-            mode = kind | (2 if args.path == "word256" else 0)
-            rc = lib.dsf_bitmap_spmm_avx512(t["bitmap"].data_ptr(), t["row_offsets"].data_ptr(),
-                                            t["values"].data_ptr(), t["values"].numel(), xp.data_ptr(), words * 32,
-                                            y.data_ptr(), rows, rows, words, xin.shape[0], mode)
-            assert rc == 0, "kernel refused its arguments (no AVX-512 VBMI2, or AVX512_BF16 for word256)"
-            return y
-        rc = lib.dsf_bitmap_spmm_avx2(t["bitmap"].data_ptr(), t["row_offsets"].data_ptr(), t["values"].data_ptr(),
-                                      scales, t["values"].numel(), xp.data_ptr(), words * 32, y.data_ptr(), rows,
-                                      rows, words, xin.shape[0], kind)
-        assert rc == 0, "kernel refused its arguments"
-        return y
+    plan = PLANS[args.path]
 
     def call(v: int, i: int) -> torch.Tensor:
         tl, tr = pairs[v][i]
-        kind = KIND_CODES[KINDS[kind_names[v]]]
-        return factor(libs[v], kind, tl, out_f, factor(libs[v], kind, tr, R.shape[0], x))
+        return libs[v].bitmap_pair(x, tr, in_f, plan, tl, R.shape[0], plan)
 
     ya, yb = call(0, 0), call(1, 0)
     if not args.no_check:

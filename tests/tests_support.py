@@ -48,3 +48,24 @@ def fail_on_call(fn, n: int, error: Exception):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def tiny_dsf_llama(value_dtype=None, seed: int = 0):
+    """A tiny random LLaMA whose linear layers are random sparse DSF pairs (bitmap format,
+    bf16 values by default): for runtime tests that need a whole model, not its quality."""
+    import torch
+
+    from conftest import make_tiny_llama
+    from dsf_runtime.models import compressible_linears
+    from dsf_runtime.patch import replace_with_factors
+    from helpers import random_sparse
+
+    model = make_tiny_llama(vocab_size=128, seed=seed)
+    factors = {}
+    for i, name in enumerate(compressible_linears(model)):
+        out_f, in_f = model.get_submodule(name).weight.shape
+        rank = min(out_f, in_f)
+        factors[name] = (random_sparse(out_f, rank, 0.3, seed=2 * i) * 0.3,
+                         random_sparse(rank, in_f, 0.3, seed=2 * i + 1) * 0.3)
+    replace_with_factors(model, factors, value_dtype=value_dtype or torch.bfloat16)
+    return model

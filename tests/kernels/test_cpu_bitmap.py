@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -43,7 +41,7 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
        density=DENSITIES, batch=BATCHES, seed=st.integers(0, 2**16))
 def test_matches_dense(isa, value_dtype, shape, density, batch, seed):
     """Every instruction path, value kind, shape, density and batch: within 1e-5 of the float64 product."""
-    if isa == "avx2" and not cpu_bitmap._CAPS[2]:
+    if isa == "avx2" and not cpu_bitmap.has_path("avx2"):
         return  # this CPU has no AVX2 (the portable examples still run)
     with pytest.MonkeyPatch.context() as mp:
         if isa != "native":
@@ -91,21 +89,18 @@ def test_prefill_batches_in_chunks_of_up_to_64_match_dense(value_dtype, shape, b
 
 @pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("density", [0.1, 0.5])
-def test_a_decode_steps_call_is_bound_once_and_matches_the_general_route(monkeypatch, value_dtype, density):
-    """One contiguous fp32 row of x (a decode step's call) goes through the call bound at
-    prepare(): bitwise the general route's result (reached with a strided x), also on a
-    deep copy whose original is gone; x to be padded, or the nonzero path at batch 1,
-    take the general route."""
+def test_operands_are_built_once_and_any_layout_of_x_gives_the_same_result(monkeypatch, value_dtype, density):
+    """prepare() builds the op's operands and plan once; a contiguous and a strided x
+    (the same numbers) give bitwise the same y, also on a deep copy whose original is
+    gone; refresh() rebuilds the plan when a setting changes."""
     import copy
     import gc
 
-    if backend.isa == "portable":
-        pytest.skip("the portable path has no bound call")
     shape = (96, 256)
     tensors = get_format("bitmap").pack(random_sparse(*shape, density, seed=5), value_dtype)
     dense = get_format("bitmap").unpack(tensors, shape).double()
     p = backend.prepare("bitmap", tensors, shape, torch.float32)
-    assert p.call1 is not None
+    assert len(p.tensors) == 5 and p.plan == p.paths.codes()
     # factors on the AVX2 paths (int8 values, and on some AVX-512 CPUs fp16 values) index sparse factors
     assert (p.paths.columns_max_batch >= 1) == (density < 0.2 and p.paths.isa == "avx2")
     x = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(2))
@@ -118,12 +113,9 @@ def test_a_decode_steps_call_is_bound_once_and_matches_the_general_route(monkeyp
     twin = copy.deepcopy(p)
     del p, tensors
     gc.collect()
-    assert twin.call1 is not None and torch.equal(backend.matmul(twin, x), fast)
-    padded = backend.prepare("bitmap", get_format("bitmap").pack(random_sparse(96, 250, 0.5, seed=5), value_dtype),
-                             (96, 250), torch.float32)
-    assert padded.call1 is None  # x is padded to whole 32-column words on the word path
+    assert torch.equal(backend.matmul(twin, x), fast)
     monkeypatch.setenv("DSF_NZ_MIN_BATCH", "1")
-    assert backend.refresh(twin).call1 is None or twin.paths.columns_max_batch >= 1
+    assert backend.refresh(twin).plan[2] == 1 and torch.allclose(backend.matmul(twin, x), fast, rtol=1e-4, atol=1e-4)
 
 
 def test_a_bad_isa_setting_is_a_clear_error(monkeypatch):
@@ -177,7 +169,7 @@ def test_copied_operands_use_their_own_memory(how):
     ref = layer(x)  # prepares (and caches) the operands
     twin = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
     right, left = twin._prepared
-    assert left.ptrs[2] == twin.L.stored()["values"].data_ptr() != layer._prepared[1].ptrs[2]
+    assert left.tensors[2].data_ptr() == twin.L.stored()["values"].data_ptr() != layer._prepared[1].tensors[2].data_ptr()
     if backend.isa == "avx2":  # R (16% dense) carries column indices, and the copy its own
         assert right.columns is not None and right.columns.data_ptr() != layer._prepared[0].columns.data_ptr()
         torch.testing.assert_close(right.columns, layer._prepared[0].columns)
@@ -205,7 +197,7 @@ def on_avx2(monkeypatch):
     """The AVX2 paths (the column-index path is theirs): native on AVX2 CPUs, forced by
     DSF_CPU_ISA=avx2 on AVX-512 ones (which all have AVX2)."""
     if backend.isa != "avx2":
-        if not cpu_bitmap._CAPS[2]:
+        if not cpu_bitmap.has_path("avx2"):
             pytest.skip("this CPU has no AVX2")
         monkeypatch.setenv("DSF_CPU_ISA", "avx2")
 
@@ -213,7 +205,7 @@ def on_avx2(monkeypatch):
 needs_avx2 = pytest.mark.usefixtures("on_avx2")
 
 
-@pytest.mark.skipif(not cpu_bitmap._CAPS[2], reason="this CPU has no AVX2")
+@pytest.mark.skipif(not cpu_bitmap.has_path("avx2"), reason="this CPU has no AVX2")
 @KERNEL_SETTINGS
 @given(value_dtype=VALUE_DTYPES, shape=SHAPES, density=DENSITIES, batch=st.integers(1, 16),
        seed=st.integers(0, 2**16))
@@ -302,7 +294,7 @@ def test_columns_of_an_inconsistent_factor_are_refused(corruption):
         backend.prepare("bitmap", tensors, shape, torch.float32)
 
 
-needs_avx512 = pytest.mark.skipif(not cpu_bitmap._CAPS[0] or backend.isa == "portable",
+needs_avx512 = pytest.mark.skipif(not cpu_bitmap.has_path("avx512-vbmi2") or backend.isa == "portable",
                                   reason="this CPU has no AVX-512 VBMI2 path")
 
 
@@ -322,7 +314,7 @@ def test_avx512_variants_match_dense(width, value_dtype, shape, density, batch, 
         dense = dense.double()
         p = backend.prepare("bitmap", tensors, shape, torch.float32)
         bf16 = value_dtype == torch.bfloat16
-        split = width == "256" and bf16 and cpu_bitmap._CAPS[1]
+        split = width == "256" and bf16 and cpu_bitmap.has_path("avx512-bf16")
         assert p.paths.ymm == split
         assert p.paths.isa == ("avx512-vbmi2" if width == "512" or split else "avx2")
         assert p.paths.nz_isa == ("avx512-vbmi2" if width == "512" else "avx2")
@@ -341,7 +333,7 @@ def test_avx512_variants_match_dense(width, value_dtype, shape, density, batch, 
 @pytest.mark.parametrize("shape", [(830, 545), (1, 33), (300, 4096)])
 @pytest.mark.parametrize("batch", [1, 2, 4, 7])
 def test_bf16_model_path_variants_match_dense_bf16(monkeypatch, width, shape, batch):
-    if not cpu_bitmap._CAPS[1]:
+    if not cpu_bitmap.has_path("avx512-bf16"):
         pytest.skip("this CPU has no AVX512_BF16")
     monkeypatch.setenv("DSF_AVX512_WIDTH", width)
     dense = random_sparse(*shape, 0.4, seed=batch).to(torch.bfloat16)
@@ -359,12 +351,11 @@ def test_the_plan_times_every_variant_this_cpu_has():
     assert plan is not None and set(plan.ns) == set(cpu_bitmap.PLAN_CANDIDATES)
     for name, ns in plan.ns.items():
         needs_bf16 = name.startswith("avx512-256") or name.endswith("bf16 model")  # AVX512_BF16's
-        assert (ns is None) == (needs_bf16 and not cpu_bitmap._CAPS[1]), name
+        assert (ns is None) == (needs_bf16 and not cpu_bitmap.has_path("avx512-bf16")), name
         assert ns is None or 0 < ns < 1e9  # one call on a 2048 x 4096 factor: well under a second
     assert backend.describe().startswith("avx512-vbmi2; words: bf16 values ")
-    lib = cpu_bitmap.build()
-    short = (ctypes.c_double * (len(cpu_bitmap.PLAN_CANDIDATES) - 1))()
-    assert lib.dsf_plan_paths(short, len(short)) == -1  # too small an array: refused, not overrun
+    names, _ = torch.ops.dsf.plan_paths()  # every variant the library times is one the plan knows
+    assert set(names) <= set(cpu_bitmap.PLAN_CANDIDATES) and len(set(names)) == len(names)
 
 
 @needs_avx512
@@ -373,10 +364,10 @@ def test_the_plan_is_timed_on_first_use_not_at_build(monkeypatch):
     nothing; the first fp16/bf16 factor times the plan, once."""
     calls = []
     measure = cpu_bitmap._measure_plan
-    monkeypatch.setattr(cpu_bitmap, "_measure_plan", lambda lib: calls.append(1) or measure(lib))
+    monkeypatch.setattr(cpu_bitmap, "_measure_plan", lambda: calls.append(1) or measure())
     monkeypatch.setattr(cpu_bitmap, "_PLAN", None)
     monkeypatch.setattr(cpu_bitmap, "_PLANNED", False)
-    assert cpu_bitmap.build() is not None and backend.available()
+    assert cpu_bitmap.build() and backend.available()
     shape = (40, 96)
     backend.prepare("bitmap", get_format("bitmap").pack(random_sparse(*shape, 0.3), torch.int8), shape, torch.float32)
     assert calls == []
@@ -386,16 +377,87 @@ def test_the_plan_is_timed_on_first_use_not_at_build(monkeypatch):
     assert calls == [1] and cpu_bitmap.path_plan() is not None and calls == [1]
 
 
-@needs_avx512
-@pytest.mark.parametrize("mode", [-1, 2, 4])
-def test_the_avx512_entry_refuses_a_bad_mode(mode):
-    """Mode 2 asks for the 256-bit variant with fp16 values, which it does not have."""
+@pytest.mark.parametrize("plan,message", [
+    ([1, 1, 16, 0], "plan has 5 entries"),
+    ([7, 1, 16, 0, 0], "word path code must be 0-3"),
+    ([1, 5, 16, 0, 0], "nonzero path code must be 0-2"),
+    ([1, 1, 16, 0, 1], "dot path code must be 0, 2 or 3"),
+])
+def test_the_op_refuses_a_bad_plan(plan, message):
     tensors = get_format("bitmap").pack(random_sparse(8, 64, 0.5), torch.float16)
-    x, y = torch.randn(1, 64), torch.empty(1, 8)
-    rc = cpu_bitmap.build().dsf_bitmap_spmm_avx512(
-        tensors["bitmap"].data_ptr(), tensors["row_offsets"].data_ptr(), tensors["values"].data_ptr(),
-        tensors["values"].numel(), x.data_ptr(), 64, y.data_ptr(), 8, 8, 2, 1, mode)
-    assert rc == -1
+    p = backend.prepare("bitmap", tensors, (8, 64), torch.float32)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dsf.bitmap_spmm(torch.randn(1, 64), p.tensors, 64, plan)
+
+
+@needs_avx512
+def test_the_op_refuses_a_path_the_values_lack():
+    """The 256-bit word variant has no fp16 form, the AVX-512 word path no int8 one."""
+    for dtype, word, message in ((torch.float16, 3, "avx512-256 word path takes bf16"),
+                                 (torch.int8, 2, "avx512 word path takes fp16 or bf16")):
+        tensors = get_format("bitmap").pack(random_sparse(8, 64, 0.5), dtype)
+        p = backend.prepare("bitmap", tensors, (8, 64), torch.float32)
+        if word == 3 and not cpu_bitmap.has_path("avx512-bf16"):
+            continue
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.dsf.bitmap_spmm(torch.randn(1, 64), p.tensors, 64, [word, 1, 16, 0, 0])
+
+
+def test_the_op_refuses_bad_operands_with_a_clear_error():
+    tensors = get_format("bitmap").pack(random_sparse(8, 64, 0.5), torch.bfloat16)
+    p = backend.prepare("bitmap", tensors, (8, 64), torch.float32)
+    x = torch.randn(2, 64)
+    cases = [
+        ((torch.randn(2, 63), p.tensors, 64), "x has 63 columns; the factor takes 64"),
+        ((torch.randn(2, 64, 1), p.tensors, 64), "x must be a 2-D CPU tensor"),
+        ((x.double(), p.tensors, 64), "x must be float32, bfloat16 or float16"),
+        ((x, p.tensors[:4], 64), r"\[bitmap, row_offsets, values, scales, columns\], got 4"),
+        ((x, p.tensors, 100), "needs 4 bitmap words per row, got 2"),
+        ((x, [p.bitmap, p.offsets[:-1], *p.tensors[2:]], 64), "row_offsets must be 9 int32 values"),
+        ((x, [p.bitmap, p.offsets, p.values[:-1], *p.tensors[3:]], 64), "end at the value count"),
+        ((x, [p.bitmap, p.offsets, p.values.float(), *p.tensors[3:]], 64), "fp16, bf16 or int8"),
+        ((x, [*p.tensors[:4], torch.zeros(3, dtype=torch.int16)], 64), "columns must be empty or"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.dsf.bitmap_spmm(*args, p.plan)
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_the_pair_op_is_the_two_factor_calls(value_dtype, x_dtype):
+    """bitmap_pair(x, R, L) equals L's call on R's, bitwise, at every path switch; an
+    empty batch gives an empty y; factors that do not chain are refused."""
+    fmt = get_format("bitmap")
+    L, R = random_sparse(40, 24, 0.3, seed=1), random_sparse(24, 70, 0.2, seed=2)
+    right = backend.prepare("bitmap", fmt.pack(R, value_dtype), (24, 70), x_dtype)
+    left = backend.prepare("bitmap", fmt.pack(L, value_dtype), (40, 24), x_dtype)
+    for batch in (0, 1, 3, 16, 33):
+        x = torch.randn(batch, 70).to(x_dtype)
+        y = backend.pair(right, left, x)
+        assert y.dtype == x_dtype and y.shape == (batch, 40)
+        assert torch.equal(y, backend.matmul(left, backend.matmul(right, x)))
+    with pytest.raises(RuntimeError, match="left factor takes 24 columns; the right one gives 40"):
+        torch.ops.dsf.bitmap_pair(torch.randn(1, 24), left.tensors, 24, left.plan, left.tensors, 24, left.plan)
+
+
+def test_a_compiled_model_matches_eager():
+    """torch.compile sees the ops (fake shapes registered), with no graph break: a tiny
+    DSF decoder compiled with fullgraph=True gives the eager logits."""
+    from tests_support import tiny_dsf_llama
+
+    model = tiny_dsf_llama()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = model(ids).logits  # prepares every layer's operands
+    from dsf_runtime.patch import dsf_modules
+
+    assert {m.backend_name for m in dsf_modules(model).values()} == {"cpu-bitmap"}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        got = compiled(ids).logits
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
 
 
 def _plan(**ns):
@@ -438,7 +500,7 @@ def test_each_factor_takes_its_own_kinds_choice(monkeypatch, value_dtype):
     """A plan with bf16 values on the 256-bit variant and fp16 values on the 512-bit path:
     an fp16 factor must not be handed the variant (which has no fp16 form), and bf16
     factors on it switch to the nonzero path at its own batch."""
-    if not cpu_bitmap._CAPS[1]:
+    if not cpu_bitmap.has_path("avx512-bf16"):
         pytest.skip("this CPU has no AVX512_BF16")
     monkeypatch.delenv("DSF_AVX512_WIDTH", raising=False)
     monkeypatch.delenv("DSF_NZ_MIN_BATCH", raising=False)
