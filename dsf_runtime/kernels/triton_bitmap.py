@@ -187,4 +187,17 @@ class TritonBitmapBackend:
         )
 
     def matmul(self, prepared: Prepared, x: torch.Tensor) -> torch.Tensor:
-        return launch(prepared, x)
+        p = prepared
+        return triton_bitmap_spmm(x, p.bitmap, p.chunks, p.values, p.scales, p.rows, p.cols)
+
+
+@torch.library.custom_op("dsf::triton_bitmap_spmm", mutates_args=())
+def triton_bitmap_spmm(x: torch.Tensor, bitmap: torch.Tensor, chunks: torch.Tensor, values: torch.Tensor,
+                       scales: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor:
+    """The launch as a torch op, so that torch.compile and vLLM see it: x (n, cols) -> (n, rows)."""
+    return launch(Prepared(bitmap, chunks, values, scales, rows, cols), x)
+
+
+@triton_bitmap_spmm.register_fake
+def _(x, bitmap, chunks, values, scales, rows, cols):
+    return x.new_empty(x.shape[0], rows)

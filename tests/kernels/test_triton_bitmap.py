@@ -124,3 +124,22 @@ def test_auto_prefers_it_on_cuda_only():
     assert choose_backend("bitmap", "cpu").name != "triton-bitmap"
     if torch.cuda.is_available():
         assert choose_backend("bitmap", "cuda").name == "triton-bitmap"
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.int8])
+def test_the_backend_runs_the_launch_as_a_torch_op(value_dtype):
+    """matmul goes through torch.ops.dsf.triton_bitmap_spmm (what torch.compile and vLLM
+    see): the launch's result, and a fake tensor of the right shape under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shape = (40, 100)
+    tensors = {k: v.to(DEVICE) for k, v in
+               get_format("bitmap").pack(random_sparse(*shape, 0.3, seed=3), value_dtype).items()}
+    backend = TritonBitmapBackend()
+    p = backend.prepare("bitmap", tensors, shape, torch.float32)
+    x = torch.randn(3, shape[1]).to(DEVICE)
+    assert torch.equal(backend.matmul(p, x), launch(p, x))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx = mode.from_tensor(x)
+        y = torch.ops.dsf.triton_bitmap_spmm(fx, p.bitmap, p.chunks, p.values, p.scales, p.rows, p.cols)
+    assert tuple(y.shape) == (3, 40)
