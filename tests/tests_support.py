@@ -55,7 +55,6 @@ def tiny_dsf_llama(value_dtype=None, seed: int = 0):
     bf16 values by default): for runtime tests that need a whole model, not its quality."""
     import torch
 
-    from conftest import make_tiny_llama
     from dsf_runtime.models import compressible_linears
     from dsf_runtime.patch import replace_with_factors
     from helpers import random_sparse

@@ -237,9 +237,9 @@ _ISA_CACHE: dict[str | None, str] = {}
 
 # Value kinds as the kernels number them.
 KIND_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}
-# Path codes of the ops' plan (csrc/ops.cpp).
-_WORD_CODES = {"portable": 0, "avx2": 1, "avx512-vbmi2": 2}
-_NZ_CODES = {"portable": 0, "avx2": 1, "avx512-vbmi2": 2}
+# Path codes of the ops' plan (csrc/ops.cpp): the same for its word and nonzero paths
+# (word path 0 means none: the nonzero path at every batch, as the portable path runs).
+_ISA_CODES = {"portable": 0, "avx2": 1, "avx512-vbmi2": 2}
 _NO_COLUMNS = torch.empty(0, dtype=torch.int16)
 
 
@@ -260,9 +260,9 @@ class Paths:
 
     def codes(self) -> list[int]:
         """The ops' plan: [word path, nonzero path, nz_min_batch, columns_max_batch, dot path]."""
-        word = 3 if self.isa == "avx512-vbmi2" and self.ymm else _WORD_CODES[self.isa]
+        word = 3 if self.isa == "avx512-vbmi2" and self.ymm else _ISA_CODES[self.isa]
         dot = (3 if self.dot_ymm else 2) if self.bf16_dot else 0
-        return [word, _NZ_CODES[self.nz_isa], self.nz_min_batch, self.columns_max_batch, dot]
+        return [word, _ISA_CODES[self.nz_isa], self.nz_min_batch, self.columns_max_batch, dot]
 
 
 @dataclass
@@ -298,9 +298,6 @@ class Prepared:
     def words(self) -> int:
         return self.bitmap.shape[1]
 
-    @property
-    def is_bf16(self) -> int:
-        return int(self.kind == 1)
 
 
 @register_backend

@@ -95,7 +95,7 @@ def load(csrc: Path | None = None, namespace: str = NAMESPACE) -> Path:
         cxx = find_compiler()
         if cxx is None:
             raise BuildError("no C++ compiler found (set CXX or install g++)")
-        if shutil.which("ninja") is None and not _ninja_module():
+        if not _ninja_available():
             raise BuildError("building the CPU kernels needs ninja (pip install ninja)")
         target = library_path(csrc, namespace, cxx)
         if target.exists():
@@ -111,12 +111,10 @@ def load(csrc: Path | None = None, namespace: str = NAMESPACE) -> Path:
         return target
 
 
-def _ninja_module() -> bool:
-    try:
-        import ninja  # noqa: F401  (the PyPI package puts the binary on PATH of the venv)
-    except ImportError:
-        return False
-    return True
+def _ninja_available() -> bool:
+    from torch.utils import cpp_extension
+
+    return cpp_extension.is_ninja_available()
 
 
 def ops(namespace: str = NAMESPACE):
