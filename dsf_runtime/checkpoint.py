@@ -288,9 +288,27 @@ def _no_init_weights():
     return no_init_weights()
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered inside moves to the meta device as it is registered;
+    buffers (rotary tables, computed in __init__ and not stored) stay real. Under
+    no_init_weights a parameter is an uninitialised allocation that is freed at once."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def _build_skeleton(config: dict, quant: DSFQuantConfig, dtype: torch.dtype) -> nn.Module:
     """The model with every weight on the meta device and DSF modules swapped in."""
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dsf_runtime.models import architecture_for
@@ -301,7 +319,7 @@ def _build_skeleton(config: dict, quant: DSFQuantConfig, dtype: torch.dtype) -> 
         hf_config = AutoConfig.for_model(**config)
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"config.json cannot be read as a {model_type} config: {exc}") from None
-    with init_empty_weights(include_buffers=False), _no_init_weights():  # meta parameters, no random init
+    with _parameters_on_meta(), _no_init_weights():  # meta parameters, no random init
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.tie_weights()  # tied aliases (lm_head -> embeddings) are stored once
     swap_in_dsf_modules(model, quant, dtype, CheckpointError)

@@ -232,6 +232,23 @@ def test_load_in_another_dtype_keeps_factors_and_ties(tmp_path, tiny_model_dir):
     assert (a - b).norm() <= 2e-2 * a.norm()
 
 
+def test_loads_without_accelerate_and_keeps_computed_buffers(ckpt, monkeypatch):
+    """The skeleton puts parameters on the meta device by itself (accelerate is not a
+    dependency); buffers computed at construction, like the rotary table, stay real."""
+    import sys
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # any import of it now fails
+    model, _ = load_model(ckpt, with_tokenizer=False)
+    assert not [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    config = AutoConfig.from_pretrained(ckpt)
+    reference = AutoModelForCausalLM.from_config(config).model.rotary_emb.inv_freq
+    assert model.model.rotary_emb.inv_freq.device.type == "cpu"
+    assert torch.equal(model.model.rotary_emb.inv_freq, reference)
+    assert torch.nn.Module.register_parameter.__name__ == "register_parameter"  # the patch is undone
+
+
 def test_tensors_are_mapped_copy_on_write(copy):
     """Loading maps the weight file (no copy); writing to a loaded tensor never reaches the file."""
     from dsf_runtime.patch import dsf_modules
