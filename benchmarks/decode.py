@@ -39,8 +39,9 @@ def decode_once(model: nn.Module, ids: torch.Tensor, gen_tokens: int) -> tuple[f
     return t1 - t0, time.perf_counter() - t1
 
 
-def time_decodes(models: list[nn.Module], prompt_tokens: int = 64, gen_tokens: int = 32, vocab: int | None = None,
-                 repeats: int = 3) -> list[dict]:
+def time_decodes(
+    models: list[nn.Module], prompt_tokens: int = 64, gen_tokens: int = 32, vocab: int | None = None, repeats: int = 3
+) -> list[dict]:
     """Median pp and tg tokens/s of each model over ``repeats`` runs after one warm-up,
     the models taking turns run by run (the first one alternating) so that the machine's
     drift in speed lands on all of them alike instead of on whichever ran last."""
@@ -62,9 +63,16 @@ def llama7b_stack(num_layers: int = 4, vocab: int = 2048, seed: int = 0) -> nn.M
     """A LLaMA model with LLaMA-7B's layer shapes, a few layers and a small vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=num_layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
@@ -86,8 +94,14 @@ def dsf_stack(model: nn.Module, sparsity: float = 0.5, value_dtype: torch.dtype 
     return model
 
 
-def run_decode_bench(checkpoint: str | None, dense: str = "smollm2-135m", stack_layers: int = 4,
-                     out_dir: str = "benchmarks/results", gen_tokens: int = 32, prompt_tokens: int = 64) -> dict:
+def run_decode_bench(
+    checkpoint: str | None,
+    dense: str = "smollm2-135m",
+    stack_layers: int = 4,
+    out_dir: str = "benchmarks/results",
+    gen_tokens: int = 32,
+    prompt_tokens: int = 64,
+) -> dict:
     from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
     from dsf_runtime.checkpoint import load_model
     from dsf_runtime.models import load_dense
@@ -134,12 +148,25 @@ def run_decode_bench(checkpoint: str | None, dense: str = "smollm2-135m", stack_
         for r in rows:
             if r["model"] == subject and bf16:
                 r["tg_vs_bf16"] = r["tg_tok_s"] / bf16["tg_tok_s"]
-    payload = {"benchmark": "decode", "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
-               "environment": environment(), "rows": rows}
-    table = markdown_table(rows, [("model", "model", ""), ("variant", "variant", ""), ("backend", "backend", ""),
-                                  ("pp_tok_s", f"pp{prompt_tokens} tok/s", ".1f"),
-                                  ("tg_tok_s", f"tg{gen_tokens} tok/s", ".2f"), ("tg_vs_fp32", "tg x fp32", ".2f"),
-                                  ("tg_vs_bf16", "tg x bf16", ".2f")])
+    payload = {
+        "benchmark": "decode",
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "environment": environment(),
+        "rows": rows,
+    }
+    table = markdown_table(
+        rows,
+        [
+            ("model", "model", ""),
+            ("variant", "variant", ""),
+            ("backend", "backend", ""),
+            ("pp_tok_s", f"pp{prompt_tokens} tok/s", ".1f"),
+            ("tg_tok_s", f"tg{gen_tokens} tok/s", ".2f"),
+            ("tg_vs_fp32", "tg x fp32", ".2f"),
+            ("tg_vs_bf16", "tg x bf16", ".2f"),
+        ],
+    )
     paths = write_results(Path(out_dir), "decode", payload, table)
     payload["files"] = {k: str(v) for k, v in paths.items()}
     payload["table"] = table

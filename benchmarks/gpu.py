@@ -43,8 +43,12 @@ def _free_cuda() -> None:
 def _prepare_pair(backend, L: torch.Tensor, R: torch.Tensor, value_dtype: torch.dtype) -> tuple:
     """Both factors packed as bitmap, moved to the GPU and prepared for ``backend``."""
     bitmap = get_format("bitmap")
-    return tuple(backend.prepare("bitmap", {k: v.cuda() for k, v in bitmap.pack(M, value_dtype).items()},
-                                 tuple(M.shape), torch.float16) for M in (L, R))
+    return tuple(
+        backend.prepare(
+            "bitmap", {k: v.cuda() for k, v in bitmap.pack(M, value_dtype).items()}, tuple(M.shape), torch.float16
+        )
+        for M in (L, R)
+    )
 
 
 def _require_cuda() -> None:
@@ -101,9 +105,11 @@ def layer_cases(out_f: int, in_f: int, sparsity: float):
         cases.append((name, lambda x, w=w: torch.nn.functional.linear(x.to(w.dtype), w), w.numel() * w.element_size()))
     del W
     L, R = random_dsf_pair(out_f, in_f, sparsity)
-    for name, backend_name, value_dtype in (("DSF triton-bitmap fp16", "triton-bitmap", torch.float16),
-                                            ("DSF triton-bitmap int8", "triton-bitmap", torch.int8),
-                                            ("DSF torch-csr (cuSPARSE) fp16", "torch-csr", torch.float16)):
+    for name, backend_name, value_dtype in (
+        ("DSF triton-bitmap fp16", "triton-bitmap", torch.float16),
+        ("DSF triton-bitmap int8", "triton-bitmap", torch.int8),
+        ("DSF torch-csr (cuSPARSE) fp16", "torch-csr", torch.float16),
+    ):
         backend = BACKENDS[backend_name]
         try:
             pl, pr = _prepare_pair(backend, L, R, value_dtype)
@@ -116,8 +122,13 @@ def layer_cases(out_f: int, in_f: int, sparsity: float):
     return cases, product
 
 
-def run_layer(shapes: dict[str, tuple[int, int]], batches: tuple[int, ...], sparsity: float, bandwidth: float,
-              progress: bool = True) -> list[dict]:
+def run_layer(
+    shapes: dict[str, tuple[int, int]],
+    batches: tuple[int, ...],
+    sparsity: float,
+    bandwidth: float,
+    progress: bool = True,
+) -> list[dict]:
     rows = []
     no_graph: set[str] = set()
     with torch.inference_mode():
@@ -145,7 +156,10 @@ def run_layer(shapes: dict[str, tuple[int, int]], batches: tuple[int, ...], spar
                                 row["us"] = _graph_us(fn, x)
                             except Exception as exc:  # e.g. a library that cannot be captured
                                 no_graph.add(name)
-                                row["us"], row["note"] = row["us_eager"], f"eager (graph capture failed: {type(exc).__name__})"
+                                row["us"], row["note"] = (
+                                    row["us_eager"],
+                                    f"eager (graph capture failed: {type(exc).__name__})",
+                                )
                     except Exception as exc:
                         row["error"] = _error_text(exc)
                         print(f"{label} batch {batch} {name}: {row['error']}", flush=True)
@@ -158,8 +172,11 @@ def run_layer(shapes: dict[str, tuple[int, int]], batches: tuple[int, ...], spar
                         r["speedup_vs_bf16"] = group[1]["us"] / r["us"]
                 rows.extend(group)
                 if progress:
-                    print(f"{label} batch {batch}: " + ", ".join(f"{r['impl']} {r.get('us', float('nan')):.1f} us"
-                                                               for r in group), flush=True)
+                    print(
+                        f"{label} batch {batch}: "
+                        + ", ".join(f"{r['impl']} {r.get('us', float('nan')):.1f} us" for r in group),
+                        flush=True,
+                    )
             del cases, product
             _free_cuda()
     return rows
@@ -173,8 +190,10 @@ def run_tune(out_f: int = 4096, in_f: int = 4096, sparsity: float = 0.5) -> list
 
     pl, pr = _prepare_pair(BACKENDS["triton-bitmap"], *random_dsf_pair(out_f, in_f, sparsity), torch.float16)
     rows = []
-    plans = {1: [(b, w, 4) for b in (16, 32, 64) for w in (1, 2, 4, 8)] + [(32, 2, 2), (32, 2, 8), (64, 4, 8)],
-             16: [(b, w, 4) for b in (16, 32, 64, 128) for w in (1, 2, 4)] + [(64, 1, 8), (64, 2, 8), (128, 1, 8)]}
+    plans = {
+        1: [(b, w, 4) for b in (16, 32, 64) for w in (1, 2, 4, 8)] + [(32, 2, 2), (32, 2, 8), (64, 4, 8)],
+        16: [(b, w, 4) for b in (16, 32, 64, 128) for w in (1, 2, 4)] + [(64, 1, 8), (64, 2, 8), (128, 1, 8)],
+    }
     with torch.inference_mode():
         for batch, configs in plans.items():
             x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
@@ -193,8 +212,14 @@ def _tune_row(pl, pr, x: torch.Tensor, kw: dict, shape: str) -> dict:
     from dsf_runtime.kernels.triton_bitmap import launch, resolve_config
 
     config = resolve_config(x.shape[0], **kw)
-    row = {"shape": shape, "batch": x.shape[0], "path": "dot" if config["use_dot"] else "vector", "block_r": config["block_r"],
-           "wpi": config["wpi"], "num_warps": config["num_warps"]}
+    row = {
+        "shape": shape,
+        "batch": x.shape[0],
+        "path": "dot" if config["use_dot"] else "vector",
+        "block_r": config["block_r"],
+        "wpi": config["wpi"],
+        "num_warps": config["num_warps"],
+    }
     try:
         row["us"] = _graph_us(lambda x: launch(pl, launch(pr, x, **config), **config), x)
     except Exception as exc:
@@ -232,14 +257,17 @@ def _sync_decode(model, prompt_tokens: int, gen_tokens: int, repeats: int) -> di
     return {"pp_tok_s": statistics.median(pps), "tg_tok_s": statistics.median(tgs)}
 
 
-def run_decode(stack_layers: int, sparsity: float, prompt_tokens: int = 128, gen_tokens: int = 64,
-               repeats: int = 3) -> list[dict]:
+def run_decode(
+    stack_layers: int, sparsity: float, prompt_tokens: int = 128, gen_tokens: int = 64, repeats: int = 3
+) -> list[dict]:
     from dsf_runtime.benchmarks.decode import dsf_stack, llama7b_stack
     from dsf_runtime.patch import dsf_modules
 
     rows = []
     model = llama7b_stack(stack_layers).to("cuda", torch.float16)
-    rows.append({"variant": "dense fp16", "backend": "cuBLAS", **_sync_decode(model, prompt_tokens, gen_tokens, repeats)})
+    rows.append(
+        {"variant": "dense fp16", "backend": "cuBLAS", **_sync_decode(model, prompt_tokens, gen_tokens, repeats)}
+    )
     del model
     _free_cuda()
     model = dsf_stack(llama7b_stack(stack_layers), sparsity, torch.float16).to("cuda", torch.float16)
@@ -270,9 +298,16 @@ def run_convert(layers: int, preset_name: str = "paper", sparsity: float = 0.5) 
     from dsf_runtime.converters.config import CALIB_PRESETS, preset
     from dsf_runtime.converters.methods import make_method
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     calib = CALIB_PRESETS[preset_name]
@@ -280,21 +315,38 @@ def run_convert(layers: int, preset_name: str = "paper", sparsity: float = 0.5) 
     dsf = preset(preset_name, sparsity=sparsity)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    result = compress_sequential(model, ids, make_method("dsf", sparsity, dsf), batch_size=calib.get("batch_size", 8),
-                                 device="cuda", progress=True)
+    result = compress_sequential(
+        model,
+        ids,
+        make_method("dsf", sparsity, dsf),
+        batch_size=calib.get("batch_size", 8),
+        device="cuda",
+        progress=True,
+    )
     seconds = time.perf_counter() - t0
     per_matrix = {}
     for r in result.reports:
         per_matrix.setdefault(r.name.split(".")[-1], []).append(r.seconds)
-    return {"preset": preset_name, "layers": layers, "seconds": seconds, "seconds_per_layer": seconds / layers,
-            "estimated_seconds_30_layers": 30 * seconds / layers,
-            "seconds_per_matrix": {k: sum(v) / len(v) for k, v in per_matrix.items()},
-            "mean_rel_error": sum(r.rel_error for r in result.reports) / len(result.reports)}
+    return {
+        "preset": preset_name,
+        "layers": layers,
+        "seconds": seconds,
+        "seconds_per_layer": seconds / layers,
+        "estimated_seconds_30_layers": 30 * seconds / layers,
+        "seconds_per_matrix": {k: sum(v) / len(v) for k, v in per_matrix.items()},
+        "mean_rel_error": sum(r.rel_error for r in result.reports) / len(result.reports),
+    }
 
 
-def run_gpu_bench(out_dir: str = "benchmarks/results/gpu", shapes: dict[str, tuple[int, int]] | None = None,
-                  batches: tuple[int, ...] = (1, 4, 16), sparsity: float = 0.5, stack_layers: int = 8,
-                  convert_layers: int = 3, parts: tuple[str, ...] = ("layer", "decode", "convert")) -> dict:
+def run_gpu_bench(
+    out_dir: str = "benchmarks/results/gpu",
+    shapes: dict[str, tuple[int, int]] | None = None,
+    batches: tuple[int, ...] = (1, 4, 16),
+    sparsity: float = 0.5,
+    stack_layers: int = 8,
+    convert_layers: int = 3,
+    parts: tuple[str, ...] = ("layer", "decode", "convert"),
+) -> dict:
     from dsf_runtime.benchmarks.results_io import environment, markdown_table, plot_speedups, write_results
 
     _require_cuda()
@@ -309,52 +361,101 @@ def run_gpu_bench(out_dir: str = "benchmarks/results/gpu", shapes: dict[str, tup
         bandwidth = device_bandwidth()
         env["device_copy_gb_s"] = bandwidth
         rows = run_layer(shapes or SHAPES, batches, sparsity, bandwidth)
-        table = (f"{env['cuda']}; device copy bandwidth (read + write, same run): {bandwidth:.0f} GB/s; "
-                 f"times: triton.testing.do_bench median, L2 flushed before each call; 'graph': replayed from a CUDA "
-                 f"graph (GPU time; ratios use it), 'eager': called from Python (launch overhead included)\n\n"
-                 + markdown_table(rows, [("shape", "layer", ""), ("batch", "batch", "d"), ("impl", "implementation", ""),
-                                         ("us", "us (graph)", ".1f"), ("us_eager", "us (eager)", ".1f"),
-                                         ("weight_mib", "weight MiB", ".1f"),
-                                         ("rel_err", "rel. error vs L@R", ".1e"),
-                                         ("gb_s", "GB/s", ".0f"), ("pct_bw", "% of bw", ".0f"),
-                                         ("speedup_vs_fp16", "x vs fp16", ".2f"),
-                                         ("speedup_vs_bf16", "x vs bf16", ".2f"), ("note", "note", ""),
-                                         ("error", "error", "")]))
-        files.update({f"layer_{k}": str(v) for k, v in
-                      write_results(out, "gpu_layer", {**payload, "rows": rows}, table).items()})
-        plot_speedups(rows, out / "gpu_layer.png", "speedup_vs_fp16", "speed vs dense fp16 (higher is faster)",
-                      f"DSF {int(sparsity * 100)}% layer vs dense on {env['cuda']} (CUDA-graph replay, L2 flushed)")
+        table = (
+            f"{env['cuda']}; device copy bandwidth (read + write, same run): {bandwidth:.0f} GB/s; "
+            f"times: triton.testing.do_bench median, L2 flushed before each call; 'graph': replayed from a CUDA "
+            f"graph (GPU time; ratios use it), 'eager': called from Python (launch overhead included)\n\n"
+            + markdown_table(
+                rows,
+                [
+                    ("shape", "layer", ""),
+                    ("batch", "batch", "d"),
+                    ("impl", "implementation", ""),
+                    ("us", "us (graph)", ".1f"),
+                    ("us_eager", "us (eager)", ".1f"),
+                    ("weight_mib", "weight MiB", ".1f"),
+                    ("rel_err", "rel. error vs L@R", ".1e"),
+                    ("gb_s", "GB/s", ".0f"),
+                    ("pct_bw", "% of bw", ".0f"),
+                    ("speedup_vs_fp16", "x vs fp16", ".2f"),
+                    ("speedup_vs_bf16", "x vs bf16", ".2f"),
+                    ("note", "note", ""),
+                    ("error", "error", ""),
+                ],
+            )
+        )
+        files.update(
+            {f"layer_{k}": str(v) for k, v in write_results(out, "gpu_layer", {**payload, "rows": rows}, table).items()}
+        )
+        plot_speedups(
+            rows,
+            out / "gpu_layer.png",
+            "speedup_vs_fp16",
+            "speed vs dense fp16 (higher is faster)",
+            f"DSF {int(sparsity * 100)}% layer vs dense on {env['cuda']} (CUDA-graph replay, L2 flushed)",
+        )
         files["layer_png"] = str(out / "gpu_layer.png")
         print(table, flush=True)
     if "tune" in parts:
         rows = run_tune(sparsity=sparsity)
-        table = (f"{env['cuda']}; triton-bitmap launch settings, one 4096x4096 DSF layer (L then R), fp16, "
-                 f"CUDA-graph replay, L2 flushed\n\n"
-                 + markdown_table(rows, [("batch", "batch", "d"), ("path", "path", ""),
-                                         ("block_r", "block rows", "d"), ("wpi", "words/step", "d"),
-                                         ("num_warps", "warps", "d"), ("us", "us", ".1f"), ("error", "error", "")]))
-        files.update({f"tune_{k}": str(v) for k, v in
-                      write_results(out, "gpu_tune", {**payload, "rows": rows}, table).items()})
+        table = (
+            f"{env['cuda']}; triton-bitmap launch settings, one 4096x4096 DSF layer (L then R), fp16, "
+            f"CUDA-graph replay, L2 flushed\n\n"
+            + markdown_table(
+                rows,
+                [
+                    ("batch", "batch", "d"),
+                    ("path", "path", ""),
+                    ("block_r", "block rows", "d"),
+                    ("wpi", "words/step", "d"),
+                    ("num_warps", "warps", "d"),
+                    ("us", "us", ".1f"),
+                    ("error", "error", ""),
+                ],
+            )
+        )
+        files.update(
+            {f"tune_{k}": str(v) for k, v in write_results(out, "gpu_tune", {**payload, "rows": rows}, table).items()}
+        )
         print(table, flush=True)
     if "decode" in parts:
         rows = run_decode(stack_layers, sparsity)
-        table = (f"{env['cuda']}; LLaMA-7B-shaped stack of {stack_layers} decoder layers, random weights, "
-                 f"batch-1 greedy decoding with KV cache\n\n"
-                 + markdown_table(rows, [("variant", "model", ""), ("backend", "backend", ""),
-                                         ("pp_tok_s", "pp tok/s", ".0f"), ("tg_tok_s", "tg tok/s", ".1f"),
-                                         ("tg_vs_dense", "tg x dense", ".2f"), ("error", "error", "")]))
-        files.update({f"decode_{k}": str(v) for k, v in
-                      write_results(out, "gpu_decode", {**payload, "rows": rows}, table).items()})
+        table = (
+            f"{env['cuda']}; LLaMA-7B-shaped stack of {stack_layers} decoder layers, random weights, "
+            f"batch-1 greedy decoding with KV cache\n\n"
+            + markdown_table(
+                rows,
+                [
+                    ("variant", "model", ""),
+                    ("backend", "backend", ""),
+                    ("pp_tok_s", "pp tok/s", ".0f"),
+                    ("tg_tok_s", "tg tok/s", ".1f"),
+                    ("tg_vs_dense", "tg x dense", ".2f"),
+                    ("error", "error", ""),
+                ],
+            )
+        )
+        files.update(
+            {
+                f"decode_{k}": str(v)
+                for k, v in write_results(out, "gpu_decode", {**payload, "rows": rows}, table).items()
+            }
+        )
         print(table, flush=True)
     if "convert" in parts:
         row = run_convert(convert_layers, sparsity=sparsity)
-        table = (f"{env['cuda']}; DSF converter, `{row['preset']}` preset, SmolLM2-135M shapes (random weights): "
-                 f"{row['layers']} layers in {row['seconds']:.1f} s = {row['seconds_per_layer']:.1f} s/layer "
-                 f"(30 layers: ~{row['estimated_seconds_30_layers']:.0f} s)\n\n"
-                 + markdown_table([{"matrix": k, "s": v} for k, v in row["seconds_per_matrix"].items()],
-                                  [("matrix", "matrix", ""), ("s", "seconds (mean per layer)", ".2f")]))
-        files.update({f"convert_{k}": str(v) for k, v in
-                      write_results(out, "gpu_convert", {**payload, **row}, table).items()})
+        table = (
+            f"{env['cuda']}; DSF converter, `{row['preset']}` preset, SmolLM2-135M shapes (random weights): "
+            f"{row['layers']} layers in {row['seconds']:.1f} s = {row['seconds_per_layer']:.1f} s/layer "
+            f"(30 layers: ~{row['estimated_seconds_30_layers']:.0f} s)\n\n"
+            + markdown_table(
+                [{"matrix": k, "s": v} for k, v in row["seconds_per_matrix"].items()],
+                [("matrix", "matrix", ""), ("s", "seconds (mean per layer)", ".2f")],
+            )
+        )
+        files.update(
+            {f"convert_{k}": str(v) for k, v in write_results(out, "gpu_convert", {**payload, **row}, table).items()}
+        )
         print(table, flush=True)
     payload["files"] = files
     return payload

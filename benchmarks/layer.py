@@ -88,8 +88,14 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
     cases.append(Case("dense fp32", lambda i, x: torch.nn.functional.linear(x, dense32[i]), W.numel() * 4, n))
     n = _copies(W.numel() * 2)
     dense16 = [W.to(torch.bfloat16) for _ in range(n)]
-    cases.append(Case("dense bf16", lambda i, x: torch.nn.functional.linear(x.to(torch.bfloat16), dense16[i]).float(),
-                      W.numel() * 2, n))
+    cases.append(
+        Case(
+            "dense bf16",
+            lambda i, x: torch.nn.functional.linear(x.to(torch.bfloat16), dense16[i]).float(),
+            W.numel() * 2,
+            n,
+        )
+    )
 
     for backend_name, fmt in (("torch-csr", "csr"), ("cpu-bitmap", "bitmap")):
         backend = BACKENDS[backend_name]
@@ -102,16 +108,30 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
         # What the kernel streams per call: the prepared operands (CSR holds fp32 values
         # and int32 indices in memory; the bitmap kernel its stored tensors).
         if backend_name == "torch-csr":
-            nbytes = sum(t.numel() * t.element_size() for p in (pl, pr)
-                         for t in (p.matrix.crow_indices(), p.matrix.col_indices(), p.matrix.values()))
+            nbytes = sum(
+                t.numel() * t.element_size()
+                for p in (pl, pr)
+                for t in (p.matrix.crow_indices(), p.matrix.col_indices(), p.matrix.values())
+            )
         else:
             nbytes = sum(t.numel() * t.element_size() for t in (*tl.values(), *tr.values()))
         n = _copies(nbytes)
-        preps = [(backend.prepare(fmt, {k: v.clone() for k, v in tl.items()}, tuple(L.shape), torch.float32),
-                  backend.prepare(fmt, {k: v.clone() for k, v in tr.items()}, tuple(R.shape), torch.float32))
-                 for _ in range(n)]
-        cases.append(Case(f"DSF {backend_name}", lambda i, x, b=backend, p=preps: b.matmul(p[i][0], b.matmul(p[i][1], x)),
-                          nbytes, n, _streamed(backend, preps[0]) if backend_name == "cpu-bitmap" else None))
+        preps = [
+            (
+                backend.prepare(fmt, {k: v.clone() for k, v in tl.items()}, tuple(L.shape), torch.float32),
+                backend.prepare(fmt, {k: v.clone() for k, v in tr.items()}, tuple(R.shape), torch.float32),
+            )
+            for _ in range(n)
+        ]
+        cases.append(
+            Case(
+                f"DSF {backend_name}",
+                lambda i, x, b=backend, p=preps: b.matmul(p[i][0], b.matmul(p[i][1], x)),
+                nbytes,
+                n,
+                _streamed(backend, preps[0]) if backend_name == "cpu-bitmap" else None,
+            )
+        )
 
     bitmap = BACKENDS["cpu-bitmap"]
     if bitmap.available():
@@ -121,8 +141,17 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
             """Prepared (L, R) copies enough to rotate beyond the LLC, their count and bytes."""
             nbytes = sum(t.numel() * t.element_size() for t in (*tl.values(), *tr.values()))
             n = _copies(nbytes)
-            return [tuple(bitmap.prepare("bitmap", {k: v.clone() for k, v in t.items()}, tuple(m.shape), model_dtype)
-                          for t, m in ((tl, L), (tr, R))) for _ in range(n)], n, nbytes
+            return (
+                [
+                    tuple(
+                        bitmap.prepare("bitmap", {k: v.clone() for k, v in t.items()}, tuple(m.shape), model_dtype)
+                        for t, m in ((tl, L), (tr, R))
+                    )
+                    for _ in range(n)
+                ],
+                n,
+                nbytes,
+            )
 
         def bitmap_case(name: str, fn: Callable, preps: list, n: int, nbytes: int) -> Case:
             return Case(name, fn, nbytes, n, _streamed(bitmap, preps[0]))
@@ -136,26 +165,46 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
         # fp16 values (--value-dtype float16) in an fp32 model: the same bytes as the default
         # bf16 values, 3 more mantissa bits, widened by vcvtph2ps on AVX2
         preps, n, nbytes = bitmap_copies(f.pack(L, torch.float16), f.pack(R, torch.float16), torch.float32)
-        cases.append(bitmap_case("DSF cpu-bitmap fp16 values", lambda i, x, p=preps: two_stage(i, x, p), preps, n,
-                                 nbytes))
+        cases.append(
+            bitmap_case("DSF cpu-bitmap fp16 values", lambda i, x, p=preps: two_stage(i, x, p), preps, n, nbytes)
+        )
         tl, tr = f.pack(L, torch.bfloat16), f.pack(R, torch.bfloat16)
         # a bf16 model: bf16 values and activations, as dense bf16 (the AVX512_BF16 dot-product
         # path where the CPU has it; elsewhere x is widened to fp32 and the values expand to fp32)
         preps, n, nbytes = bitmap_copies(tl, tr, torch.bfloat16)
-        cases.append(bitmap_case("DSF cpu-bitmap bf16 model",
-                                 lambda i, x, p=preps: two_stage(i, x.to(torch.bfloat16), p).float(), preps, n, nbytes))
+        cases.append(
+            bitmap_case(
+                "DSF cpu-bitmap bf16 model",
+                lambda i, x, p=preps: two_stage(i, x.to(torch.bfloat16), p).float(),
+                preps,
+                n,
+                nbytes,
+            )
+        )
 
     sl, sr = sp.csr_matrix(L.numpy()), sp.csr_matrix(R.numpy())
     nbytes = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in (sl, sr))
     n = _copies(nbytes)
     mats = [(sl.copy(), sr.copy()) for _ in range(n)]
-    cases.append(Case("DSF scipy-csr", lambda i, x, m=mats: torch.from_numpy(
-        (m[i][0] @ (m[i][1] @ x.numpy().T)).T.copy()), nbytes, n))
+    cases.append(
+        Case(
+            "DSF scipy-csr",
+            lambda i, x, m=mats: torch.from_numpy((m[i][0] @ (m[i][1] @ x.numpy().T)).T.copy()),
+            nbytes,
+            n,
+        )
+    )
     return cases
 
 
-def time_cases(cases: list[Case], x: torch.Tensor, min_calls: int = 24, min_seconds: float = 1.0,
-               max_calls: int = 400, burst: int = 6) -> list[float]:
+def time_cases(
+    cases: list[Case],
+    x: torch.Tensor,
+    min_calls: int = 24,
+    min_seconds: float = 1.0,
+    max_calls: int = 400,
+    burst: int = 6,
+) -> list[float]:
     """Median seconds per call of each case, the cases taking turns in short bursts so
     that every case is timed over the same stretch of time: on a shared or throttled
     machine the speed drifts by tens of percent from one second to the next, and timing
@@ -185,8 +234,13 @@ def time_cases(cases: list[Case], x: torch.Tensor, min_calls: int = 24, min_seco
             return [statistics.median(t) for t in times]
 
 
-def run_layer_bench(shapes: dict[str, tuple[int, int]] | None = None, batches: tuple[int, ...] = (1, 4, 16),
-                    out_dir: str = "benchmarks/results", sparsity: float = 0.5, progress: bool = True) -> dict:
+def run_layer_bench(
+    shapes: dict[str, tuple[int, int]] | None = None,
+    batches: tuple[int, ...] = (1, 4, 16),
+    out_dir: str = "benchmarks/results",
+    sparsity: float = 0.5,
+    progress: bool = True,
+) -> dict:
     from dsf_runtime.benchmarks.results_io import environment, markdown_table, plot_speedups, write_results
     from dsf_runtime.kernels.cpu_bitmap import CPUBitmapBackend
 
@@ -203,27 +257,53 @@ def run_layer_bench(shapes: dict[str, tuple[int, int]] | None = None, batches: t
                     weight_bytes = case.bytes_for(batch)
                     gbs = (weight_bytes + x.numel() * 4) / sec / 1e9
                     base[case.name] = sec
-                    rows.append({"shape": label, "batch": batch, "impl": case.name, "ms": sec * 1e3,
-                                 "weight_mib": weight_bytes / 2**20, "gb_s": gbs, "pct_bw": 100 * gbs / bandwidth})
-                for r in rows[-len(cases):]:
+                    rows.append(
+                        {
+                            "shape": label,
+                            "batch": batch,
+                            "impl": case.name,
+                            "ms": sec * 1e3,
+                            "weight_mib": weight_bytes / 2**20,
+                            "gb_s": gbs,
+                            "pct_bw": 100 * gbs / bandwidth,
+                        }
+                    )
+                for r in rows[-len(cases) :]:
                     r["speedup_vs_fp32"] = base["dense fp32"] / (r["ms"] / 1e3)
                     r["speedup_vs_bf16"] = base["dense bf16"] / (r["ms"] / 1e3)
                 if progress:
-                    best = min(rows[-len(cases):], key=lambda r: r["ms"])
+                    best = min(rows[-len(cases) :], key=lambda r: r["ms"])
                     print(f"{label} batch {batch}: fastest {best['impl']} {best['ms']:.3f} ms", flush=True)
             del cases
     env = environment()
     env["memory_bandwidth_gb_s"] = bandwidth
     env["cpu_kernel_isa"] = CPUBitmapBackend().describe() if BACKENDS["cpu-bitmap"].available() else "unavailable"
     payload = {"benchmark": "layer", "sparsity": sparsity, "environment": env, "rows": rows}
-    table = (f"memory bandwidth (best of buffer copy and read-only sum, same run): {bandwidth:.1f} GB/s; cpu-bitmap ISA: {env['cpu_kernel_isa']}\n\n"
-             + markdown_table(rows, [("shape", "layer", ""), ("batch", "batch", "d"), ("impl", "implementation", ""),
-                                     ("ms", "ms", ".3f"), ("weight_mib", "weight MiB", ".1f"), ("gb_s", "GB/s", ".1f"),
-                                     ("pct_bw", "% of bw", ".0f"), ("speedup_vs_fp32", "x vs fp32", ".2f"),
-                                     ("speedup_vs_bf16", "x vs bf16", ".2f")]))
+    table = (
+        f"memory bandwidth (best of buffer copy and read-only sum, same run): {bandwidth:.1f} GB/s; cpu-bitmap ISA: {env['cpu_kernel_isa']}\n\n"
+        + markdown_table(
+            rows,
+            [
+                ("shape", "layer", ""),
+                ("batch", "batch", "d"),
+                ("impl", "implementation", ""),
+                ("ms", "ms", ".3f"),
+                ("weight_mib", "weight MiB", ".1f"),
+                ("gb_s", "GB/s", ".1f"),
+                ("pct_bw", "% of bw", ".0f"),
+                ("speedup_vs_fp32", "x vs fp32", ".2f"),
+                ("speedup_vs_bf16", "x vs bf16", ".2f"),
+            ],
+        )
+    )
     paths = write_results(Path(out_dir), "layer", payload, table)
-    plot_speedups(rows, Path(out_dir) / "layer.png", "speedup_vs_fp32", "speed-up vs dense fp32",
-                  "DSF 50% layer vs dense (weights rotated beyond the LLC)")
+    plot_speedups(
+        rows,
+        Path(out_dir) / "layer.png",
+        "speedup_vs_fp32",
+        "speed-up vs dense fp32",
+        "DSF 50% layer vs dense (weights rotated beyond the LLC)",
+    )
     paths["png"] = Path(out_dir) / "layer.png"
     payload["files"] = {k: str(v) for k, v in paths.items()}
     payload["table"] = table

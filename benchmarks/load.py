@@ -63,7 +63,9 @@ def _child(path: str, backend: str) -> dict:
 def _run_child(path: str, backend: str) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "dsf_runtime.benchmarks.load", "--child", path, "--backend", backend],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"loading {path} failed: {proc.stderr.strip().splitlines()[-1:]}")

@@ -37,8 +37,16 @@ def run_quality_bench(
     n_eval = min(ids.numel(), eval_tokens or ids.numel())
     t0 = time.perf_counter()
     dense_ppl = perplexity(dense, ids, max_tokens=n_eval, progress=progress)
-    rows.append({"method": "dense", "sparsity": 0.0, "perplexity": dense_ppl, "compress_seconds": None,
-                 "eval_seconds": time.perf_counter() - t0, "backend": "dense"})
+    rows.append(
+        {
+            "method": "dense",
+            "sparsity": 0.0,
+            "perplexity": dense_ppl,
+            "compress_seconds": None,
+            "eval_seconds": time.perf_counter() - t0,
+            "backend": "dense",
+        }
+    )
     del dense
     for sparsity in sparsities:
         for method in methods:
@@ -48,8 +56,16 @@ def run_quality_bench(
                 log_file = ckpt / "compression_log.json"
                 seconds = json.loads(log_file.read_text())["seconds"] if log_file.exists() else None
             else:
-                job = make_job(model, ckpt, sparsity=sparsity, preset_name=preset_name, method=method,
-                               nsamples=nsamples, seqlen=seqlen, progress=progress)
+                job = make_job(
+                    model,
+                    ckpt,
+                    sparsity=sparsity,
+                    preset_name=preset_name,
+                    method=method,
+                    nsamples=nsamples,
+                    seqlen=seqlen,
+                    progress=progress,
+                )
                 _, result = run_compress(job)
                 seconds = result.seconds
             _, quant = read_quant_config(ckpt)
@@ -60,9 +76,18 @@ def run_quality_bench(
             ppl = perplexity(sparse, ids, max_tokens=n_eval, progress=progress)
             nnz = sum(e.nnz_left + e.nnz_right for e in quant.modules.values())
             dense_count = sum(e.out_features * e.in_features for e in quant.modules.values())
-            rows.append({"method": method, "sparsity": sparsity, "perplexity": ppl, "compress_seconds": seconds,
-                         "eval_seconds": time.perf_counter() - t0, "backend": "dense-ref",
-                         "density": nnz / dense_count, "checkpoint": str(ckpt)})
+            rows.append(
+                {
+                    "method": method,
+                    "sparsity": sparsity,
+                    "perplexity": ppl,
+                    "compress_seconds": seconds,
+                    "eval_seconds": time.perf_counter() - t0,
+                    "backend": "dense-ref",
+                    "density": nnz / dense_count,
+                    "checkpoint": str(ckpt),
+                }
+            )
             del sparse
             # every finished row is written at once: a long run that is stopped keeps its results
             _write_quality(rows, dense_ppl, model, preset_name, n_eval, Path(out_dir))
@@ -88,11 +113,18 @@ def _write_quality(rows: list[dict], dense_ppl: float, model: str, preset_name: 
         "environment": environment(),
         "rows": rows,
     }
-    table = markdown_table(rows, [
-        ("method", "method", ""), ("sparsity", "sparsity", ".2f"), ("density", "nnz / dense", ".3f"),
-        ("perplexity", "ppl", ".3f"), ("gap", "ppl - dense", ".3f"), ("gap_vs_sparsegpt", "gap / SparseGPT gap", ".2f"),
-        ("compress_seconds", "compress s", ".0f"),
-    ])
+    table = markdown_table(
+        rows,
+        [
+            ("method", "method", ""),
+            ("sparsity", "sparsity", ".2f"),
+            ("density", "nnz / dense", ".3f"),
+            ("perplexity", "ppl", ".3f"),
+            ("gap", "ppl - dense", ".3f"),
+            ("gap_vs_sparsegpt", "gap / SparseGPT gap", ".2f"),
+            ("compress_seconds", "compress s", ".0f"),
+        ],
+    )
     paths = write_results(out_dir, "quality", payload, table)
     _plot(rows, dense_ppl, out_dir / "quality.png", model)
     paths["png"] = out_dir / "quality.png"

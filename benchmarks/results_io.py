@@ -80,12 +80,15 @@ def plot_speedups(rows: Sequence[dict], path: Path, key: str, ylabel: str, title
     width = 0.8 / len(impls)
     for ax, batch in zip(axes[0], batches):
         for k, impl in enumerate(impls):
-            vals = [next((r.get(key, 0) for r in rows if r["shape"] == s and r["batch"] == batch
-                          and r["impl"] == impl), 0) for s in shapes]
+            vals = [
+                next((r.get(key, 0) for r in rows if r["shape"] == s and r["batch"] == batch and r["impl"] == impl), 0)
+                for s in shapes
+            ]
             ax.bar([i + k * width for i in range(len(shapes))], vals, width, label=impl)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], [s.split()[0] for s in shapes],
-                      rotation=30, fontsize=8)
+        ax.set_xticks(
+            [i + 0.4 - width / 2 for i in range(len(shapes))], [s.split()[0] for s in shapes], rotation=30, fontsize=8
+        )
         ax.set_title(f"batch {batch}")
         ax.set_ylabel(ylabel)
     handles, labels = axes[0][0].get_legend_handles_labels()

@@ -41,6 +41,7 @@ def bench_prompts(count: int, words: int = 40) -> list[str]:
 
 # ---- engines, without HTTP ------------------------------------------------------------------
 
+
 def _engine_run(model: nn.Module, tokenizer, prompts: list[str], max_tokens: int) -> tuple[int, float]:
     """All prompts submitted at once, the engine stepping on this (main) thread as in `dsf serve`."""
     import queue
@@ -68,8 +69,14 @@ def _hf_sequential(model: nn.Module, tokenizer, prompts: list[str], max_tokens: 
     total = 0
     for p in prompts:
         ids = tokenizer(p, return_tensors="pt")["input_ids"]
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                             min_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
         total += out.shape[1] - ids.shape[1]
     return total, time.perf_counter() - start
 
@@ -85,8 +92,13 @@ def _hf_padded(model: nn.Module, tokenizer, prompts: list[str], max_tokens: int)
     finally:
         tokenizer.padding_side = side
     start = time.perf_counter()
-    out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts), time.perf_counter() - start
 
 
@@ -97,12 +109,14 @@ def _hf_continuous(model: nn.Module, tokenizer, prompts: list[str], max_tokens: 
 
     # a fixed paged cache (16 pages x 256 tokens): left to itself it sizes the cache from free memory (12 GB here)
     cb_config = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=1024)
-    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1,
-                              pad_token_id=tokenizer.eos_token_id)
+    config = GenerationConfig(
+        max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=tokenizer.eos_token_id
+    )
     inputs = [tokenizer(p)["input_ids"] for p in prompts]
     start = time.perf_counter()
-    out = model.generate_batch(inputs=inputs, generation_config=config, continuous_batching_config=cb_config,
-                               progress_bar=False)
+    out = model.generate_batch(
+        inputs=inputs, generation_config=config, continuous_batching_config=cb_config, progress_bar=False
+    )
     seconds = time.perf_counter() - start
     return sum(len(o.generated_tokens) for o in out.values()), seconds
 
@@ -123,16 +137,20 @@ def compare_engines(model: nn.Module, tokenizer, streams=STREAMS, max_tokens: in
             prompts = bench_prompts(n)
             try:
                 tokens, seconds = fn(model, tokenizer, prompts, max_tokens)
-                rows.append({"engine": name, "streams": n, "tokens": tokens, "seconds": seconds,
-                             "tok_s": tokens / seconds})
+                rows.append(
+                    {"engine": name, "streams": n, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+                )
             except Exception as exc:  # an engine that cannot run this model is reported, not fatal
                 rows.append({"engine": name, "streams": n, "error": f"{type(exc).__name__}: {exc}"[:200]})
-            print(f"  {name} x{n}: " + (f"{rows[-1]['tok_s']:.1f} tok/s" if "tok_s" in rows[-1]
-                                        else rows[-1]["error"]), flush=True)
+            print(
+                f"  {name} x{n}: " + (f"{rows[-1]['tok_s']:.1f} tok/s" if "tok_s" in rows[-1] else rows[-1]["error"]),
+                flush=True,
+            )
     return rows
 
 
 # ---- servers, over HTTP ---------------------------------------------------------------------
+
 
 @dataclass
 class LoadResult:
@@ -150,8 +168,15 @@ class LoadResult:
 
 async def _one_stream(http, model: str, prompt: str, max_tokens: int, extra: dict) -> dict:
     """One streaming completion: token arrival times and the final usage."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, **extra}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
     start = time.perf_counter()
     times, usage, reason, text = [], None, None, []
     async with http.stream("POST", "/v1/completions", json=body) as resp:
@@ -187,8 +212,10 @@ async def _drive(url: str, model: str, prompts: list[str], streams: int, rounds:
             await _one_stream(http, model, prompts[0], 4, extra)
 
         async def client(k: int) -> list[dict]:
-            return [await _one_stream(http, model, prompts[(k + r * streams) % len(prompts)], max_tokens, extra)
-                    for r in range(rounds)]
+            return [
+                await _one_stream(http, model, prompts[(k + r * streams) % len(prompts)], max_tokens, extra)
+                for r in range(rounds)
+            ]
 
         start = time.perf_counter()
         per_client = await asyncio.gather(*(client(k) for k in range(streams)))
@@ -199,16 +226,27 @@ async def _drive(url: str, model: str, prompts: list[str], streams: int, rounds:
     return results
 
 
-def measure_server(label: str, url: str, model: str, prompts: list[str], streams: int, rounds: int,
-                   max_tokens: int) -> LoadResult:
+def measure_server(
+    label: str, url: str, model: str, prompts: list[str], streams: int, rounds: int, max_tokens: int
+) -> LoadResult:
     results = asyncio.run(_drive(url, model, prompts, streams, rounds, max_tokens))
     seconds = results[0]["wall"]
     tokens = sum(r["tokens"] for r in results)
     ttfts = sorted(r["times"][0] for r in results if r["times"])
     gaps = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
     complete = all(r["tokens"] == max_tokens and r["reason"] == "length" for r in results)
-    return LoadResult(label, streams, len(results), tokens, seconds, tokens / seconds, statistics.fmean(ttfts),
-                      ttfts[max(math.ceil(0.9 * len(ttfts)) - 1, 0)], statistics.fmean(gaps) if gaps else float("nan"), complete)
+    return LoadResult(
+        label,
+        streams,
+        len(results),
+        tokens,
+        seconds,
+        tokens / seconds,
+        statistics.fmean(ttfts),
+        ttfts[max(math.ceil(0.9 * len(ttfts)) - 1, 0)],
+        statistics.fmean(gaps) if gaps else float("nan"),
+        complete,
+    )
 
 
 def _free_port() -> int:
@@ -223,8 +261,20 @@ class ServerProcess:
     def __init__(self, model: str, max_concurrency: int = 8, extra: list[str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "dsf_runtime.cli", "serve", model, "--port", str(self.port),
-               "--max-concurrency", str(max_concurrency), "--max-model-len", "1024", *(extra or [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dsf_runtime.cli",
+            "serve",
+            model,
+            "--port",
+            str(self.port),
+            "--max-concurrency",
+            str(max_concurrency),
+            "--max-model-len",
+            "1024",
+            *(extra or []),
+        ]
         self.log: list[str] = []
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -264,21 +314,37 @@ class ServerProcess:
             self.proc.kill()
 
 
-def run_serving_bench(servers: list[tuple[str, str]], external: list[tuple[str, str, str]], out_dir: Path,
-                      streams=STREAMS, rounds: int = 2, max_tokens: int = 64, engines_model: str | None = None,
-                      engine_tokens: int = 32, append: bool = False) -> dict:
+def run_serving_bench(
+    servers: list[tuple[str, str]],
+    external: list[tuple[str, str, str]],
+    out_dir: Path,
+    streams=STREAMS,
+    rounds: int = 2,
+    max_tokens: int = 64,
+    engines_model: str | None = None,
+    engine_tokens: int = 32,
+    append: bool = False,
+) -> dict:
     """servers: (label, model for `dsf serve`); external: (label, base URL, model name).
     ``append`` keeps the servers (and engines) of an earlier serving.json that this run does not
     measure: servers that cannot share the machine's memory are measured one run at a time."""
     from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
-    payload: dict = {"environment": environment(), "max_tokens": max_tokens, "rounds": rounds, "servers": [],
-                     "engines": []}
+
+    payload: dict = {
+        "environment": environment(),
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "servers": [],
+        "engines": [],
+    }
     if engines_model:
         from dsf_runtime.checkpoint import backend_summary, load_any
 
         model, tokenizer = load_any(engines_model)
-        print(f"engines on {engines_model} (backend {backend_summary(model)}), {engine_tokens} tokens per stream:",
-              flush=True)
+        print(
+            f"engines on {engines_model} (backend {backend_summary(model)}), {engine_tokens} tokens per stream:",
+            flush=True,
+        )
         payload["engines"] = compare_engines(model, tokenizer, streams, engine_tokens)
         payload["engines_model"] = engines_model
         payload["engines_backend"] = backend_summary(model)
@@ -293,8 +359,11 @@ def run_serving_bench(servers: list[tuple[str, str]], external: list[tuple[str, 
             prompts = bench_prompts(max(streams) * rounds)
             for n in streams:
                 rows.append(measure_server(label, proc.url, name, prompts, n, rounds, max_tokens))
-                print(f"  {label} x{n}: {rows[-1].tok_s:.1f} tok/s, ttft {rows[-1].ttft_mean_s:.3f} s, "
-                      f"itl {rows[-1].itl_mean_s * 1000:.1f} ms, complete={rows[-1].complete}", flush=True)
+                print(
+                    f"  {label} x{n}: {rows[-1].tok_s:.1f} tok/s, ttft {rows[-1].ttft_mean_s:.3f} s, "
+                    f"itl {rows[-1].itl_mean_s * 1000:.1f} ms, complete={rows[-1].complete}",
+                    flush=True,
+                )
             backends[label] = proc.backend()
         finally:
             proc.stop()
@@ -308,8 +377,11 @@ def run_serving_bench(servers: list[tuple[str, str]], external: list[tuple[str, 
                 failures.append({"server": label, "streams": n, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 print(f"  {label} x{n}: FAILED {failures[-1]['error']}", flush=True)
                 continue
-            print(f"  {label} x{n}: {rows[-1].tok_s:.1f} tok/s, ttft {rows[-1].ttft_mean_s:.3f} s, "
-                  f"complete={rows[-1].complete}", flush=True)
+            print(
+                f"  {label} x{n}: {rows[-1].tok_s:.1f} tok/s, ttft {rows[-1].ttft_mean_s:.3f} s, "
+                f"complete={rows[-1].complete}",
+                flush=True,
+            )
     payload["servers"] = [asdict(r) for r in rows]
     payload["backends"] = backends
     payload["failures"] = failures
@@ -317,7 +389,9 @@ def run_serving_bench(servers: list[tuple[str, str]], external: list[tuple[str, 
     if append and previous_path.is_file():
         previous = json.loads(previous_path.read_text())
         measured = {r.server for r in rows}
-        payload["servers"] = [r for r in previous.get("servers", []) if r["server"] not in measured] + payload["servers"]
+        payload["servers"] = [r for r in previous.get("servers", []) if r["server"] not in measured] + payload[
+            "servers"
+        ]
         payload["backends"] = {**previous.get("backends", {}), **backends}
         if not payload["engines"]:
             for key in ("engines", "engines_model", "engines_backend"):
@@ -328,14 +402,29 @@ def run_serving_bench(servers: list[tuple[str, str]], external: list[tuple[str, 
         for r in payload["servers"]:
             if r["server"] == label and single:
                 r["scaling_vs_1"] = r["tok_s"] / single
-    table = markdown_table(payload["servers"], [
-        ("server", "server", "s"), ("streams", "streams", "d"), ("tok_s", "aggregate tok/s", ".1f"),
-        ("scaling_vs_1", "x vs 1 stream", ".2f"), ("ttft_mean_s", "TTFT mean s", ".3f"),
-        ("ttft_p90_s", "TTFT p90 s", ".3f"), ("itl_mean_s", "ITL mean s", ".4f"), ("complete", "complete", "")])
+    table = markdown_table(
+        payload["servers"],
+        [
+            ("server", "server", "s"),
+            ("streams", "streams", "d"),
+            ("tok_s", "aggregate tok/s", ".1f"),
+            ("scaling_vs_1", "x vs 1 stream", ".2f"),
+            ("ttft_mean_s", "TTFT mean s", ".3f"),
+            ("ttft_p90_s", "TTFT p90 s", ".3f"),
+            ("itl_mean_s", "ITL mean s", ".4f"),
+            ("complete", "complete", ""),
+        ],
+    )
     if payload["engines"]:
-        table += "\n\nEngines without HTTP (" + str(payload.get("engines_backend")) + "):\n\n" + markdown_table(
-            [r for r in payload["engines"] if "tok_s" in r],
-            [("engine", "engine", "s"), ("streams", "streams", "d"), ("tok_s", "aggregate tok/s", ".1f")])
+        table += (
+            "\n\nEngines without HTTP ("
+            + str(payload.get("engines_backend"))
+            + "):\n\n"
+            + markdown_table(
+                [r for r in payload["engines"] if "tok_s" in r],
+                [("engine", "engine", "s"), ("streams", "streams", "d"), ("tok_s", "aggregate tok/s", ".1f")],
+            )
+        )
     write_results(out_dir, "serving", payload, table)
     _plot(payload, out_dir / "serving.png")
     print(table)

@@ -26,8 +26,15 @@ _TEMPERATURES = [0.0, 0.0, 0.7, 1.0, 1.3, 2.0, 1e-39, 5e-324, 1e-5, float("nan")
 _TOP_P = [1.0, 0.9, 0.5, 1e-300, 5e-324, 0.0]
 _PENALTIES = [1.0, 1.1, 2.0, 10.0, 1e-40, 0.0]
 _SEEDS = [None, 0, 7, 2**64 - 1, -(2**63), 2**64]
-_PROMPTS = ["It is a truth universally acknowledged", "Emma Woodhouse, handsome, clever, and rich,",
-            "Mr. Darcy", "Anne Elliot", "The sisters walked", "a\ud800b", ""]
+_PROMPTS = [
+    "It is a truth universally acknowledged",
+    "Emma Woodhouse, handsome, clever, and rich,",
+    "Mr. Darcy",
+    "Anne Elliot",
+    "The sisters walked",
+    "a\ud800b",
+    "",
+]
 
 
 @dataclass
@@ -58,9 +65,13 @@ class SoakReport:
     health_during_huge_max_ms: float | None = None
 
     def ok(self, max_rss_growth: float = 0.10, max_health_p99_ms: float = 100.0) -> bool:
-        return (self.server_errors == 0 and self.failures == 0 and self.stuck_slots == 0
-                and (self.rss_growth is None or self.rss_growth < max_rss_growth)
-                and (self.health_during_huge_p99_ms is None or self.health_during_huge_p99_ms < max_health_p99_ms))
+        return (
+            self.server_errors == 0
+            and self.failures == 0
+            and self.stuck_slots == 0
+            and (self.rss_growth is None or self.rss_growth < max_rss_growth)
+            and (self.health_during_huge_p99_ms is None or self.health_during_huge_p99_ms < max_health_p99_ms)
+        )
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -73,14 +84,22 @@ def _percentile(values: list[float], q: float) -> float:
 def _random_body(rng: random.Random, model: str) -> tuple[str, dict]:
     chat = rng.random() < 0.3
     prompt = rng.choice(_PROMPTS)
-    body: dict = {"model": model, "max_tokens": rng.choice([1, 4, 16, 32, 64]), "stream": rng.random() < 0.6,
-                  "ignore_eos": rng.random() < 0.5}
+    body: dict = {
+        "model": model,
+        "max_tokens": rng.choice([1, 4, 16, 32, 64]),
+        "stream": rng.random() < 0.6,
+        "ignore_eos": rng.random() < 0.5,
+    }
     if chat:
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt if rng.random() < 0.8 else [rng.randrange(0, 300) for _ in range(rng.randint(1, 8))]
-    for key, values in (("temperature", _TEMPERATURES), ("top_p", _TOP_P), ("repetition_penalty", _PENALTIES),
-                        ("seed", _SEEDS)):
+    for key, values in (
+        ("temperature", _TEMPERATURES),
+        ("top_p", _TOP_P),
+        ("repetition_penalty", _PENALTIES),
+        ("seed", _SEEDS),
+    ):
         if rng.random() < 0.5:
             body[key] = rng.choice(values)
     if rng.random() < 0.2:
@@ -183,8 +202,9 @@ class _Soak:
         await asyncio.sleep(delay)
         content = json.dumps({"model": self.model, "prompt": "Pride and prejudice. " * (size // 21 + 1)})
         t0 = time.monotonic()
-        resp = await http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"},
-                               timeout=600)
+        resp = await http.post(
+            "/v1/completions", content=content, headers={"Content-Type": "application/json"}, timeout=600
+        )
         t1 = time.monotonic()
         self.huge_window = (t0, t1)
         self.report.huge_prompt_status = resp.status_code
@@ -216,15 +236,26 @@ def _rss_mib(pid: int | None) -> float | None:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-async def _run(url: str, model: str, clients: int, seconds: float, pid: int | None, huge_prompt_bytes: int,
-               warmup: float, seed: int, timeout: float) -> SoakReport:
+async def _run(
+    url: str,
+    model: str,
+    clients: int,
+    seconds: float,
+    pid: int | None,
+    huge_prompt_bytes: int,
+    warmup: float,
+    seed: int,
+    timeout: float,
+) -> SoakReport:
     import httpx
 
     report = SoakReport(url, clients, seconds, huge_prompt_bytes=huge_prompt_bytes)
     soak = _Soak(url, model, report, seed, timeout)
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http, \
-            httpx.AsyncClient(base_url=url, timeout=600) as side:
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http,
+        httpx.AsyncClient(base_url=url, timeout=600) as side,
+    ):
         warm_end = time.monotonic() + warmup
         await asyncio.gather(*(soak.client(http, warm_end) for _ in range(clients)))
         await _idle_load(side)
@@ -251,9 +282,18 @@ async def _run(url: str, model: str, clients: int, seconds: float, pid: int | No
     return report
 
 
-def run_soak(url: str, model: str, *, clients: int = 16, seconds: float = 300.0, pid: int | None = None,
-             huge_prompt_bytes: int = 8_000_000, warmup: float = 10.0, seed: int = 0,
-             timeout: float = 120.0) -> SoakReport:
+def run_soak(
+    url: str,
+    model: str,
+    *,
+    clients: int = 16,
+    seconds: float = 300.0,
+    pid: int | None = None,
+    huge_prompt_bytes: int = 8_000_000,
+    warmup: float = 10.0,
+    seed: int = 0,
+    timeout: float = 120.0,
+) -> SoakReport:
     """Soak the server at ``url`` (serving ``model``) for ``seconds`` after ``warmup`` seconds of the
     same load; ``pid``: the server's process, for its memory. Refuses non-loopback URLs."""
     host = urlparse(url).hostname
@@ -274,23 +314,45 @@ def soak_table(report: SoakReport) -> str:
         ("status >= 500", str(report.server_errors)),
         ("failed without an error response", str(report.failures)),
         ("slots held after the clients left", str(report.stuck_slots)),
-        ("server RSS after warm-up -> end", f"{report.rss_start_mib or 0:.0f} -> {report.rss_end_mib or 0:.0f} MiB "
-                                            f"({growth})"),
-        ("/health p50 / p99 / max", f"{report.health_p50_ms:.1f} / {report.health_p99_ms:.1f} / "
-                                    f"{report.health_max_ms:.1f} ms ({report.health_probes} probes, "
-                                    f"{report.health_failures} not 200)"),
+        (
+            "server RSS after warm-up -> end",
+            f"{report.rss_start_mib or 0:.0f} -> {report.rss_end_mib or 0:.0f} MiB ({growth})",
+        ),
+        (
+            "/health p50 / p99 / max",
+            f"{report.health_p50_ms:.1f} / {report.health_p99_ms:.1f} / "
+            f"{report.health_max_ms:.1f} ms ({report.health_probes} probes, "
+            f"{report.health_failures} not 200)",
+        ),
     ]
     if report.huge_prompt_status is not None:
-        rows.append((f"{report.huge_prompt_bytes / 1e6:.0f} MB prompt", f"HTTP {report.huge_prompt_status} after "
-                                                                        f"{report.huge_prompt_seconds:.2f} s"))
-        rows.append(("/health p99 / max while it was handled",
-                     f"{report.health_during_huge_p99_ms or 0:.1f} / {report.health_during_huge_max_ms or 0:.1f} ms"))
+        rows.append(
+            (
+                f"{report.huge_prompt_bytes / 1e6:.0f} MB prompt",
+                f"HTTP {report.huge_prompt_status} after {report.huge_prompt_seconds:.2f} s",
+            )
+        )
+        rows.append(
+            (
+                "/health p99 / max while it was handled",
+                f"{report.health_during_huge_p99_ms or 0:.1f} / {report.health_during_huge_max_ms or 0:.1f} ms",
+            )
+        )
     lines = ["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
     return "\n".join(lines)
 
 
-def soak_command(model: str | None, url: str | None, served_name: str | None, pid: int | None, out_dir,
-                 clients: int, seconds: float, warmup: float, huge_prompt_bytes: int) -> SoakReport:
+def soak_command(
+    model: str | None,
+    url: str | None,
+    served_name: str | None,
+    pid: int | None,
+    out_dir,
+    clients: int,
+    seconds: float,
+    warmup: float,
+    huge_prompt_bytes: int,
+) -> SoakReport:
     """`dsf bench soak`: start `dsf serve MODEL` (or use ``url``), soak it, write soak.json/.md."""
     import httpx
 
@@ -299,19 +361,33 @@ def soak_command(model: str | None, url: str | None, served_name: str | None, pi
 
     server = None
     if model is not None:  # what a user starts, with room for the huge prompt to reach the tokenizer
-        server = ServerProcess(model, max_concurrency=8,
-                               extra=["--max-request-bytes", str(max(2 * huge_prompt_bytes, 2**21))]).wait_ready()
+        server = ServerProcess(
+            model, max_concurrency=8, extra=["--max-request-bytes", str(max(2 * huge_prompt_bytes, 2**21))]
+        ).wait_ready()
         url, pid, served_name = server.url, server.proc.pid, server.served_name()
     try:
         served_name = served_name or httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        report = run_soak(url, served_name, clients=clients, seconds=seconds, pid=pid,
-                          huge_prompt_bytes=huge_prompt_bytes, warmup=warmup)
+        report = run_soak(
+            url,
+            served_name,
+            clients=clients,
+            seconds=seconds,
+            pid=pid,
+            huge_prompt_bytes=huge_prompt_bytes,
+            warmup=warmup,
+        )
     finally:
         if server is not None:
             server.stop()
     table = soak_table(report)
-    payload = {"environment": environment(), "model": model or url, "server": served_name, "report": asdict(report),
-               "ok": report.ok(), "table": table}
+    payload = {
+        "environment": environment(),
+        "model": model or url,
+        "server": served_name,
+        "report": asdict(report),
+        "ok": report.ok(),
+        "table": table,
+    }
     files = write_results(out_dir, "soak", payload, soak_markdown(payload))
     print(table)
     print("written: " + ", ".join(str(p) for p in files.values()))
@@ -322,6 +398,8 @@ def soak_markdown(payload: dict) -> str:
     """soak.md from soak.json's payload: what ran where, the verdict, the table."""
     env = payload["environment"]
     verdict = "passed" if payload["ok"] else "FAILED"
-    return (f"# Soak of {payload['server']}\n\n`dsf bench soak` on {payload['model']}: {verdict}. "
-            f"CPU: {env.get('cpu', env.get('processor'))}, {env.get('cores')} cores; torch {env['torch']}.\n\n"
-            f"{payload['table']}")
+    return (
+        f"# Soak of {payload['server']}\n\n`dsf bench soak` on {payload['model']}: {verdict}. "
+        f"CPU: {env.get('cpu', env.get('processor'))}, {env.get('cores')} cores; torch {env['torch']}.\n\n"
+        f"{payload['table']}"
+    )

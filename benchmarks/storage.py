@@ -9,8 +9,13 @@ from dsf_runtime.converters.factorize import split_budget
 from dsf_runtime.report import format_bytes_of, model_format_bytes  # noqa: F401  (used by the storage bench)
 
 LLAMA7B_LAYER = {  # (out, in) of one LLaMA-7B decoder layer's linears
-    "q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
-    "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008),
+    "q_proj": (4096, 4096),
+    "k_proj": (4096, 4096),
+    "v_proj": (4096, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (11008, 4096),
+    "up_proj": (11008, 4096),
+    "down_proj": (4096, 11008),
 }
 
 
@@ -39,8 +44,9 @@ def llama7b_layer_bytes(sparsity: float = 0.5) -> tuple[dict[str, int], int]:
     return format_bytes_of(mats), dense
 
 
-def run_storage_bench(checkpoint: str | None, dense: str | None, out_dir: str, sparsity: float = 0.5,
-                      load_repeats: int = 5) -> dict:
+def run_storage_bench(
+    checkpoint: str | None, dense: str | None, out_dir: str, sparsity: float = 0.5, load_repeats: int = 5
+) -> dict:
     """Bytes per format (LLaMA-7B-shaped layer; the checkpoint if given) and, with
     both a dense model and a checkpoint, load-to-first-token and load memory (median of
     ``load_repeats`` fresh-process loads each, dense and DSF taking turns)."""
@@ -53,14 +59,26 @@ def run_storage_bench(checkpoint: str | None, dense: str | None, out_dir: str, s
     rows = []
     sizes, dense_bytes = llama7b_layer_bytes(sparsity)
     for fmt, nbytes in sizes.items():
-        rows.append({"subject": f"LLaMA-7B layer, random DSF {sparsity:g}", "format": fmt,
-                     "mib": nbytes / 2**20, "vs_bf16": nbytes / dense_bytes})
+        rows.append(
+            {
+                "subject": f"LLaMA-7B layer, random DSF {sparsity:g}",
+                "format": fmt,
+                "mib": nbytes / 2**20,
+                "vs_bf16": nbytes / dense_bytes,
+            }
+        )
     if checkpoint:
         model, _ = load_model(checkpoint, with_tokenizer=False, backend="dense-ref")
         sizes, dense_bytes = model_format_bytes(model)
         for fmt, nbytes in sizes.items():
-            rows.append({"subject": Path(checkpoint).name, "format": fmt, "mib": nbytes / 2**20,
-                         "vs_bf16": nbytes / dense_bytes})
+            rows.append(
+                {
+                    "subject": Path(checkpoint).name,
+                    "format": fmt,
+                    "mib": nbytes / 2**20,
+                    "vs_bf16": nbytes / dense_bytes,
+                }
+            )
     loads = []
     if checkpoint and dense:
         from dsf_runtime.models import resolve_model_dir
@@ -68,14 +86,28 @@ def run_storage_bench(checkpoint: str | None, dense: str | None, out_dir: str, s
         dense_run, dsf_run = measure_alternating([str(resolve_model_dir(dense)), checkpoint], repeats=load_repeats)
         loads = [dict(dense_run, model="dense"), dict(dsf_run, model="DSF")]
     payload = {"benchmark": "storage", "environment": environment(), "bytes": rows, "load": loads}
-    table = markdown_table(rows, [("subject", "linears of", ""), ("format", "format", ""),
-                                  ("mib", "MiB", ".1f"), ("vs_bf16", "x dense bf16", ".3f")])
+    table = markdown_table(
+        rows,
+        [
+            ("subject", "linears of", ""),
+            ("format", "format", ""),
+            ("mib", "MiB", ".1f"),
+            ("vs_bf16", "x dense bf16", ".3f"),
+        ],
+    )
     if loads:
-        table += "\n\n" + markdown_table(loads, [
-            ("model", "model", ""), ("backend", "backend", ""), ("load_seconds", "load s", ".2f"),
-            ("first_token_seconds", "disk to first token s", ".2f"), ("model_tensor_mib", "tensors MiB", ".0f"),
-            ("load_peak_over_model", "load RSS growth / tensors", ".2f"),
-            ("load_peak_over_final", "peak while loading / RSS after first token", ".2f")])
+        table += "\n\n" + markdown_table(
+            loads,
+            [
+                ("model", "model", ""),
+                ("backend", "backend", ""),
+                ("load_seconds", "load s", ".2f"),
+                ("first_token_seconds", "disk to first token s", ".2f"),
+                ("model_tensor_mib", "tensors MiB", ".0f"),
+                ("load_peak_over_model", "load RSS growth / tensors", ".2f"),
+                ("load_peak_over_final", "peak while loading / RSS after first token", ".2f"),
+            ],
+        )
     paths = write_results(Path(out_dir), "storage", payload, table)
     payload["files"] = {k: str(v) for k, v in paths.items()}
     payload["table"] = table

@@ -30,7 +30,9 @@ def _nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(out_f, in_f)
 
 
-def magnitude_prune(W: torch.Tensor, H: torch.Tensor | None, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:
+def magnitude_prune(
+    W: torch.Tensor, H: torch.Tensor | None, sparsity: float, nm: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Keep the largest |W| of the whole layer (or n:m per group)."""
     _check(W, H, sparsity)
     if nm:

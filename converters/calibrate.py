@@ -118,8 +118,9 @@ class _WorkDir:
     def _files(self, i: int) -> tuple[Path, Path]:
         return self.path / f"layer_{i:04d}.safetensors", self.path / f"layer_{i:04d}.json"
 
-    def load(self, i: int, names: list[str]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-                                                      list[LayerReport]] | None:
+    def load(
+        self, i: int, names: list[str]
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], list[LayerReport]] | None:
         """Layer ``i``'s saved factors for the linears ``names``, or None when it must be computed:
         not saved yet, or its files are unreadable (then they are removed, with a warning)."""
         tensors_file, report_file = self._files(i)
@@ -130,8 +131,13 @@ class _WorkDir:
             if sorted(factors) != sorted(names):
                 raise ValueError(f"it holds {len(factors)} linears, the layer has {len(names)}")
         except Exception as exc:  # truncated or edited files: recompute rather than fail or trust them
-            log.warning("layer %d's saved factors in %s are unreadable (%s: %s); computing the layer again", i,
-                        self.path, type(exc).__name__, exc)
+            log.warning(
+                "layer %d's saved factors in %s are unreadable (%s: %s); computing the layer again",
+                i,
+                self.path,
+                type(exc).__name__,
+                exc,
+            )
             tensors_file.unlink(missing_ok=True)
             report_file.unlink(missing_ok=True)
             return None
@@ -157,7 +163,9 @@ class _WorkDir:
         reports = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in meta["reports"]]
         return factors, reports
 
-    def save(self, i: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]], reports: list[LayerReport]) -> None:
+    def save(
+        self, i: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]], reports: list[LayerReport]
+    ) -> None:
         from safetensors.torch import save_file
 
         csr = get_format("csr")
@@ -268,7 +276,8 @@ def _compress_layer(layer, linears, groups, hidden, layer_kwargs, method: Method
         linear.weight.data.copy_(product.to(linear.weight.dtype))
         factors[full] = (out.L.cpu(), None if out.R is None else out.R.cpu())
         nnz_r = 0 if out.R is None else int((out.R != 0).sum())
-        reports.append(LayerReport(full, tuple(W.shape), int((out.L != 0).sum()), nnz_r, err,
-                                   time.perf_counter() - t0, out.info))
+        reports.append(
+            LayerReport(full, tuple(W.shape), int((out.L != 0).sum()), nnz_r, err, time.perf_counter() - t0, out.info)
+        )
         log.info("%s %s rel.err %.4f %s (%.1fs)", full, tuple(W.shape), err, out.info, reports[-1].seconds)
     return factors, reports

@@ -18,16 +18,21 @@ class DSFConfig(BaseModel):
     outer_iters: int = Field(40, ge=1, description="alternating updates of the two factors")
     admm_iters: int = Field(5, ge=1, description="ADMM steps per factor update")
     mask_iters: int = Field(2, ge=1, description="first ADMM steps that re-select the mask")
-    anneal_iters: int | None = Field(None, ge=1, description="warm-start penalty reaches 1 here; None: 37/40 of outer_iters")
+    anneal_iters: int | None = Field(
+        None, ge=1, description="warm-start penalty reaches 1 here; None: 37/40 of outer_iters"
+    )
     ridge: float = Field(0.01, ge=0.0, description="ridge added to the normalised Gram, times its mean diagonal")
     finalize: bool = Field(True, description="refit the second factor's values for the true objective")
     finalize_iters: int = Field(20, ge=1)
     finalize_ridge: float = Field(
-        0.0, ge=0.0, description="ridge of the finalisation refit; the paper's refit has none (it fits the true objective)"
+        0.0,
+        ge=0.0,
+        description="ridge of the finalisation refit; the paper's refit has none (it fits the true objective)",
     )
     square_density: float | None = Field(None, gt=0.0, le=1.0, description="None: 0.16 for square W, 0.25 otherwise")
     square_mask: Literal["adaptive", "random"] = Field(
-        "adaptive", description="random: the paper's ablation with a fixed random mask (diagonal included) for the square factor"
+        "adaptive",
+        description="random: the paper's ablation with a fixed random mask (diagonal included) for the square factor",
     )
     seed: int = 0
     dtype: Literal["float32", "float64"] = "float32"

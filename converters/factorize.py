@@ -143,7 +143,9 @@ def _factorize_tall(Wn: torch.Tensor, budget: Budget, config: DSFConfig) -> tupl
     UB = torch.zeros_like(B)
     WnT = Wn.T
     common = dict(iters=config.admm_iters, mask_iters=config.mask_iters, ridge=config.ridge)
-    square_mask = random_square_mask(n, budget.square, config.seed, Wn.device) if config.square_mask == "random" else None
+    square_mask = (
+        random_square_mask(n, budget.square, config.seed, Wn.device) if config.square_mask == "random" else None
+    )
     for it in range(config.outer_iters):
         warm_rho = min(1.0, it / config.anneal) ** 3
         # B given A: min ||A B - Wn||, M = A, Z = B.

@@ -80,8 +80,14 @@ def write_packed(
     return save_checkpoint(model, tokenizer, out_dir, quant, overwrite=overwrite, extra_files=extra_files, **shard)
 
 
-def repack(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str, value_dtype: str | None = None,
-           overwrite: bool = False, **format_options) -> Path:
+def repack(
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    fmt: str,
+    value_dtype: str | None = None,
+    overwrite: bool = False,
+    **format_options,
+) -> Path:
     """Convert a checkpoint to another storage format (values are unpacked and packed
     again: exact when the value dtype is kept)."""
     from dsf_runtime.checkpoint import load_model, read_quant_config
@@ -92,8 +98,14 @@ def repack(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str, va
         name: (m.L.to_dense(), None if m.R is None else m.R.to_dense()) for name, m in dsf_modules(model).items()
     }
     new = pack_model(
-        model, factors, sparsity=quant.sparsity, fmt=fmt, value_dtype=value_dtype or quant.value_dtype,
-        method=quant.method, factorization=quant.factorization, format_options=format_options,
+        model,
+        factors,
+        sparsity=quant.sparsity,
+        fmt=fmt,
+        value_dtype=value_dtype or quant.value_dtype,
+        method=quant.method,
+        factorization=quant.factorization,
+        format_options=format_options,
     )
     extra = {}
     log_file = Path(ckpt_dir) / "compression_log.json"
@@ -102,7 +114,9 @@ def repack(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str, va
     return save_checkpoint(model, tokenizer, out_dir, new, overwrite=overwrite, extra_files=extra)
 
 
-def read_external_factors(path: str | os.PathLike, transposed: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+def read_external_factors(
+    path: str | os.PathLike, transposed: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """Factor pairs from a safetensors file made by any DSF implementation.
 
     Naming convention: ``<module path>.L`` (out x r) and ``<module path>.R`` (r x in),
@@ -139,9 +153,16 @@ def read_external_factors(path: str | os.PathLike, transposed: bool = False) -> 
     return factors
 
 
-def pack_external(factors_file: str | os.PathLike, base_model: str, out_dir: str | os.PathLike, fmt: str = "bitmap",
-                  value_dtype: str = DEFAULT_VALUE_DTYPE, transposed: bool = False, overwrite: bool = False,
-                  **format_options) -> Path:
+def pack_external(
+    factors_file: str | os.PathLike,
+    base_model: str,
+    out_dir: str | os.PathLike,
+    fmt: str = "bitmap",
+    value_dtype: str = DEFAULT_VALUE_DTYPE,
+    transposed: bool = False,
+    overwrite: bool = False,
+    **format_options,
+) -> Path:
     """Check external factor pairs against the base model's shapes and write a checkpoint."""
     from dsf_runtime.errors import CheckpointError
     from dsf_runtime.models import load_dense
@@ -170,6 +191,14 @@ def pack_external(factors_file: str | os.PathLike, base_model: str, out_dir: str
     sparsity = 1.0 - nnz / dense_count
     if not 0.0 < sparsity < 1.0:
         raise CheckpointError(f"{factors_file}: the factors hold {nnz} nonzeros for {dense_count} weights: not sparse")
-    quant = pack_model(model, factors, sparsity=round(sparsity, 6), fmt=fmt, value_dtype=value_dtype,
-                       method="external", factorization={"source": Path(factors_file).name}, format_options=format_options)
+    quant = pack_model(
+        model,
+        factors,
+        sparsity=round(sparsity, 6),
+        fmt=fmt,
+        value_dtype=value_dtype,
+        method="external",
+        factorization={"source": Path(factors_file).name},
+        format_options=format_options,
+    )
     return save_checkpoint(model, tokenizer, out_dir, quant, overwrite=overwrite)

@@ -86,7 +86,9 @@ def make_job(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not (options.get("overwrite") and is_dsf_checkpoint(out)):
-            raise ConfigError(f"{out} exists and is not empty; choose another directory (or --overwrite a DSF checkpoint)")
+            raise ConfigError(
+                f"{out} exists and is not empty; choose another directory (or --overwrite a DSF checkpoint)"
+            )
     return CompressJob(model, out, dsf, calib, method, calib_files, device, **options)
 
 

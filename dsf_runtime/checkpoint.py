@@ -174,7 +174,9 @@ def save_checkpoint(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not (overwrite and is_dsf_checkpoint(out)):
-            raise ConfigError(f"{out} exists and is not empty; choose another directory (or --overwrite a DSF checkpoint)")
+            raise ConfigError(
+                f"{out} exists and is not empty; choose another directory (or --overwrite a DSF checkpoint)"
+            )
     remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -262,7 +264,9 @@ def read_quant_config(ckpt_dir: str | os.PathLike) -> tuple[dict, DSFQuantConfig
         raise CheckpointError(f"{ckpt / CONFIG_NAME} does not hold a JSON object")
     qc = config.pop("quantization_config", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != "dsf":
-        raise CheckpointError(f"{ckpt} is not a DSF checkpoint (config.json has no quantization_config with quant_method 'dsf')")
+        raise CheckpointError(
+            f"{ckpt} is not a DSF checkpoint (config.json has no quantization_config with quant_method 'dsf')"
+        )
     return config, parse_quant_config(qc, str(ckpt / CONFIG_NAME))
 
 
@@ -345,9 +349,17 @@ def swap_in_dsf_modules(model: nn.Module, quant: DSFQuantConfig, dtype: torch.dt
         try:
             with torch.device("meta"):
                 module = DSFLinear(
-                    entry.in_features, entry.out_features, entry.rank, quant.format,
-                    entry.nnz_left, entry.nnz_right, value_dtype, entry.bias, dtype,
-                    entry.extra_left, entry.extra_right,
+                    entry.in_features,
+                    entry.out_features,
+                    entry.rank,
+                    quant.format,
+                    entry.nnz_left,
+                    entry.nnz_right,
+                    value_dtype,
+                    entry.bias,
+                    dtype,
+                    entry.extra_left,
+                    entry.extra_right,
                 )
         except (ValueError, RuntimeError) as exc:
             raise error(f"{name}: cannot build the declared layout: {str(exc).splitlines()[0]}") from None
@@ -375,7 +387,9 @@ def _read_tensors(ckpt: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
                 seen |= keys
                 extra = sorted(keys - set(expected))
                 if extra:
-                    raise CheckpointError(f"{path.name} has {len(extra)} unexpected tensors, e.g. {', '.join(extra[:3])}")
+                    raise CheckpointError(
+                        f"{path.name} has {len(extra)} unexpected tensors, e.g. {', '.join(extra[:3])}"
+                    )
                 for key in sorted(keys):
                     meta = expected[key]
                     sl = f.get_slice(key)
@@ -426,8 +440,11 @@ def _map_file(path: Path) -> dict[str, torch.Tensor]:
         if dtype is None or (base + start) % dtype.itemsize:
             continue
         count = (end - start) // dtype.itemsize
-        flat = (torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start) if count
-                else torch.empty(0, dtype=dtype))
+        flat = (
+            torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
         out[key] = flat.view(meta["shape"])
     return out
 
@@ -477,7 +494,8 @@ def load_model(
         tokenizer_job = pool.submit(AutoTokenizer.from_pretrained, ckpt)
         pool.shutdown(wait=False)
     stored_dtype = {k: v for k, v in VALUE_DTYPES.items() if v.is_floating_point}.get(
-        str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+        str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32
+    )
     dtype = dtype or stored_dtype
     try:
         model = _build_skeleton(config, quant, stored_dtype)

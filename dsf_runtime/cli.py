@@ -32,7 +32,9 @@ def _add_device(p: argparse.ArgumentParser, backend: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dsf", description="Compress LLaMA-family models with Double Sparse Factorization and run them sparsely.")
+    parser = _Parser(
+        prog="dsf", description="Compress LLaMA-family models with Double Sparse Factorization and run them sparsely."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -41,44 +43,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output checkpoint directory (must not exist or be empty)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed, in (0, 1) (default 0.5)")
     p.add_argument("--preset", default="fast", help="fast (demo) or paper (the paper's settings) (default: fast)")
-    p.add_argument("--calib", action="append", metavar="FILE", help="calibration text file(s) (default: bundled Austen novels)")
+    p.add_argument(
+        "--calib", action="append", metavar="FILE", help="calibration text file(s) (default: bundled Austen novels)"
+    )
     p.add_argument("--nsamples", type=int, help="calibration windows (preset default)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (preset default)")
-    p.add_argument("--value-dtype", default=DEFAULT_VALUE_DTYPE, choices=list(VALUE_DTYPES),
-                   help="stored nonzero values (default bfloat16: float16's bytes, faster on AVX2-only CPUs, "
-                   "fp32's range; float16 keeps 3 more mantissa bits); int8: one signed byte per nonzero with a "
-                   "per-row scale (bitmap and csr formats)")
+    p.add_argument(
+        "--value-dtype",
+        default=DEFAULT_VALUE_DTYPE,
+        choices=list(VALUE_DTYPES),
+        help="stored nonzero values (default bfloat16: float16's bytes, faster on AVX2-only CPUs, "
+        "fp32's range; float16 keeps 3 more mantissa bits); int8: one signed byte per nonzero with a "
+        "per-row scale (bitmap and csr formats)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
-    p.add_argument("--method", default="dsf", help="dsf (default), or a one-matrix baseline: sparsegpt, wanda, magnitude "
-                   "(n:m as e.g. sparsegpt:2:4); all at the same nonzero budget")
+    p.add_argument(
+        "--method",
+        default="dsf",
+        help="dsf (default), or a one-matrix baseline: sparsegpt, wanda, magnitude "
+        "(n:m as e.g. sparsegpt:2:4); all at the same nonzero budget",
+    )
     p.add_argument("--outer-iters", type=int, help="DSF alternating iterations (preset default)")
     p.add_argument("--no-finalize", action="store_true", help="DSF: skip the output-aware refit of L")
-    p.add_argument("--square-density", type=float, help="DSF: density of the square factor (default 0.16 square W, 0.25 otherwise)")
+    p.add_argument(
+        "--square-density", type=float, help="DSF: density of the square factor (default 0.16 square W, 0.25 otherwise)"
+    )
     p.add_argument("--square-mask", choices=["adaptive", "random"], help="DSF: 'random' fixes a random mask (ablation)")
     p.add_argument("--fresh", action="store_true", help="ignore finished layers of an interrupted run and start over")
     _add_device(p, backend=False)
 
     p = sub.add_parser("pack", help="repack a checkpoint in another format, or pack external factor pairs")
-    p.add_argument("source", help="a DSF checkpoint, or a safetensors file of factors (<module>.L / <module>.R, "
-                   "or <module>.weight) made by any DSF implementation (needs --base)")
+    p.add_argument(
+        "source",
+        help="a DSF checkpoint, or a safetensors file of factors (<module>.L / <module>.R, "
+        "or <module>.weight) made by any DSF implementation (needs --base)",
+    )
     p.add_argument("out", help="output checkpoint directory")
     p.add_argument("--base", help="dense model the external factors belong to (directory or embedded name)")
     p.add_argument("--format", default="bitmap", help="bitmap (compact default), csr or bsr")
     p.add_argument("--block", type=int, help="block size for bsr (default 16)")
-    p.add_argument("--value-dtype", choices=list(VALUE_DTYPES),
-                   help="default: keep (repack) / bfloat16; int8: per-row scaled bytes (bitmap and csr formats)")
-    p.add_argument("--transposed", action="store_true", help="external factors are stored as L^T (r x out), R^T (in x r)")
+    p.add_argument(
+        "--value-dtype",
+        choices=list(VALUE_DTYPES),
+        help="default: keep (repack) / bfloat16; int8: per-row scaled bytes (bitmap and csr formats)",
+    )
+    p.add_argument(
+        "--transposed", action="store_true", help="external factors are stored as L^T (r x out), R^T (in x r)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
 
     p = sub.add_parser("generate", help="complete a prompt with a DSF checkpoint or a dense model")
     p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to complete (default: Pride and Prejudice's first words)")
+    p.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="text to complete (default: Pride and Prejudice's first words)"
+    )
     p.add_argument("--max-tokens", type=int, default=48, help="tokens to generate (default 48)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     _add_device(p)
 
-    p = sub.add_parser("info", help="per-layer shapes, factor densities and bytes of a checkpoint; every kernel "
-                                    "backend and why it can or cannot run; the DSF_* settings")
+    p = sub.add_parser(
+        "info",
+        help="per-layer shapes, factor densities and bytes of a checkpoint; every kernel "
+        "backend and why it can or cannot run; the DSF_* settings",
+    )
     p.add_argument("checkpoint", nargs="?", help="DSF checkpoint directory (without it: backends and settings only)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--formats", action="store_true", help="also compute the bytes of every storage format")
@@ -88,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
     p.add_argument("--text", action="append", metavar="FILE", help="evaluation text file(s)")
     p.add_argument("--window", type=int, default=1024, help="tokens per scored window (default 1024)")
-    p.add_argument("--stride", type=int, default=512, help="tokens between window starts; each token is scored once "
-                   "(default 512)")
+    p.add_argument(
+        "--stride", type=int, default=512, help="tokens between window starts; each token is scored once (default 512)"
+    )
     p.add_argument("--max-tokens", type=int, default=16384, help="evaluate the first N tokens (0: all)")
     _add_device(p)
 
@@ -105,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     q = bench.add_parser("quality", help="compress with each method at each sparsity and compare held-out perplexity")
     q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"dense model (default: {DEFAULT_MODEL})")
-    q.add_argument("--methods", default="dsf,sparsegpt,wanda,magnitude", help="comma-separated (dense is always measured)")
+    q.add_argument(
+        "--methods", default="dsf,sparsegpt,wanda,magnitude", help="comma-separated (dense is always measured)"
+    )
     q.add_argument("--sparsity", default="0.5", help="comma-separated, e.g. 0.5,0.6,0.7")
     q.add_argument("--preset", default="fast", help="fast or paper (default: fast)")
     q.add_argument("--nsamples", type=int, help="calibration windows (preset default)")
@@ -120,13 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sparsity", type=float, default=0.5, help="of the random DSF layer (default 0.5)")
     q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where JSON/markdown go")
 
-    q = bench.add_parser("layer", help="one layer: dense fp32/bf16 vs DSF on every CPU backend, weights rotated past the LLC")
+    q = bench.add_parser(
+        "layer", help="one layer: dense fp32/bf16 vs DSF on every CPU backend, weights rotated past the LLC"
+    )
     q.add_argument("--shapes", default="all", help="'all', 'llama7b', 'smollm2' or comma-separated OUTxIN")
     q.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes (default 1,4,16)")
     q.add_argument("--sparsity", type=float, default=0.5, help="of the random DSF factors (default 0.5)")
     q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where JSON/markdown/PNG go")
 
-    q = bench.add_parser("decode", help="pp/tg tokens/s: dense fp32, dense bf16, DSF (SmolLM2 and a LLaMA-7B-shaped stack)")
+    q = bench.add_parser(
+        "decode", help="pp/tg tokens/s: dense fp32, dense bf16, DSF (SmolLM2 and a LLaMA-7B-shaped stack)"
+    )
     q.add_argument("--checkpoint", help="DSF checkpoint of --dense (omit to run only the LLaMA-7B-shaped stack)")
     q.add_argument("--dense", default=DEFAULT_MODEL, help=f"dense model of --checkpoint (default: {DEFAULT_MODEL})")
     q.add_argument("--stack-layers", type=int, default=4, help="LLaMA-7B-shaped layers (0: skip)")
@@ -134,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prompt-tokens", type=int, default=64, help="prompt tokens per run (pp; default 64)")
     q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where JSON/markdown go")
 
-    q = bench.add_parser("gpu", help="CUDA: layer (cuBLAS vs cuSPARSE vs Triton bitmap), decode stack, converter s/layer")
+    q = bench.add_parser(
+        "gpu", help="CUDA: layer (cuBLAS vs cuSPARSE vs Triton bitmap), decode stack, converter s/layer"
+    )
     q.add_argument("--parts", default="layer,decode,convert", help="comma-separated: layer, decode, convert, tune")
     q.add_argument("--shapes", default="all", help="'all', 'llama7b', 'smollm2' or comma-separated OUTxIN")
     q.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes (default 1,4,16)")
@@ -143,20 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--convert-layers", type=int, default=3, help="SmolLM2-shaped layers the converter is timed on")
     q.add_argument("--out", default=os.path.join("benchmarks", "results", "gpu"), help="where JSON/markdown go")
 
-    q = bench.add_parser("serving", help="1/4/8 streaming clients against `dsf serve` (DSF and dense) and other servers")
+    q = bench.add_parser(
+        "serving", help="1/4/8 streaming clients against `dsf serve` (DSF and dense) and other servers"
+    )
     q.add_argument("--checkpoint", help="DSF checkpoint to serve")
     q.add_argument("--dense", default=DEFAULT_MODEL, help="dense model served for comparison ('' to skip)")
     q.add_argument("--streams", default="1,4,8", help="comma-separated concurrent clients (default 1,4,8)")
     q.add_argument("--max-tokens", type=int, default=64, help="tokens per request (EOS ignored)")
     q.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
-    q.add_argument("--external", action="append", default=[], metavar="LABEL=URL=MODEL",
-                   help="another OpenAI-compatible server to measure, e.g. 'llama.cpp=http://127.0.0.1:8080=smollm2'")
+    q.add_argument(
+        "--external",
+        action="append",
+        default=[],
+        metavar="LABEL=URL=MODEL",
+        help="another OpenAI-compatible server to measure, e.g. 'llama.cpp=http://127.0.0.1:8080=smollm2'",
+    )
     q.add_argument("--engines", action="store_true", help="also compare generation loops without HTTP")
     q.add_argument("--append", action="store_true", help="merge into an existing serving.json instead of replacing it")
     q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where JSON/markdown go")
 
-    q = bench.add_parser("soak", help="hostile load on `dsf serve`: random parameters and cancellations, a huge "
-                                      "prompt; counts 5xx, failures, stuck slots, RSS growth, /health latency")
+    q = bench.add_parser(
+        "soak",
+        help="hostile load on `dsf serve`: random parameters and cancellations, a huge "
+        "prompt; counts 5xx, failures, stuck slots, RSS growth, /health latency",
+    )
     q.add_argument("model", nargs="?", help="checkpoint or model to start `dsf serve` on (or give --url)")
     q.add_argument("--url", help="a server already running on this machine (loopback only)")
     q.add_argument("--served-model-name", help="with --url: the model name it serves (default: asked from it)")
@@ -164,15 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     q.add_argument("--seconds", type=float, default=300.0, help="measured duration after warm-up (default 300)")
     q.add_argument("--warmup", type=float, default=10.0, help="seconds of the same load before RSS is first read")
-    q.add_argument("--huge-prompt-mb", type=float, default=8.0,
-                   help="size of the one huge prompt sent mid-run (0: none; default 8)")
+    q.add_argument(
+        "--huge-prompt-mb",
+        type=float,
+        default=8.0,
+        help="size of the one huge prompt sent mid-run (0: none; default 8)",
+    )
     q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where soak.json/.md go")
 
     q = bench.add_parser("report", help="write docs/results.md from the result files (JSON + markdown)")
     q.add_argument("--results", default=os.path.join("benchmarks", "results"), help="the result files' folder")
     q.add_argument("--out", default=os.path.join("docs", "results.md"), help="the page to write")
-    q.add_argument("--no-readme", dest="readme", action="store_false",
-                   help="leave the README's headline table (beside the docs folder) as it is")
+    q.add_argument(
+        "--no-readme",
+        dest="readme",
+        action="store_false",
+        help="leave the README's headline table (beside the docs folder) as it is",
+    )
 
     p = sub.add_parser("serve", help="OpenAI-compatible server (completions, chat, streaming, /metrics)")
     p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
@@ -183,11 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="context per request (default: the model's, at most 2048)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set DSF_API_KEY)")
     p.add_argument("--served-model-name", help="the model name clients send (default: directory or embedded name)")
-    p.add_argument("--max-request-bytes", type=int, default=2 * 2**20,
-                   help="largest request body accepted; larger ones get 413 (default 2 MiB)")
-    p.add_argument("--max-engine-restarts", type=int, default=5,
-                   help="restarts after failed engine steps allowed per minute before the server reports "
-                        "itself unhealthy (default 5)")
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=2 * 2**20,
+        help="largest request body accepted; larger ones get 413 (default 2 MiB)",
+    )
+    p.add_argument(
+        "--max-engine-restarts",
+        type=int,
+        default=5,
+        help="restarts after failed engine steps allowed per minute before the server reports "
+        "itself unhealthy (default 5)",
+    )
     _add_device(p)
 
     p = sub.add_parser("demo", help="compress the embedded model, generate, and compare with dense")
@@ -196,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed (default 0.5)")
     p.add_argument("--preset", default="fast", help="fast (default) or paper (the paper's settings, slower)")
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for the perplexity comparison")
-    p.add_argument("--reuse", action="store_true", help="reuse an existing checkpoint at --out instead of recompressing")
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse an existing checkpoint at --out instead of recompressing"
+    )
     return parser
 
 
@@ -209,19 +273,35 @@ def _positive(value: int, flag: str) -> int:
 def cmd_compress(args) -> None:
     from dsf_runtime.converters.pipeline import make_job, run_compress
 
-    overrides = {"outer_iters": args.outer_iters, "square_density": args.square_density, "square_mask": args.square_mask}
+    overrides = {
+        "outer_iters": args.outer_iters,
+        "square_density": args.square_density,
+        "square_mask": args.square_mask,
+    }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_finalize:
         overrides["finalize"] = False
     job = make_job(
-        args.model, args.out, sparsity=args.sparsity, preset_name=args.preset, calib_files=args.calib,
-        device=args.device, nsamples=args.nsamples, seqlen=args.seqlen, method=args.method,
-        dsf_overrides=overrides, value_dtype=args.value_dtype, overwrite=args.overwrite, resume=not args.fresh,
+        args.model,
+        args.out,
+        sparsity=args.sparsity,
+        preset_name=args.preset,
+        calib_files=args.calib,
+        device=args.device,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        method=args.method,
+        dsf_overrides=overrides,
+        value_dtype=args.value_dtype,
+        overwrite=args.overwrite,
+        resume=not args.fresh,
     )
     out, result = run_compress(job)
     errs = [r.rel_error for r in result.reports]
-    print(f"compressed {len(result.reports)} linears in {result.seconds:.0f}s "
-          f"(mean weighted rel. error {sum(errs) / len(errs):.4f}); checkpoint: {out}")
+    print(
+        f"compressed {len(result.reports)} linears in {result.seconds:.0f}s "
+        f"(mean weighted rel. error {sum(errs) / len(errs):.4f}); checkpoint: {out}"
+    )
 
 
 def cmd_pack(args) -> None:
@@ -244,8 +324,16 @@ def cmd_pack(args) -> None:
     elif src.is_file():
         if not args.base:
             raise ConfigError("packing external factors needs --base MODEL (the dense model they belong to)")
-        out = pack_external(src, args.base, args.out, args.format, args.value_dtype or DEFAULT_VALUE_DTYPE,
-                            transposed=args.transposed, overwrite=args.overwrite, **options)
+        out = pack_external(
+            src,
+            args.base,
+            args.out,
+            args.format,
+            args.value_dtype or DEFAULT_VALUE_DTYPE,
+            transposed=args.transposed,
+            overwrite=args.overwrite,
+            **options,
+        )
     else:
         raise ConfigError(f"{src} is neither a DSF checkpoint nor a safetensors file")
     print(f"wrote {out} (format {args.format})")
@@ -258,7 +346,10 @@ def cmd_generate(args) -> None:
     _positive(args.max_tokens, "--max-tokens")
     model, tokenizer = load_any(args.model, device=args.device, backend=args.backend)
     gen = generate_text(model, tokenizer, args.prompt, args.max_tokens, chat=args.chat)
-    print(f"[backend: {backend_summary(model)}; {gen.new_tokens} tokens, {gen.tokens_per_second:.1f} tok/s]", file=sys.stderr)
+    print(
+        f"[backend: {backend_summary(model)}; {gen.new_tokens} tokens, {gen.tokens_per_second:.1f} tok/s]",
+        file=sys.stderr,
+    )
     print(args.prompt + gen.text if not args.chat else gen.text)
 
 
@@ -270,15 +361,25 @@ def _print_backends(fmt: str | None, as_json: bool) -> list[dict]:
     from dsf_runtime.kernels import backend_report
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = [{"format": f, "device": d, "backend": name, "priority": prio, "ok": ok,
-             "reason": "runs only when asked for (--backend)" if ok and prio <= 0 else why}
-            for f in ([fmt] if fmt else sorted(FORMATS)) for d in devices
-            for name, prio, ok, why in backend_report(f, d)]
+    rows = [
+        {
+            "format": f,
+            "device": d,
+            "backend": name,
+            "priority": prio,
+            "ok": ok,
+            "reason": "runs only when asked for (--backend)" if ok and prio <= 0 else why,
+        }
+        for f in ([fmt] if fmt else sorted(FORMATS))
+        for d in devices
+        for name, prio, ok, why in backend_report(f, d)
+    ]
     if not as_json:
         print("backends (best first; 'auto' takes the first that can run):")
         for r in rows:
-            print(f"  {r['format']:7s} {r['device']:5s} {r['backend']:14s} {'yes' if r['ok'] else 'no ':3s} "
-                  f"{r['reason']}")
+            print(
+                f"  {r['format']:7s} {r['device']:5s} {r['backend']:14s} {'yes' if r['ok'] else 'no ':3s} {r['reason']}"
+            )
     return rows
 
 
@@ -306,27 +407,40 @@ def cmd_info(args) -> None:
     model, _ = load_model(args.checkpoint, with_tokenizer=False)
     rows = layer_infos(model)
     if args.json:
-        payload = {"quantization_config": quant.model_dump(), "layers": [r.__dict__ for r in rows],
-                   "backends": _print_backends(quant.format, True)}
+        payload = {
+            "quantization_config": quant.model_dump(),
+            "layers": [r.__dict__ for r in rows],
+            "backends": _print_backends(quant.format, True),
+        }
         if args.settings:
             payload["settings"] = _print_settings(True)
         print(json.dumps(payload, indent=2))
         return
     from dsf_runtime.checkpoint import backend_summary
 
-    print(f"{args.checkpoint}: method={quant.method} format={quant.format} values={quant.value_dtype} "
-          f"sparsity={quant.sparsity} version={quant.version}; CPU backend: {backend_summary(model)}")
-    print(f"{'module':44s} {'shape':>11s} {'rank':>5s} {'dens L':>7s} {'dens R':>7s} {'total':>6s} {'bytes':>10s} {'vs bf16':>7s}")
+    print(
+        f"{args.checkpoint}: method={quant.method} format={quant.format} values={quant.value_dtype} "
+        f"sparsity={quant.sparsity} version={quant.version}; CPU backend: {backend_summary(model)}"
+    )
+    print(
+        f"{'module':44s} {'shape':>11s} {'rank':>5s} {'dens L':>7s} {'dens R':>7s} {'total':>6s} {'bytes':>10s} {'vs bf16':>7s}"
+    )
     for r in rows:
         rank = "-" if r.rank is None else str(r.rank)
         right = "-" if r.density_right is None else f"{r.density_right:.3f}"
-        print(f"{r.name:44s} {r.out_features:>5d}x{r.in_features:<5d} {rank:>5s} {r.density_left:7.3f} "
-              f"{right:>7s} {r.total_density:6.3f} {format_bytes(r.nbytes):>10s} {r.nbytes / r.dense_bf16_bytes:7.2f}")
+        print(
+            f"{r.name:44s} {r.out_features:>5d}x{r.in_features:<5d} {rank:>5s} {r.density_left:7.3f} "
+            f"{right:>7s} {r.total_density:6.3f} {format_bytes(r.nbytes):>10s} {r.nbytes / r.dense_bf16_bytes:7.2f}"
+        )
     total = sum(r.nbytes for r in rows)
     dense = sum(r.dense_bf16_bytes for r in rows)
-    density = sum(r.total_density * r.out_features * r.in_features for r in rows) / sum(r.out_features * r.in_features for r in rows)
-    print(f"{len(rows)} compressed linears: total density {density:.3f}, {format_bytes(total)} "
-          f"= {total / dense:.2f}x dense bf16 ({format_bytes(dense)}), {total / (2 * dense):.2f}x dense fp32")
+    density = sum(r.total_density * r.out_features * r.in_features for r in rows) / sum(
+        r.out_features * r.in_features for r in rows
+    )
+    print(
+        f"{len(rows)} compressed linears: total density {density:.3f}, {format_bytes(total)} "
+        f"= {total / dense:.2f}x dense bf16 ({format_bytes(dense)}), {total / (2 * dense):.2f}x dense fp32"
+    )
     if args.formats:
         from dsf_runtime.report import model_format_bytes
 
@@ -350,14 +464,23 @@ def cmd_eval(args) -> None:
     ids = tokenize(tokenizer, evaluation_text(args.text))
     ppl = perplexity(model, ids, args.window, args.stride, args.max_tokens or None)
     n = min(ids.numel(), args.max_tokens or ids.numel())
-    print(f"perplexity {ppl:.3f} on {n} tokens (window {args.window}, stride {args.stride}; backend: {backend_summary(model)})")
+    print(
+        f"perplexity {ppl:.3f} on {n} tokens (window {args.window}, stride {args.stride}; backend: {backend_summary(model)})"
+    )
 
 
 def cmd_compare(args) -> None:
     from dsf_runtime.compare import compare, format_table
 
-    rows = compare(args.dense, args.checkpoint, prompt=args.prompt, max_tokens=args.max_tokens,
-                   eval_tokens=args.eval_tokens, device=args.device, backend=args.backend)
+    rows = compare(
+        args.dense,
+        args.checkpoint,
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        eval_tokens=args.eval_tokens,
+        device=args.device,
+        backend=args.backend,
+    )
     print(format_table(rows))
 
 
@@ -409,8 +532,9 @@ def cmd_bench(args) -> None:
             raise ConfigError(f"{args.checkpoint} is not a DSF checkpoint")
         if args.stack_layers < 0 or args.gen_tokens < 1 or args.prompt_tokens < 1:
             raise ConfigError("--stack-layers must be >= 0, --gen-tokens and --prompt-tokens >= 1")
-        payload = run_decode_bench(args.checkpoint, args.dense, args.stack_layers, args.out, args.gen_tokens,
-                                   args.prompt_tokens)
+        payload = run_decode_bench(
+            args.checkpoint, args.dense, args.stack_layers, args.out, args.gen_tokens, args.prompt_tokens
+        )
         print(payload["table"])
         print("written: " + ", ".join(payload["files"].values()))
         return
@@ -423,8 +547,11 @@ def cmd_bench(args) -> None:
         _positive(args.rounds, "--rounds")
         if args.checkpoint and not is_dsf_checkpoint(args.checkpoint):
             raise ConfigError(f"{args.checkpoint} is not a DSF checkpoint")
-        servers = ([("dsf serve, DSF " + os.path.basename(os.path.normpath(args.checkpoint)), args.checkpoint)]
-                   if args.checkpoint else [])
+        servers = (
+            [("dsf serve, DSF " + os.path.basename(os.path.normpath(args.checkpoint)), args.checkpoint)]
+            if args.checkpoint
+            else []
+        )
         if args.dense:
             servers.append((f"dsf serve, dense {os.path.basename(os.path.normpath(args.dense))}", args.dense))
         external = []
@@ -435,8 +562,16 @@ def cmd_bench(args) -> None:
             external.append(tuple(parts))
         if not servers and not external:
             raise ConfigError("nothing to measure: give --checkpoint, --dense or --external")
-        run_serving_bench(servers, external, Path(args.out), streams, args.rounds, args.max_tokens,
-                          engines_model=args.checkpoint if args.engines else None, append=args.append)
+        run_serving_bench(
+            servers,
+            external,
+            Path(args.out),
+            streams,
+            args.rounds,
+            args.max_tokens,
+            engines_model=args.checkpoint if args.engines else None,
+            append=args.append,
+        )
         return
     if args.bench == "report":
         from dsf_runtime.benchmarks.report import write_headline, write_results_page
@@ -457,8 +592,17 @@ def cmd_bench(args) -> None:
         _positive(args.clients, "--clients")
         if args.seconds <= 0 or args.warmup < 0 or args.huge_prompt_mb < 0:
             raise ConfigError("--seconds must be > 0, --warmup and --huge-prompt-mb >= 0")
-        report = soak_command(args.model, args.url, args.served_model_name, args.pid, Path(args.out), args.clients,
-                              args.seconds, args.warmup, int(args.huge_prompt_mb * 1e6))
+        report = soak_command(
+            args.model,
+            args.url,
+            args.served_model_name,
+            args.pid,
+            Path(args.out),
+            args.clients,
+            args.seconds,
+            args.warmup,
+            int(args.huge_prompt_mb * 1e6),
+        )
         if not report.ok():
             raise DSFError("the soak found problems (see the table above)")
         return
@@ -471,9 +615,15 @@ def cmd_bench(args) -> None:
             raise ConfigError(f"--parts takes layer, decode, convert, tune; got {args.parts!r}")
         _positive(args.stack_layers, "--stack-layers")
         _positive(args.convert_layers, "--convert-layers")
-        payload = run_gpu_bench(args.out, _shapes(args.shapes), _batches(args.batch),
-                                _float_list(str(args.sparsity), "--sparsity")[0], args.stack_layers,
-                                args.convert_layers, parts)
+        payload = run_gpu_bench(
+            args.out,
+            _shapes(args.shapes),
+            _batches(args.batch),
+            _float_list(str(args.sparsity), "--sparsity")[0],
+            args.stack_layers,
+            args.convert_layers,
+            parts,
+        )
         print("written: " + ", ".join(payload["files"].values()))
         return
     if args.bench == "layer":
@@ -488,7 +638,9 @@ def cmd_bench(args) -> None:
     if args.bench == "storage":
         from dsf_runtime.benchmarks.storage import run_storage_bench
 
-        payload = run_storage_bench(args.checkpoint, args.dense, args.out, _float_list(str(args.sparsity), "--sparsity")[0])
+        payload = run_storage_bench(
+            args.checkpoint, args.dense, args.out, _float_list(str(args.sparsity), "--sparsity")[0]
+        )
         print(payload["table"])
         print("written: " + ", ".join(payload["files"].values()))
         return
@@ -500,8 +652,15 @@ def cmd_bench(args) -> None:
     for method in methods:
         make_method(method, sparsities[0])  # unknown names fail now, not after an hour
     payload = run_quality_bench(
-        args.model, methods, sparsities, preset_name=args.preset, out_dir=args.out, work_dir=args.work_dir,
-        eval_tokens=args.eval_tokens, nsamples=args.nsamples, seqlen=args.seqlen,
+        args.model,
+        methods,
+        sparsities,
+        preset_name=args.preset,
+        out_dir=args.out,
+        work_dir=args.work_dir,
+        eval_tokens=args.eval_tokens,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
     )
     print(payload["table"])
     print("written: " + ", ".join(payload["files"].values()))
@@ -520,10 +679,21 @@ def cmd_serve(args) -> None:
     _positive(args.max_request_bytes, "--max-request-bytes")
     if args.max_engine_restarts < 0:
         raise ConfigError("--max-engine-restarts must be >= 0")
-    serve(args.model, args.host, args.port, served_model_name=args.served_model_name, api_key=args.api_key,
-          log_level="info" if args.verbose else "warning", max_request_bytes=args.max_request_bytes,
-          device=args.device, backend=args.backend, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-          max_model_len=args.max_model_len, max_restarts=args.max_engine_restarts)
+    serve(
+        args.model,
+        args.host,
+        args.port,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        log_level="info" if args.verbose else "warning",
+        max_request_bytes=args.max_request_bytes,
+        device=args.device,
+        backend=args.backend,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        max_model_len=args.max_model_len,
+        max_restarts=args.max_engine_restarts,
+    )
 
 
 def cmd_demo(args) -> None:
@@ -559,7 +729,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         from transformers.utils import logging as hf_logging

@@ -38,8 +38,15 @@ def measure(label: str, name_or_path, prompt: str, max_tokens: int, eval_tokens:
     return row
 
 
-def compare(dense, checkpoint, prompt: str, max_tokens: int = 32, eval_tokens: int = 8192,
-            device: str = "cpu", backend: str = "auto") -> list[Row]:
+def compare(
+    dense,
+    checkpoint,
+    prompt: str,
+    max_tokens: int = 32,
+    eval_tokens: int = 8192,
+    device: str = "cpu",
+    backend: str = "auto",
+) -> list[Row]:
     with torch.inference_mode():
         return [
             measure("dense", dense, prompt, max_tokens, eval_tokens, device, "auto"),

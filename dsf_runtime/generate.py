@@ -27,8 +27,11 @@ class Generation:
 def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> list[int]:
     """The prompt's token ids; ``chat`` wraps it as one user message in the chat template."""
     if chat:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  return_dict=True)["input_ids"])
+        return list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+        )
     return list(tokenizer(prompt)["input_ids"])
 
 
@@ -48,8 +51,9 @@ def generate_text(
         raise ConfigError("need a non-empty prompt and max_tokens >= 1")
     runner = ModelRunner(model, slots=1, max_len=len(ids) + max_tokens)
     if len(ids) + max_tokens > runner.max_len:
-        raise ConfigError(f"{len(ids)} prompt tokens + {max_tokens} new ones exceed the model's context of "
-                          f"{runner.max_len} tokens")
+        raise ConfigError(
+            f"{len(ids)} prompt tokens + {max_tokens} new ones exceed the model's context of {runner.max_len} tokens"
+        )
     eos = sorted(eos_token_ids(model, tokenizer))
     start = time.perf_counter()
     logits = runner.prefill(0, ids)

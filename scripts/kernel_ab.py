@@ -38,8 +38,13 @@ KINDS = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 BIG = 1 << 30
 # The op plan (csrc/ops.cpp) that runs each --path at any batch:
 # [word path, nonzero path, nz_min_batch, columns_max_batch, dot path].
-PLANS = {"word": [1, 1, BIG, 0, 0], "nz": [0, 1, 1, 0, 0], "cols": [1, 1, BIG, BIG, 0],
-         "word512": [2, 2, BIG, 0, 0], "word256": [3, 2, BIG, 0, 0]}
+PLANS = {
+    "word": [1, 1, BIG, 0, 0],
+    "nz": [0, 1, 1, 0, 0],
+    "cols": [1, 1, BIG, BIG, 0],
+    "word512": [2, 2, BIG, 0, 0],
+    "word256": [3, 2, BIG, 0, 0],
+}
 
 
 def load_ops(src: Path, namespace: str):
@@ -59,15 +64,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--sparsity", type=float, default=0.5, help="of the random DSF pair (default 0.5)")
     ap.add_argument("--kind", choices=sorted(KINDS), default="fp16")
-    ap.add_argument("--new-kind", choices=sorted(KINDS),
-                    help="stored values of the new version's factors (default: --kind)")
-    ap.add_argument("--path", choices=["word", "nz", "cols", "word512", "word256"], default="word",
-                    help="AVX2 word path (the backend's below its nonzero-path batch), nonzero path (x as "
-                         "[in][batch]), column-index path (both factors, whatever their density), or the "
-                         "AVX-512 word path's 512-bit form or 256-bit variant (bf16 values)")
+    ap.add_argument(
+        "--new-kind", choices=sorted(KINDS), help="stored values of the new version's factors (default: --kind)"
+    )
+    ap.add_argument(
+        "--path",
+        choices=["word", "nz", "cols", "word512", "word256"],
+        default="word",
+        help="AVX2 word path (the backend's below its nonzero-path batch), nonzero path (x as "
+        "[in][batch]), column-index path (both factors, whatever their density), or the "
+        "AVX-512 word path's 512-bit form or 256-bit variant (bf16 values)",
+    )
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--no-check", action="store_true",
-                    help="skip the equal-results check (to time a version with a phase cut out)")
+    ap.add_argument(
+        "--no-check", action="store_true", help="skip the equal-results check (to time a version with a phase cut out)"
+    )
     ap.add_argument("--rotate-mib", type=int, default=1536)
     args = ap.parse_args(argv)
     try:
@@ -93,8 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     for pv in packed:
         for t, cols in zip(pv, (L.shape[1], R.shape[1])):
             # the ops' operands; the column-index path's 16-bit columns as the backend decodes them at load
-            columns = libs[0].bitmap_columns(t["bitmap"], t["row_offsets"], cols) if args.path == "cols" else \
-                torch.empty(0, dtype=torch.int16)
+            columns = (
+                libs[0].bitmap_columns(t["bitmap"], t["row_offsets"], cols)
+                if args.path == "cols"
+                else torch.empty(0, dtype=torch.int16)
+            )
             t["operands"] = [t["bitmap"], t["row_offsets"], t["values"], t.get("scales", empty), columns]
     nbytes = max(sum(t.numel() * t.element_size() for p in pv for t in p["operands"]) for pv in packed)
     copies = max(1, -(-args.rotate_mib * 2**20 // nbytes))
@@ -102,12 +116,16 @@ def main(argv: list[str] | None = None) -> None:
     # allocated in turn: where the copies of one version were all allocated after the
     # other's, the second version timed 1.5% faster with both sources the same (where
     # each version's memory landed; the cause was not pinned down further).
-    clones = [[[[t.clone() for t in p["operands"]] for p in pv] for pv in packed[: 1 + (kind_names[0] != kind_names[1])]]
-              for _ in range(copies)]  # [copy][version][L, R]
+    clones = [
+        [[[t.clone() for t in p["operands"]] for p in pv] for pv in packed[: 1 + (kind_names[0] != kind_names[1])]]
+        for _ in range(copies)
+    ]  # [copy][version][L, R]
     pairs = [[c[min(v, len(c) - 1)] for c in clones] for v in range(2)]  # [version][copy][L, R]
-    print(f"{args.shape} batch {args.batch} {'/'.join(dict.fromkeys(kind_names))}: {nbytes / 2**20:.1f} MiB per "
-          f"call, {copies} copies; L {tuple(L.shape)} density {packed[0][0]['values'].numel() / L.numel():.2f}, "
-          f"R {tuple(R.shape)} density {packed[0][1]['values'].numel() / R.numel():.2f}")
+    print(
+        f"{args.shape} batch {args.batch} {'/'.join(dict.fromkeys(kind_names))}: {nbytes / 2**20:.1f} MiB per "
+        f"call, {copies} copies; L {tuple(L.shape)} density {packed[0][0]['values'].numel() / L.numel():.2f}, "
+        f"R {tuple(R.shape)} density {packed[0][1]['values'].numel() / R.numel():.2f}"
+    )
 
     x = torch.randn(args.batch, in_f)
 
@@ -124,8 +142,10 @@ def main(argv: list[str] | None = None) -> None:
         else:  # the same factors in other values: equal up to their rounding (int8: ~1%)
             err = float((yb - ya).norm() / ya.norm())
             if not err < 0.05:
-                raise SystemExit(f"kernel_ab: the versions' y differ by {err:.3g} (relative), more than "
-                                 "the rounding of {} vs {} values".format(*kind_names))
+                raise SystemExit(
+                    f"kernel_ab: the versions' y differ by {err:.3g} (relative), more than "
+                    "the rounding of {} vs {} values".format(*kind_names)
+                )
     times: list[list[float]] = [[], []]
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < args.seconds:
@@ -141,10 +161,14 @@ def main(argv: list[str] | None = None) -> None:
     med = [statistics.median(t) * 1e3 for t in times]
     per_q = [statistics.median(times[1][s]) / statistics.median(times[0][s]) for s in quarters]
     mask_bytes = (L.numel() + R.numel()) / 8
-    print(f"per mask byte (both factors, all threads): old {med[0] * 1e6 / mask_bytes:.3f} ns, "
-          f"new {med[1] * 1e6 / mask_bytes:.3f} ns")
-    print(f"old {med[0]:.3f} ms  new {med[1]:.3f} ms  new/old {med[1] / med[0]:.3f}  "
-          f"quarters {' '.join(f'{r:.3f}' for r in per_q)}  ({n} calls each)")
+    print(
+        f"per mask byte (both factors, all threads): old {med[0] * 1e6 / mask_bytes:.3f} ns, "
+        f"new {med[1] * 1e6 / mask_bytes:.3f} ns"
+    )
+    print(
+        f"old {med[0]:.3f} ms  new {med[1]:.3f} ms  new/old {med[1] / med[0]:.3f}  "
+        f"quarters {' '.join(f'{r:.3f}' for r in per_q)}  ({n} calls each)"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int
 FORCED = ("DSF_NZ_MIN_BATCH", "DSF_COLUMNS_MAX_BATCH", "DSF_COLUMNS_MAX_DENSITY")
 
 
-def alternate(paths: dict[str, dict[str, str]], call: Callable[[int], object], seconds: float,
-              refresh: Callable[[int], object]) -> dict[str, float]:
+def alternate(
+    paths: dict[str, dict[str, str]], call: Callable[[int], object], seconds: float, refresh: Callable[[int], object]
+) -> dict[str, float]:
     """Median seconds of ``call(i)`` (i: the call's number) under each path's environment,
     the paths taking turns call by call (their order flipping each round). The backend
     decides paths when a factor is prepared: ``refresh(i)`` (untimed) makes call i's
@@ -68,8 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("shape", help="OUTxIN of the dense layer (with --columns: of the factor)")
     ap.add_argument("batches", help="comma-separated batch sizes")
-    ap.add_argument("--columns", metavar="DENSITIES",
-                    help="comma-separated factor densities: time the column-index path instead")
+    ap.add_argument(
+        "--columns", metavar="DENSITIES", help="comma-separated factor densities: time the column-index path instead"
+    )
     ap.add_argument("--values", choices=sorted(VALUE_DTYPES), default="fp16", help="stored values (default fp16)")
     ap.add_argument("--seconds", type=float, default=8.0, help="per batch size (and density)")
     ap.add_argument("--rotate-mib", type=int, default=512)
@@ -96,16 +98,27 @@ def main(argv: list[str] | None = None) -> None:
             L, R = random_dsf_pair(out_f, in_f, 0.5)
             packed = [fmt.pack(m, VALUE_DTYPES[args.values]) for m in (L, R)]
             copies = _copies(packed, args.rotate_mib)
-            preps = [[backend.prepare("bitmap", {k: v.clone() for k, v in p.items()}, tuple(m.shape), torch.float32)
-                      for p, m in zip(packed, (L, R))] for _ in range(copies)]
+            preps = [
+                [
+                    backend.prepare("bitmap", {k: v.clone() for k, v in p.items()}, tuple(m.shape), torch.float32)
+                    for p, m in zip(packed, (L, R))
+                ]
+                for _ in range(copies)
+            ]
             print(f"{args.shape}: {args.values} values, {copies} copies, ISA {backend.isa}")
             for batch in batches:
                 x = torch.randn(batch, in_f)
-                t = alternate(NZ_PATHS, lambda i: backend.matmul(preps[i % copies][0],
-                                                                  backend.matmul(preps[i % copies][1], x)),
-                              args.seconds, lambda i: [backend.refresh(p) for p in preps[i % copies]])
-                print(f"{args.shape} batch {batch}: word {t['word'] * 1e3:.4f} ms  nz {t['nz'] * 1e3:.4f} ms  "
-                      f"nz/word {t['nz'] / t['word']:.3f}  ({t['calls']} calls each)", flush=True)
+                t = alternate(
+                    NZ_PATHS,
+                    lambda i: backend.matmul(preps[i % copies][0], backend.matmul(preps[i % copies][1], x)),
+                    args.seconds,
+                    lambda i: [backend.refresh(p) for p in preps[i % copies]],
+                )
+                print(
+                    f"{args.shape} batch {batch}: word {t['word'] * 1e3:.4f} ms  nz {t['nz'] * 1e3:.4f} ms  "
+                    f"nz/word {t['nz'] / t['word']:.3f}  ({t['calls']} calls each)",
+                    flush=True,
+                )
             return
         os.environ["DSF_COLUMNS_MAX_DENSITY"] = "1"  # every factor gets its column indices
         g = torch.Generator().manual_seed(0)
@@ -113,16 +126,25 @@ def main(argv: list[str] | None = None) -> None:
             m = torch.randn(out_f, in_f, generator=g) * (torch.rand(out_f, in_f, generator=g) < density)
             packed = [fmt.pack(m, VALUE_DTYPES[args.values])]
             copies = _copies(packed, args.rotate_mib)
-            preps = [backend.prepare("bitmap", {k: v.clone() for k, v in packed[0].items()}, (out_f, in_f),
-                                     torch.float32) for _ in range(copies)]
+            preps = [
+                backend.prepare("bitmap", {k: v.clone() for k, v in packed[0].items()}, (out_f, in_f), torch.float32)
+                for _ in range(copies)
+            ]
             actual = packed[0]["values"].numel() / (out_f * in_f)
             for batch in batches:
                 x = torch.randn(batch, in_f)
-                t = alternate(COLUMN_PATHS, lambda i: backend.matmul(preps[i % copies], x), args.seconds,
-                              lambda i: backend.refresh(preps[i % copies]))
-                print(f"{args.shape} density {actual:.3f} batch {batch}: word {t['word'] * 1e3:.4f} ms  "
-                      f"cols {t['cols'] * 1e3:.4f} ms  cols/word {t['cols'] / t['word']:.3f}  "
-                      f"({t['calls']} calls each)", flush=True)
+                t = alternate(
+                    COLUMN_PATHS,
+                    lambda i: backend.matmul(preps[i % copies], x),
+                    args.seconds,
+                    lambda i: backend.refresh(preps[i % copies]),
+                )
+                print(
+                    f"{args.shape} density {actual:.3f} batch {batch}: word {t['word'] * 1e3:.4f} ms  "
+                    f"cols {t['cols'] * 1e3:.4f} ms  cols/word {t['cols'] / t['word']:.3f}  "
+                    f"({t['calls']} calls each)",
+                    flush=True,
+                )
     finally:
         for k, v in saved.items():
             if v is None:

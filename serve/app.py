@@ -102,8 +102,13 @@ class ServerState:
         return self.engine
 
 
-def create_app(loader: Loader, model_name: str, api_key: str | None = None, start_engine: bool = True,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+def create_app(
+    loader: Loader,
+    model_name: str,
+    api_key: str | None = None,
+    start_engine: bool = True,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FastAPI:
     """An app that loads its engine with ``loader`` in a thread (so /health answers 503 meanwhile).
     ``start_engine=False`` leaves running the engine to the caller (`dsf serve` runs it on the main thread).
     ``api_key`` (checked before any body is read) guards every route but /health, /metrics and the docs;
@@ -137,8 +142,13 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, star
 
     def check_model(name: str | None) -> None:
         if name is not None and name != state.model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{state.model_name}'",
-                           "invalid_request_error", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{state.model_name}'",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
 
     @app.get("/health")
     async def health():
@@ -150,9 +160,16 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, star
             return JSONResponse({"status": "error", "message": state.load_error}, 503)
         return JSONResponse({"status": "loading"}, 503)
 
-    @app.get("/metrics", response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
-                              "description": "Prometheus text format"}})
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                "description": "Prometheus text format",
+            }
+        },
+    )
     async def metrics():
         if state.engine is not None:
             running, waiting = state.engine.load()
@@ -192,8 +209,9 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, star
         check_model(body.model)
         bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
         if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})",
-                           param="tokens")
+            raise APIError(
+                400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})", param="tokens"
+            )
         return {"prompt": await run_in_threadpool(engine.tokenizer.decode, body.tokens)}
 
     @app.post("/v1/completions")
@@ -216,9 +234,16 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, star
             text = result.text
             if echoed is not None:
                 text = echoed[k // body.n] + text
-            choices.append({"index": k, "text": text, "finish_reason": result.finish_reason,
-                            "logprobs": _completion_logprobs(engine.tokenizer, result.logprobs)
-                            if body.logprobs is not None else None})
+            choices.append(
+                {
+                    "index": k,
+                    "text": text,
+                    "finish_reason": result.finish_reason,
+                    "logprobs": _completion_logprobs(engine.tokenizer, result.logprobs)
+                    if body.logprobs is not None
+                    else None,
+                }
+            )
         return meta.body("text_completion", choices, _usage(prompt_tokens, results))
 
     @app.post("/v1/chat/completions")
@@ -241,8 +266,12 @@ def create_app(loader: Loader, model_name: str, api_key: str | None = None, star
             return _sse(_chat_chunks(engine, streams, meta, body.include_usage, len(ids), body.logprobs))
         results = await _collect_all(streams, request)
         choices = [
-            {"index": k, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
-             "logprobs": {"content": _chat_logprobs(engine.tokenizer, r.logprobs)} if body.logprobs else None}
+            {
+                "index": k,
+                "message": {"role": "assistant", "content": r.text},
+                "finish_reason": r.finish_reason,
+                "logprobs": {"content": _chat_logprobs(engine.tokenizer, r.logprobs)} if body.logprobs else None,
+            }
             for k, r in enumerate(results)
         ]
         return meta.body("chat.completion", choices, _usage(len(ids), results))
@@ -324,8 +353,12 @@ def _open_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> l
     """Submit every sub-request (prompt x n) or none: a failure cancels the ones already queued."""
     capacity = engine.max_queue + engine.max_concurrency
     if len(jobs) > capacity:  # could never be admitted whole, however idle the server: not a 503
-        raise APIError(400, f"this request asks for {len(jobs)} generations (prompts x n); this server holds at "
-                            f"most {capacity} at once (--max-concurrency + --max-queue)", param="n")
+        raise APIError(
+            400,
+            f"this request asks for {len(jobs)} generations (prompts x n); this server holds at "
+            f"most {capacity} at once (--max-concurrency + --max-queue)",
+            param="n",
+        )
     for ids, params in jobs:
         engine.check_fits(len(ids), params.max_tokens)
     streams: list[OutputStream] = []
@@ -363,8 +396,9 @@ async def _collect_all(streams: list[OutputStream], request: Request) -> list[Co
             s.close()
     failed = [r for r in results if r.finish_reason in ("error", "abort")]
     if failed:
-        raise APIError(503 if failed[0].finish_reason == "abort" else 500,
-                       failed[0].error or "generation aborted", "server_error")
+        raise APIError(
+            503 if failed[0].finish_reason == "abort" else 500, failed[0].error or "generation aborted", "server_error"
+        )
     return results
 
 
@@ -411,8 +445,9 @@ def _chat_logprobs(tokenizer, choices: list[TokenChoice]) -> list[dict]:
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _data(obj) -> str:
@@ -447,8 +482,9 @@ def _stream_error(out: StepOutput) -> str:
     return _data(APIError(500, out.error or f"generation ended: {out.finish_reason}", "server_error").body())
 
 
-async def _chunks(streams, meta: _Meta, obj: str, include_usage: bool, prompt_tokens: int, choice_of,
-                  preamble: list[dict] = ()) -> AsyncIterator[str]:
+async def _chunks(
+    streams, meta: _Meta, obj: str, include_usage: bool, prompt_tokens: int, choice_of, preamble: list[dict] = ()
+) -> AsyncIterator[str]:
     """SSE events for merged sub-request streams: ``preamble`` choices first, then one chunk per
     output (``choice_of(index, out)`` shapes its choice), the usage chunk if asked, then [DONE].
     Errors end the stream with an error object, never a silent hang-up."""
@@ -467,8 +503,11 @@ async def _chunks(streams, meta: _Meta, obj: str, include_usage: bool, prompt_to
             yield _data(meta.body(obj, [choice_of(index, out)], None, with_usage=include_usage))
         else:
             if include_usage:
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens}
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                }
                 yield _data(meta.body(obj, [], usage))
     except Exception as exc:  # never leave a client hanging without [DONE]
         log.exception("stream failed")
@@ -476,8 +515,9 @@ async def _chunks(streams, meta: _Meta, obj: str, include_usage: bool, prompt_to
     yield "data: [DONE]\n\n"
 
 
-def _completion_chunks(engine: Engine, streams, meta: _Meta, include_usage: bool,
-                       prompt_tokens: int) -> AsyncIterator[str]:
+def _completion_chunks(
+    engine: Engine, streams, meta: _Meta, include_usage: bool, prompt_tokens: int
+) -> AsyncIterator[str]:
     def choice(index: int, out: StepOutput) -> dict:
         logprobs = _completion_logprobs(engine.tokenizer, out.logprobs) if out.logprobs else None
         return {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
@@ -485,15 +525,18 @@ def _completion_chunks(engine: Engine, streams, meta: _Meta, include_usage: bool
     return _chunks(streams, meta, "text_completion", include_usage, prompt_tokens, choice)
 
 
-def _chat_chunks(engine: Engine, streams, meta: _Meta, include_usage: bool, prompt_tokens: int,
-                 logprobs: bool) -> AsyncIterator[str]:
+def _chat_chunks(
+    engine: Engine, streams, meta: _Meta, include_usage: bool, prompt_tokens: int, logprobs: bool
+) -> AsyncIterator[str]:
     def choice(index: int, out: StepOutput) -> dict:
         delta = {"content": out.text} if out.text or not out.finished else {}
         lp = {"content": _chat_logprobs(engine.tokenizer, out.logprobs)} if logprobs and out.logprobs else None
         return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
 
-    first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-             for i in range(len(streams))]
+    first = [
+        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        for i in range(len(streams))
+    ]
     return _chunks(streams, meta, "chat.completion.chunk", include_usage, prompt_tokens, choice, first)
 
 
@@ -540,15 +583,26 @@ def _openapi(app: FastAPI) -> dict:
             for status in _operation_errors(path, method):
                 responses[str(status)] = {"description": _ERROR_DESCRIPTIONS[status], "content": error_content}
             if path in ("/v1/completions", "/v1/chat/completions"):
-                event = {"type": "object", "required": ["data"], "properties": {"data": {
-                    "type": "string", "description": "a JSON chunk (or an error object), then [DONE]"}}}
+                event = {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "data": {"type": "string", "description": "a JSON chunk (or an error object), then [DONE]"}
+                    },
+                }
                 responses["200"]["content"]["text/event-stream"] = {"schema": event}
             if path == "/health":
-                health = {"application/json": {"schema": {"type": "object", "properties": {
-                    "status": {"type": "string"}, "message": {"type": "string"}}, "required": ["status"]}}}
+                health = {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"status": {"type": "string"}, "message": {"type": "string"}},
+                            "required": ["status"],
+                        }
+                    }
+                }
                 responses["200"] = {"description": "Ready", "content": health}
-                responses["503"] = {"description": "Loading, failed to load, or the engine stopped",
-                                    "content": health}
+                responses["503"] = {"description": "Loading, failed to load, or the engine stopped", "content": health}
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     app.openapi_schema = schema

@@ -208,7 +208,8 @@ class Engine:
             raise ContextLengthError(
                 f"this model's maximum context length is {self.runner.max_len} tokens, and a prompt of {size} bytes "
                 f"cannot fit it (prompts longer than {self.max_prompt_bytes} bytes are refused before tokenizing); "
-                "reduce the prompt")
+                "reduce the prompt"
+            )
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[StepOutput], None]) -> Request:
         """Queue a request; raises ContextLengthError, QueueFullError or EngineDeadError."""
@@ -302,12 +303,23 @@ class Engine:
         while self.restarts and now - self.restarts[0] > self.restart_window:
             self.restarts.popleft()
         if len(self.restarts) >= self.max_restarts:
-            log.error("engine step failed (%s: %s); %d restarts within %.0f s already: stopping", type(exc).__name__,
-                      exc, len(self.restarts), self.restart_window, exc_info=exc)
+            log.error(
+                "engine step failed (%s: %s); %d restarts within %.0f s already: stopping",
+                type(exc).__name__,
+                exc,
+                len(self.restarts),
+                self.restart_window,
+                exc_info=exc,
+            )
             return False
         self.restarts.append(now)
-        log.error("engine step failed (%s: %s); ending the %d running request(s) and restarting", type(exc).__name__,
-                  exc, len(self._running), exc_info=exc)
+        log.error(
+            "engine step failed (%s: %s); ending the %d running request(s) and restarting",
+            type(exc).__name__,
+            exc,
+            len(self._running),
+            exc_info=exc,
+        )
         with self._cond:
             running = list(self._running)
             self._running.clear()
@@ -416,16 +428,31 @@ class Engine:
             reason = "length"
         if reason is None and r.pos >= self.runner.max_len:
             reason = "length"  # no room for another token (guarded at submit, kept for safety)
-        self._send(r, r.stream.delta(final=reason is not None), [token], [choice] if r.params.logprobs is not None else [], reason)
+        self._send(
+            r,
+            r.stream.delta(final=reason is not None),
+            [token],
+            [choice] if r.params.logprobs is not None else [],
+            reason,
+        )
 
-    def _send(self, r: Request, text: str, ids: list[int], logprobs: list[TokenChoice], reason: str | None,
-              error: str | None = None) -> None:
+    def _send(
+        self,
+        r: Request,
+        text: str,
+        ids: list[int],
+        logprobs: list[TokenChoice],
+        reason: str | None,
+        error: str | None = None,
+    ) -> None:
         finished = reason is not None
         if finished:
             r.done = True
             if self.metrics is not None:
                 self.metrics.observe_finish(time.perf_counter() - r.arrival, reason)
-        out = StepOutput(r.request_id, text, ids, logprobs, finished, reason, len(r.prompt_ids), len(r.generated), error)
+        out = StepOutput(
+            r.request_id, text, ids, logprobs, finished, reason, len(r.prompt_ids), len(r.generated), error
+        )
         try:
             r.sink(out)
         except Exception:  # a broken consumer must not stop the engine
@@ -493,5 +520,6 @@ def collect(outputs) -> Completion:
             break
     if last is None:
         raise EngineError("the request produced no output")
-    return Completion("".join(text), ids, logprobs, last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                      last.error)
+    return Completion(
+        "".join(text), ids, logprobs, last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error
+    )

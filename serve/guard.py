@@ -33,8 +33,12 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         if self.api_key is not None and scope["path"] not in PUBLIC_PATHS and not self._authorized(scope):
-            await self._refuse(scope, receive, send, APIError(
-                401, "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"))
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"),
+            )
             return
         body, error = await self._read_body(receive)
         if error is not None:
@@ -65,7 +69,8 @@ class RequestGuard:
             log.exception("internal error in %s %s", scope.get("method"), scope.get("path"))
             if not started:
                 await APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()(
-                    scope, replay, send)
+                    scope, replay, send
+                )
 
     def _authorized(self, scope) -> bool:
         expected = f"Bearer {self.api_key}".encode()
@@ -89,8 +94,9 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         if size > limit:
-            return None, APIError(413, f"the request body has more than {limit} bytes (--max-request-bytes)",
-                                  code="request_too_large")
+            return None, APIError(
+                413, f"the request body has more than {limit} bytes (--max-request-bytes)", code="request_too_large"
+            )
         return b"".join(chunks), None
 
     @staticmethod

@@ -19,7 +19,11 @@ class ServerMetrics:
             "dsf_time_to_first_token_seconds", "Arrival to first generated token.", labels, buckets=_LATENCY, registry=r
         )
         self.itl = Histogram(
-            "dsf_inter_token_latency_seconds", "Time between two generated tokens.", labels, buckets=_LATENCY, registry=r
+            "dsf_inter_token_latency_seconds",
+            "Time between two generated tokens.",
+            labels,
+            buckets=_LATENCY,
+            registry=r,
         )
         self.e2e = Histogram(
             "dsf_e2e_request_latency_seconds", "Arrival to the last token.", labels, buckets=_LATENCY, registry=r

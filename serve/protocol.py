@@ -59,8 +59,10 @@ class _Body(BaseModel):
         where = lone_surrogate_at(data)
         if where is not None:
             raise PydanticCustomError(
-                "invalid_unicode", "{param}: the text is not valid Unicode (a lone surrogate, U+D800..U+DFFF)",
-                {"param": where.encode("utf-8", "backslashreplace").decode("utf-8")})
+                "invalid_unicode",
+                "{param}: the text is not valid Unicode (a lone surrogate, U+D800..U+DFFF)",
+                {"param": where.encode("utf-8", "backslashreplace").decode("utf-8")},
+            )
         return data
 
 
@@ -70,7 +72,6 @@ class StreamOptions(BaseModel):
 
 
 class _Common(_Body):
-
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)

@@ -21,18 +21,39 @@ def default_model_name(model: str) -> str:
     return path.resolve().name if path.exists() else model
 
 
-def make_loader(model: str, device: str = "cpu", backend: str = "auto", max_concurrency: int = 8,
-                max_queue: int = 64, max_model_len: int | None = None, max_restarts: int = 5):
+def make_loader(
+    model: str,
+    device: str = "cpu",
+    backend: str = "auto",
+    max_concurrency: int = 8,
+    max_queue: int = 64,
+    max_model_len: int | None = None,
+    max_restarts: int = 5,
+):
     """A function that loads the model and builds its engine (run by the app in a thread)."""
 
     def load(metrics: ServerMetrics) -> Engine:
         from dsf_runtime.checkpoint import backend_summary, load_any
 
         net, tokenizer = load_any(model, device=device, backend=backend)
-        engine = Engine(net, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue,
-                        max_model_len=max_model_len, metrics=metrics, max_restarts=max_restarts)
-        log.warning("serving %s on %s: backend %s; %d slots x %d tokens of KV cache (%.0f MiB)", model, device,
-                    backend_summary(net), max_concurrency, engine.max_model_len, engine.runner.cache_bytes() / 2**20)
+        engine = Engine(
+            net,
+            tokenizer,
+            max_concurrency=max_concurrency,
+            max_queue=max_queue,
+            max_model_len=max_model_len,
+            metrics=metrics,
+            max_restarts=max_restarts,
+        )
+        log.warning(
+            "serving %s on %s: backend %s; %d slots x %d tokens of KV cache (%.0f MiB)",
+            model,
+            device,
+            backend_summary(net),
+            max_concurrency,
+            engine.max_model_len,
+            engine.runner.cache_bytes() / 2**20,
+        )
         return engine
 
     return load
@@ -52,16 +73,29 @@ def check_model_exists(model: str) -> None:
         raise ConfigError(f"{model} is not a DSF checkpoint, and not a dense model either: {exc}") from None
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model_name: str | None = None,
-          api_key: str | None = None, log_level: str = "info", max_request_bytes: int | None = None,
-          **engine_options) -> None:
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    log_level: str = "info",
+    max_request_bytes: int | None = None,
+    **engine_options,
+) -> None:
     """Serve until SIGINT/SIGTERM: HTTP in a thread, the engine on this (main) thread."""
     from dsf_runtime.serve.app import DEFAULT_MAX_REQUEST_BYTES, create_app
 
     check_model_exists(model)
     api_key = api_key or settings.get("DSF_API_KEY")
-    app = create_app(make_loader(model, **engine_options), served_model_name or default_model_name(model), api_key,
-                     start_engine=False, max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES)
+    app = create_app(
+        make_loader(model, **engine_options),
+        served_model_name or default_model_name(model),
+        api_key,
+        start_engine=False,
+        max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
+    )
     state = app.state.server
     server = BackgroundServer(app, host, port, log_level=log_level).start()
     print(f"dsf serve: listening on {server.url} (loading {model}; /health is 503 until ready)", flush=True)
@@ -84,8 +118,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, served_model
         # The engine runs here, on the main thread: torch's CPU GEMMs are much slower from other threads.
         engine.run_forever()
         if engine.error is not None and not stopping.is_set():
-            log.error("the engine stopped after %d restarts (%s); /health answers 503 until the server is "
-                      "restarted", len(engine.restarts), engine.error)
+            log.error(
+                "the engine stopped after %d restarts (%s); /health answers 503 until the server is restarted",
+                len(engine.restarts),
+                engine.error,
+            )
             stopping.wait()
     finally:
         for sig, handler in previous.items():
@@ -103,8 +140,9 @@ class BackgroundServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
+        )
         self.host = host
         self.port = port
         self._thread = None
@@ -122,8 +160,10 @@ class BackgroundServer:
         end = time.monotonic() + timeout
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > end:
-                raise ConfigError(f"could not start the HTTP server on {self.host}:{self.port} "
-                                  "(is the port in use or the address wrong?)")
+                raise ConfigError(
+                    f"could not start the HTTP server on {self.host}:{self.port} "
+                    "(is the port in use or the address wrong?)"
+                )
             time.sleep(0.01)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self

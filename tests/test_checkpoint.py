@@ -78,11 +78,24 @@ CONFIG_EDITS = {
     "future version": (lambda c: c["quantization_config"].update(version=99), "version"),
     "unknown format": (lambda c: c["quantization_config"].update(format="zip"), "format"),
     "not dsf": (lambda c: c.pop("quantization_config"), "not a DSF checkpoint"),
-    "wrong module": (lambda c: c["quantization_config"]["modules"].update(
-        {"model.layers.9.mlp.up_proj": c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]}), "does not have"),
-    "wrong nnz": (lambda c: c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"].update(nnz_left=3), "stored"),
-    "huge nnz": (lambda c: c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"].update(nnz_left=10**12), "larger than"),
-    "wrong shape": (lambda c: c["quantization_config"]["modules"]["model.layers.1.self_attn.k_proj"].update(in_features=999), "does not match"),
+    "wrong module": (
+        lambda c: c["quantization_config"]["modules"].update(
+            {"model.layers.9.mlp.up_proj": c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]}
+        ),
+        "does not have",
+    ),
+    "wrong nnz": (
+        lambda c: c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"].update(nnz_left=3),
+        "stored",
+    ),
+    "huge nnz": (
+        lambda c: c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"].update(nnz_left=10**12),
+        "larger than",
+    ),
+    "wrong shape": (
+        lambda c: c["quantization_config"]["modules"]["model.layers.1.self_attn.k_proj"].update(in_features=999),
+        "does not match",
+    ),
     "unsupported arch": (lambda c: c.update(model_type="gpt2"), "not supported"),
 }
 
@@ -110,6 +123,7 @@ def _edit_tensors(path, fn):
 def _set(key, value_fn):
     def edit(t):
         t[key] = value_fn(t[key].clone())
+
     return edit
 
 
@@ -117,6 +131,7 @@ def _assign(key, index, value):
     def fn(x):
         x[index] = value
         return x
+
     return _set(key, fn)
 
 
@@ -219,8 +234,17 @@ def test_load_in_another_dtype_keeps_factors_and_ties(tmp_path, tiny_model_dir):
     from dsf_runtime.converters.pipeline import make_job, run_compress
     from dsf_runtime.patch import dsf_modules
 
-    path, _ = run_compress(make_job(str(tiny_model_dir), tmp_path / "c", preset_name="fast", nsamples=4,
-                                    seqlen=32, progress=False, dsf_overrides={"outer_iters": 2}))
+    path, _ = run_compress(
+        make_job(
+            str(tiny_model_dir),
+            tmp_path / "c",
+            preset_name="fast",
+            nsamples=4,
+            seqlen=32,
+            progress=False,
+            dsf_overrides={"outer_iters": 2},
+        )
+    )
     ref, tok = load_model(path)
     half, _ = load_model(path, dtype=torch.float16)
     assert half.model.embed_tokens.weight.dtype == torch.float16 and half.lm_head.weight.dtype == torch.float16
@@ -289,11 +313,14 @@ def test_misaligned_tensors_are_copied(tmp_path):
 
     a = torch.tensor([1, -2, 3], dtype=torch.int8)
     b = torch.tensor([7, -70000], dtype=torch.int32)
-    _raw_safetensors(tmp_path / "model.safetensors", {
-        "a": ("I8", [3], a.numpy().tobytes()), "b": ("I32", [2], b.numpy().tobytes())})
+    _raw_safetensors(
+        tmp_path / "model.safetensors", {"a": ("I8", [3], a.numpy().tobytes()), "b": ("I32", [2], b.numpy().tobytes())}
+    )
     assert set(_map_file(tmp_path / "model.safetensors")) == {"a"}  # b starts at byte 3
-    state = _read_tensors(tmp_path, {"a": torch.empty(3, dtype=torch.int8, device="meta"),
-                                     "b": torch.empty(2, dtype=torch.int32, device="meta")})
+    state = _read_tensors(
+        tmp_path,
+        {"a": torch.empty(3, dtype=torch.int8, device="meta"), "b": torch.empty(2, dtype=torch.int32, device="meta")},
+    )
     assert torch.equal(state["a"], a) and torch.equal(state["b"], b)
 
 
@@ -313,8 +340,9 @@ def test_backend_summary_names_the_kernel_path_and_column_index(monkeypatch, max
     if max_density is not None:
         monkeypatch.setenv("DSF_COLUMNS_MAX_DENSITY", max_density)
     L, R = random_sparse(48, 40, 0.34), random_sparse(40, 40, 0.1, seed=1)
-    model = torch.nn.Sequential(*(DSFLinear.from_factors(L, R, None, fmt="bitmap", value_dtype=torch.float16)
-                                  for _ in range(3)))
+    model = torch.nn.Sequential(
+        *(DSFLinear.from_factors(L, R, None, fmt="bitmap", value_dtype=torch.float16) for _ in range(3))
+    )
     for m in model:
         m.prepare(torch.float32)
     summary = backend_summary(model)
@@ -328,12 +356,14 @@ def test_backend_summary_names_the_kernel_path_and_column_index(monkeypatch, max
         assert summary == f"cpu-bitmap x3 ({bitmap.describe()})"
 
 
-HOSTILE = {**{f"config: {k}": (lambda p, e=e: _edit_config(p, e)) for k, (e, _) in CONFIG_EDITS.items()
-              if k != "not dsf"},  # without its quantization_config it is a valid dense model, and serves
-           **{f"tensors: {k}": (lambda p, e=e: _edit_tensors(p, e)) for k, (e, _) in TENSOR_EDITS.items()},
-           "invalid JSON": lambda p: (p / "config.json").write_text("{not json"),
-           "truncated weights": lambda p: (p / "model.safetensors").write_bytes(
-               (p / "model.safetensors").read_bytes()[:1000])}
+HOSTILE = {
+    **{
+        f"config: {k}": (lambda p, e=e: _edit_config(p, e)) for k, (e, _) in CONFIG_EDITS.items() if k != "not dsf"
+    },  # without its quantization_config it is a valid dense model, and serves
+    **{f"tensors: {k}": (lambda p, e=e: _edit_tensors(p, e)) for k, (e, _) in TENSOR_EDITS.items()},
+    "invalid JSON": lambda p: (p / "config.json").write_text("{not json"),
+    "truncated weights": lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:1000]),
+}
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))

@@ -80,9 +80,13 @@ def test_header_edits(ckpt, tmp_path_factory, data):
     kind = data.draw(st.sampled_from(["dtype", "shape", "huge", "offsets"]))
     entry = header[key]
     if kind == "dtype":
-        entry["dtype"] = data.draw(st.sampled_from(sorted({"F16", "BF16", "F32", "F64", "I8", "I16", "I32", "I64", "U8"} - {entry["dtype"]})))
+        entry["dtype"] = data.draw(
+            st.sampled_from(sorted({"F16", "BF16", "F32", "F64", "I8", "I16", "I32", "I64", "U8"} - {entry["dtype"]}))
+        )
     elif kind == "shape":
-        entry["shape"] = data.draw(st.lists(st.integers(0, 5000), min_size=1, max_size=3).filter(lambda s: s != entry["shape"]))
+        entry["shape"] = data.draw(
+            st.lists(st.integers(0, 5000), min_size=1, max_size=3).filter(lambda s: s != entry["shape"])
+        )
     elif kind == "huge":
         entry["shape"] = [2**40] + entry["shape"][1:]
         start = entry["data_offsets"][0]

@@ -65,8 +65,9 @@ def test_eval_prints_perplexity(ckpt, tiny_model_dir, tmp_path, capsys, monkeypa
     text = tmp_path / "held.txt"
     text.write_text("It is a truth universally acknowledged. " * 40)
     for model in (ckpt, tiny_model_dir):
-        code, out, err = cli(capsys, monkeypatch, "eval", str(model), "--text", str(text), "--window", "64",
-                             "--stride", "32")
+        code, out, err = cli(
+            capsys, monkeypatch, "eval", str(model), "--text", str(text), "--window", "64", "--stride", "32"
+        )
         assert code == 0, err
         assert out.startswith("perplexity ")
         assert float(out.split()[1]) > 1.0
@@ -75,6 +76,7 @@ def test_eval_prints_perplexity(ckpt, tiny_model_dir, tmp_path, capsys, monkeypa
 @pytest.fixture
 def one_line_error(capsys, monkeypatch):
     """Check that `dsf ARGS` exits with code 2 and one line on stderr containing ``pattern``."""
+
     def check(pattern: str, *args: str) -> None:
         code, _, err = cli(capsys, monkeypatch, *args)
         lines = err.strip().splitlines()

@@ -19,8 +19,9 @@ TEXT = "It was the best of times, it was the worst of times"
 @pytest.fixture(scope="module")
 def cuda_compressed(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cuda") / "tiny-dsf"
-    job = make_job(str(tiny_model_dir), out, sparsity=0.5, preset_name="fast", nsamples=8, seqlen=64,
-                   progress=False, device="cuda")
+    job = make_job(
+        str(tiny_model_dir), out, sparsity=0.5, preset_name="fast", nsamples=8, seqlen=64, progress=False, device="cuda"
+    )
     path, result = run_compress(job)
     return path, result
 
@@ -66,8 +67,9 @@ def test_from_pretrained_onto_cuda(cuda_compressed):
     model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda")
     assert len(dsf_modules(model)) == 14
     ref_model, tokenizer = load_model(path, backend="dense-ref")
-    torch.testing.assert_close(_logits(model, tokenizer, "cuda"), _logits(ref_model, tokenizer, "cpu"),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        _logits(model, tokenizer, "cuda"), _logits(ref_model, tokenizer, "cpu"), rtol=1e-3, atol=1e-3
+    )
 
 
 def test_cli_generate_on_cuda(cuda_compressed, capsys):

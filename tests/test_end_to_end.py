@@ -65,8 +65,13 @@ def test_greedy_tokens_match_dense_product(compressed, tiny_model_dir):
     sparse, tokenizer = load_model(path)
     dense = dense_product_model(tiny_model_dir, sparse)
     ids = tokenizer("Captain Wentworth", return_tensors="pt")["input_ids"]
-    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id,
-              attention_mask=torch.ones_like(ids))
+    kw = dict(
+        max_new_tokens=24,
+        min_new_tokens=24,
+        do_sample=False,
+        pad_token_id=tokenizer.eos_token_id,
+        attention_mask=torch.ones_like(ids),
+    )
     with torch.no_grad():
         assert sparse.generate(ids, **kw).tolist() == dense.generate(ids, **kw).tolist()
 

@@ -16,8 +16,14 @@ def test_greedy_equals_transformers_generate(tiny_tokenizer, model_type, prompt)
     model = make_tiny_llama(len(tiny_tokenizer), model_type=model_type)
     ids = tiny_tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
-                             do_sample=False, pad_token_id=tiny_tokenizer.eos_token_id)[0, ids.shape[1]:]
+        ref = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=tiny_tokenizer.eos_token_id,
+        )[0, ids.shape[1] :]
     out = generate_text(model, tiny_tokenizer, prompt, 20, fixed_length=True)
     assert out.new_tokens == 20 and out.text == tiny_tokenizer.decode(ref, skip_special_tokens=True)
 

@@ -22,16 +22,24 @@ pytestmark = pytest.mark.skipif(
 # One line per path's result, each scaled in the "wrong" version: the AVX2 word path,
 # the column-index path, the AVX-512 256-bit variants.
 EDITS = {
-    "avx2.cpp": [("    y[b * ldy] = KIND == kInt8 ? scale * kInt8Unit * hsum256(sum) : hsum256(sum);",
-                  "    y[b * ldy] = KIND == kInt8 ? scale * kInt8Unit * hsum256(sum) : 1.5f * hsum256(sum);"),
-                 ("      y[b * ldy + r] = scale * s;", "      y[b * ldy + r] = 0.5f * scale * s;")],
+    "avx2.cpp": [
+        (
+            "    y[b * ldy] = KIND == kInt8 ? scale * kInt8Unit * hsum256(sum) : hsum256(sum);",
+            "    y[b * ldy] = KIND == kInt8 ? scale * kInt8Unit * hsum256(sum) : 1.5f * hsum256(sum);",
+        ),
+        ("      y[b * ldy + r] = scale * s;", "      y[b * ldy + r] = 0.5f * scale * s;"),
+    ],
     "avx512_bf16.cpp": [("    y[b * ldy] = hsum256(sum);", "    y[b * ldy] = 0.5f * hsum256(sum);")],
 }
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_ab.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "kernel_ab.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")

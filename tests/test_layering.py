@@ -14,8 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # the package's folders: import name prefix -> source folder
-PACKAGES = {"dsf_runtime.converters": "converters", "dsf_runtime.serve": "serve",
-            "dsf_runtime.benchmarks": "benchmarks", "dsf_runtime": "dsf_runtime"}
+PACKAGES = {
+    "dsf_runtime.converters": "converters",
+    "dsf_runtime.serve": "serve",
+    "dsf_runtime.benchmarks": "benchmarks",
+    "dsf_runtime": "dsf_runtime",
+}
 BASE = ("dsf_runtime.errors", "dsf_runtime.settings", "dsf_runtime.units")
 LAYERS = [  # (layer, module prefixes), lowest first
     ("base", BASE),
@@ -83,17 +87,25 @@ MODULES = package_modules()
 
 
 def test_the_package_is_found():
-    assert {"dsf_runtime.formats.bitmap", "dsf_runtime.kernels.cpu_bitmap", "dsf_runtime.serve.app",
-            "dsf_runtime.converters.calibrate", "dsf_runtime.benchmarks.layer", "dsf_runtime.cli"} <= set(MODULES)
+    assert {
+        "dsf_runtime.formats.bitmap",
+        "dsf_runtime.kernels.cpu_bitmap",
+        "dsf_runtime.serve.app",
+        "dsf_runtime.converters.calibrate",
+        "dsf_runtime.benchmarks.layer",
+        "dsf_runtime.cli",
+    } <= set(MODULES)
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_point_one_way(module):
     path = MODULES[module]
     mine = layer_of(module)
-    wrong = [f"{path.relative_to(ROOT)}:{line} imports {name} ({layer_of(name)})"
-             for line, name in imports_of(path, module)
-             if layer_of(name) not in ALLOWED[mine]]
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} imports {name} ({layer_of(name)})"
+        for line, name in imports_of(path, module)
+        if layer_of(name) not in ALLOWED[mine]
+    ]
     assert not wrong, f"{module} ({mine}) imports upward:\n" + "\n".join(wrong)
 
 

@@ -42,7 +42,9 @@ def test_factor_shapes_must_chain():
 
 
 def test_moving_module_rebuilds_kernel_operands():
-    layer = DSFLinear.from_factors(random_sparse(8, 8, 0.5), random_sparse(8, 8, 0.5, seed=1), None, value_dtype=torch.float32)
+    layer = DSFLinear.from_factors(
+        random_sparse(8, 8, 0.5), random_sparse(8, 8, 0.5, seed=1), None, value_dtype=torch.float32
+    )
     x = torch.randn(2, 8)
     y1 = layer(x)
     layer.to(torch.float64)  # _apply drops the prepared operands

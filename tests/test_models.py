@@ -41,7 +41,9 @@ def test_dsf_checkpoint_is_not_a_dense_model(tmp_path):
 
 
 def test_non_causal_architecture(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}')
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}'
+    )
     with pytest.raises(UnsupportedModelError, match="not a causal language model"):
         models.load_dense(tmp_path)
 
@@ -57,8 +59,10 @@ def test_shared_input_groups_really_share_inputs(model_type, tiny_tokenizer):
     arch = models.architecture_for(model_type)
     layer = model.get_submodule(arch.layers)[0]
     seen = {}
-    handles = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].clone()))
-               for n in arch.linears]
+    handles = [
+        layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].clone()))
+        for n in arch.linears
+    ]
     with torch.no_grad():
         model(torch.randint(0, 100, (1, 12)))
     for h in handles:

@@ -14,16 +14,33 @@ from dsf_runtime.kernels import BACKENDS
 from dsf_runtime.kernels.cpu_bitmap import find_compiler
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(find_compiler() is None or platform.machine() not in ("x86_64", "AMD64"),
-                                reason="needs a C compiler on x86-64")
+pytestmark = pytest.mark.skipif(
+    find_compiler() is None or platform.machine() not in ("x86_64", "AMD64"), reason="needs a C compiler on x86-64"
+)
 
 
 @pytest.fixture(scope="module")
 def op_rates(tmp_path_factory) -> Path:
     """The probe, built as its header says."""
     exe = tmp_path_factory.mktemp("op_rates") / "op_rates"
-    build = subprocess.run([find_compiler(), "-x", "c", "-O2", "-mavx2", "-mfma", "-mf16c", "-mbmi2", "-mpopcnt",
-                            str(ROOT / "scripts" / "op_rates.c"), "-o", str(exe)], capture_output=True, text=True)
+    build = subprocess.run(
+        [
+            find_compiler(),
+            "-x",
+            "c",
+            "-O2",
+            "-mavx2",
+            "-mfma",
+            "-mf16c",
+            "-mbmi2",
+            "-mpopcnt",
+            str(ROOT / "scripts" / "op_rates.c"),
+            "-o",
+            str(exe),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr
     return exe
 
@@ -58,8 +75,17 @@ def test_the_avx512_table(op_rates):
     assert run.returncode == 0, run.stderr
     rows = re.findall(r"^(.+?)\s+([0-9.]+) cycles per iteration \(clock ([0-9.]+) GHz\)$", run.stdout, re.M)
     assert [name.strip() for name, _, _ in rows] == [
-        "4 x vpexpandw zmm", "4 x vpexpandw ymm", "4 x vpcompressw zmm", "4 x vpcompressw ymm",
-        "4 x vcompressps zmm", "4 x (vcompressps zmm + vfmadd231ps zmm)",
-        "4 x (vpexpandw zmm + vfmadd231ps zmm)", "4 x vpmovzxwd ymm -> zmm",
-        "12 x vfmadd231ps zmm", "12 x vfmadd231ps ymm", "12 x vdpbf16ps zmm", "12 x vdpbf16ps ymm"]
+        "4 x vpexpandw zmm",
+        "4 x vpexpandw ymm",
+        "4 x vpcompressw zmm",
+        "4 x vpcompressw ymm",
+        "4 x vcompressps zmm",
+        "4 x (vcompressps zmm + vfmadd231ps zmm)",
+        "4 x (vpexpandw zmm + vfmadd231ps zmm)",
+        "4 x vpmovzxwd ymm -> zmm",
+        "12 x vfmadd231ps zmm",
+        "12 x vfmadd231ps ymm",
+        "12 x vdpbf16ps zmm",
+        "12 x vdpbf16ps ymm",
+    ]
     assert all(float(c) > 0 and float(ghz) > 0 for _, c, ghz in rows)

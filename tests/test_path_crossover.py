@@ -21,8 +21,13 @@ pytestmark = pytest.mark.skipif(
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DSF_NZ_", "DSF_COLUMNS_"))}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "path_crossover.py"), *args],
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "path_crossover.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_times_both_paths_for_each_batch():
@@ -38,8 +43,7 @@ def test_times_both_paths_for_each_batch():
 
 @pytest.mark.skipif(BACKENDS["cpu-bitmap"].isa != "avx2", reason="the column-index path is AVX2's")
 def test_times_the_column_path_for_each_density_and_batch():
-    proc = _run("96x200", "1,3", "--columns", "0.1,0.3", "--values", "bf16", "--seconds", "0.3",
-                "--rotate-mib", "1")
+    proc = _run("96x200", "1,3", "--columns", "0.1,0.3", "--values", "bf16", "--seconds", "0.3", "--rotate-mib", "1")
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if " batch " in ln]
     assert [ln.split()[4] for ln in lines] == ["1:", "3:", "1:", "3:"]
@@ -50,8 +54,16 @@ def test_times_the_column_path_for_each_density_and_batch():
         assert word > 0 and cols > 0 and abs(ratio - cols / word) < 0.05 * ratio
 
 
-@pytest.mark.parametrize("args", [["96by200", "2"], ["96x200", "two"], ["96x200", "0"],
-                                  ["96x200", "1", "--columns", "0"], ["96x200", "1", "--columns", "x"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["96by200", "2"],
+        ["96x200", "two"],
+        ["96x200", "0"],
+        ["96x200", "1", "--columns", "0"],
+        ["96x200", "1", "--columns", "x"],
+    ],
+)
 def test_bad_arguments_are_refused(args):
     proc = _run(*args)
     assert proc.returncode == 2 and "error:" in proc.stderr

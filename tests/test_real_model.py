@@ -50,8 +50,13 @@ def test_real_model_round_trip(real):
     ids = tokenizer("It is a truth universally acknowledged, that", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(sparse(ids).logits, reference(ids).logits, rtol=1e-3, atol=1e-3)
-    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id,
-              attention_mask=torch.ones_like(ids))
+    kw = dict(
+        max_new_tokens=16,
+        min_new_tokens=16,
+        do_sample=False,
+        pad_token_id=tokenizer.eos_token_id,
+        attention_mask=torch.ones_like(ids),
+    )
     with torch.no_grad():
         assert sparse.generate(ids, **kw).tolist() == reference.generate(ids, **kw).tolist()
 

@@ -15,12 +15,15 @@ def _reference(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0, -1]
 
 
-@pytest.mark.parametrize("model_type,overrides", [
-    ("llama", {}),
-    ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
-    ("qwen2", {}),  # q/k/v biases
-    ("mistral", {"sliding_window": 64}),
-])
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [
+        ("llama", {}),
+        ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+        ("qwen2", {}),  # q/k/v biases
+        ("mistral", {"sliding_window": 64}),
+    ],
+)
 def test_prefill_and_batched_decode_match_transformers(model_type, overrides):
     model = make_tiny_llama(300, model_type=model_type, **overrides)
     runner = ModelRunner(model, slots=3, max_len=48)

@@ -64,7 +64,9 @@ def tiny_dsf_llama(value_dtype=None, seed: int = 0):
     for i, name in enumerate(compressible_linears(model)):
         out_f, in_f = model.get_submodule(name).weight.shape
         rank = min(out_f, in_f)
-        factors[name] = (random_sparse(out_f, rank, 0.3, seed=2 * i) * 0.3,
-                         random_sparse(rank, in_f, 0.3, seed=2 * i + 1) * 0.3)
+        factors[name] = (
+            random_sparse(out_f, rank, 0.3, seed=2 * i) * 0.3,
+            random_sparse(rank, in_f, 0.3, seed=2 * i + 1) * 0.3,
+        )
     replace_with_factors(model, factors, value_dtype=value_dtype or torch.bfloat16)
     return model

@@ -30,6 +30,7 @@ def set_native_check(check: Callable[[torch.Tensor, torch.Tensor, int, int], str
     global _NATIVE_CHECK
     _NATIVE_CHECK = check
 
+
 WORD = 32
 _SHIFTS = torch.arange(WORD, dtype=torch.int64)
 
@@ -75,7 +76,9 @@ def mask_to_bits(mask: torch.Tensor) -> torch.Tensor:
 class BitmapFormat:
     name = "bitmap"
 
-    def specs(self, shape: tuple[int, int], nnz: int, value_dtype: torch.dtype, extra: dict | None = None) -> dict[str, TensorSpec]:
+    def specs(
+        self, shape: tuple[int, int], nnz: int, value_dtype: torch.dtype, extra: dict | None = None
+    ) -> dict[str, TensorSpec]:
         rows, cols = shape
         return {
             "bitmap": TensorSpec((rows, _words(cols)), torch.int32),
@@ -88,8 +91,11 @@ class BitmapFormat:
         if dense.numel() >= 2**31:
             raise ValueError(f"matrix {tuple(dense.shape)} is too large for int32 offsets")
         crow, _, values = csr_from_dense(dense)
-        return {"bitmap": mask_to_bits(dense != 0), "row_offsets": crow.to(torch.int32),
-                **encode_values(values, crow, value_dtype)}
+        return {
+            "bitmap": mask_to_bits(dense != 0),
+            "row_offsets": crow.to(torch.int32),
+            **encode_values(values, crow, value_dtype),
+        }
 
     def extra(self, tensors: dict[str, torch.Tensor]) -> dict:
         return {}

@@ -32,7 +32,9 @@ def _refuse_int8(value_dtype: torch.dtype) -> None:
 class BSRFormat:
     name = "bsr"
 
-    def specs(self, shape: tuple[int, int], nnz: int, value_dtype: torch.dtype, extra: dict | None = None) -> dict[str, TensorSpec]:
+    def specs(
+        self, shape: tuple[int, int], nnz: int, value_dtype: torch.dtype, extra: dict | None = None
+    ) -> dict[str, TensorSpec]:
         _refuse_int8(value_dtype)
         extra = extra or {}
         block = int(extra.get("block", DEFAULT_BLOCK))
@@ -43,7 +45,9 @@ class BSRFormat:
             "values": TensorSpec((nblocks, block, block), value_dtype),
         }
 
-    def pack(self, dense: torch.Tensor, value_dtype: torch.dtype, block: int = DEFAULT_BLOCK, **options) -> dict[str, torch.Tensor]:
+    def pack(
+        self, dense: torch.Tensor, value_dtype: torch.dtype, block: int = DEFAULT_BLOCK, **options
+    ) -> dict[str, torch.Tensor]:
         dense = dense.detach().to("cpu")
         rows, cols = dense.shape
         _refuse_int8(value_dtype)

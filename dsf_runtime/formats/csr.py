@@ -55,7 +55,9 @@ def check_columns(crow64: torch.Tensor, col: torch.Tensor, cols: int, what: str 
 class CSRFormat:
     name = "csr"
 
-    def specs(self, shape: tuple[int, int], nnz: int, value_dtype: torch.dtype, extra: dict | None = None) -> dict[str, TensorSpec]:
+    def specs(
+        self, shape: tuple[int, int], nnz: int, value_dtype: torch.dtype, extra: dict | None = None
+    ) -> dict[str, TensorSpec]:
         rows, _ = shape
         bits = int((extra or {}).get("index_bits", 32))
         if bits not in (16, 32):

@@ -20,8 +20,12 @@ INT8_MAX = 127
 # The value dtypes a checkpoint may store, by the name written in its metadata: the one
 # definition every layer (checkpoint, converters, CLI, benchmarks) uses.
 ValueDtypeName = Literal["bfloat16", "float16", "float32", "int8"]
-VALUE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16,
-                                        "float32": torch.float32, "int8": torch.int8}
+VALUE_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "int8": torch.int8,
+}
 DEFAULT_VALUE_DTYPE: ValueDtypeName = "bfloat16"  # fp32's exponent range in fp16's bytes
 assert tuple(VALUE_DTYPES) == get_args(ValueDtypeName)
 
@@ -52,8 +56,10 @@ def encode_values(values: torch.Tensor, crow: torch.Tensor, value_dtype: torch.d
             # float16 tops out at 65504: a larger factor value would be stored as inf
             # (and every output it touches with it) instead of refused
             big = float(values.float().abs().max())
-            raise ConfigError(f"a nonzero value of magnitude {big:.4g} does not fit float16 (largest 65504): "
-                              "store the values as bfloat16 or float32 (--value-dtype)")
+            raise ConfigError(
+                f"a nonzero value of magnitude {big:.4g} does not fit float16 (largest 65504): "
+                "store the values as bfloat16 or float32 (--value-dtype)"
+            )
         return {"values": stored}
     rows = crow.numel() - 1
     v = values.float()

@@ -24,7 +24,9 @@ class Backend(Protocol):
 
     def available(self) -> bool: ...
 
-    def prepare(self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Any: ...
+    def prepare(
+        self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
+    ) -> Any: ...
 
     def matmul(self, prepared: Any, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -44,13 +46,15 @@ def disabled_backends() -> tuple[str, ...]:
     names = settings.get("DSF_DISABLED_BACKENDS") or ()
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
-        raise ConfigError(f"DSF_DISABLED_BACKENDS names unknown backends {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(BACKENDS))}")
+        raise ConfigError(
+            f"DSF_DISABLED_BACKENDS names unknown backends {', '.join(unknown)}; known: {', '.join(sorted(BACKENDS))}"
+        )
     return names
 
 
-def can_run(backend: Backend, fmt: str, device: torch.device | str,
-            tensors: dict[str, torch.Tensor] | None = None) -> tuple[bool, str]:
+def can_run(
+    backend: Backend, fmt: str, device: torch.device | str, tensors: dict[str, torch.Tensor] | None = None
+) -> tuple[bool, str]:
     """Whether ``backend`` runs format ``fmt`` on ``device`` (and, given them, these stored
     tensors), and if not, why: what `dsf info` and a refused choice report."""
     device_type = torch.device(device).type
@@ -65,8 +69,10 @@ def can_run(backend: Backend, fmt: str, device: torch.device | str,
         return False, (why() if why is not None else None) or "not available here"
     check = getattr(backend, "accepts", None)
     if tensors is not None and check is not None and not check(tensors):
-        return False, f"does not take {tensors['values'].dtype} values" if "values" in tensors else \
-            "does not take these tensors"
+        return (
+            False,
+            f"does not take {tensors['values'].dtype} values" if "values" in tensors else "does not take these tensors",
+        )
     return True, "ok"
 
 

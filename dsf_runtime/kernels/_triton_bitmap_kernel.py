@@ -26,7 +26,11 @@ def bitmap_spmm_kernel(
     scales_ptr,  # fp32 (R,) for int8 values, else unused
     x_ptr,  # (N, C), contiguous
     y_ptr,  # (N, R), contiguous: fp32 and zeroed first when ATOMIC, else x's dtype
-    R, C, N, WORDS, NCHUNKS,
+    R,
+    C,
+    N,
+    WORDS,
+    NCHUNKS,
     WORDS_PER_SPLIT: tl.constexpr,  # a multiple of CHUNK; a constexpr loop bound (also for the interpreter)
     HAS_SCALE: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -59,12 +63,15 @@ def bitmap_spmm_kernel(
 
     for i in range(0, WORDS_PER_SPLIT, WPI):
         k = k0 + i + step  # (WPI,) word indices; words past the end read as empty
-        words = tl.load(bitmap_ptr + rows[:, None] * WORDS + k[None, :],
-                        mask=rmask[:, None] & (k < WORDS)[None, :], other=0).to(tl.uint32, bitcast=True)
+        words = tl.load(
+            bitmap_ptr + rows[:, None] * WORDS + k[None, :], mask=rmask[:, None] & (k < WORDS)[None, :], other=0
+        ).to(tl.uint32, bitcast=True)
         masked = words[:, :, None] & below[None, None, :]  # (BLOCK_R, WPI, 32)
         if HW_POPC:
             count = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [words], dtype=tl.int32, is_pure=True, pack=1)
-            before = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [masked], dtype=tl.int32, is_pure=True, pack=1)
+            before = tl.inline_asm_elementwise(
+                "popc.b32 $0, $1;", "=r,r", [masked], dtype=tl.int32, is_pure=True, pack=1
+            )
         else:
             c = words - ((words >> 1) & 0x55555555)
             c = (c & 0x33333333) + ((c >> 2) & 0x33333333)
@@ -80,8 +87,9 @@ def bitmap_spmm_kernel(
         w = tl.reshape(w, [BLOCK_R, WPI * 32])
 
         cols = (k0 + i) * 32 + tl.arange(0, WPI * 32)
-        xk = tl.load(x_ptr + ns[None, :] * C + cols[:, None],
-                     mask=(cols < C)[:, None] & nmask[None, :], other=0)  # (32 WPI, BLOCK_N)
+        xk = tl.load(
+            x_ptr + ns[None, :] * C + cols[:, None], mask=(cols < C)[:, None] & nmask[None, :], other=0
+        )  # (32 WPI, BLOCK_N)
         if USE_DOT:
             if DOT_IEEE:
                 acc = tl.dot(w.to(tl.float32), xk.to(tl.float32), acc, input_precision="ieee")

@@ -109,8 +109,17 @@ def build() -> bool:
 # On the Intel core of the project's first sessions the 512-bit word path met the batch-1
 # targets. DSF_AVX512_WIDTH=512 or =256 overrides the measurement: 512 runs the 512-bit
 # forms, 256 the 256-bit variant for bf16 values and the AVX2 paths for the rest.
-PLAN_CANDIDATES = ("avx512 bf16", "avx512-256 bf16", "avx2 bf16", "avx512 fp16", "avx2 fp16",
-                   "avx512 bf16 model", "avx512-256 bf16 model", "avx512 nonzeros", "avx2 nonzeros")
+PLAN_CANDIDATES = (
+    "avx512 bf16",
+    "avx512-256 bf16",
+    "avx2 bf16",
+    "avx512 fp16",
+    "avx2 fp16",
+    "avx512 bf16 model",
+    "avx512-256 bf16 model",
+    "avx512 nonzeros",
+    "avx2 nonzeros",
+)
 _WIDTHS = ("auto", "512", "256")
 
 
@@ -137,15 +146,21 @@ class PathPlan:
         if setting == "512":
             return {"bf16": "avx512", "fp16": "avx512", "bf16 model": "avx512", "nonzeros": "avx512"}
         if setting == "256":
-            return {"bf16": "avx512-256" if has_256 else "avx2", "fp16": "avx2",
-                    "bf16 model": "avx512-256" if has_256 else "avx512", "nonzeros": "avx2"}
+            return {
+                "bf16": "avx512-256" if has_256 else "avx2",
+                "fp16": "avx2",
+                "bf16 model": "avx512-256" if has_256 else "avx512",
+                "nonzeros": "avx2",
+            }
         bf16 = "avx512-256" if self._faster("avx512-256 bf16", "avx512 bf16") else "avx512"
         if self._faster("avx2 bf16", f"{bf16} bf16"):
             bf16 = "avx2"
-        return {"bf16": bf16,
-                "fp16": "avx2" if self._faster("avx2 fp16", "avx512 fp16") else "avx512",
-                "bf16 model": "avx512-256" if self._faster("avx512-256 bf16 model", "avx512 bf16 model") else "avx512",
-                "nonzeros": "avx2" if self._faster("avx2 nonzeros", "avx512 nonzeros") else "avx512"}
+        return {
+            "bf16": bf16,
+            "fp16": "avx2" if self._faster("avx2 fp16", "avx512 fp16") else "avx512",
+            "bf16 model": "avx512-256" if self._faster("avx512-256 bf16 model", "avx512 bf16 model") else "avx512",
+            "nonzeros": "avx2" if self._faster("avx2 nonzeros", "avx512 nonzeros") else "avx512",
+        }
 
 
 _PLAN: PathPlan | None = None
@@ -189,9 +204,18 @@ def check_bitmap(bitmap: torch.Tensor, offsets: torch.Tensor, cols: int, nnz: in
     when the library is not built or the tensors are not laid out for it (the caller
     then runs the torch checks). Shapes and dtypes must have been checked already."""
     rows = offsets.numel() - 1
-    if (not _LOADED or bitmap.dtype != torch.int32 or offsets.dtype != torch.int32 or bitmap.device.type != "cpu"
-            or not bitmap.is_contiguous() or not offsets.is_contiguous() or rows < 0 or bitmap.dim() != 2
-            or bitmap.shape[0] != rows or bitmap.shape[1] * 32 < cols):
+    if (
+        not _LOADED
+        or bitmap.dtype != torch.int32
+        or offsets.dtype != torch.int32
+        or bitmap.device.type != "cpu"
+        or not bitmap.is_contiguous()
+        or not offsets.is_contiguous()
+        or rows < 0
+        or bitmap.dim() != 2
+        or bitmap.shape[0] != rows
+        or bitmap.shape[1] * 32 < cols
+    ):
         return False
     code = cpu_ops.ops().bitmap_check(bitmap, offsets, cols, nnz)
     if code == 0:
@@ -205,10 +229,17 @@ def bitmap_columns(p: Prepared) -> torch.Tensor:
     """The column of every nonzero of a prepared factor, row by row (uint16 bits in an
     int16 tensor): the column-index path's operand. Raises ValueError when the factor's
     bits do not match its offsets or lie past its columns, or it has over 65536 columns."""
-    if (tuple(p.bitmap.shape) != (p.rows, p.words) or p.offsets.numel() != p.rows + 1 or p.words * 32 < p.cols
-            or p.bitmap.dtype != torch.int32 or p.offsets.dtype != torch.int32):
-        raise ValueError(f"a {p.rows}x{p.cols} bitmap factor needs a ({p.rows}, {-(-p.cols // 32)}) int32 bitmap "
-                         f"and {p.rows + 1} int32 row offsets")
+    if (
+        tuple(p.bitmap.shape) != (p.rows, p.words)
+        or p.offsets.numel() != p.rows + 1
+        or p.words * 32 < p.cols
+        or p.bitmap.dtype != torch.int32
+        or p.offsets.dtype != torch.int32
+    ):
+        raise ValueError(
+            f"a {p.rows}x{p.cols} bitmap factor needs a ({p.rows}, {-(-p.cols // 32)}) int32 bitmap "
+            f"and {p.rows + 1} int32 row offsets"
+        )
     if not build():
         raise ValueError(f"cannot index a bitmap factor's columns: {_REASON}")
     try:
@@ -216,8 +247,9 @@ def bitmap_columns(p: Prepared) -> torch.Tensor:
     except RuntimeError as exc:
         raise ValueError(str(exc).splitlines()[0]) from None
     if columns.numel() != p.nvalues:
-        raise ValueError(f"a {p.rows}x{p.cols} bitmap factor's row offsets count {columns.numel()} nonzeros, "
-                         f"its values {p.nvalues}")
+        raise ValueError(
+            f"a {p.rows}x{p.cols} bitmap factor's row offsets count {columns.numel()} nonzeros, its values {p.nvalues}"
+        )
     return columns
 
 
@@ -227,8 +259,13 @@ def _isa(forced: str | None) -> str:
     if isa is None:
         if not build() or forced == "portable":
             return "portable"  # not remembered: a later build may succeed
-        isa = ("avx512-vbmi2" if has_path("avx512-vbmi2") and forced != "avx2"
-               else "avx2" if has_path("avx2") else "portable")
+        isa = (
+            "avx512-vbmi2"
+            if has_path("avx512-vbmi2") and forced != "avx2"
+            else "avx2"
+            if has_path("avx2")
+            else "portable"
+        )
         _ISA_CACHE[forced] = isa
     return isa
 
@@ -286,8 +323,13 @@ class Prepared:
 
     def sync(self) -> None:
         """Rebuild the ops' operands from the fields (after ``columns`` or ``paths`` change)."""
-        self.tensors = [self.bitmap, self.offsets, self.values, self.scales,
-                        self.columns if self.columns is not None else _NO_COLUMNS]
+        self.tensors = [
+            self.bitmap,
+            self.offsets,
+            self.values,
+            self.scales,
+            self.columns if self.columns is not None else _NO_COLUMNS,
+        ]
         self.plan = self.paths.codes() if self.paths is not None else []
 
     @property
@@ -297,7 +339,6 @@ class Prepared:
     @property
     def words(self) -> int:
         return self.bitmap.shape[1]
-
 
 
 @register_backend
@@ -329,17 +370,28 @@ class CPUBitmapBackend:
         """Whether bf16 models take the AVX512_BF16 dot-product path (DSF_CPU_ISA=avx512 turns it off)."""
         return self.isa == "avx512-vbmi2" and settings.get("DSF_CPU_ISA") != "avx512" and has_path("avx512-bf16")
 
-    def prepare(self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Prepared:
+    def prepare(
+        self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
+    ) -> Prepared:
         values = tensors["values"]
         if not self.accepts(tensors):
             raise ValueError(f"cpu-bitmap needs fp16, bf16 or int8 (with row scales) values, got {values.dtype}")
         scales = tensors["scales"].float().contiguous() if values.dtype == torch.int8 else torch.empty(0)
         p = Prepared(
-            tensors["bitmap"].contiguous(), tensors["row_offsets"].contiguous(), values.contiguous(), scales,
-            shape[0], shape[1], KIND_CODES[values.dtype],
+            tensors["bitmap"].contiguous(),
+            tensors["row_offsets"].contiguous(),
+            values.contiguous(),
+            scales,
+            shape[0],
+            shape[1],
+            KIND_CODES[values.dtype],
         )
-        if (self._factor_isa(p.kind)[0] in COLUMNS_MAX_BATCH and 0 < p.cols <= 65536 and p.rows
-                and p.nvalues <= columns_max_density() * p.rows * p.cols):
+        if (
+            self._factor_isa(p.kind)[0] in COLUMNS_MAX_BATCH
+            and 0 < p.cols <= 65536
+            and p.rows
+            and p.nvalues <= columns_max_density() * p.rows * p.cols
+        ):
             p.columns = bitmap_columns(p)
         return self.refresh(p)
 
@@ -350,11 +402,16 @@ class CPUBitmapBackend:
         isa, choice = self._factor_isa(p.kind)
         columns = columns_max_batch(isa)  # read (and checked) whatever the path
         ymm = isa == "avx512-vbmi2" and p.kind == 1 and choice.get("bf16") == "avx512-256"
-        nz_isa = ("avx2" if isa == "avx512-vbmi2" and choice.get("nonzeros") == "avx2" and has_path("avx2")
-                  else isa)
-        p.paths = Paths(isa, nz_isa, nz_min_batch(f"{isa} ymm" if ymm else isa),
-                        columns if isa == "avx2" and p.columns is not None else 0,
-                        self.bf16_dot, ymm=ymm, dot_ymm=choice.get("bf16 model") == "avx512-256")
+        nz_isa = "avx2" if isa == "avx512-vbmi2" and choice.get("nonzeros") == "avx2" and has_path("avx2") else isa
+        p.paths = Paths(
+            isa,
+            nz_isa,
+            nz_min_batch(f"{isa} ymm" if ymm else isa),
+            columns if isa == "avx2" and p.columns is not None else 0,
+            self.bf16_dot,
+            ymm=ymm,
+            dot_ymm=choice.get("bf16 model") == "avx512-256",
+        )
         p.sync()
         return p
 
@@ -381,12 +438,16 @@ class CPUBitmapBackend:
         text = isa
         if plan is not None:
             choice = plan.choice()
-            text = (f"{isa}; words: bf16 values {choice['bf16']}, fp16 values {choice['fp16']}; "
-                    f"nonzeros {choice['nonzeros']}")
+            text = (
+                f"{isa}; words: bf16 values {choice['bf16']}, fp16 values {choice['fp16']}; "
+                f"nonzeros {choice['nonzeros']}"
+            )
         columns = [p.columns for p in operands or () if getattr(p, "columns", None) is not None]
         if columns:
-            text += (f"; column index on {len(columns)} factors, "
-                     f"{format_bytes(sum(c.numel() * c.element_size() for c in columns))}")
+            text += (
+                f"; column index on {len(columns)} factors, "
+                f"{format_bytes(sum(c.numel() * c.element_size() for c in columns))}"
+            )
         return text
 
     @staticmethod

@@ -75,9 +75,14 @@ def _compile(csrc: Path, namespace: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as tmp:
         try:
             built = cpp_extension.load(
-                name=f"{namespace}_ops", sources=sources, build_directory=tmp, is_python_module=False,
-                extra_cflags=["-O3", "-fopenmp", f"-DDSF_OP_NAMESPACE={namespace}"], extra_ldflags=["-fopenmp"],
-                verbose=False)
+                name=f"{namespace}_ops",
+                sources=sources,
+                build_directory=tmp,
+                is_python_module=False,
+                extra_cflags=["-O3", "-fopenmp", f"-DDSF_OP_NAMESPACE={namespace}"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
         except (RuntimeError, OSError, ImportError) as exc:
             lines = [line for line in str(exc).splitlines() if "error" in line.lower()] or str(exc).splitlines()
             raise BuildError(f"compiling the CPU kernels failed: {(lines or ['unknown error'])[0].strip()}") from None

@@ -52,13 +52,18 @@ class TorchCSRBackend(_TorchSparse):
     formats = ("csr", "bitmap")
     priority = 10
 
-    def prepare(self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Prepared:
+    def prepare(
+        self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
+    ) -> Prepared:
         crow, col, values = get_format(fmt).to_csr(tensors, shape)
         dtype = _compute_dtype(values.device, dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             matrix = torch.sparse_csr_tensor(
-                crow, col.to(crow.dtype), values.to(dtype), size=shape,
+                crow,
+                col.to(crow.dtype),
+                values.to(dtype),
+                size=shape,
                 check_invariants=False,  # validated when the checkpoint was loaded
             )
         return Prepared(matrix, *shape)
@@ -70,7 +75,9 @@ class TorchBSRBackend(_TorchSparse):
     formats = ("bsr",)
     priority = 10
 
-    def prepare(self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Prepared:
+    def prepare(
+        self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
+    ) -> Prepared:
         f = get_format(fmt)
         crow, col, values = f.to_bsr(tensors, shape)
         dtype = _compute_dtype(values.device, dtype)

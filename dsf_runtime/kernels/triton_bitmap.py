@@ -94,22 +94,38 @@ def device_tuning() -> dict:
     return tuning.gpu(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 
 
-def resolve_config(batch: int, use_dot: bool | None = None, block_r: int | None = None, wpi: int | None = None,
-                   num_warps: int | None = None) -> dict:
+def resolve_config(
+    batch: int,
+    use_dot: bool | None = None,
+    block_r: int | None = None,
+    wpi: int | None = None,
+    num_warps: int | None = None,
+) -> dict:
     """The launch settings for ``batch`` activation rows: the path (tl.dot from
     DOT_MIN_BATCH on) and that path's defaults, with any given setting overriding them."""
     tune = device_tuning()
     use_dot = batch >= tune["dot_min_batch"] if use_dot is None else use_dot
     config = tune["dot"] if use_dot else tune["vector"]
-    resolved = {"use_dot": use_dot, "block_r": block_r or config["block_r"], "wpi": wpi or config["wpi"],
-                "num_warps": num_warps or config["num_warps"]}
+    resolved = {
+        "use_dot": use_dot,
+        "block_r": block_r or config["block_r"],
+        "wpi": wpi or config["wpi"],
+        "num_warps": num_warps or config["num_warps"],
+    }
     if CHUNK_WORDS % resolved["wpi"]:
         raise ValueError(f"wpi must divide {CHUNK_WORDS}, got {resolved['wpi']}")
     return resolved
 
 
-def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int | None = None,
-           wpi: int | None = None, num_warps: int | None = None, use_dot: bool | None = None) -> torch.Tensor:
+def launch(
+    p: Prepared,
+    x: torch.Tensor,
+    splits: int | None = None,
+    block_r: int | None = None,
+    wpi: int | None = None,
+    num_warps: int | None = None,
+    use_dot: bool | None = None,
+) -> torch.Tensor:
     """y = x @ S^T for x (N, cols) -> (N, rows) in x's dtype (fp32 accumulation).
     ``splits``/``block_r``/``wpi``/``num_warps``/``use_dot`` (the tl.dot path instead of
     the vector one) override the launch settings (tests and tuning)."""
@@ -145,14 +161,34 @@ def launch(p: Prepared, x: torch.Tensor, splits: int | None = None, block_r: int
     atomic = splits > 1
 
     # without atomics the kernel stores straight into x's dtype (no separate cast)
-    y = (torch.zeros(N, p.rows, dtype=torch.float32, device=x.device) if atomic
-         else torch.empty(N, p.rows, dtype=x.dtype, device=x.device))
+    y = (
+        torch.zeros(N, p.rows, dtype=torch.float32, device=x.device)
+        if atomic
+        else torch.empty(N, p.rows, dtype=x.dtype, device=x.device)
+    )
     scales = p.scales if p.scales is not None else y  # unused pointer when HAS_SCALE is off
     kernel[(row_blocks, splits, n_blocks)](
-        p.bitmap, p.chunks, p.values, scales, x, y,
-        p.rows, p.cols, N, words, nchunks, WORDS_PER_SPLIT=words_per_split,
-        HAS_SCALE=p.scales is not None, USE_DOT=use_dot, DOT_IEEE=not same_kind, ATOMIC=atomic,
-        CHUNK=CHUNK_WORDS, BLOCK_R=block_r, BLOCK_N=block_n, WPI=wpi, HW_POPC=not interpret,
+        p.bitmap,
+        p.chunks,
+        p.values,
+        scales,
+        x,
+        y,
+        p.rows,
+        p.cols,
+        N,
+        words,
+        nchunks,
+        WORDS_PER_SPLIT=words_per_split,
+        HAS_SCALE=p.scales is not None,
+        USE_DOT=use_dot,
+        DOT_IEEE=not same_kind,
+        ATOMIC=atomic,
+        CHUNK=CHUNK_WORDS,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        WPI=wpi,
+        HW_POPC=not interpret,
         **({} if interpret else {"num_warps": num_warps}),
     )
     return y.to(x.dtype)
@@ -175,7 +211,9 @@ class TritonBitmapBackend:
             return "no CUDA device"
         return None
 
-    def prepare(self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Prepared:
+    def prepare(
+        self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
+    ) -> Prepared:
         bitmap = tensors["bitmap"].contiguous()
         return Prepared(
             bitmap=bitmap,
@@ -192,8 +230,15 @@ class TritonBitmapBackend:
 
 
 @torch.library.custom_op("dsf::triton_bitmap_spmm", mutates_args=())
-def triton_bitmap_spmm(x: torch.Tensor, bitmap: torch.Tensor, chunks: torch.Tensor, values: torch.Tensor,
-                       scales: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor:
+def triton_bitmap_spmm(
+    x: torch.Tensor,
+    bitmap: torch.Tensor,
+    chunks: torch.Tensor,
+    values: torch.Tensor,
+    scales: torch.Tensor | None,
+    rows: int,
+    cols: int,
+) -> torch.Tensor:
     """The launch as a torch op, so that torch.compile and vLLM see it: x (n, cols) -> (n, rows)."""
     return launch(Prepared(bitmap, chunks, values, scales, rows, cols), x)
 

@@ -24,7 +24,9 @@ def test_bad_parts_are_refused(capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_small_layer_run_on_cuda(tmp_path):
-    assert main(["bench", "gpu", "--parts", "layer", "--shapes", "96x160", "--batch", "1,9", "--out", str(tmp_path)]) in (0, None)
+    assert main(
+        ["bench", "gpu", "--parts", "layer", "--shapes", "96x160", "--batch", "1,9", "--out", str(tmp_path)]
+    ) in (0, None)
     rows = json.loads((tmp_path / "gpu_layer.json").read_text())["rows"]
     dsf = [r for r in rows if r["impl"].startswith("DSF")]
     assert len(dsf) == 6 and all("error" not in r for r in dsf)

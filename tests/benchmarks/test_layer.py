@@ -47,14 +47,16 @@ def test_cases_take_turns_in_bursts():
     """Every case is timed as often as the others, in alternating bursts whose first call
     is not timed, cycling through its weight copies."""
     calls = []
-    cases = [layer.Case(name, lambda i, x, n=name: calls.append((n, i)), 1, copies) for name, copies in
-             (("a", 2), ("b", 3), ("c", 1))]
+    cases = [
+        layer.Case(name, lambda i, x, n=name: calls.append((n, i)), 1, copies)
+        for name, copies in (("a", 2), ("b", 3), ("c", 1))
+    ]
     times = layer.time_cases(cases, torch.zeros(1), min_calls=5, min_seconds=0.0, burst=3)
     assert len(times) == 3 and all(t >= 0 for t in times)
     assert calls[:6] == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2), ("c", 0)]  # warm-up: each copy once
     timed = calls[6:]
     # 3 turns of 3-call bursts (2 timed each) reach 6 >= 5 timed calls per case
-    assert [n for n, _ in timed] == list("aaabbbccc" "cccbbbaaa" "aaabbbccc")
+    assert [n for n, _ in timed] == list("aaabbbccccccbbbaaaaaabbbccc")
     assert [i for n, i in timed if n == "b"] == [0, 1, 2, 0, 1, 2, 0, 1, 2]
     assert [i for n, i in timed if n == "a"] == [0, 1, 0, 1, 0, 1, 0, 1, 0]
 
@@ -67,11 +69,21 @@ def test_decode_bench_on_tiny_models(tiny_model_dir, tmp_path, monkeypatch):
     from conftest import make_tiny_llama
 
     monkeypatch.setattr(decode, "llama7b_stack", lambda n: make_tiny_llama(300, num_hidden_layers=n))
-    payload = decode.run_decode_bench(str(ckpt), str(tiny_model_dir), 1, str(tmp_path / "res"), gen_tokens=4,
-                                      prompt_tokens=8)
+    payload = decode.run_decode_bench(
+        str(ckpt), str(tiny_model_dir), 1, str(tmp_path / "res"), gen_tokens=4, prompt_tokens=8
+    )
     rows = json.loads((tmp_path / "res" / "decode.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["dense fp32", "dense bf16", "DSF", "DSF (torch-csr)",
-                                            "dense fp32", "dense bf16", "DSF", "DSF fp16 values", "DSF bf16"]
+    assert [r["variant"] for r in rows] == [
+        "dense fp32",
+        "dense bf16",
+        "DSF",
+        "DSF (torch-csr)",
+        "dense fp32",
+        "dense bf16",
+        "DSF",
+        "DSF fp16 values",
+        "DSF bf16",
+    ]
     assert all(r["tg_tok_s"] > 0 and r["pp_tok_s"] > 0 for r in rows)
     assert "cpu-bitmap" in rows[2]["backend"] and "torch-csr" in rows[3]["backend"]
     assert rows[-1]["tg_vs_bf16"] > 0 and "DSF bf16" in payload["table"]
@@ -109,5 +121,7 @@ def test_greedy_decode_loop_matches_generate(tiny_model_dir):
             toks.append(int(nxt))
             out = model(input_ids=nxt, use_cache=True, **{kw: past})
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        ref = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
+        ref = model.generate(
+            ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids)
+        )
     assert toks == ref[0, 8:].tolist()

@@ -25,7 +25,9 @@ def model():
 
 def test_single_window_equals_direct(model):
     ids = torch.randint(0, 97, (50,), generator=torch.Generator().manual_seed(0))
-    assert perplexity(model, ids, window=64, stride=64, progress=False) == pytest.approx(direct_perplexity(model, ids), rel=1e-5)
+    assert perplexity(model, ids, window=64, stride=64, progress=False) == pytest.approx(
+        direct_perplexity(model, ids), rel=1e-5
+    )
 
 
 def test_every_token_scored_once_with_overlap(model):
@@ -63,9 +65,27 @@ def test_quality_bench_writes_json_markdown_png(tiny_model_dir, tmp_path):
     from dsf_runtime.cli import main
 
     out = tmp_path / "results"
-    code = main(["bench", "quality", str(tiny_model_dir), "--methods", "dsf,magnitude", "--sparsity", "0.5,0.7",
-                 "--nsamples", "4", "--seqlen", "32", "--eval-tokens", "300", "--out", str(out),
-                 "--work-dir", str(tmp_path / "work")])
+    code = main(
+        [
+            "bench",
+            "quality",
+            str(tiny_model_dir),
+            "--methods",
+            "dsf,magnitude",
+            "--sparsity",
+            "0.5,0.7",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--eval-tokens",
+            "300",
+            "--out",
+            str(out),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ]
+    )
     assert code == 0
     payload = json.loads((out / "quality.json").read_text())
     rows = payload["rows"]
@@ -75,8 +95,30 @@ def test_quality_bench_writes_json_markdown_png(tiny_model_dir, tmp_path):
     assert (out / "quality.png").stat().st_size > 1000
     assert "| dsf |" in (out / "quality.md").read_text()
     # A second run reuses the checkpoints instead of recompressing.
-    assert main(["bench", "quality", str(tiny_model_dir), "--methods", "dsf", "--sparsity", "0.5", "--nsamples", "4",
-                 "--seqlen", "32", "--eval-tokens", "300", "--out", str(out), "--work-dir", str(tmp_path / "work")]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "quality",
+                str(tiny_model_dir),
+                "--methods",
+                "dsf",
+                "--sparsity",
+                "0.5",
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--eval-tokens",
+                "300",
+                "--out",
+                str(out),
+                "--work-dir",
+                str(tmp_path / "work"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_quality_bench_rejects_unknown_method_before_work(tmp_path, capsys):

@@ -21,8 +21,9 @@ def test_each_section_names_its_machine(tmp_path):
     (tmp_path / "machines.json").write_text(json.dumps({"folders": {"old": "Some CPU"}}))
     (tmp_path / "old" / "layer.json").write_text(json.dumps({"environment": {"processor": "unknown"}}))
     (tmp_path / "old" / "layer.md").write_text("# Layer\n\n| a |\n|---|\n| 1 |\n")
-    (tmp_path / "new.json").write_text(json.dumps({"environment": {"cpu": "AMD EPYC (family 25 model 17)",
-                                                                   "cores": 2}}))
+    (tmp_path / "new.json").write_text(
+        json.dumps({"environment": {"cpu": "AMD EPYC (family 25 model 17)", "cores": 2}})
+    )
     out = tmp_path / "page.md"
     assert main(["bench", "report", "--results", str(tmp_path), "--out", str(out), "--no-readme"]) == 0
     text = out.read_text()
@@ -34,6 +35,6 @@ def test_the_readme_headline_matches_the_committed_results():
     from dsf_runtime.benchmarks.report import HEADLINE_END, HEADLINE_START, headline
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = readme[readme.index(HEADLINE_START) + len(HEADLINE_START):readme.index(HEADLINE_END)].strip()
+    table = readme[readme.index(HEADLINE_START) + len(HEADLINE_START) : readme.index(HEADLINE_END)].strip()
     assert table == headline(ROOT / "benchmarks" / "results"), "run `dsf bench report` and commit README.md"
     assert len(readme.splitlines()) <= 200

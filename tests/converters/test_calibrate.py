@@ -20,7 +20,9 @@ def windows(vocab: int, n: int = 4, seqlen: int = 32):
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude", "sparsegpt:2:4"])
 def test_baselines_pack_and_load_as_single_matrices(method, tiny_model_dir, tmp_path):
-    path, result = run_compress(make_job(str(tiny_model_dir), tmp_path / "ck", method=method, nsamples=4, seqlen=32, progress=False))
+    path, result = run_compress(
+        make_job(str(tiny_model_dir), tmp_path / "ck", method=method, nsamples=4, seqlen=32, progress=False)
+    )
     model, tokenizer = load_model(path)
     mods = dsf_modules(model)
     assert len(mods) == 14
@@ -97,7 +99,9 @@ def test_driver_reports_per_linear(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    result = compress_sequential(model, windows(model.config.vocab_size), make_method("dsf", 0.5, DSFConfig(outer_iters=3)), progress=False)
+    result = compress_sequential(
+        model, windows(model.config.vocab_size), make_method("dsf", 0.5, DSFConfig(outer_iters=3)), progress=False
+    )
     assert len(result.reports) == 14
     for r in result.reports:
         assert r.info["error_after_finalize"] <= r.info["error_before_finalize"] * 1.001
@@ -127,9 +131,11 @@ def test_sigkill_then_corrupt_partial_layer_then_resume(tiny_model_dir, tmp_path
     args = ["compress", str(tiny_model_dir), str(out), "--sparsity", "0.5", "--nsamples", "4", "--seqlen", "32"]
     work = out.with_name(f".{out.name}.partial")
     # slow the second layer down so the kill lands after the first layer is saved
-    code = ("import sys, time; from dsf_runtime.converters import calibrate as c; real = c._compress_layer\n"
-            "def slow(*a, **k):\n    if a[6].endswith('.1'): time.sleep(60)\n    return real(*a, **k)\n"
-            "c._compress_layer = slow\nfrom dsf_runtime.cli import main; sys.exit(main(sys.argv[1:]))")
+    code = (
+        "import sys, time; from dsf_runtime.converters import calibrate as c; real = c._compress_layer\n"
+        "def slow(*a, **k):\n    if a[6].endswith('.1'): time.sleep(60)\n    return real(*a, **k)\n"
+        "c._compress_layer = slow\nfrom dsf_runtime.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.DEVNULL)
     end = time.monotonic() + 120
     while not (work / "layer_0000.json").exists():

@@ -59,7 +59,10 @@ def _corruptions():
 
     def unsorted_cols(t):
         start = int(t["crow_indices"][2])
-        t["col_indices"][start], t["col_indices"][start + 1] = int(t["col_indices"][start + 1]), int(t["col_indices"][start])
+        t["col_indices"][start], t["col_indices"][start + 1] = (
+            int(t["col_indices"][start + 1]),
+            int(t["col_indices"][start]),
+        )
 
     def short_values(t):
         t["values"] = t["values"][:-1]
@@ -129,10 +132,15 @@ def _bitmap_corruptions():
     def last_offset(t):
         t["row_offsets"][-1] -= 1
 
-    return {"bit past last column": (extra_bit, "beyond"), "popcount mismatch": (drop_bit, "popcounts"),
-            "offsets": (offsets, "popcounts|monotone"), "inf": (nan, "NaN or Inf"),
-            "offsets backwards": (backwards, "monotone"), "first offset": (first_offset, "start at 0"),
-            "last offset": (last_offset, "end at nnz")}
+    return {
+        "bit past last column": (extra_bit, "beyond"),
+        "popcount mismatch": (drop_bit, "popcounts"),
+        "offsets": (offsets, "popcounts|monotone"),
+        "inf": (nan, "NaN or Inf"),
+        "offsets backwards": (backwards, "monotone"),
+        "first offset": (first_offset, "start at 0"),
+        "last offset": (last_offset, "end at nnz"),
+    }
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -181,7 +189,7 @@ def test_csr_validate_rejects_corruption(case):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.integers(-2**31, 2**31 - 1), min_size=1, max_size=6), min_size=1, max_size=6))
+@given(st.lists(st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=6), min_size=1, max_size=6))
 def test_row_popcounts_count_every_bit(rows):
     from dsf_runtime.formats.bitmap import row_popcounts
 

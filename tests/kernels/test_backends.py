@@ -11,8 +11,13 @@ from dsf_runtime.kernels import BACKENDS, choose_backend
 from helpers import random_sparse
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-CASES = [(b, f, d) for b in sorted(BACKENDS) for f in BACKENDS[b].formats for d in DEVICES
-         if d in BACKENDS[b].devices and BACKENDS[b].available()]
+CASES = [
+    (b, f, d)
+    for b in sorted(BACKENDS)
+    for f in BACKENDS[b].formats
+    for d in DEVICES
+    if d in BACKENDS[b].devices and BACKENDS[b].available()
+]
 
 
 @pytest.mark.parametrize("backend,fmt,device", CASES)

@@ -18,13 +18,16 @@ pytestmark = pytest.mark.skipif(not backend.available(), reason="CPU kernel coul
 
 # Named edge shapes (one row, one column, odd sizes, a 4096-wide row) and random ones;
 # densities from empty to full; batches across every path's tile sizes and switches.
-SHAPES = st.one_of(st.sampled_from([(830, 545), (1, 33), (64, 1), (37, 95), (300, 4096)]),
-                   st.tuples(st.integers(1, 160), st.integers(1, 1100)))
+SHAPES = st.one_of(
+    st.sampled_from([(830, 545), (1, 33), (64, 1), (37, 95), (300, 4096)]),
+    st.tuples(st.integers(1, 160), st.integers(1, 1100)),
+)
 DENSITIES = st.one_of(st.sampled_from([0.0, 0.01, 0.15, 0.5, 0.9, 1.0]), st.floats(0.0, 1.0))
 BATCHES = st.one_of(st.sampled_from([1, 2, 3, 4, 5, 9, 12, 16, 17, 40]), st.integers(1, 70))
 VALUE_DTYPES = st.sampled_from([torch.float16, torch.bfloat16, torch.int8])
-KERNEL_SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
-                           suppress_health_check=[HealthCheck.too_slow])
+KERNEL_SETTINGS = settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def _factor(shape, density, seed, value_dtype):
@@ -37,8 +40,14 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @KERNEL_SETTINGS
-@given(isa=st.sampled_from(["native", "avx2", "portable"]), value_dtype=VALUE_DTYPES, shape=SHAPES,
-       density=DENSITIES, batch=BATCHES, seed=st.integers(0, 2**16))
+@given(
+    isa=st.sampled_from(["native", "avx2", "portable"]),
+    value_dtype=VALUE_DTYPES,
+    shape=SHAPES,
+    density=DENSITIES,
+    batch=BATCHES,
+    seed=st.integers(0, 2**16),
+)
 def test_matches_dense(isa, value_dtype, shape, density, batch, seed):
     """Every instruction path, value kind, shape, density and batch: within 1e-5 of the float64 product."""
     if isa == "avx2" and not cpu_bitmap.has_path("avx2"):
@@ -169,7 +178,9 @@ def test_copied_operands_use_their_own_memory(how):
     ref = layer(x)  # prepares (and caches) the operands
     twin = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
     right, left = twin._prepared
-    assert left.tensors[2].data_ptr() == twin.L.stored()["values"].data_ptr() != layer._prepared[1].tensors[2].data_ptr()
+    assert (
+        left.tensors[2].data_ptr() == twin.L.stored()["values"].data_ptr() != layer._prepared[1].tensors[2].data_ptr()
+    )
     if backend.isa == "avx2":  # R (16% dense) carries column indices, and the copy its own
         assert right.columns is not None and right.columns.data_ptr() != layer._prepared[0].columns.data_ptr()
         torch.testing.assert_close(right.columns, layer._prepared[0].columns)
@@ -189,7 +200,7 @@ def test_bf16_model_path_matches_dense_bf16(shape, density, batch, seed):
     x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(seed + 1)).to(torch.bfloat16)
     y = backend.matmul(p, x)
     assert y.dtype == torch.bfloat16 and y.shape == (batch, shape[0])
-    assert _relative_error(y, x.double() @ dense.double().t()) < 2 ** -8  # the bf16 rounding of the output
+    assert _relative_error(y, x.double() @ dense.double().t()) < 2**-8  # the bf16 rounding of the output
 
 
 @pytest.fixture
@@ -207,8 +218,7 @@ needs_avx2 = pytest.mark.usefixtures("on_avx2")
 
 @pytest.mark.skipif(not cpu_bitmap.has_path("avx2"), reason="this CPU has no AVX2")
 @KERNEL_SETTINGS
-@given(value_dtype=VALUE_DTYPES, shape=SHAPES, density=DENSITIES, batch=st.integers(1, 16),
-       seed=st.integers(0, 2**16))
+@given(value_dtype=VALUE_DTYPES, shape=SHAPES, density=DENSITIES, batch=st.integers(1, 16), seed=st.integers(0, 2**16))
 def test_column_path_matches_dense(value_dtype, shape, density, batch, seed):
     """The column-index path, forced on for any density and batch: rows of 0-7, 8-15 and
     16+ nonzeros (the scalar tail, one and two vectors), empty rows, x strided."""
@@ -233,8 +243,9 @@ def test_columns_are_built_for_sparse_factors_only(monkeypatch):
     pack = get_format("bitmap").pack
 
     def columns(density: float, shape: tuple[int, int] = (64, 300)) -> torch.Tensor | None:
-        return backend.prepare("bitmap", pack(random_sparse(*shape, density), torch.float16), shape,
-                               torch.float32).columns
+        return backend.prepare(
+            "bitmap", pack(random_sparse(*shape, density), torch.float16), shape, torch.float32
+        ).columns
 
     sparse = columns(0.1)
     assert sparse is not None
@@ -259,12 +270,15 @@ def test_streamed_bytes_follow_the_path():
 
 
 @needs_avx2
-@pytest.mark.parametrize("name,bad,message", [
-    ("DSF_COLUMNS_MAX_DENSITY", "1.5", "DSF_COLUMNS_MAX_DENSITY must be a number in"),
-    ("DSF_COLUMNS_MAX_DENSITY", "dense", "DSF_COLUMNS_MAX_DENSITY must be a number in"),
-    ("DSF_COLUMNS_MAX_BATCH", "-1", "DSF_COLUMNS_MAX_BATCH must be a non-negative integer"),
-    ("DSF_COLUMNS_MAX_BATCH", "one", "DSF_COLUMNS_MAX_BATCH must be a non-negative integer"),
-])
+@pytest.mark.parametrize(
+    "name,bad,message",
+    [
+        ("DSF_COLUMNS_MAX_DENSITY", "1.5", "DSF_COLUMNS_MAX_DENSITY must be a number in"),
+        ("DSF_COLUMNS_MAX_DENSITY", "dense", "DSF_COLUMNS_MAX_DENSITY must be a number in"),
+        ("DSF_COLUMNS_MAX_BATCH", "-1", "DSF_COLUMNS_MAX_BATCH must be a non-negative integer"),
+        ("DSF_COLUMNS_MAX_BATCH", "one", "DSF_COLUMNS_MAX_BATCH must be a non-negative integer"),
+    ],
+)
 def test_bad_column_settings_are_clear_errors(monkeypatch, name, bad, message):
     tensors = get_format("bitmap").pack(random_sparse(16, 64, 0.1), torch.float16)
     monkeypatch.setenv(name, bad)
@@ -294,14 +308,21 @@ def test_columns_of_an_inconsistent_factor_are_refused(corruption):
         backend.prepare("bitmap", tensors, shape, torch.float32)
 
 
-needs_avx512 = pytest.mark.skipif(not cpu_bitmap.has_path("avx512-vbmi2") or backend.isa == "portable",
-                                  reason="this CPU has no AVX-512 VBMI2 path")
+needs_avx512 = pytest.mark.skipif(
+    not cpu_bitmap.has_path("avx512-vbmi2") or backend.isa == "portable", reason="this CPU has no AVX-512 VBMI2 path"
+)
 
 
 @needs_avx512
 @KERNEL_SETTINGS
-@given(width=st.sampled_from(["512", "256"]), value_dtype=st.sampled_from([torch.float16, torch.bfloat16]),
-       shape=SHAPES, density=DENSITIES, batch=st.one_of(st.integers(1, 16), BATCHES), seed=st.integers(0, 2**16))
+@given(
+    width=st.sampled_from(["512", "256"]),
+    value_dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    shape=SHAPES,
+    density=DENSITIES,
+    batch=st.one_of(st.integers(1, 16), BATCHES),
+    seed=st.integers(0, 2**16),
+)
 def test_avx512_variants_match_dense(width, value_dtype, shape, density, batch, seed):
     """Both widths of the AVX-512 paths, forced. The 512-bit ones are exact to fp32
     rounding, and so are the AVX2 paths that fp16 values and the nonzero path take at
@@ -372,17 +393,21 @@ def test_the_plan_is_timed_on_first_use_not_at_build(monkeypatch):
     backend.prepare("bitmap", get_format("bitmap").pack(random_sparse(*shape, 0.3), torch.int8), shape, torch.float32)
     assert calls == []
     for _ in range(2):
-        backend.prepare("bitmap", get_format("bitmap").pack(random_sparse(*shape, 0.3), torch.bfloat16), shape,
-                        torch.float32)
+        backend.prepare(
+            "bitmap", get_format("bitmap").pack(random_sparse(*shape, 0.3), torch.bfloat16), shape, torch.float32
+        )
     assert calls == [1] and cpu_bitmap.path_plan() is not None and calls == [1]
 
 
-@pytest.mark.parametrize("plan,message", [
-    ([1, 1, 16, 0], "plan has 5 entries"),
-    ([7, 1, 16, 0, 0], "word path code must be 0-3"),
-    ([1, 5, 16, 0, 0], "nonzero path code must be 0-2"),
-    ([1, 1, 16, 0, 1], "dot path code must be 0, 2 or 3"),
-])
+@pytest.mark.parametrize(
+    "plan,message",
+    [
+        ([1, 1, 16, 0], "plan has 5 entries"),
+        ([7, 1, 16, 0, 0], "word path code must be 0-3"),
+        ([1, 5, 16, 0, 0], "nonzero path code must be 0-2"),
+        ([1, 1, 16, 0, 1], "dot path code must be 0, 2 or 3"),
+    ],
+)
 def test_the_op_refuses_a_bad_plan(plan, message):
     tensors = get_format("bitmap").pack(random_sparse(8, 64, 0.5), torch.float16)
     p = backend.prepare("bitmap", tensors, (8, 64), torch.float32)
@@ -393,8 +418,10 @@ def test_the_op_refuses_a_bad_plan(plan, message):
 @needs_avx512
 def test_the_op_refuses_a_path_the_values_lack():
     """The 256-bit word variant has no fp16 form, the AVX-512 word path no int8 one."""
-    for dtype, word, message in ((torch.float16, 3, "avx512-256 word path takes bf16"),
-                                 (torch.int8, 2, "avx512 word path takes fp16 or bf16")):
+    for dtype, word, message in (
+        (torch.float16, 3, "avx512-256 word path takes bf16"),
+        (torch.int8, 2, "avx512 word path takes fp16 or bf16"),
+    ):
         tensors = get_format("bitmap").pack(random_sparse(8, 64, 0.5), dtype)
         p = backend.prepare("bitmap", tensors, (8, 64), torch.float32)
         if word == 3 and not cpu_bitmap.has_path("avx512-bf16"):
@@ -468,14 +495,23 @@ def _plan(**ns):
 ZEN4 = dict(zb=605, yb=309, ab=355, zf=674, af=385, zd=275, yd=267, zn=2859, an=2249)  # stop 20's measurement
 
 
-@pytest.mark.parametrize("ns,expected", [
-    # Zen 4: the 256-bit word variant, fp16 values and the nonzero path on AVX2
-    (ZEN4, ("avx512-256", "avx2", "avx512-256", "avx2")),
-    # a core with fast 512-bit expansion keeps the 512-bit forms
-    (dict(zb=40, yb=58, ab=71, zf=42, af=70, zd=35, yd=51, zn=200, an=260), ("avx512", "avx512", "avx512", "avx512")),
-    # no AVX512_BF16: no 256-bit variant to choose; AVX2 wins bf16 values if faster
-    (dict(zb=80, yb=None, ab=71, zf=90, af=70, zd=None, yd=None, zn=200, an=190), ("avx2", "avx2", "avx512", "avx2")),
-])
+@pytest.mark.parametrize(
+    "ns,expected",
+    [
+        # Zen 4: the 256-bit word variant, fp16 values and the nonzero path on AVX2
+        (ZEN4, ("avx512-256", "avx2", "avx512-256", "avx2")),
+        # a core with fast 512-bit expansion keeps the 512-bit forms
+        (
+            dict(zb=40, yb=58, ab=71, zf=42, af=70, zd=35, yd=51, zn=200, an=260),
+            ("avx512", "avx512", "avx512", "avx512"),
+        ),
+        # no AVX512_BF16: no 256-bit variant to choose; AVX2 wins bf16 values if faster
+        (
+            dict(zb=80, yb=None, ab=71, zf=90, af=70, zd=None, yd=None, zn=200, an=190),
+            ("avx2", "avx2", "avx512", "avx2"),
+        ),
+    ],
+)
 def test_the_plan_picks_the_fastest_variant(monkeypatch, ns, expected):
     monkeypatch.delenv("DSF_AVX512_WIDTH", raising=False)
     choice = _plan(**ns).choice()
@@ -485,8 +521,7 @@ def test_the_plan_picks_the_fastest_variant(monkeypatch, ns, expected):
 def test_the_width_setting_overrides_the_plan_and_is_checked(monkeypatch):
     plan = _plan(**ZEN4)
     assert plan.choice("512") == {"bf16": "avx512", "fp16": "avx512", "bf16 model": "avx512", "nonzeros": "avx512"}
-    assert plan.choice("256") == {"bf16": "avx512-256", "fp16": "avx2", "bf16 model": "avx512-256",
-                                  "nonzeros": "avx2"}
+    assert plan.choice("256") == {"bf16": "avx512-256", "fp16": "avx2", "bf16 model": "avx512-256", "nonzeros": "avx2"}
     no_bf16 = _plan(zb=40, yb=None, ab=71, zf=42, af=70, zd=None, yd=None, zn=200, an=260)
     assert no_bf16.choice("256")["bf16"] == "avx2"  # no 256-bit AVX-512 variant: the AVX2 path
     monkeypatch.setenv("DSF_AVX512_WIDTH", "ymm")

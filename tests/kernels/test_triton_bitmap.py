@@ -9,8 +9,16 @@ import torch
 
 from dsf_runtime.formats import get_format
 from dsf_runtime.kernels.triton_bitmap import (
-    CHUNK_WORDS, DOT_CONFIG, DOT_MIN_BATCH, VECTOR_CONFIG, TritonBitmapBackend, chunk_offsets, interpreting, launch,
-    resolve_config, triton_installed,
+    CHUNK_WORDS,
+    DOT_CONFIG,
+    DOT_MIN_BATCH,
+    VECTOR_CONFIG,
+    TritonBitmapBackend,
+    chunk_offsets,
+    interpreting,
+    launch,
+    resolve_config,
+    triton_installed,
 )
 from helpers import random_sparse
 
@@ -44,13 +52,16 @@ def test_matches_dense_fp32(shape, density, batch):
     assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
 
 
-@pytest.mark.parametrize("value_dtype,x_dtype,tol", [
-    (torch.float16, torch.float16, 2e-3),  # output rounded to fp16 (2^-11 relative)
-    (torch.bfloat16, torch.bfloat16, 1e-2),  # bf16: 2^-8 relative
-    (torch.int8, torch.float32, 1e-6),
-    (torch.int8, torch.float16, 2e-3),
-    (torch.float16, torch.bfloat16, 1e-2),  # mixed kinds: computed in fp32, stored as bf16
-])
+@pytest.mark.parametrize(
+    "value_dtype,x_dtype,tol",
+    [
+        (torch.float16, torch.float16, 2e-3),  # output rounded to fp16 (2^-11 relative)
+        (torch.bfloat16, torch.bfloat16, 1e-2),  # bf16: 2^-8 relative
+        (torch.int8, torch.float32, 1e-6),
+        (torch.int8, torch.float16, 2e-3),
+        (torch.float16, torch.bfloat16, 1e-2),  # mixed kinds: computed in fp32, stored as bf16
+    ],
+)
 @pytest.mark.parametrize("batch", [1, 4, 12])
 def test_value_and_activation_dtypes(value_dtype, x_dtype, tol, batch):
     y, ref = _run((45, 333), 0.4, batch, value_dtype, x_dtype)
@@ -133,8 +144,9 @@ def test_the_backend_runs_the_launch_as_a_torch_op(value_dtype):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     shape = (40, 100)
-    tensors = {k: v.to(DEVICE) for k, v in
-               get_format("bitmap").pack(random_sparse(*shape, 0.3, seed=3), value_dtype).items()}
+    tensors = {
+        k: v.to(DEVICE) for k, v in get_format("bitmap").pack(random_sparse(*shape, 0.3, seed=3), value_dtype).items()
+    }
     backend = TritonBitmapBackend()
     p = backend.prepare("bitmap", tensors, shape, torch.float32)
     x = torch.randn(3, shape[1]).to(DEVICE)

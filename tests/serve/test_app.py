@@ -70,8 +70,10 @@ def test_load_failure_is_reported(parts):
             time.sleep(0.02)
         resp = c.get("/health")
         assert resp.status_code == 503 and "checkpoint is corrupt" in resp.json()["message"]
-        assert "checkpoint is corrupt" in api_error(c.post("/v1/completions", json={"model": NAME, "prompt": "a"}),
-                                                 503)["message"]
+        assert (
+            "checkpoint is corrupt"
+            in api_error(c.post("/v1/completions", json={"model": NAME, "prompt": "a"}), 503)["message"]
+        )
 
 
 def test_models(client):
@@ -99,22 +101,37 @@ def test_completion_variants(client):
     # several prompts x n, token-id prompts, echo, logprobs
     tokens = client.post("/v1/completions", json={"model": NAME, "prompt": [[5, 6, 7], [8, 9]], "max_tokens": 3})
     assert len(tokens.json()["choices"]) == 2 and tokens.json()["usage"]["prompt_tokens"] == 5
-    body = {"model": NAME, "prompt": ["Anne", "Emma"], "n": 2, "max_tokens": 4, "seed": 3, "ignore_eos": True,
-            "logprobs": 2}
+    body = {
+        "model": NAME,
+        "prompt": ["Anne", "Emma"],
+        "n": 2,
+        "max_tokens": 4,
+        "seed": 3,
+        "ignore_eos": True,
+        "logprobs": 2,
+    }
     data = client.post("/v1/completions", json=body).json()
     assert [c["index"] for c in data["choices"]] == [0, 1, 2, 3]
     lp = data["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
     assert all(len(top) <= 2 for top in lp["top_logprobs"])
     assert data["usage"]["completion_tokens"] == 16
-    echo = client.post("/v1/completions", json={"model": NAME, "prompt": "Anne", "echo": True, "max_tokens": 2,
-                                                "temperature": 0}).json()
+    echo = client.post(
+        "/v1/completions", json={"model": NAME, "prompt": "Anne", "echo": True, "max_tokens": 2, "temperature": 0}
+    ).json()
     assert echo["choices"][0]["text"].startswith("Anne")
 
 
 def test_completion_stream(client):
-    body = {"model": NAME, "prompt": "Mr. Darcy", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": NAME,
+        "prompt": "Mr. Darcy",
+        "max_tokens": 6,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with client.stream("POST", "/v1/completions", json=body) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         resp.read()
@@ -128,15 +145,18 @@ def test_completion_stream(client):
 
 
 def test_chat_and_chat_stream(client):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text",
-                                                                                            "text": "Who is Emma?"}]}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Who is Emma?"}]},
+    ]
     body = {"model": NAME, "messages": messages, "max_completion_tokens": 6, "temperature": 0, "ignore_eos": True}
     data = client.post("/v1/chat/completions", json=body).json()
     assert data["id"].startswith("chatcmpl-") and data["object"] == "chat.completion"
     msg = data["choices"][0]["message"]
     assert msg["role"] == "assistant" and data["choices"][0]["finish_reason"] == "length"
-    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True, "logprobs": True,
-                                                             "top_logprobs": 2}) as resp:
+    with client.stream(
+        "POST", "/v1/chat/completions", json={**body, "stream": True, "logprobs": True, "top_logprobs": 2}
+    ) as resp:
         resp.read()
     chunks = _events(resp)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -150,34 +170,44 @@ def test_chat_and_chat_stream(client):
 def test_chat_without_template_is_400(tiny_tokenizer):
     model = make_tiny_llama(384)
     with TestClient(create_app(lambda m: Engine(model, tiny_tokenizer, max_model_len=64, metrics=m), NAME)) as c:
-        err = api_error(_ready(c).post("/v1/chat/completions", json={"model": NAME, "messages": [
-            {"role": "user", "content": "hi"}]}), 400)
+        err = api_error(
+            _ready(c).post(
+                "/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
+            ),
+            400,
+        )
         assert "chat template" in err["message"]
 
 
-@pytest.mark.parametrize("body,param,fragment", [
-    ({"model": NAME, "prompt": "a", "temperature": 5}, "temperature", "less than or equal to 2"),
-    ({"model": NAME}, "prompt", "required"),
-    ({"model": NAME, "prompt": "a", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-    ({"model": NAME, "prompt": "a", "n": "x"}, "n", "integer"),
-    ({"model": NAME, "prompt": []}, "prompt", "empty"),
-    ({"model": NAME, "prompt": "a", "stop": ["", "b"]}, "stop", "empty"),
-    ({"model": NAME, "prompt": "a", "stream_options": {"include_usage": True}}, None, "stream"),
-    ({"model": NAME, "prompt": "a", "frequency_penalty": 1.0}, None, "repetition_penalty"),
-])
+@pytest.mark.parametrize(
+    "body,param,fragment",
+    [
+        ({"model": NAME, "prompt": "a", "temperature": 5}, "temperature", "less than or equal to 2"),
+        ({"model": NAME}, "prompt", "required"),
+        ({"model": NAME, "prompt": "a", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"model": NAME, "prompt": "a", "n": "x"}, "n", "integer"),
+        ({"model": NAME, "prompt": []}, "prompt", "empty"),
+        ({"model": NAME, "prompt": "a", "stop": ["", "b"]}, "stop", "empty"),
+        ({"model": NAME, "prompt": "a", "stream_options": {"include_usage": True}}, None, "stream"),
+        ({"model": NAME, "prompt": "a", "frequency_penalty": 1.0}, None, "repetition_penalty"),
+    ],
+)
 def test_invalid_parameters_are_400(client, body, param, fragment):
     err = api_error(client.post("/v1/completions", json=body), 400)
     assert err["type"] == "invalid_request_error" and err["param"] == param and fragment in err["message"]
 
 
 def test_bad_json_and_unknown_model(client):
-    err = api_error(client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
-                 400)
+    err = api_error(
+        client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400
+    )
     assert "JSON" in err["message"]
     err = api_error(client.post("/v1/completions", json={"model": "gpt-4", "prompt": "a"}), 404)
     assert err["code"] == "model_not_found" and "gpt-4" in err["message"] and NAME in err["message"]
-    api_error(client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user",
-                                                                                      "content": "a"}]}), 404)
+    api_error(
+        client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "a"}]}),
+        404,
+    )
 
 
 def test_context_overflow_names_the_numbers(client, parts):
@@ -193,8 +223,9 @@ def test_context_overflow_names_the_numbers(client, parts):
 
 def test_unknown_fields_are_ignored_with_a_warning(client, caplog):
     with caplog.at_level("WARNING", logger="dsf_runtime.serve"):
-        resp = client.post("/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 2,
-                                                    "frobnicate": 1, "tools": []})
+        resp = client.post(
+            "/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 2, "frobnicate": 1, "tools": []}
+        )
     assert resp.status_code == 200
     assert "frobnicate" in caplog.text and "tools" in caplog.text
 
@@ -226,8 +257,12 @@ def test_tokenize_round_trip(client, parts):
 def test_metrics_count_what_happened(client):
     client.post("/v1/completions", json={"model": NAME, "prompt": "Anne", "max_tokens": 5, "ignore_eos": True})
     text = client.get("/metrics").text
-    for name in ("dsf_time_to_first_token_seconds_count", "dsf_inter_token_latency_seconds_count",
-                 "dsf_e2e_request_latency_seconds_count", "dsf_request_queue_time_seconds_count"):
+    for name in (
+        "dsf_time_to_first_token_seconds_count",
+        "dsf_inter_token_latency_seconds_count",
+        "dsf_e2e_request_latency_seconds_count",
+        "dsf_request_queue_time_seconds_count",
+    ):
         value = float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
         assert value >= 1, name
     generated = next(line for line in text.splitlines() if line.startswith("dsf_generation_tokens_total"))

@@ -23,8 +23,16 @@ from dsf_runtime.serve.metrics import ServerMetrics
 from dsf_runtime.serve.sampling import SamplingParams
 from tests_support import fail_on_call
 
-PROMPTS = ["Elizabeth was", "It is a truth universally acknowledged", "Mr. Darcy", "The sisters walked",
-           "Anne", "Captain Wentworth had", "Emma", "Her mother"]
+PROMPTS = [
+    "Elizabeth was",
+    "It is a truth universally acknowledged",
+    "Mr. Darcy",
+    "The sisters walked",
+    "Anne",
+    "Captain Wentworth had",
+    "Emma",
+    "Her mother",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +42,9 @@ def model():
 
 @pytest.fixture
 def engine(model, tiny_tokenizer):
-    eng = Engine(model, tiny_tokenizer, max_concurrency=3, max_queue=16, max_model_len=128,
-                 metrics=ServerMetrics("tiny")).start()
+    eng = Engine(
+        model, tiny_tokenizer, max_concurrency=3, max_queue=16, max_model_len=128, metrics=ServerMetrics("tiny")
+    ).start()
     yield eng
     eng.shutdown()
 
@@ -60,8 +69,9 @@ def test_concurrent_greedy_equals_generate_alone(engine, model, tiny_tokenizer):
     leave at different times (slots get compacted), and each matches transformers' generate."""
     lengths = [3, 17, 9, 25, 1, 12, 30, 6]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        results = list(pool.map(lambda p, n: engine.generate(_ids(tiny_tokenizer, p), greedy(n), timeout=60),
-                                PROMPTS, lengths))
+        results = list(
+            pool.map(lambda p, n: engine.generate(_ids(tiny_tokenizer, p), greedy(n), timeout=60), PROMPTS, lengths)
+        )
     for prompt, n, result in zip(PROMPTS, lengths, results):
         alone = generate_text(model, tiny_tokenizer, prompt, n, fixed_length=True)
         assert result.text == alone.text, prompt
@@ -196,7 +206,7 @@ def test_a_request_with_non_finite_logits_fails_alone(model, tiny_tokenizer, mon
 
     def poisoned(tokens, positions):
         logits = real(tokens, positions).clone()  # inference tensors are read-only
-        for i, r in enumerate(list(eng._running)[:len(tokens)]):
+        for i, r in enumerate(list(eng._running)[: len(tokens)]):
             if r.prompt_ids == poison and len(r.generated) >= 2:
                 logits[i] = float("nan")
         return logits
@@ -208,10 +218,17 @@ def test_a_request_with_non_finite_logits_fails_alone(model, tiny_tokenizer, mon
     monkeypatch.setattr(eng.runner, "decode", poisoned)
     try:
         with ThreadPoolExecutor(3) as pool:
-            jobs = [pool.submit(eng.generate, ids, params, 60) for ids, params in (
-                (_ids(tiny_tokenizer, PROMPTS[0]), greedy(12)), (poison, greedy(12)),
-                (_ids(tiny_tokenizer, PROMPTS[1]), SamplingParams(max_tokens=12, temperature=0.7, top_p=0.9,
-                                                                   ignore_eos=True, seed=3)))]
+            jobs = [
+                pool.submit(eng.generate, ids, params, 60)
+                for ids, params in (
+                    (_ids(tiny_tokenizer, PROMPTS[0]), greedy(12)),
+                    (poison, greedy(12)),
+                    (
+                        _ids(tiny_tokenizer, PROMPTS[1]),
+                        SamplingParams(max_tokens=12, temperature=0.7, top_p=0.9, ignore_eos=True, seed=3),
+                    ),
+                )
+            ]
             good, bad, sampled = (j.result() for j in jobs)
         assert bad.finish_reason == "error" and "non-finite" in bad.error and bad.completion_tokens == 2
         assert good.token_ids == alone[PROMPTS[0]] and sampled.completion_tokens == 12
@@ -247,8 +264,9 @@ def test_serves_a_dsf_checkpoint(tiny_model_dir, tiny_tokenizer, tmp_path):
     from dsf_runtime.patch import dsf_modules
 
     out = tmp_path / "ckpt"
-    assert main(["compress", str(tiny_model_dir), str(out), "--sparsity", "0.5", "--nsamples", "4",
-                 "--seqlen", "32"]) == 0
+    assert (
+        main(["compress", str(tiny_model_dir), str(out), "--sparsity", "0.5", "--nsamples", "4", "--seqlen", "32"]) == 0
+    )
     sparse, tok = load_model(out)
     assert dsf_modules(sparse)
     eng = Engine(sparse, tok, max_concurrency=4, max_model_len=128).start()

@@ -19,8 +19,16 @@ from tests_support import chat_tokenizer, save_tiny
 
 openai = pytest.importorskip("openai")
 
-PROMPTS = ["Elizabeth was", "It is a truth universally acknowledged", "Mr. Darcy", "The sisters walked",
-           "Anne", "Captain Wentworth had", "Emma", "Her mother"]
+PROMPTS = [
+    "Elizabeth was",
+    "It is a truth universally acknowledged",
+    "Mr. Darcy",
+    "The sisters walked",
+    "Anne",
+    "Captain Wentworth had",
+    "Emma",
+    "Her mother",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +55,39 @@ def client(server):
 
 
 def test_openai_client_completions(client):
-    out = client.completions.create(model="tiny-dsf", prompt="Elizabeth was", max_tokens=8, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model="tiny-dsf", prompt="Elizabeth was", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 8
-    pieces = [c.choices[0].text for c in client.completions.create(
-        model="tiny-dsf", prompt="Elizabeth was", max_tokens=8, temperature=0, stream=True,
-        extra_body={"ignore_eos": True})]
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny-dsf",
+            prompt="Elizabeth was",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    ]
     assert "".join(pieces) == out.choices[0].text
 
 
 def test_openai_client_chat(client):
     messages = [{"role": "user", "content": "Who is Mr. Knightley?"}]
-    out = client.chat.completions.create(model="tiny-dsf", messages=messages, max_tokens=8, temperature=0,
-                                         extra_body={"ignore_eos": True})
+    out = client.chat.completions.create(
+        model="tiny-dsf", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert out.choices[0].message.role == "assistant" and out.choices[0].finish_reason == "length"
-    stream = client.chat.completions.create(model="tiny-dsf", messages=messages, max_tokens=8, temperature=0,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model="tiny-dsf",
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == out.choices[0].message.content
@@ -76,8 +100,22 @@ def test_openai_client_chat(client):
 
 def test_temperature_zero_equals_dsf_generate(client, checkpoint):
     prompt = "It is a truth universally acknowledged"
-    proc = subprocess.run([sys.executable, "-m", "dsf_runtime.cli", "generate", str(checkpoint), "--prompt", prompt,
-                           "--max-tokens", "12"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsf_runtime.cli",
+            "generate",
+            str(checkpoint),
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     out = client.completions.create(model="tiny-dsf", prompt=prompt, max_tokens=12, temperature=0)
     assert prompt + out.choices[0].text == proc.stdout.rstrip("\n")
@@ -85,12 +123,24 @@ def test_temperature_zero_equals_dsf_generate(client, checkpoint):
 
 def test_eight_concurrent_streaming_clients(server, client):
     """Each of 8 simultaneous streams gets the complete answer it gets alone."""
-    alone = {p: client.completions.create(model="tiny-dsf", prompt=p, max_tokens=24, temperature=0,
-                                          extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS}
+    alone = {
+        p: client.completions.create(
+            model="tiny-dsf", prompt=p, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+        for p in PROMPTS
+    }
 
     async def one(http: httpx.AsyncClient, prompt: str) -> tuple[str, str | None]:
-        body = {"model": "tiny-dsf", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True,
-                "ignore_eos": True}
+        body = {
+            "model": "tiny-dsf",
+            "prompt": prompt,
+            "max_tokens": 24,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
         text, reason = [], None
         async with http.stream("POST", "/v1/completions", json=body) as resp:
             assert resp.status_code == 200
@@ -174,9 +224,24 @@ def test_dsf_serve_command(checkpoint):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "dsf_runtime.cli", "serve", str(checkpoint), "--port", str(port),
-                             "--api-key", "k", "--max-concurrency", "2"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dsf_runtime.cli",
+            "serve",
+            str(checkpoint),
+            "--port",
+            str(port),
+            "--api-key",
+            "k",
+            "--max-concurrency",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         srv = BackgroundServer.__new__(BackgroundServer)
         srv.host, srv.port = "127.0.0.1", port
@@ -184,8 +249,12 @@ def test_dsf_serve_command(checkpoint):
         headers = {"Authorization": "Bearer k"}
         models = httpx.get(srv.url + "/v1/models", headers=headers).json()
         assert models["data"][0]["id"] == "tiny-dsf"
-        out = httpx.post(srv.url + "/v1/completions", headers=headers, timeout=60,
-                         json={"model": "tiny-dsf", "prompt": "Anne", "max_tokens": 3}).json()
+        out = httpx.post(
+            srv.url + "/v1/completions",
+            headers=headers,
+            timeout=60,
+            json={"model": "tiny-dsf", "prompt": "Anne", "max_tokens": 3},
+        ).json()
         assert out["choices"][0]["finish_reason"] in ("length", "stop")
     finally:
         proc.terminate()
@@ -193,11 +262,14 @@ def test_dsf_serve_command(checkpoint):
     assert "cpu-bitmap" in log or "torch-csr" in log or "dense-ref" in log  # it says which backend serves
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["does-not-exist"], "not a DSF checkpoint, and not a dense model either"),
-    (["smollm2-135m", "--max-concurrency", "0"], "--max-concurrency"),
-    (["smollm2-135m", "--max-queue", "-1"], "--max-queue"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["does-not-exist"], "not a DSF checkpoint, and not a dense model either"),
+        (["smollm2-135m", "--max-concurrency", "0"], "--max-concurrency"),
+        (["smollm2-135m", "--max-queue", "-1"], "--max-queue"),
+    ],
+)
 def test_dsf_serve_bad_arguments(args, fragment, capsys, monkeypatch):
     import logging
 
@@ -221,8 +293,11 @@ def test_errors_keep_the_connection_usable(server, monkeypatch):
     body = {"model": "tiny-dsf", "prompt": "Anne", "max_tokens": 2}
     with httpx.Client(base_url=server.url, timeout=60) as http:
         for bad in ({"seed": 2**70}, {"prompt": "a\ud800b"}, {"temperature": 1e-39}):
-            sent = http.post("/v1/completions", content=json.dumps({**body, **bad}),  # ASCII JSON: \\ud800 escaped
-                             headers={"Content-Type": "application/json"})
+            sent = http.post(
+                "/v1/completions",
+                content=json.dumps({**body, **bad}),  # ASCII JSON: \\ud800 escaped
+                headers={"Content-Type": "application/json"},
+            )
             assert sent.status_code == (200 if "temperature" in bad else 400), sent.text
         monkeypatch.setattr(engine.tokenizer, "decode", lambda *a, **k: 1 / 0)
         broken = http.post("/detokenize", json={"tokens": [5, 6]})
@@ -276,8 +351,11 @@ def test_client_disconnect_logs_no_unretrieved_future(server, caplog):
     try:
         with caplog.at_level("ERROR", logger="asyncio"):
             with pytest.raises(httpx.ReadTimeout):
-                httpx.post(server.url + "/v1/completions", timeout=0.5,
-                           json={"model": "tiny-dsf", "prompt": "Anne", "max_tokens": 200, "ignore_eos": True})
+                httpx.post(
+                    server.url + "/v1/completions",
+                    timeout=0.5,
+                    json={"model": "tiny-dsf", "prompt": "Anne", "max_tokens": 200, "ignore_eos": True},
+                )
             end = time.monotonic() + 10
             while engine.load() != (0, 0):
                 assert time.monotonic() < end
@@ -296,8 +374,9 @@ def test_soak_of_sixteen_clients(checkpoint):
 
     from dsf_runtime.benchmarks.soak import run_soak
 
-    app = create_app(make_loader(str(checkpoint), max_concurrency=8, max_queue=64), "tiny-dsf",
-                     max_request_bytes=16 * 2**20)
+    app = create_app(
+        make_loader(str(checkpoint), max_concurrency=8, max_queue=64), "tiny-dsf", max_request_bytes=16 * 2**20
+    )
     with BackgroundServer(app) as srv:
         report = run_soak(srv.url, "tiny-dsf", clients=16, seconds=15, warmup=5, pid=os.getpid(), timeout=60)
     assert report.requests > 100 and report.cancelled > 0

@@ -20,8 +20,9 @@ NAME = "tiny-dsf"
 
 def _app(parts, **kw):
     model, tok = parts
-    return create_app(lambda metrics: Engine(model, tok, max_model_len=64, metrics=metrics, max_concurrency=4),
-                      NAME, **kw)
+    return create_app(
+        lambda metrics: Engine(model, tok, max_model_len=64, metrics=metrics, max_concurrency=4), NAME, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,12 @@ HUGE_INTS = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 2**6
 def test_sampling_parameters_from_the_whole_float_range(client, data):
     """>= 2000 requests with sampling parameters drawn from every float (subnormals, 0, inf, NaN)
     and huge integers: each answer is 2xx or 4xx, and the engine stays alive."""
-    body = {"model": NAME, "prompt": data.draw(st.sampled_from(["Anne", "Emma was", [5, 6, 7]])),
-            "max_tokens": data.draw(st.one_of(st.integers(1, 3), HUGE_INTS)), "ignore_eos": True}
+    body = {
+        "model": NAME,
+        "prompt": data.draw(st.sampled_from(["Anne", "Emma was", [5, 6, 7]])),
+        "max_tokens": data.draw(st.one_of(st.integers(1, 3), HUGE_INTS)),
+        "ignore_eos": True,
+    }
     for key in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if data.draw(st.booleans()):
             body[key] = data.draw(EXTREME_FLOATS)
@@ -70,13 +75,21 @@ def test_sampling_parameters_from_the_whole_float_range(client, data):
     assert client.app.state.server.engine.alive
 
 
-@pytest.mark.parametrize("body", [
-    {"temperature": 1e-39}, {"temperature": 1e-320}, {"top_p": 5e-324}, {"temperature": 1, "repetition_penalty": 1e-40},
-    {"temperature": 2, "top_p": 1e-300, "top_k": 1}, {"temperature": 1e-5, "repetition_penalty": 10, "logprobs": 5},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"temperature": 1e-39},
+        {"temperature": 1e-320},
+        {"top_p": 5e-324},
+        {"temperature": 1, "repetition_penalty": 1e-40},
+        {"temperature": 2, "top_p": 1e-300, "top_k": 1},
+        {"temperature": 1e-5, "repetition_penalty": 10, "logprobs": 5},
+    ],
+)
 def test_the_requests_that_once_killed_the_engine_now_generate(client, body):
-    resp = _post(client, "/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 4, "ignore_eos": True,
-                                              **body})
+    resp = _post(
+        client, "/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 4, "ignore_eos": True, **body}
+    )
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4, resp.text
     assert client.get("/health").status_code == 200
 
@@ -92,8 +105,9 @@ def test_seeds(client):
     body = {"model": NAME, "prompt": "Anne", "max_tokens": 4, "ignore_eos": True}
     for seed in (2**64 - 1, -(2**63), 0, -1):
         assert _post(client, "/v1/completions", {**body, "seed": seed, "n": 2}).status_code == 200, seed
-    same = [_post(client, "/v1/completions", {**body, "seed": 2**64 - 1}).json()["choices"][0]["text"]
-            for _ in range(2)]
+    same = [
+        _post(client, "/v1/completions", {**body, "seed": 2**64 - 1}).json()["choices"][0]["text"] for _ in range(2)
+    ]
     assert same[0] == same[1]
     for seed in (2**64, 2**70, -(2**63) - 1):
         err = api_error(_post(client, "/v1/completions", {**body, "seed": seed}), 400)
@@ -103,18 +117,27 @@ def test_seeds(client):
 SURROGATE = "a\ud800b"
 
 
-@pytest.mark.parametrize("path,body,param", [
-    ("/v1/completions", {"model": NAME, "prompt": SURROGATE}, "prompt"),
-    ("/v1/completions", {"model": NAME, "prompt": ["ok", SURROGATE]}, "prompt.1"),
-    ("/v1/completions", {"model": NAME, "prompt": "a", "stop": [SURROGATE]}, "stop.0"),
-    ("/v1/completions", {"model": SURROGATE, "prompt": "a"}, "model"),
-    ("/v1/completions", {"model": NAME, "prompt": "a", SURROGATE: 1}, "a\\ud800b"),
-    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": SURROGATE}]},
-     "messages.0.content"),
-    ("/tokenize", {"prompt": SURROGATE}, "prompt"),
-    ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
-     "messages.0.content.0.text"),
-])
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", {"model": NAME, "prompt": SURROGATE}, "prompt"),
+        ("/v1/completions", {"model": NAME, "prompt": ["ok", SURROGATE]}, "prompt.1"),
+        ("/v1/completions", {"model": NAME, "prompt": "a", "stop": [SURROGATE]}, "stop.0"),
+        ("/v1/completions", {"model": SURROGATE, "prompt": "a"}, "model"),
+        ("/v1/completions", {"model": NAME, "prompt": "a", SURROGATE: 1}, "a\\ud800b"),
+        (
+            "/v1/chat/completions",
+            {"model": NAME, "messages": [{"role": "user", "content": SURROGATE}]},
+            "messages.0.content",
+        ),
+        ("/tokenize", {"prompt": SURROGATE}, "prompt"),
+        (
+            "/tokenize",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
+            "messages.0.content.0.text",
+        ),
+    ],
+)
 def test_lone_surrogates_are_400_everywhere(client, path, body, param):
     err = api_error(_post(client, path, body), 400)
     assert "not valid Unicode" in err["message"]
@@ -128,8 +151,9 @@ def test_invalid_utf8_bytes_are_400(client):
 
 
 def test_malformed_json_has_no_offset_as_param(client):
-    err = api_error(client.post("/v1/completions", content=b'{"model": ', headers={"Content-Type": "application/json"}),
-                 400)
+    err = api_error(
+        client.post("/v1/completions", content=b'{"model": ', headers={"Content-Type": "application/json"}), 400
+    )
     assert err["param"] is None and "not valid JSON" in err["message"]
 
 

@@ -63,10 +63,20 @@ def test_seeded_sampling_is_reproducible_and_follows_temperature():
     assert picks == {int(torch.argmax(logits))}
 
 
-@pytest.mark.parametrize("bad", [
-    {"temperature": -0.1}, {"temperature": 3}, {"top_p": 0}, {"top_k": -1}, {"max_tokens": 0},
-    {"stop": ("",)}, {"stop": ("a", "b", "c", "d", "e")}, {"logprobs": 21}, {"repetition_penalty": 0},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": -0.1},
+        {"temperature": 3},
+        {"top_p": 0},
+        {"top_k": -1},
+        {"max_tokens": 0},
+        {"stop": ("",)},
+        {"stop": ("a", "b", "c", "d", "e")},
+        {"logprobs": 21},
+        {"repetition_penalty": 0},
+    ],
+)
 def test_invalid_parameters_are_rejected(bad):
     with pytest.raises(ValidationError):
         SamplingParams(**bad)

@@ -60,17 +60,22 @@ def test_schemathesis_finds_no_server_error(server):
             operation = result.ok()
             examples = EXAMPLES[operation.method.lower()]
 
-            @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                      suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(
-                GenerationMode.NEGATIVE))
+            @settings(
+                max_examples=examples,
+                deadline=None,
+                derandomize=True,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(GenerationMode.NEGATIVE))
             def run(case):
                 kwargs = case.as_transport_kwargs(base_url=server.url)
                 if "data" in kwargs:  # raw bodies (negative cases): httpx calls them content
                     kwargs["content"] = kwargs.pop("data")
-                response = http.request(url=case.formatted_path, **{k: v for k, v in kwargs.items()
-                                                                     if k in ("method", "headers", "params",
-                                                                              "json", "content")})
+                response = http.request(
+                    url=case.formatted_path,
+                    **{k: v for k, v in kwargs.items() if k in ("method", "headers", "params", "json", "content")},
+                )
                 sent.append(response.status_code)
                 case.validate_response(response, checks=checks)
 

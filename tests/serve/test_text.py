@@ -31,13 +31,16 @@ def _run(pieces: list[str], stops: tuple[str, ...]) -> tuple[list[str], bool, st
     return deltas, stopped, "".join(deltas)
 
 
-@pytest.mark.parametrize("pieces,stops,text,stopped", [
-    (["Hel", "lo", " wor", "ld"], ("wor",), "Hello ", True),
-    (["Hel", "lo", " wor", "ld"], ("o w",), "Hell", True),  # stop spans tokens
-    (["a", "b", "c"], ("bd",), "abc", False),  # a partial match that never completes is released
-    (["x", "STO", "P", "y"], ("STOP", "zz"), "x", True),
-    (["ab"], (), "ab", False),
-])
+@pytest.mark.parametrize(
+    "pieces,stops,text,stopped",
+    [
+        (["Hel", "lo", " wor", "ld"], ("wor",), "Hello ", True),
+        (["Hel", "lo", " wor", "ld"], ("o w",), "Hell", True),  # stop spans tokens
+        (["a", "b", "c"], ("bd",), "abc", False),  # a partial match that never completes is released
+        (["x", "STO", "P", "y"], ("STOP", "zz"), "x", True),
+        (["ab"], (), "ab", False),
+    ],
+)
 def test_stop_strings(pieces, stops, text, stopped):
     deltas, was_stopped, joined = _run(pieces, stops)
     assert joined == text and was_stopped == stopped
