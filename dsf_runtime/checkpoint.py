@@ -546,13 +546,17 @@ def backend_summary(model: nn.Module) -> str:
     return ", ".join(parts) or "none (dense model)"
 
 
-def load_any(name_or_path: str | os.PathLike, device: str = "cpu", backend: str = "auto"):
-    """A DSF checkpoint (sparse) or a dense model directory / embedded name: (model, tokenizer)."""
+def load_any(
+    name_or_path: str | os.PathLike, device: str = "cpu", backend: str = "auto", dtype: torch.dtype | None = None
+):
+    """A DSF checkpoint (sparse) or a dense model directory / embedded name: (model, tokenizer).
+    ``dtype``: the model's dtype (dense parts, activations, KV cache; a DSF checkpoint's
+    factors keep their stored values); None: the checkpoint's own, float32 for dense models."""
     from dsf_runtime.models import load_dense
 
     if is_dsf_checkpoint(name_or_path):
-        return load_model(name_or_path, device=device, backend=backend)
+        return load_model(name_or_path, device=device, backend=backend, dtype=dtype)
     path = Path(str(name_or_path))
     if path.is_dir() and not (path / CONFIG_NAME).is_file():
         raise CheckpointError(f"{path} is missing {CONFIG_NAME}: neither a DSF checkpoint nor a model directory")
-    return load_dense(name_or_path, device=device)
+    return load_dense(name_or_path, device=device, dtype=dtype or torch.float32)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from dsf_runtime.formats.values import DEFAULT_VALUE_DTYPE, VALUE_DTYPES
+from dsf_runtime.formats.values import DEFAULT_VALUE_DTYPE, MODEL_DTYPES, VALUE_DTYPES
 from dsf_runtime.errors import ConfigError, DSFError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -29,6 +29,18 @@ def _add_device(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     if backend:
         p.add_argument("--backend", default="auto", help="kernel backend for DSF layers (default: auto)")
+        p.add_argument(
+            "--dtype",
+            choices=["auto", *MODEL_DTYPES],
+            default="auto",
+            help="dtype of the dense parts, activations and KV cache; DSF factors keep their stored values "
+            "(default auto: a checkpoint's own, float32 for a dense model)",
+        )
+
+
+def _model_dtype(args):
+    """The --dtype choice as a torch dtype; None for auto."""
+    return None if args.dtype == "auto" else MODEL_DTYPES[args.dtype]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,7 +356,7 @@ def cmd_generate(args) -> None:
     from dsf_runtime.generate import generate_text
 
     _positive(args.max_tokens, "--max-tokens")
-    model, tokenizer = load_any(args.model, device=args.device, backend=args.backend)
+    model, tokenizer = load_any(args.model, device=args.device, backend=args.backend, dtype=_model_dtype(args))
     gen = generate_text(model, tokenizer, args.prompt, args.max_tokens, chat=args.chat)
     print(
         f"[backend: {backend_summary(model)}; {gen.new_tokens} tokens, {gen.tokens_per_second:.1f} tok/s]",
@@ -460,7 +472,7 @@ def cmd_eval(args) -> None:
 
     if args.window < 2 or not 1 <= args.stride <= args.window:
         raise ConfigError("need --window >= 2 and 1 <= --stride <= --window")
-    model, tokenizer = load_any(args.model, device=args.device, backend=args.backend)
+    model, tokenizer = load_any(args.model, device=args.device, backend=args.backend, dtype=_model_dtype(args))
     ids = tokenize(tokenizer, evaluation_text(args.text))
     ppl = perplexity(model, ids, args.window, args.stride, args.max_tokens or None)
     n = min(ids.numel(), args.max_tokens or ids.numel())
@@ -480,6 +492,7 @@ def cmd_compare(args) -> None:
         eval_tokens=args.eval_tokens,
         device=args.device,
         backend=args.backend,
+        dtype=_model_dtype(args),
     )
     print(format_table(rows))
 
@@ -689,6 +702,7 @@ def cmd_serve(args) -> None:
         max_request_bytes=args.max_request_bytes,
         device=args.device,
         backend=args.backend,
+        dtype=_model_dtype(args),
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         max_model_len=args.max_model_len,

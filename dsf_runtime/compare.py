@@ -25,8 +25,17 @@ class Row:
     completion: str
 
 
-def measure(label: str, name_or_path, prompt: str, max_tokens: int, eval_tokens: int, device: str, backend: str) -> Row:
-    model, tokenizer = load_any(name_or_path, device=device, backend=backend)
+def measure(
+    label: str,
+    name_or_path,
+    prompt: str,
+    max_tokens: int,
+    eval_tokens: int,
+    device: str,
+    backend: str,
+    dtype: torch.dtype | None = None,
+) -> Row:
+    model, tokenizer = load_any(name_or_path, device=device, backend=backend, dtype=dtype)
     ids = tokenize(tokenizer, evaluation_text())
     ppl = perplexity(model, ids, window=1024, stride=512, max_tokens=eval_tokens)
     generate_text(model, tokenizer, prompt, 2)  # warm-up
@@ -46,11 +55,13 @@ def compare(
     eval_tokens: int = 8192,
     device: str = "cpu",
     backend: str = "auto",
+    dtype: torch.dtype | None = None,
 ) -> list[Row]:
+    """Both models in ``dtype`` (None: the dense one in float32, the checkpoint in its own)."""
     with torch.inference_mode():
         return [
-            measure("dense", dense, prompt, max_tokens, eval_tokens, device, "auto"),
-            measure("DSF", checkpoint, prompt, max_tokens, eval_tokens, device, backend),
+            measure("dense", dense, prompt, max_tokens, eval_tokens, device, "auto", dtype),
+            measure("DSF", checkpoint, prompt, max_tokens, eval_tokens, device, backend, dtype),
         ]
 
 

@@ -7,6 +7,8 @@ import signal
 import threading
 from pathlib import Path
 
+import torch
+
 from dsf_runtime import settings
 from dsf_runtime.errors import ConfigError
 from dsf_runtime.serve.engine import Engine
@@ -25,6 +27,7 @@ def make_loader(
     model: str,
     device: str = "cpu",
     backend: str = "auto",
+    dtype: torch.dtype | None = None,
     max_concurrency: int = 8,
     max_queue: int = 64,
     max_model_len: int | None = None,
@@ -35,7 +38,7 @@ def make_loader(
     def load(metrics: ServerMetrics) -> Engine:
         from dsf_runtime.checkpoint import backend_summary, load_any
 
-        net, tokenizer = load_any(model, device=device, backend=backend)
+        net, tokenizer = load_any(model, device=device, backend=backend, dtype=dtype)
         engine = Engine(
             net,
             tokenizer,
@@ -46,9 +49,10 @@ def make_loader(
             max_restarts=max_restarts,
         )
         log.warning(
-            "serving %s on %s: backend %s; %d slots x %d tokens of KV cache (%.0f MiB)",
+            "serving %s on %s in %s: backend %s; %d slots x %d tokens of KV cache (%.0f MiB)",
             model,
             device,
+            str(engine.runner.dtype).removeprefix("torch."),
             backend_summary(net),
             max_concurrency,
             engine.max_model_len,

@@ -73,6 +73,22 @@ def test_eval_prints_perplexity(ckpt, tiny_model_dir, tmp_path, capsys, monkeypa
         assert float(out.split()[1]) > 1.0
 
 
+def test_eval_in_bfloat16_is_close_to_float32(ckpt, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--dtype bfloat16 runs a dense model and a DSF checkpoint in bf16: a perplexity
+    within bf16's rounding of the float32 one (and not the same number: bf16 really ran)."""
+    text = tmp_path / "held.txt"
+    text.write_text("It is a truth universally acknowledged. " * 40)
+    for model in (ckpt, tiny_model_dir):
+        ppl = {}
+        for dtype in ("float32", "bfloat16"):
+            args = ("eval", str(model), "--text", str(text), "--window", "64", "--stride", "32", "--dtype", dtype)
+            code, out, err = cli(capsys, monkeypatch, *args)
+            assert code == 0, err
+            ppl[dtype] = float(out.split()[1])
+        assert ppl["bfloat16"] != ppl["float32"]
+        assert abs(ppl["bfloat16"] / ppl["float32"] - 1) < 0.05, ppl
+
+
 @pytest.fixture
 def one_line_error(capsys, monkeypatch):
     """Check that `dsf ARGS` exits with code 2 and one line on stderr containing ``pattern``."""
@@ -118,6 +134,7 @@ def test_bad_options(ckpt, one_line_error):
     one_line_error("--max-tokens", "generate", str(ckpt), "--max-tokens", "0")
     one_line_error("unknown backend", "generate", str(ckpt), "--backend", "nope")
     one_line_error("--stride", "eval", str(ckpt), "--window", "8", "--stride", "16")
+    one_line_error("--dtype: invalid choice", "generate", str(ckpt), "--dtype", "float64")
     one_line_error("invalid choice", "nonsense")
 
 

@@ -29,6 +29,14 @@ VALUE_DTYPES: dict[str, torch.dtype] = {
 DEFAULT_VALUE_DTYPE: ValueDtypeName = "bfloat16"  # fp32's exponent range in fp16's bytes
 assert tuple(VALUE_DTYPES) == get_args(ValueDtypeName)
 
+# The dtypes a model may run in (dense parts, activations, KV cache), by the name the
+# CLI's --dtype and the serving options take.
+MODEL_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
 
 def is_int8(value_dtype: torch.dtype) -> bool:
     return value_dtype == torch.int8

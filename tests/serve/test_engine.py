@@ -277,3 +277,22 @@ def test_serves_a_dsf_checkpoint(tiny_model_dir, tiny_tokenizer, tmp_path):
             assert result.text == generate_text(sparse, tok, prompt, 10, fixed_length=True).text
     finally:
         eng.shutdown()
+
+
+def test_loader_runs_a_dense_model_in_bfloat16(tiny_model_dir):
+    """dsf serve --dtype bfloat16: the loader builds the engine on a bf16 model (KV cache in
+    bf16 too), and its greedy output is that of the same model run by generate_text."""
+    from dsf_runtime.models import load_dense
+    from dsf_runtime.serve.server import make_loader
+
+    eng = make_loader(str(tiny_model_dir), dtype=torch.bfloat16, max_concurrency=2, max_model_len=64)(
+        ServerMetrics("tiny")
+    )
+    try:
+        assert eng.runner.dtype == torch.bfloat16 and eng.runner.k_cache.dtype == torch.bfloat16
+        eng.start()
+        model, tok = load_dense(tiny_model_dir, dtype=torch.bfloat16)
+        result = eng.generate(_ids(tok, PROMPTS[0]), greedy(8), timeout=60)
+        assert result.text == generate_text(model, tok, PROMPTS[0], 8, fixed_length=True).text
+    finally:
+        eng.shutdown()
