@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -77,21 +79,60 @@ def llama7b_stack(num_layers: int = 4, vocab: int = 2048, seed: int = 0) -> nn.M
     return LlamaForCausalLM(config).eval()
 
 
-def dsf_stack(model: nn.Module, sparsity: float = 0.5, value_dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every decoder linear by random DSF factors (bitmap; values in ``value_dtype``,
-    by default what a new checkpoint stores)."""
+def random_factors(model: nn.Module, sparsity: float = 0.5) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Random DSF factor pairs (DSF's shapes and nonzero budget) for every decoder linear."""
     from dsf_runtime.benchmarks.storage import random_dsf_pair
-    from dsf_runtime.checkpoint import DEFAULT_VALUE_DTYPE, VALUE_DTYPES
     from dsf_runtime.models import compressible_linears
-    from dsf_runtime.patch import replace_with_factors
 
-    value_dtype = value_dtype or VALUE_DTYPES[DEFAULT_VALUE_DTYPE]
     factors = {}
     for i, name in enumerate(compressible_linears(model)):
         lin = model.get_submodule(name)
         factors[name] = random_dsf_pair(lin.out_features, lin.in_features, sparsity, seed=i)
-    replace_with_factors(model, factors, "bitmap", value_dtype)
+    return factors
+
+
+def dsf_stack(model: nn.Module, sparsity: float = 0.5, value_dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every decoder linear by random DSF factors (bitmap; values in ``value_dtype``,
+    by default what a new checkpoint stores)."""
+    from dsf_runtime.checkpoint import DEFAULT_VALUE_DTYPE, VALUE_DTYPES
+    from dsf_runtime.patch import replace_with_factors
+
+    replace_with_factors(
+        model, random_factors(model, sparsity), "bitmap", value_dtype or VALUE_DTYPES[DEFAULT_VALUE_DTYPE]
+    )
     return model
+
+
+def write_llama7b_stack(
+    work_dir: str | Path, num_layers: int = 4, sparsity: float = 0.5, tokenizer=None
+) -> tuple[Path, Path]:
+    """A LLaMA-7B-shaped stack saved twice from the same random weights: a dense model
+    directory and a DSF checkpoint of random factors (what `dsf serve` loads for the
+    serving benchmark's ``llama7b-stack``; its text is random, its speed is the point).
+    The tokenizer (default: the embedded model's) and its vocabulary make prompts real
+    text. Reused when ``work_dir`` already holds them for these settings."""
+    from transformers import AutoTokenizer
+
+    from dsf_runtime.converters.pack import write_packed
+    from dsf_runtime.models import resolve_model_dir
+
+    work = Path(work_dir)
+    dense_dir, dsf_dir, stamp = work / "dense", work / "dsf", work / "stack.json"
+    made = {"num_layers": num_layers, "sparsity": sparsity, "hidden_size": 4096, "intermediate_size": 11008}
+    if stamp.is_file() and json.loads(stamp.read_text()) == made:
+        return dense_dir, dsf_dir
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(resolve_model_dir("smollm2-135m"))
+    print(f"writing a {num_layers}-layer LLaMA-7B-shaped stack (dense and DSF {sparsity:.0%}) to {work}", flush=True)
+    model = llama7b_stack(num_layers, vocab=len(tokenizer))
+    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    shutil.rmtree(work, ignore_errors=True)
+    model.save_pretrained(dense_dir)
+    tokenizer.save_pretrained(dense_dir)
+    write_packed(
+        model, tokenizer, random_factors(model, sparsity), dsf_dir, sparsity=sparsity, factorization={"random": True}
+    )
+    stamp.write_text(json.dumps(made))
+    return dense_dir, dsf_dir
 
 
 def run_decode_bench(

@@ -1,13 +1,14 @@
 """Serving benchmark: aggregate tokens/s, time to first token and inter-token latency
-with 1, 4 and 8 concurrent streaming clients against an OpenAI-compatible server.
+with 1, 4, 8 and 16 concurrent streaming clients against an OpenAI-compatible server.
 
 Two parts:
 - engines: the generation loops a server could use, without HTTP, at 1/4/8 streams
   (ours; transformers' `generate` one stream at a time and left-padded as one static
   batch; transformers' continuous batching `generate_batch`), to justify the choice;
-- servers: `dsf serve` on the DSF checkpoint and on the dense model (each a
-  subprocess, as users run it), plus any other OpenAI-compatible server given by
-  URL (transformers serve, llama.cpp's server), driven by the same async client.
+- servers: `dsf serve` on the DSF checkpoint and on the dense model in fp32 and bf16
+  (each a subprocess, as users run it), or on a LLaMA-7B-shaped stack whose weights
+  do not fit in the LLC, plus any other OpenAI-compatible server given by URL
+  (transformers serve, llama.cpp's server), driven by the same async client.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import socket
 import statistics
 import subprocess
@@ -29,7 +31,40 @@ from torch import nn
 
 from dsf_runtime.data import evaluation_text
 
-STREAMS = (1, 4, 8)
+STREAMS = (1, 4, 8, 16)
+# (label, MODEL for `dsf serve`, its extra arguments)
+Server = tuple[str, str, list[str]]
+
+
+def _short(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
+
+
+def dsf_servers(checkpoint: str | None, dense: str | None) -> list[Server]:
+    """The `dsf serve` runs to measure: the DSF checkpoint as it is stored, and the dense
+    model both in float32 and in bfloat16 (the dense baseline a CPU user would pick
+    depends on the CPU: bf16 halves the bytes, but needs bf16 hardware to compute fast)."""
+    servers: list[Server] = [(f"dsf serve, DSF {_short(checkpoint)}", checkpoint, [])] if checkpoint else []
+    if dense:
+        for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16")):
+            servers.append((f"dsf serve, dense {_short(dense)} {short}", dense, ["--dtype", dtype]))
+    return servers
+
+
+def stack_servers(work_dir: str | Path, num_layers: int = 4, sparsity: float = 0.5) -> list[Server]:
+    """`dsf serve` runs on a LLaMA-7B-shaped stack (random weights; weights past the LLC):
+    DSF as stored (fp32 dense parts) and in bf16, dense in fp32 and bf16."""
+    from dsf_runtime.benchmarks.decode import write_llama7b_stack
+
+    dense_dir, dsf_dir = write_llama7b_stack(work_dir, num_layers, sparsity)
+    name = f"llama7b-stack x{num_layers}"
+    bf16 = ["--dtype", "bfloat16"]
+    return [
+        (f"dsf serve, DSF {name}", str(dsf_dir), []),
+        (f"dsf serve, DSF {name} bf16", str(dsf_dir), bf16),
+        (f"dsf serve, dense {name} fp32", str(dense_dir), ["--dtype", "float32"]),
+        (f"dsf serve, dense {name} bf16", str(dense_dir), bf16),
+    ]
 
 
 def bench_prompts(count: int, words: int = 40) -> list[str]:
@@ -315,7 +350,7 @@ class ServerProcess:
 
 
 def run_serving_bench(
-    servers: list[tuple[str, str]],
+    servers: list[Server],
     external: list[tuple[str, str, str]],
     out_dir: Path,
     streams=STREAMS,
@@ -325,7 +360,7 @@ def run_serving_bench(
     engine_tokens: int = 32,
     append: bool = False,
 ) -> dict:
-    """servers: (label, model for `dsf serve`); external: (label, base URL, model name).
+    """servers: (label, model for `dsf serve`, its extra arguments); external: (label, base URL, model name).
     ``append`` keeps the servers (and engines) of an earlier serving.json that this run does not
     measure: servers that cannot share the machine's memory are measured one run at a time."""
     from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
@@ -351,8 +386,8 @@ def run_serving_bench(
         del model
     rows: list[LoadResult] = []
     backends: dict[str, str] = {}
-    for label, model_arg in servers:
-        proc = ServerProcess(model_arg, max_concurrency=max(streams))
+    for label, model_arg, extra in servers:
+        proc = ServerProcess(model_arg, max_concurrency=max(streams), extra=extra)
         try:
             proc.wait_ready()
             name = proc.served_name()
@@ -364,7 +399,7 @@ def run_serving_bench(
                     f"itl {rows[-1].itl_mean_s * 1000:.1f} ms, complete={rows[-1].complete}",
                     flush=True,
                 )
-            backends[label] = proc.backend()
+            backends[label] = proc.backend() + (f" ({' '.join(extra)})" if extra else "")
         finally:
             proc.stop()
     failures: list[dict] = []

@@ -192,12 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=os.path.join("benchmarks", "results", "gpu"), help="where JSON/markdown go")
 
     q = bench.add_parser(
-        "serving", help="1/4/8 streaming clients against `dsf serve` (DSF and dense) and other servers"
+        "serving", help="1/4/8/16 streaming clients against `dsf serve` (DSF, dense fp32 and bf16) and other servers"
     )
     q.add_argument("--checkpoint", help="DSF checkpoint to serve")
     q.add_argument("--dense", default=DEFAULT_MODEL, help="dense model served for comparison ('' to skip)")
-    q.add_argument("--streams", default="1,4,8", help="comma-separated concurrent clients (default 1,4,8)")
+    q.add_argument("--streams", default="1,4,8,16", help="comma-separated concurrent clients (default 1,4,8,16)")
     q.add_argument("--max-tokens", type=int, default=64, help="tokens per request (EOS ignored)")
+    q.add_argument(
+        "--model",
+        choices=["checkpoint", "llama7b-stack"],
+        default="checkpoint",
+        help="checkpoint: --checkpoint and --dense (fp32 and bf16); llama7b-stack: random LLaMA-7B-shaped layers, "
+        "DSF and dense, written to --work-dir (default: checkpoint)",
+    )
+    q.add_argument("--stack-layers", type=int, default=4, help="decoder layers of llama7b-stack (default 4)")
+    q.add_argument(
+        "--work-dir", default=os.path.join("out", "bench-serving-stack"), help="where llama7b-stack is written"
+    )
     q.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     q.add_argument(
         "--external",
@@ -552,7 +563,7 @@ def cmd_bench(args) -> None:
         print("written: " + ", ".join(payload["files"].values()))
         return
     if args.bench == "serving":
-        from dsf_runtime.benchmarks.serving import run_serving_bench
+        from dsf_runtime.benchmarks.serving import dsf_servers, run_serving_bench, stack_servers
         from dsf_runtime.checkpoint import is_dsf_checkpoint
 
         streams = tuple(_positive(int(v), "--streams") for v in args.streams.split(","))
@@ -560,13 +571,12 @@ def cmd_bench(args) -> None:
         _positive(args.rounds, "--rounds")
         if args.checkpoint and not is_dsf_checkpoint(args.checkpoint):
             raise ConfigError(f"{args.checkpoint} is not a DSF checkpoint")
-        servers = (
-            [("dsf serve, DSF " + os.path.basename(os.path.normpath(args.checkpoint)), args.checkpoint)]
-            if args.checkpoint
-            else []
-        )
-        if args.dense:
-            servers.append((f"dsf serve, dense {os.path.basename(os.path.normpath(args.dense))}", args.dense))
+        if args.model == "llama7b-stack":
+            if args.checkpoint or args.engines:
+                raise ConfigError("--model llama7b-stack serves its own random stack: drop --checkpoint and --engines")
+            servers = stack_servers(args.work_dir, _positive(args.stack_layers, "--stack-layers"))
+        else:
+            servers = dsf_servers(args.checkpoint, args.dense)
         external = []
         for spec in args.external:
             parts = spec.split("=")
