@@ -1,7 +1,9 @@
 """Decode benchmark (llama-bench style): prompt processing (pp) and token generation
-(tg) tokens/s with batch-1 greedy decoding and a KV cache, for dense fp32, dense bf16
-and DSF, on SmolLM2-135M and on a stack of LLaMA-7B-shaped decoder layers with random
-factors at DSF densities (speed at the shapes that matter, without 7B weights)."""
+(tg) tokens/s with batch-1 greedy decoding through the runner that `dsf generate` and
+`dsf serve` use (a static KV cache), for dense fp32, dense bf16 and DSF, on
+SmolLM2-135M and on a stack of LLaMA-7B-shaped decoder layers with random factors at
+DSF densities (speed at the shapes that matter, without 7B weights); optionally
+llama.cpp on the embedded model's GGUF as the external reference."""
 
 from __future__ import annotations
 
@@ -29,16 +31,23 @@ def _cache_kwarg(model: nn.Module) -> str:
 @torch.inference_mode()
 def decode_once(model: nn.Module, ids: torch.Tensor, gen_tokens: int) -> tuple[float, float]:
     """Seconds to process the prompt ``ids`` [1, prompt], then to generate ``gen_tokens``
-    greedily, one token per forward with the KV cache."""
-    kw = _cache_kwarg(model)
+    greedily, one token per step, through the runner and KV cache that `dsf generate`
+    and `dsf serve` decode with (dsf_runtime.runner)."""
+    from dsf_runtime.runner import ModelRunner
+
+    prompt = ids[0].tolist()
+    runner = ModelRunner(model, slots=1, max_len=len(prompt) + gen_tokens)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
+    logits = runner.prefill(0, prompt)
     t1 = time.perf_counter()
-    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    for _ in range(gen_tokens):
-        out = model(input_ids=nxt, use_cache=True, **{kw: past})
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    for i in range(gen_tokens):
+        logits = runner.decode([int(logits.argmax(-1).reshape(-1)[0])], [len(prompt) + i])
     return t1 - t0, time.perf_counter() - t1
+
+
+def bench_prompt(vocab: int, prompt_tokens: int) -> torch.Tensor:
+    """The benchmark's prompt: [1, prompt_tokens] ids drawn from ``vocab`` (seeded)."""
+    return torch.randint(3, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
 
 
 def time_decodes(
@@ -47,8 +56,7 @@ def time_decodes(
     """Median pp and tg tokens/s of each model over ``repeats`` runs after one warm-up,
     the models taking turns run by run (the first one alternating) so that the machine's
     drift in speed lands on all of them alike instead of on whichever ran last."""
-    vocab = vocab or models[0].config.vocab_size
-    ids = torch.randint(3, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    ids = bench_prompt(vocab or models[0].config.vocab_size, prompt_tokens)
     pps: list[list[float]] = [[] for _ in models]
     tgs: list[list[float]] = [[] for _ in models]
     for r in range(repeats + 1):
@@ -135,6 +143,25 @@ def write_llama7b_stack(
     return dense_dir, dsf_dir
 
 
+LLAMA_CPP = "llama.cpp Q4_1"
+
+
+def _llama_cpp_row(dense: str, vocab: int, python: str, prompt_tokens: int, gen_tokens: int) -> dict:
+    """llama.cpp on the embedded model's own GGUF (4-bit Q4_1), same prompt ids and threads."""
+    from dsf_runtime.benchmarks.llamacpp import time_llama_cpp
+    from dsf_runtime.errors import ConfigError
+    from dsf_runtime.models import EMBEDDED, embedded_gguf
+
+    if dense not in EMBEDDED:
+        raise ConfigError(f"--external llama.cpp runs the embedded model's GGUF; --dense is {dense!r}")
+    ids = bench_prompt(vocab, prompt_tokens)
+    threads = torch.get_num_threads()
+    res = time_llama_cpp(str(embedded_gguf(dense)), ids[0].tolist(), gen_tokens, threads, python or None)
+    print(f"{dense} {LLAMA_CPP}: pp {res['pp_tok_s']:.1f} tok/s, tg {res['tg_tok_s']:.2f} tok/s", flush=True)
+    backend = f"llama.cpp (llama-cpp-python {res.pop('version')}, {threads} threads)"
+    return {"model": dense, "variant": LLAMA_CPP, "backend": backend, **res}
+
+
 def run_decode_bench(
     checkpoint: str | None,
     dense: str = "smollm2-135m",
@@ -142,7 +169,10 @@ def run_decode_bench(
     out_dir: str = "benchmarks/results",
     gen_tokens: int = 32,
     prompt_tokens: int = 64,
+    llama_cpp: str | None = None,
 ) -> dict:
+    """``llama_cpp``: a Python interpreter with llama-cpp-python (or "" for this one) to time
+    llama.cpp on the embedded model's GGUF beside SmolLM2 (with --checkpoint of it only)."""
     from dsf_runtime.benchmarks.results_io import environment, markdown_table, write_results
     from dsf_runtime.checkpoint import load_model
     from dsf_runtime.models import load_dense
@@ -162,8 +192,11 @@ def run_decode_bench(
         variants["DSF"], _ = load_model(checkpoint, with_tokenizer=False)
         variants["DSF (torch-csr)"], _ = load_model(checkpoint, with_tokenizer=False, backend="torch-csr")
         record(dense, variants)
+        vocab = model.config.vocab_size
         del model, variants
         gc.collect()
+        if llama_cpp is not None:
+            rows.append(_llama_cpp_row(dense, vocab, llama_cpp, prompt_tokens, gen_tokens))
     if stack_layers:
         subject = f"LLaMA-7B shapes x{stack_layers} layers"
         model = llama7b_stack(stack_layers)
@@ -185,10 +218,11 @@ def run_decode_bench(
         for r in rows:
             if r["model"] == subject:
                 r["tg_vs_fp32"] = r["tg_tok_s"] / base["tg_tok_s"]
-        bf16 = next((r for r in rows if r["model"] == subject and r["variant"] == "dense bf16"), None)
-        for r in rows:
-            if r["model"] == subject and bf16:
-                r["tg_vs_bf16"] = r["tg_tok_s"] / bf16["tg_tok_s"]
+        for key, variant in (("tg_vs_bf16", "dense bf16"), ("tg_vs_llama_cpp", LLAMA_CPP)):
+            ref = next((r for r in rows if r["model"] == subject and r["variant"] == variant), None)
+            for r in rows:
+                if r["model"] == subject and ref:
+                    r[key] = r["tg_tok_s"] / ref["tg_tok_s"]
     payload = {
         "benchmark": "decode",
         "prompt_tokens": prompt_tokens,
@@ -206,6 +240,7 @@ def run_decode_bench(
             ("tg_tok_s", f"tg{gen_tokens} tok/s", ".2f"),
             ("tg_vs_fp32", "tg x fp32", ".2f"),
             ("tg_vs_bf16", "tg x bf16", ".2f"),
+            *([("tg_vs_llama_cpp", "tg x llama.cpp", ".2f")] if any("tg_vs_llama_cpp" in r for r in rows) else []),
         ],
     )
     paths = write_results(Path(out_dir), "decode", payload, table)

@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stack-layers", type=int, default=4, help="LLaMA-7B-shaped layers (0: skip)")
     q.add_argument("--gen-tokens", type=int, default=32, help="tokens generated per run (tg; default 32)")
     q.add_argument("--prompt-tokens", type=int, default=64, help="prompt tokens per run (pp; default 64)")
+    q.add_argument(
+        "--external",
+        choices=["llama.cpp"],
+        help="also time llama.cpp on the embedded model's GGUF (Q4_1) through llama-cpp-python",
+    )
+    q.add_argument("--llama-cpp-python", metavar="PYTHON", help="the Python that has llama-cpp-python (default: this)")
     q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where JSON/markdown go")
 
     q = bench.add_parser(
@@ -556,8 +562,16 @@ def cmd_bench(args) -> None:
             raise ConfigError(f"{args.checkpoint} is not a DSF checkpoint")
         if args.stack_layers < 0 or args.gen_tokens < 1 or args.prompt_tokens < 1:
             raise ConfigError("--stack-layers must be >= 0, --gen-tokens and --prompt-tokens >= 1")
+        if args.external and not args.checkpoint:
+            raise ConfigError("--external llama.cpp runs beside the SmolLM2 rows: give --checkpoint too")
         payload = run_decode_bench(
-            args.checkpoint, args.dense, args.stack_layers, args.out, args.gen_tokens, args.prompt_tokens
+            args.checkpoint,
+            args.dense,
+            args.stack_layers,
+            args.out,
+            args.gen_tokens,
+            args.prompt_tokens,
+            llama_cpp=(args.llama_cpp_python or "") if args.external else None,
         )
         print(payload["table"])
         print("written: " + ", ".join(payload["files"].values()))

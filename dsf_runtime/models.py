@@ -108,6 +108,11 @@ def _embedded_gguf(entry: EmbeddedModel) -> Path:
     return path
 
 
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file an embedded model ships as (e.g. for llama.cpp)."""
+    return _embedded_gguf(EMBEDDED[name])
+
+
 def _materialize_embedded(name: str) -> Path:
     """Convert the embedded GGUF model to a cached fp32 safetensors model directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

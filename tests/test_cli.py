@@ -135,6 +135,7 @@ def test_bad_options(ckpt, one_line_error):
     one_line_error("unknown backend", "generate", str(ckpt), "--backend", "nope")
     one_line_error("--stride", "eval", str(ckpt), "--window", "8", "--stride", "16")
     one_line_error("--dtype: invalid choice", "generate", str(ckpt), "--dtype", "float64")
+    one_line_error("give --checkpoint too", "bench", "decode", "--external", "llama.cpp")
     one_line_error("invalid choice", "nonsense")
 
 
