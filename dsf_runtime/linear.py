@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,7 +82,6 @@ class DSFLinear(nn.Module):
         self.requested_backend = "auto"
         self._backend: Backend | None = None
         self._prepared: tuple[Any, Any] | None = None
-        self._run: Callable[[torch.Tensor], torch.Tensor] | None = None  # (N, in) -> (N, out), set by prepare
 
     @classmethod
     def from_factors(
@@ -122,7 +120,6 @@ class DSFLinear(nn.Module):
         self.requested_backend = name
         self._backend = None
         self._prepared = None
-        self._run = None
 
     def prepare(self, dtype: torch.dtype | None = None) -> None:
         """Choose the backend for the current device and build its operands once."""
@@ -130,17 +127,8 @@ class DSFLinear(nn.Module):
         backend = choose_backend(self.fmt, device, self.requested_backend, self.L.stored())
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         right = None if self.R is None else backend.prepare(self.fmt, self.R.stored(), self.R.shape, dtype)
-        left = backend.prepare(self.fmt, self.L.stored(), self.L.shape, dtype)
-        self._prepared = (right, left)
+        self._prepared = (right, backend.prepare(self.fmt, self.L.stored(), self.L.shape, dtype))
         self._backend = backend
-        # what forward runs, bound once: L (R x) in one kernel call where the backend has one
-        pair = getattr(backend, "pair", None)
-        if right is None:
-            self._run = partial(backend.matmul, left)
-        elif pair is not None:
-            self._run = partial(pair, right, left)
-        else:
-            self._run = lambda h: backend.matmul(left, backend.matmul(right, h))
 
     @property
     def prepared_operands(self) -> tuple:
@@ -150,13 +138,20 @@ class DSFLinear(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._prepared = None  # device or dtype may change: rebuild lazily
         self._backend = None
-        self._run = None
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._run is None:
+        if self._prepared is None:
             self.prepare(x.dtype)
-        y = self._run(x.reshape(-1, self.in_features))  # (N, in) -> (N, out)
+        right, left = self._prepared
+        h = x.reshape(-1, self.in_features)  # (N, in)
+        pair = getattr(self._backend, "pair", None)  # L (R x) in one kernel call, where the backend has it
+        if right is not None and pair is not None:
+            y = pair(right, left, h)  # (N, out)
+        else:
+            if right is not None:
+                h = self._backend.matmul(right, h)  # (N, rank)
+            y = self._backend.matmul(left, h)  # (N, out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -33,16 +33,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The decoder's RMSNorm as one fused op (LLaMA, Mistral and Qwen2 share its formula: x
-    scaled by the reciprocal RMS over the last dimension, then by the weight) instead of the
-    module's eight; a norm of another form runs as its module."""
-    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
-    if weight is None or eps is None:
-        return module(x)
-    return F.rms_norm(x, weight.shape, weight, eps)
-
-
 def _apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q (B, H, T, d), k (B, KV, T, d); cos/sin (B, T, d)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -110,7 +100,7 @@ class ModelRunner:
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, hidden) -> logits (B, vocab) in fp32."""
-        return self.lm_head(_norm(self.norm, x)).float()
+        return self.lm_head(self.norm(x)).float()
 
     @torch.inference_mode()
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
@@ -124,13 +114,13 @@ class ModelRunner:
         cos, sin = self.rotary(x, pos)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self._project(attn, _norm(layer.input_layernorm, x), pos)
+            q, k, v = self._project(attn, layer.input_layernorm(x), pos)
             q, k = _apply_rotary(q, k, cos, sin)
             self.k_cache[i, slot, :, :T] = k[0]
             self.v_cache[i, slot, :, :T] = v[0]
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(1, T, -1))
-            x = x + layer.mlp(_norm(layer.post_attention_layernorm, x))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self._finish(x[0, -1:])[0]
 
     @torch.inference_mode()
@@ -145,42 +135,21 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         slots = torch.arange(B, device=self.device)
         span = max(positions) + 1
-        # positions each sequence may attend (one sequence attends its whole span)
-        mask = None if B == 1 else (torch.arange(span, device=self.device) <= pos.unsqueeze(1)).view(B, 1, 1, span)
+        mask = (torch.arange(span, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)).view(B, 1, 1, span)
         x = self.embed(tok)  # (B, 1, hidden)
         cos, sin = self.rotary(x, pos.unsqueeze(1))
-        # row of each (slot, kv head)'s new position in a layer's cache viewed as (slots * kv * max_len, d)
-        rows = ((slots * self.n_kv).unsqueeze(1) + torch.arange(self.n_kv, device=self.device)) * self.max_len
-        rows = (rows + pos.unsqueeze(1)).view(-1)  # (B * kv,)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self._project(attn, _norm(layer.input_layernorm, x), pos)
+            q, k, v = self._project(attn, layer.input_layernorm(x), pos)
             q, k = _apply_rotary(q, k, cos, sin)
-            self.k_cache[i].view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))
-            self.v_cache[i].view(-1, self.head_dim).index_copy_(0, rows, v.reshape(-1, self.head_dim))
+            self.k_cache[i, slots, :, pos] = k[:, :, 0]
+            self.v_cache[i, slots, :, pos] = v[:, :, 0]
             keys = self.k_cache[i, :B, :, :span]
             values = self.v_cache[i, :B, :, :span]
-            out = self._attend_one(q, keys, values, mask)  # (B, H * d)
-            x = x + attn.o_proj(out.view(B, 1, -1))
-            x = x + layer.mlp(_norm(layer.post_attention_layernorm, x))
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self._finish(x[:, 0])
-
-    def _attend_one(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Attention of one new token per sequence: q (B, H, 1, d) against keys and values
-        (B, KV, span, d), each group of H / KV query heads sharing its KV head; mask (B, 1,
-        1, span) True where a position may be attended (None: all). -> (B, H * d). Two
-        batched matmuls and a softmax: for a single query row this is several times cheaper
-        than the fused attention kernel's setup."""
-        B, H, _, d = q.shape
-        kv = keys.shape[1]
-        scores = torch.matmul(q.reshape(B, kv, H // kv, d), keys.transpose(-1, -2))  # (B, KV, H/KV, span)
-        scores = scores.float() * self.scaling
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        return torch.matmul(probs, values).view(B, H * d)
 
     def clear(self, slot: int | None = None) -> None:
         """Zero one slot's cache, or every slot's: masked attention multiplies stale positions by
