@@ -41,6 +41,10 @@ class Case:
     weight_bytes: int  # bytes one call reads from the weights
     copies: int
     bytes_at: Callable[[int], int] | None = None  # batch -> weight bytes, where the kernel's path depends on it
+    path_at: Callable[[int], str] | None = None  # batch -> the kernel path each factor takes
+
+    def path_for(self, batch: int) -> str:
+        return "" if self.path_at is None else self.path_at(batch)
 
     def bytes_for(self, batch: int) -> int:
         return self.weight_bytes if self.bytes_at is None else self.bytes_at(batch)
@@ -66,6 +70,14 @@ def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
 def _copies(nbytes: int) -> int:
     return max(2, -(-ROTATE_BYTES // max(1, nbytes)))
+
+
+def _paths(backend, pair: tuple, bf16_x: bool = False) -> Callable[[int], str]:
+    """batch -> the cpu-bitmap kernel path of each factor of a prepared (L, R) pair, R first
+    (the order they run in)."""
+    return lambda batch: "; ".join(
+        f"{name}: {backend.path_at(p, batch, bf16_x)}" for name, p in (("R", pair[1]), ("L", pair[0]))
+    )
 
 
 def _streamed(backend, pair: tuple) -> Callable[[int], int]:
@@ -130,6 +142,7 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
                 nbytes,
                 n,
                 _streamed(backend, preps[0]) if backend_name == "cpu-bitmap" else None,
+                _paths(backend, preps[0]) if backend_name == "cpu-bitmap" else None,
             )
         )
 
@@ -153,8 +166,8 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
                 nbytes,
             )
 
-        def bitmap_case(name: str, fn: Callable, preps: list, n: int, nbytes: int) -> Case:
-            return Case(name, fn, nbytes, n, _streamed(bitmap, preps[0]))
+        def bitmap_case(name: str, fn: Callable, preps: list, n: int, nbytes: int, bf16_x: bool = False) -> Case:
+            return Case(name, fn, nbytes, n, _streamed(bitmap, preps[0]), _paths(bitmap, preps[0], bf16_x))
 
         def two_stage(i: int, x: torch.Tensor, p: list) -> torch.Tensor:
             return bitmap.matmul(p[i][0], bitmap.matmul(p[i][1], x))
@@ -179,6 +192,7 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
                 preps,
                 n,
                 nbytes,
+                bf16_x=True,
             )
         )
 
@@ -266,6 +280,7 @@ def run_layer_bench(
                             "weight_mib": weight_bytes / 2**20,
                             "gb_s": gbs,
                             "pct_bw": 100 * gbs / bandwidth,
+                            "path": case.path_for(batch),
                         }
                     )
                 for r in rows[-len(cases) :]:
@@ -293,6 +308,7 @@ def run_layer_bench(
                 ("pct_bw", "% of bw", ".0f"),
                 ("speedup_vs_fp32", "x vs fp32", ".2f"),
                 ("speedup_vs_bf16", "x vs bf16", ".2f"),
+                ("path", "kernel path", ""),
             ],
         )
     )

@@ -454,6 +454,13 @@ class CPUBitmapBackend:
     def _takes_columns(p: Prepared, batch: int) -> bool:
         return batch <= p.paths.columns_max_batch
 
+    def path_at(self, p: Prepared, batch: int, bf16_x: bool = False) -> str:
+        """The kernel path a call with ``batch`` rows of x (bf16 x with ``bf16_x``, else fp32)
+        takes, e.g. "words avx2" or "nonzeros avx512": the op's own choice (``bitmap_path``),
+        for benchmark tables."""
+        dtype = torch.bfloat16 if bf16_x else torch.float32
+        return cpu_ops.ops().bitmap_path(batch, dtype, p.tensors, p.cols, p.plan)
+
     def streamed_bytes(self, p: Prepared, batch: int) -> int:
         """Bytes of the factor that one call with ``batch`` rows of x reads: its bitmap and
         values (int8: and row scales), or on the column-index path its row offsets, columns

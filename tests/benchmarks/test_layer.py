@@ -40,7 +40,12 @@ def test_bench_writes_results(monkeypatch, tmp_path):
     assert {r["batch"] for r in data["rows"]} == {1, 2}
     assert all(abs(r["speedup_vs_fp32"] - 1.0) < 1e-9 for r in data["rows"])
     assert (tmp_path / "layer.png").stat().st_size > 1000
-    assert "memory bandwidth" in payload["table"]
+    assert "memory bandwidth" in payload["table"] and "kernel path" in payload["table"]
+    from dsf_runtime.kernels import BACKENDS
+
+    if BACKENDS["cpu-bitmap"].available():  # every kernel row names its path per factor, R first
+        paths = [r["path"] for r in data["rows"] if r["impl"].startswith("DSF cpu-bitmap")]
+        assert paths and all(p.startswith("R: ") and "; L: " in p for p in paths)
 
 
 def test_cases_take_turns_in_bursts():

@@ -9,7 +9,7 @@ import pytest
 
 from dsf_runtime.benchmarks.llamacpp import LlamaCppError, time_llama_cpp
 
-FAKE = '''
+FAKE = """
 __version__ = "0.0-test"
 import time
 calls = []
@@ -30,7 +30,7 @@ class Llama:
     def sample(self, temp):
         assert temp == 0.0
         return 7
-'''
+"""
 
 
 def test_times_prompt_and_generation_in_the_given_interpreter(tmp_path, monkeypatch):

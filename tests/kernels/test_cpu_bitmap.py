@@ -269,6 +269,27 @@ def test_streamed_bytes_follow_the_path():
     assert backend.streamed_bytes(p, 2) == values + tensors["bitmap"].numel() * 4
 
 
+def test_the_reported_path_is_the_ops_choice(monkeypatch):
+    """path_at asks the op which path a call takes: the column index at batch 1 for a sparse
+    factor on AVX2, words below DSF_NZ_MIN_BATCH, nonzeros from it; portable runs nonzeros."""
+    shape = (64, 300)
+    tensors = get_format("bitmap").pack(random_sparse(*shape, 0.1), torch.bfloat16)
+    monkeypatch.setenv("DSF_NZ_MIN_BATCH", "5")
+    p = backend.prepare("bitmap", tensors, shape, torch.float32)
+    isa = p.paths.isa
+    words = f"words {'avx512-256' if p.paths.ymm else 'avx512' if isa == 'avx512-vbmi2' else isa}"
+    first = "columns avx2" if p.columns is not None else words
+    assert [backend.path_at(p, n) for n in (1, 2, 4, 5, 64)] == [
+        first,
+        words,
+        words,
+        f"nonzeros {p.paths.nz_isa}",
+        f"nonzeros {p.paths.nz_isa}",
+    ]
+    monkeypatch.setenv("DSF_CPU_ISA", "portable")
+    assert backend.path_at(backend.refresh(p), 2) == "nonzeros portable"
+
+
 @needs_avx2
 @pytest.mark.parametrize(
     "name,bad,message",

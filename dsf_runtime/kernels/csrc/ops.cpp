@@ -133,6 +133,17 @@ at::Tensor padded(const at::Tensor& x, int64_t width, at::ScalarType dtype) {
   return out;
 }
 
+// The path a call with n rows of x in ``dtype`` takes: the one decision spmm runs on and
+// bitmap_path reports.
+enum class Path { kColumns, kNonzeros, kDot, kWords };
+
+Path choose_path(int64_t n, at::ScalarType dtype, const Factor& f, const Plan& plan) {
+  if (f.columns && n <= plan.columns_max_batch && kTable.cols) return Path::kColumns;
+  if (plan.word == 0 || n >= plan.nz_min_batch) return Path::kNonzeros;
+  if (dtype == at::kBFloat16 && f.kind == kBf16 && plan.dot) return Path::kDot;
+  return Path::kWords;
+}
+
 // y = S x for x (n, cols): (n, rows) in x's dtype, on the path the plan picks for n.
 at::Tensor spmm(const at::Tensor& x, const Factor& f, const Plan& plan) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a 2-D CPU tensor, got ", x.dim(), " dimensions");
@@ -144,14 +155,15 @@ at::Tensor spmm(const at::Tensor& x, const Factor& f, const Plan& plan) {
   at::Tensor y = at::empty({n, f.rows}, x.options().dtype(at::kFloat));
   if (n == 0 || f.rows == 0) return y.to(dtype);
   if (f.words == 0) return y.zero_().to(dtype);
-  if (f.columns && n <= plan.columns_max_batch && kTable.cols) {
+  const Path path = choose_path(n, dtype, f, plan);
+  if (path == Path::kColumns) {
     at::Tensor xf = x.to(at::kFloat).contiguous();
     kTable.cols(f, xf.data_ptr<float>(), f.cols, y.data_ptr<float>(), f.rows, n);
-  } else if (plan.word == 0 || n >= plan.nz_min_batch) {
+  } else if (path == Path::kNonzeros) {
     TORCH_CHECK(plan.nz != 2 || f.kind != kInt8, "the avx512 nonzero path takes fp16 or bf16 values");
     at::Tensor xf = x.to(at::kFloat).contiguous();
     kTable.nz[plan.nz](f, xf.data_ptr<float>(), f.cols, y.data_ptr<float>(), f.rows, n);
-  } else if (dtype == at::kBFloat16 && f.kind == kBf16 && plan.dot) {
+  } else if (path == Path::kDot) {
     at::Tensor xb = padded(x, width, at::kBFloat16);
     kTable.dot[plan.dot](f, reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), width,
                          y.data_ptr<float>(), f.rows, n);
@@ -176,6 +188,20 @@ at::Tensor bitmap_pair(const at::Tensor& x, const std::vector<at::Tensor>& right
   const Factor r = unpack_factor(right, right_cols), l = unpack_factor(left, left_cols);
   TORCH_CHECK(l.cols == r.rows, "the left factor takes ", l.cols, " columns; the right one gives ", r.rows);
   return spmm(spmm(x, r, unpack_plan(right_plan)), l, unpack_plan(left_plan));
+}
+
+// The path (and instruction family) bitmap_spmm takes for n rows of x in ``dtype``, e.g.
+// "words avx2", "nonzeros avx512", "columns avx2", "dot avx512-256": what benchmarks print.
+std::string bitmap_path(int64_t n, at::ScalarType dtype, const std::vector<at::Tensor>& factor, int64_t cols,
+                        at::IntArrayRef plan_codes) {
+  const Factor f = unpack_factor(factor, cols);
+  const Plan plan = unpack_plan(plan_codes);
+  switch (choose_path(n, dtype, f, plan)) {
+    case Path::kColumns: return "columns avx2";
+    case Path::kNonzeros: return std::string("nonzeros ") + kNzNames[plan.nz];
+    case Path::kDot: return std::string("dot ") + kWordNames[plan.dot];
+    default: return std::string("words ") + kWordNames[plan.word];
+  }
 }
 
 void check_structure_args(const at::Tensor& bitmap, const at::Tensor& offsets, int64_t cols) {
@@ -228,6 +254,7 @@ DSF_LIBRARY(DSF_OP_NAMESPACE, m) {
       "bitmap_pair(Tensor x, Tensor[] right, int right_cols, int[] right_plan, Tensor[] left, int left_cols, "
       "int[] left_plan) -> Tensor");
   m.def("bitmap_check(Tensor bitmap, Tensor row_offsets, int cols, int nnz) -> int");
+  m.def("bitmap_path(int n, ScalarType dtype, Tensor[] factor, int cols, int[] plan) -> str", &dsf::bitmap_path);
   m.def("bitmap_columns(Tensor bitmap, Tensor row_offsets, int cols) -> Tensor");
   m.def("plan_paths() -> (str[], float[])", &dsf::plan_paths);
   m.def("cpu_paths() -> str[]", &dsf::cpu_paths);
