@@ -44,14 +44,22 @@ log = logging.getLogger(__name__)
 # nonzero more in memory), and batches up to COLUMNS_MAX_BATCH gather x through them
 # instead of expanding bitmap bytes (whose cost is per 8 columns, not per nonzero).
 NZ_MIN_BATCH: dict[str, int] = tuning.cpu()["nz_min_batch"]
+# Factors of at least LARGE_FACTOR_CELLS cells switch at NZ_MIN_BATCH_LARGE where an ISA has it.
+NZ_MIN_BATCH_LARGE: dict[str, int] = tuning.cpu()["nz_min_batch_large"]
+LARGE_FACTOR_CELLS: int = tuning.cpu()["large_factor_cells"]
 COLUMNS_MAX_DENSITY: float = tuning.cpu()["columns_max_density"]
 COLUMNS_MAX_BATCH: dict[str, int] = tuning.cpu()["columns_max_batch"]
 
 
-def nz_min_batch(isa: str) -> int:
-    """The batch from which ``isa``'s nonzero path runs (DSF_NZ_MIN_BATCH overrides)."""
+def nz_min_batch(isa: str, cells: int = 0) -> int:
+    """The batch from which ``isa``'s nonzero path runs for a factor of ``cells`` cells
+    (rows x cols); DSF_NZ_MIN_BATCH overrides."""
     value = settings.get("DSF_NZ_MIN_BATCH")
-    return NZ_MIN_BATCH.get(isa, 1) if value is None else value
+    if value is not None:
+        return value
+    if cells >= LARGE_FACTOR_CELLS and isa in NZ_MIN_BATCH_LARGE:
+        return NZ_MIN_BATCH_LARGE[isa]
+    return NZ_MIN_BATCH.get(isa, 1)
 
 
 def columns_max_density() -> float:
@@ -406,7 +414,7 @@ class CPUBitmapBackend:
         p.paths = Paths(
             isa,
             nz_isa,
-            nz_min_batch(f"{isa} ymm" if ymm else isa),
+            nz_min_batch(f"{isa} ymm" if ymm else isa, p.rows * p.cols),
             columns if isa == "avx2" and p.columns is not None else 0,
             self.bf16_dot,
             ymm=ymm,

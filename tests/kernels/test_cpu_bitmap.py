@@ -291,6 +291,24 @@ def test_the_reported_path_is_the_ops_choice(monkeypatch):
 
 
 @needs_avx2
+def test_large_factors_switch_to_nonzeros_at_their_own_batch(monkeypatch):
+    """tuning.json's nz_min_batch_large holds from large_factor_cells on; smaller factors keep
+    nz_min_batch; DSF_NZ_MIN_BATCH overrides both."""
+    monkeypatch.delenv("DSF_NZ_MIN_BATCH", raising=False)
+    small, large = cpu_bitmap.NZ_MIN_BATCH["avx2"], cpu_bitmap.NZ_MIN_BATCH_LARGE["avx2"]
+    assert large < small
+    rows = cpu_bitmap.LARGE_FACTOR_CELLS // 1024
+    for shape, switch in (((rows, 1024), large), ((rows - 1, 1024), small)):
+        tensors = get_format("bitmap").pack(random_sparse(*shape, 0.3), torch.bfloat16)
+        p = backend.prepare("bitmap", tensors, shape, torch.float32)
+        assert p.paths.nz_min_batch == switch, shape
+        assert backend.path_at(p, switch - 1).startswith("words") and backend.path_at(p, switch) == "nonzeros avx2"
+        monkeypatch.setenv("DSF_NZ_MIN_BATCH", "3")
+        assert backend.refresh(p).paths.nz_min_batch == 3
+        monkeypatch.delenv("DSF_NZ_MIN_BATCH")
+
+
+@needs_avx2
 @pytest.mark.parametrize(
     "name,bad,message",
     [
