@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsf_runtime.errors import UnsupportedModelError
+from dsf_runtime.kernels import dense_cpu
 from dsf_runtime.models import ARCHITECTURES
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class ModelRunner:
         self.layers = list(inner.layers)
         self.norm = inner.norm
         self.rotary = inner.rotary_emb
-        self.lm_head = model.lm_head
+        self.lm_head = dense_cpu.output_layer(model.lm_head)  # the op for an fp32 output layer on CPU
         first = self.layers[0].self_attn
         self.head_dim = first.head_dim
         self.n_heads = config.num_attention_heads

@@ -389,6 +389,56 @@ DSF_AVX2 void tile_cols_avx2_t(int nb, const int32_t* offsets, const uint16_t* c
   }
 }
 
+// One step of 8 columns (from c; MASKED: the last k % 8, lanes in ``tail``) of four dense
+// rows at ``wr`` (row stride k) against NB batch rows of x: NB x vectors and one W vector
+// at a time in registers, 4 * NB FMAs.
+template <int NB, bool MASKED>
+DSF_AVX2 inline void dense_step(const float* wr, int64_t k, const float* x, int64_t ldx, int64_t c, __m256i tail,
+                                __m256 (&acc)[4][NB]) {
+  __m256 xv[NB];
+  for (int b = 0; b < NB; ++b)
+    xv[b] = MASKED ? _mm256_maskload_ps(x + b * ldx + c, tail) : _mm256_loadu_ps(x + b * ldx + c);
+  for (int i = 0; i < 4; ++i) {
+    const __m256 wv = MASKED ? _mm256_maskload_ps(wr + i * k + c, tail) : _mm256_loadu_ps(wr + i * k + c);
+    for (int b = 0; b < NB; ++b) acc[i][b] = _mm256_fmadd_ps(wv, xv[b], acc[i][b]);
+  }
+}
+
+// Dense rows [r0, r1) of W (fp32, [n][k]) against NB <= 3 batch rows of x, four rows at a
+// time (12 accumulators, 3 x and 1 W register of the 16), then the last 0-3 rows.
+template <int NB>
+DSF_AVX2 void dense_rows_avx2(const float* w, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
+                              int64_t r0, int64_t r1) {
+  const int64_t k8 = k & ~int64_t(7);
+  alignas(32) int32_t lanes[8];
+  for (int j = 0; j < 8; ++j) lanes[j] = j < k - k8 ? -1 : 0;
+  const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    __m256 acc[4][NB];
+    for (int i = 0; i < 4; ++i)
+      for (int b = 0; b < NB; ++b) acc[i][b] = _mm256_setzero_ps();
+    const float* wr = w + r * k;
+    for (int64_t c = 0; c < k8; c += 8) dense_step<NB, false>(wr, k, x, ldx, c, tail, acc);
+    if (k8 < k) dense_step<NB, true>(wr, k, x, ldx, k8, tail, acc);
+    for (int i = 0; i < 4; ++i)
+      for (int b = 0; b < NB; ++b) y[b * ldy + r + i] = hsum256(acc[i][b]);
+  }
+  for (; r < r1; ++r) {  // the last 0-3 rows
+    __m256 acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
+    const float* wr = w + r * k;
+    for (int64_t c = 0; c < k; c += 8) {
+      const bool masked = c == k8;
+      const __m256 wv = masked ? _mm256_maskload_ps(wr + c, tail) : _mm256_loadu_ps(wr + c);
+      for (int b = 0; b < NB; ++b)
+        acc[b] = _mm256_fmadd_ps(wv, masked ? _mm256_maskload_ps(x + b * ldx + c, tail) : _mm256_loadu_ps(x + b * ldx + c),
+                                 acc[b]);
+    }
+    for (int b = 0; b < NB; ++b) y[b * ldy + r] = hsum256(acc[b]);
+  }
+}
+
 }  // namespace
 
 bool has_avx2() {
@@ -443,6 +493,27 @@ void cols_avx2(const Factor& f, const float* x, int64_t ldx, float* y, int64_t l
   over_row_blocks(f.rows, batch, 4, false, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
     tile(nb, f.offsets, f.columns, f.values, f.scales, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1);
   });
+}
+
+// Dense path: rows in blocks sized so that a block of W stays in L2 while the batch runs
+// over it in tiles of 3, 2 or 1 rows of x (a tile of 3 fills the 16 registers), blocks
+// handed to OpenMP threads as they come free.
+void dense_avx2(const float* w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
+                int64_t batch) {
+  const int64_t block = std::max<int64_t>(4, std::min<int64_t>(64, (int64_t(128) << 10) / std::max<int64_t>(1, 4 * k)) & ~int64_t(3));
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t blk = 0; blk < (n + block - 1) / block; ++blk) {
+    const int64_t r0 = blk * block, r1 = std::min(n, r0 + block);
+    for (int64_t b0 = 0; b0 < batch;) {
+      const int64_t nb = std::min<int64_t>(3, batch - b0);
+      const float* xb = x + b0 * ldx;
+      float* yb = y + b0 * ldy;
+      if (nb == 3) dense_rows_avx2<3>(w, k, xb, ldx, yb, ldy, r0, r1);
+      else if (nb == 2) dense_rows_avx2<2>(w, k, xb, ldx, yb, ldy, r0, r1);
+      else dense_rows_avx2<1>(w, k, xb, ldx, yb, ldy, r0, r1);
+      b0 += nb;
+    }
+  }
 }
 
 }  // namespace dsf

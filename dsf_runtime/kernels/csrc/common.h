@@ -53,6 +53,10 @@ using SpmmFn = void (*)(const Factor& f, const float* x, int64_t ldx, float* y, 
 // The same from bf16 x (a model run in bf16), 32 * words columns, zero padded.
 using DotFn = void (*)(const Factor& f, const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t batch);
 
+// Dense y [batch][ldy] = x [batch][ldx] W^T for fp32 W [n][k] row-major (nn.Linear's layout).
+using DenseFn = void (*)(const float* w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
+                         int64_t batch);
+
 // The entry points, one set per source file (x86 ones exist only in x86 builds).
 void nz_portable(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 #ifdef DSF_X86
@@ -67,6 +71,9 @@ void nz_avx512(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void words_avx512_256(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void dot_avx512(const Factor&, const uint16_t*, int64_t, float*, int64_t, int64_t);
 void dot_avx512_256(const Factor&, const uint16_t*, int64_t, float*, int64_t, int64_t);
+// The fp32 output layer of a sparse model at decode batches (see DenseFn).
+void dense_avx2(const float* w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
+                int64_t batch);
 #endif
 int64_t row_popcount(const uint32_t* row, int64_t words);
 

@@ -39,6 +39,7 @@ struct Table {
   SpmmFn nz[3] = {nz_portable, nullptr, nullptr};
   SpmmFn cols = nullptr;
   DotFn dot[4] = {nullptr, nullptr, nullptr, nullptr};
+  DenseFn dense = nullptr;
   std::vector<std::string> names{"portable"};
 };
 
@@ -49,6 +50,7 @@ Table make_table() {
     t.words[1] = words_avx2;
     t.nz[1] = nz_avx2;
     t.cols = cols_avx2;
+    t.dense = dense_avx2;
     t.names.push_back("avx2");
   }
   if (has_avx512()) {
@@ -245,6 +247,25 @@ std::tuple<std::vector<std::string>, std::vector<double>> plan_paths() {
 
 std::vector<std::string> cpu_paths() { return kTable.names; }
 
+// y = x W^T (no bias) for fp32 x (n, k) and W (rows, k): the AVX2 dense path where the CPU
+// has it, else ATen's linear. For the dense layers a sparse model keeps (the output layer),
+// whose tall shape BLAS libraries run single-threaded at a fraction of the bandwidth.
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "dense_linear takes CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "dense_linear: x (n, k) and weight (rows, k), got ",
+              x.sizes(), " and ", weight.sizes());
+  if (!kTable.dense || x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat)
+    return at::linear(x, weight);
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const int64_t n = x.size(0), rows = weight.size(0), k = weight.size(1);
+  at::Tensor y = at::empty({n, rows}, x.options());
+  if (n > 0 && rows > 0) {
+    if (k == 0) return y.zero_();
+    kTable.dense(wc.data_ptr<float>(), rows, k, xc.data_ptr<float>(), k, y.data_ptr<float>(), rows, n);
+  }
+  return y;
+}
+
 }  // namespace
 }  // namespace dsf
 
@@ -258,6 +279,7 @@ DSF_LIBRARY(DSF_OP_NAMESPACE, m) {
   m.def("bitmap_columns(Tensor bitmap, Tensor row_offsets, int cols) -> Tensor");
   m.def("plan_paths() -> (str[], float[])", &dsf::plan_paths);
   m.def("cpu_paths() -> str[]", &dsf::cpu_paths);
+  m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
 }
 
 DSF_LIBRARY_IMPL(DSF_OP_NAMESPACE, CPU, m) {
@@ -265,4 +287,5 @@ DSF_LIBRARY_IMPL(DSF_OP_NAMESPACE, CPU, m) {
   m.impl("bitmap_pair", &dsf::bitmap_pair);
   m.impl("bitmap_check", &dsf::bitmap_check);
   m.impl("bitmap_columns", &dsf::bitmap_columns);
+  m.impl("dense_linear", &dsf::dense_linear);
 }
