@@ -82,6 +82,7 @@ class DSFLinear(nn.Module):
         self.requested_backend = "auto"
         self._backend: Backend | None = None
         self._prepared: tuple[Any, Any] | None = None
+        self._pair: Any = None
 
     @classmethod
     def from_factors(
@@ -120,6 +121,7 @@ class DSFLinear(nn.Module):
         self.requested_backend = name
         self._backend = None
         self._prepared = None
+        self._pair = None
 
     def prepare(self, dtype: torch.dtype | None = None) -> None:
         """Choose the backend for the current device and build its operands once."""
@@ -129,6 +131,8 @@ class DSFLinear(nn.Module):
         right = None if self.R is None else backend.prepare(self.fmt, self.R.stored(), self.R.shape, dtype)
         self._prepared = (right, backend.prepare(self.fmt, self.L.stored(), self.L.shape, dtype))
         self._backend = backend
+        # L (R x) in one kernel call for x of any leading dimensions, where the backend has it
+        self._pair = getattr(backend, "pair", None) if right is not None else None
 
     @property
     def prepared_operands(self) -> tuple:
@@ -138,23 +142,23 @@ class DSFLinear(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._prepared = None  # device or dtype may change: rebuild lazily
         self._backend = None
+        self._pair = None
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepared is None:
             self.prepare(x.dtype)
         right, left = self._prepared
-        h = x.reshape(-1, self.in_features)  # (N, in)
-        pair = getattr(self._backend, "pair", None)  # L (R x) in one kernel call, where the backend has it
-        if right is not None and pair is not None:
-            y = pair(right, left, h)  # (N, out)
+        if self._pair is not None:
+            y = self._pair(right, left, x)  # (..., out)
         else:
+            h = x.reshape(-1, self.in_features)  # (N, in)
             if right is not None:
                 h = self._backend.matmul(right, h)  # (N, rank)
-            y = self._backend.matmul(left, h)  # (N, out)
+            y = self._backend.matmul(left, h).reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y
 
     def nbytes(self) -> int:
         extra = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0

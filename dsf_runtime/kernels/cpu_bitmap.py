@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -325,6 +326,10 @@ class Prepared:
     # and the plan's codes (from ``paths``).
     tensors: list[torch.Tensor] = field(init=False, repr=False)
     plan: list[int] = field(init=False, repr=False, default_factory=list)
+    # The operands bound in the op library (bitmap_bind), 0 before a plan exists: eager
+    # calls pass this handle instead of the lists above (see bitmap_pair_bound).
+    handle: int = field(init=False, repr=False, default=0)
+    _release: weakref.finalize | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self.sync()
@@ -339,6 +344,29 @@ class Prepared:
             self.columns if self.columns is not None else _NO_COLUMNS,
         ]
         self.plan = self.paths.codes() if self.paths is not None else []
+        self._bind()
+
+    def _bind(self) -> None:
+        """Bind the current operands (releasing any earlier binding); unbound when this
+        object is collected."""
+        if self._release is not None:
+            self._release()
+        self.handle, self._release = 0, None
+        if self.plan and _LOADED:
+            unbind = cpu_ops.ops().bitmap_unbind
+            self.handle = cpu_ops.ops().bitmap_bind(self.tensors, self.cols, self.plan)
+            self._release = weakref.finalize(self, unbind, self.handle)
+            self._release.atexit = False  # the op library may be gone at interpreter exit
+
+    def __getstate__(self) -> dict:
+        # a copy binds its own operands: a shared handle would die with the original
+        state = {k: v for k, v in self.__dict__.items() if k not in ("handle", "_release")}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.handle, self._release = 0, None
+        self._bind()
 
     @property
     def nvalues(self) -> int:
@@ -483,5 +511,11 @@ class CPUBitmapBackend:
         return torch.ops.dsf.bitmap_spmm(x, p.tensors, p.cols, p.plan)
 
     def pair(self, right: Prepared, left: Prepared, x: torch.Tensor) -> torch.Tensor:
-        """L (R x) for x (n, right.cols) -> (n, left.rows) in one op (``bitmap_pair``)."""
-        return torch.ops.dsf.bitmap_pair(x, right.tensors, right.cols, right.plan, left.tensors, left.cols, left.plan)
+        """L (R x) for x (..., right.cols) -> (..., left.rows) in one op: eager calls pass
+        the bound operands' handles (``bitmap_pair_bound``), traced ones (torch.compile,
+        torch.export) the operands themselves (``bitmap_pair``), so graphs stay portable."""
+        if right.handle and left.handle and not torch.compiler.is_compiling():
+            return torch.ops.dsf.bitmap_pair_bound.default(x, right.handle, left.handle, left.rows)
+        h = x.reshape(-1, x.shape[-1])  # (N, cols)
+        y = torch.ops.dsf.bitmap_pair(h, right.tensors, right.cols, right.plan, left.tensors, left.cols, left.plan)
+        return y.reshape(*x.shape[:-1], left.rows)

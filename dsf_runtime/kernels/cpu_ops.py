@@ -139,6 +139,10 @@ def _register_fakes(namespace: str) -> None:
     def _pair_fake(x, right, right_cols, right_plan, left, left_cols, left_plan):  # (n, in) -> (n, out)
         return x.new_empty(x.shape[0], left[1].shape[0] - 1)
 
+    @torch.library.register_fake(f"{namespace}::bitmap_pair_bound")
+    def _pair_bound_fake(x, right, left, rows):  # (..., in) -> (..., rows)
+        return x.new_empty(*x.shape[:-1], rows)
+
     @torch.library.register_fake(f"{namespace}::dense_linear")
     def _dense_fake(x, weight):  # (n, k) -> (n, rows)
         return x.new_empty(x.shape[0], weight.shape[0])

@@ -526,6 +526,62 @@ def test_a_compiled_model_matches_eager():
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
 
 
+def _bound_layer(seed: int = 0, out: int = 40, rank: int = 24, inp: int = 33) -> DSFLinear:
+    g = torch.Generator().manual_seed(seed)
+    L = torch.randn(out, rank, generator=g) * (torch.rand(out, rank, generator=g) < 0.4)
+    R = torch.randn(rank, inp, generator=g) * (torch.rand(rank, inp, generator=g) < 0.4)
+    layer = DSFLinear.from_factors(L, R, None, value_dtype=torch.bfloat16)
+    layer.prepare()
+    return layer
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (3,), (2, 1), (2, 5, 1)])
+def test_bound_pair_matches_the_operand_lists(lead):
+    """Eager calls pass handles; the result is the list op's, bit for bit, for x of any
+    leading dimensions (flattened in C++)."""
+    layer = _bound_layer()
+    right, left = layer.prepared_operands
+    assert right.handle and left.handle and right.handle != left.handle
+    x = torch.randn(*lead, 33, generator=torch.Generator().manual_seed(1))
+    got = torch.ops.dsf.bitmap_pair_bound(x, right.handle, left.handle, left.rows)
+    h = x.reshape(-1, 33)
+    want = torch.ops.dsf.bitmap_pair(h, right.tensors, right.cols, right.plan, left.tensors, left.cols, left.plan)
+    assert got.shape == (*lead, 40)
+    assert torch.equal(got.reshape(-1, 40), want)
+    torch.testing.assert_close(layer(x), want.reshape(*lead, 40))
+
+
+def test_bound_handles_are_released_and_checked():
+    """A handle dies with its operands (a stale one is a clear error, never a read of freed
+    memory); a deep copy binds its own and outlives the original; re-deciding the paths
+    rebinds; wrong output widths and chains are refused."""
+    import copy
+    import gc
+
+    layer = _bound_layer()
+    right, left = layer.prepared_operands
+    x = torch.randn(2, 33)
+    want = layer(x)
+    clone = copy.deepcopy(layer)
+    c_right, c_left = clone.prepared_operands
+    assert {c_right.handle, c_left.handle}.isdisjoint({right.handle, left.handle})
+    with pytest.raises(RuntimeError, match="the left factor has 40 rows, not 41"):
+        torch.ops.dsf.bitmap_pair_bound(x, right.handle, left.handle, 41)
+    with pytest.raises(RuntimeError, match="the left factor takes 24 columns; the right one gives 40"):
+        torch.ops.dsf.bitmap_pair_bound(torch.randn(2, 24), left.handle, left.handle, 40)
+    old = left.handle
+    backend.refresh(left)  # new paths: a new binding, the old one released
+    assert left.handle != old
+    with pytest.raises(RuntimeError, match=f"no bound cpu-bitmap factor {old}"):
+        torch.ops.dsf.bitmap_pair_bound(x, right.handle, old, 40)
+    handles = (right.handle, left.handle)
+    del layer, right, left
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no bound cpu-bitmap factor"):
+        torch.ops.dsf.bitmap_pair_bound(x, *handles, 40)
+    torch.testing.assert_close(clone(x), want, rtol=0, atol=0)
+
+
 def _plan(**ns):
     names = dict(zip(("zb", "yb", "ab", "zf", "af", "zd", "yd", "zn", "an"), cpu_bitmap.PLAN_CANDIDATES))
     return cpu_bitmap.PathPlan({names[k]: v for k, v in ns.items()})
