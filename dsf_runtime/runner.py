@@ -15,13 +15,15 @@ nn.Linear, MLP) and only replaces the attention bookkeeping:
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsf_runtime.errors import UnsupportedModelError
-from dsf_runtime.kernels import dense_cpu
+from dsf_runtime.kernels import cpu_ops, dense_cpu
+from dsf_runtime.linear import DSFLinear
 from dsf_runtime.models import ARCHITECTURES
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,52 @@ def _apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     """q (B, H, T, d), k (B, KV, T, d); cos/sin (B, T, d)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+# The architecture table's RMSNorm and gated-MLP classes: weight * (x * rsqrt(mean(x^2) + eps))
+# and down(act(gate(x)) * up(x)), as the fused MLP block op computes them.
+_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
+_GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})
+_SILUS = frozenset({"SiLU", "SiLUActivation"})  # torch's and transformers' (F.silu)
+
+
+def _mlp_block(layer: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x + mlp(post_attention_layernorm(x)) for one decoder layer: one op (mlp_block_bound)
+    where the norm is RMSNorm, the activation SiLU, the activations fp32 and gate, up and
+    down bias-free DSF pairs on cpu-bitmap; the modules themselves otherwise, and whenever
+    a projection has no bound operands at call time (moved, or not yet run)."""
+    norm, mlp = layer.post_attention_layernorm, layer.mlp
+
+    def modules(x: torch.Tensor) -> torch.Tensor:
+        return x + mlp(norm(x))
+
+    projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if (
+        type(norm).__name__ not in _RMS_NORMS
+        or type(mlp).__name__ not in _GATED_MLPS
+        or type(getattr(mlp, "act_fn", None)).__name__ not in _SILUS
+        or dtype != torch.float32
+        or not all(isinstance(p, DSFLinear) and p.R is not None and p.bias is None for p in projections)
+    ):
+        return modules
+    for p in projections:
+        if p._prepared is None:
+            p.prepare(dtype)
+    if any(p.backend_name != "cpu-bitmap" for p in projections):
+        return modules
+    op = cpu_ops.ops().mlp_block_bound.default
+    weight, eps = norm.weight, float(norm.variance_epsilon)
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        handles = []
+        for p in projections:
+            prepared = p._prepared
+            if prepared is None or not (prepared[0].handle and prepared[1].handle):
+                return modules(x)
+            handles += (prepared[0].handle, prepared[1].handle)
+        return op(x, weight, eps, handles)
+
+    return fused
 
 
 class ModelRunner:
@@ -59,6 +107,8 @@ class ModelRunner:
         self.norm = inner.norm
         self.rotary = inner.rotary_emb
         self.lm_head = dense_cpu.output_layer(model.lm_head)  # the op for an fp32 output layer on CPU
+        self.dtype = self.embed.weight.dtype
+        self.mlp_blocks = [_mlp_block(layer, self.dtype) for layer in self.layers]  # x -> x + mlp(norm(x))
         first = self.layers[0].self_attn
         self.head_dim = first.head_dim
         self.n_heads = config.num_attention_heads
@@ -74,7 +124,6 @@ class ModelRunner:
         self.slots = slots
         param = next(model.parameters())
         self.device = param.device
-        self.dtype = self.embed.weight.dtype
         shape = (len(self.layers), slots, self.n_kv, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -121,7 +170,7 @@ class ModelRunner:
             self.v_cache[i, slot, :, :T] = v[0]
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(1, T, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = self.mlp_blocks[i](x)
         return self._finish(x[0, -1:])[0]
 
     @torch.inference_mode()
@@ -149,7 +198,7 @@ class ModelRunner:
             values = self.v_cache[i, :B, :, :span]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = self.mlp_blocks[i](x)
         return self._finish(x[:, 0])
 
     def clear(self, slot: int | None = None) -> None:

@@ -143,6 +143,10 @@ def _register_fakes(namespace: str) -> None:
     def _pair_bound_fake(x, right, left, rows):  # (..., in) -> (..., rows)
         return x.new_empty(*x.shape[:-1], rows)
 
+    @torch.library.register_fake(f"{namespace}::mlp_block_bound")
+    def _mlp_block_fake(x, norm_weight, eps, handles):  # (..., hidden) -> (..., hidden)
+        return torch.empty_like(x)
+
     @torch.library.register_fake(f"{namespace}::dense_linear")
     def _dense_fake(x, weight):  # (n, k) -> (n, rows)
         return x.new_empty(x.shape[0], weight.shape[0])

@@ -582,6 +582,32 @@ def test_bound_handles_are_released_and_checked():
     torch.testing.assert_close(clone(x), want, rtol=0, atol=0)
 
 
+def test_mlp_block_matches_float64_and_checks_its_operands():
+    """x + down(silu(gate(h)) * up(h)), h the RMS-normed x: within fp32 error of a float64
+    computation of the same factors, including gate values whose exp overflows; bad
+    operands are clear errors."""
+    gate, up = _bound_layer(1, 56, 24, 33), _bound_layer(2, 56, 20, 33)
+    down = _bound_layer(3, 33, 24, 56)
+    weight = torch.randn(33, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(3, 1, 33, generator=torch.Generator().manual_seed(5)) * 30  # large |gate| values
+    handles = [p.handle for layer in (gate, up, down) for p in layer.prepared_operands]
+    got = torch.ops.dsf.mlp_block_bound(x, weight, 1e-5, handles)
+    xd = x.double()
+    h = weight.double() * (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5))
+    g, u = h @ gate.to_dense_weight().double().t(), h @ up.to_dense_weight().double().t()
+    want = xd + (torch.nn.functional.silu(g) * u) @ down.to_dense_weight().double().t()
+    assert got.shape == x.shape
+    assert _relative_error(got, want) < 1e-5
+    with pytest.raises(RuntimeError, match="takes 6 handles"):
+        torch.ops.dsf.mlp_block_bound(x, weight, 1e-5, handles[:4])
+    with pytest.raises(RuntimeError, match="fp32 CPU tensors"):
+        torch.ops.dsf.mlp_block_bound(x.bfloat16(), weight, 1e-5, handles)
+    with pytest.raises(RuntimeError, match=r"x \(\.\.\., 33\)"):
+        torch.ops.dsf.mlp_block_bound(torch.randn(2, 32), weight, 1e-5, handles)
+    with pytest.raises(RuntimeError, match="gate and up map 33 features"):
+        torch.ops.dsf.mlp_block_bound(x, weight, 1e-5, handles[2:4] + handles[:2] + handles[:2])
+
+
 def _plan(**ns):
     names = dict(zip(("zb", "yb", "ab", "zf", "af", "zd", "yd", "zn", "an"), cpu_bitmap.PLAN_CANDIDATES))
     return cpu_bitmap.PathPlan({names[k]: v for k, v in ns.items()})

@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -248,6 +249,49 @@ at::Tensor bitmap_pair_bound(const at::Tensor& x, int64_t right, int64_t left, i
   return spmm(spmm(x.reshape({-1, x.size(-1)}), r->f, r->plan), l->f, l->plan).view(shape);
 }
 
+// A LLaMA MLP block on bound factor pairs, x + down(silu(gate(h)) * up(h)) with
+// h = weight * (x * rsqrt(mean(x^2) + eps)) (RMSNorm in transformers' order), fp32 x
+// (..., hidden); ``handles`` = [gate R, gate L, up R, up L, down R, down L]. One op instead
+// of the ten the Python block makes (norm, three layers, activation, product, residual),
+// whose dispatch costs more than their work at decode batches.
+at::Tensor mlp_block_bound(const at::Tensor& x, const at::Tensor& weight, double eps, at::IntArrayRef handles) {
+  TORCH_CHECK(handles.size() == 6, "mlp_block_bound takes 6 handles (gate, up, down: R then L), got ", handles.size());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                  weight.device().is_cpu(),
+              "mlp_block_bound takes fp32 CPU tensors");
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0), "mlp_block_bound: x (..., ",
+              weight.size(0), ") for a norm weight of ", weight.size(0), ", got ", x.sizes());
+  std::shared_ptr<const Bound> f[6];
+  for (int i = 0; i < 6; ++i) f[i] = bound_factor(handles[i]);
+  const int64_t hidden = weight.size(0);
+  for (int i = 0; i < 6; i += 2)
+    TORCH_CHECK(f[i + 1]->f.cols == f[i]->f.rows, "mlp_block_bound: a pair's factors do not chain");
+  TORCH_CHECK(f[0]->f.cols == hidden && f[2]->f.cols == hidden && f[1]->f.rows == f[3]->f.rows &&
+                  f[4]->f.cols == f[1]->f.rows && f[5]->f.rows == hidden,
+              "mlp_block_bound: gate and up map ", hidden, " features to the width down takes, down back to ", hidden);
+  const at::Tensor xc = x.reshape({-1, hidden}).contiguous();
+  const int64_t n = xc.size(0);
+  at::Tensor h = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = weight.contiguous().data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  for (int64_t b = 0; b < n; ++b) {
+    const float* xr = xp + b * hidden;
+    float ss = 0.f;
+    for (int64_t c = 0; c < hidden; ++c) ss += xr[c] * xr[c];
+    const float inv = 1.f / std::sqrt(ss / float(hidden) + float(eps));
+    for (int64_t c = 0; c < hidden; ++c) hp[b * hidden + c] = wp[c] * (xr[c] * inv);
+  }
+  at::Tensor g = spmm(spmm(h, f[0]->f, f[0]->plan), f[1]->f, f[1]->plan);  // (n, inter)
+  const at::Tensor u = spmm(spmm(h, f[2]->f, f[2]->plan), f[3]->f, f[3]->plan);
+  float* gp = g.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  for (int64_t i = 0, e = g.numel(); i < e; ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * up[i];
+  at::Tensor y = spmm(spmm(g, f[4]->f, f[4]->plan), f[5]->f, f[5]->plan);  // (n, hidden)
+  y.add_(xc);
+  return y.view(x.sizes());
+}
+
 // The path (and instruction family) bitmap_spmm takes for n rows of x in ``dtype``, e.g.
 // "words avx2", "nonzeros avx512", "columns avx2", "dot avx512-256": what benchmarks print.
 std::string bitmap_path(int64_t n, at::ScalarType dtype, const std::vector<at::Tensor>& factor, int64_t cols,
@@ -334,6 +378,7 @@ DSF_LIBRARY(DSF_OP_NAMESPACE, m) {
   m.def("bitmap_bind(Tensor[] factor, int cols, int[] plan) -> int", &dsf::bitmap_bind);
   m.def("bitmap_unbind(int handle) -> ()", &dsf::bitmap_unbind);
   m.def("bitmap_pair_bound(Tensor x, int right, int left, int rows) -> Tensor");
+  m.def("mlp_block_bound(Tensor x, Tensor norm_weight, float eps, int[] handles) -> Tensor");
   m.def("bitmap_path(int n, ScalarType dtype, Tensor[] factor, int cols, int[] plan) -> str", &dsf::bitmap_path);
   m.def("bitmap_columns(Tensor bitmap, Tensor row_offsets, int cols) -> Tensor");
   m.def("plan_paths() -> (str[], float[])", &dsf::plan_paths);
@@ -345,6 +390,7 @@ DSF_LIBRARY_IMPL(DSF_OP_NAMESPACE, CPU, m) {
   m.impl("bitmap_spmm", &dsf::bitmap_spmm);
   m.impl("bitmap_pair", &dsf::bitmap_pair);
   m.impl("bitmap_pair_bound", &dsf::bitmap_pair_bound);
+  m.impl("mlp_block_bound", &dsf::mlp_block_bound);
   m.impl("bitmap_check", &dsf::bitmap_check);
   m.impl("bitmap_columns", &dsf::bitmap_columns);
   m.impl("dense_linear", &dsf::dense_linear);
