@@ -49,11 +49,36 @@ _GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})
 _SILUS = frozenset({"SiLU", "SiLUActivation"})  # torch's and transformers' (F.silu)
 
 
+def _fusable(norm: nn.Module, projections: list, dtype: torch.dtype) -> bool:
+    """Whether a block's norm and projections are what the fused block ops compute: the
+    architecture's RMSNorm, fp32 activations, bias-free DSF pairs prepared on cpu-bitmap."""
+    if (
+        type(norm).__name__ not in _RMS_NORMS
+        or dtype != torch.float32
+        or not all(isinstance(p, DSFLinear) and p.R is not None and p.bias is None for p in projections)
+    ):
+        return False
+    for p in projections:
+        if p._prepared is None:
+            p.prepare(dtype)
+    return all(p.backend_name == "cpu-bitmap" for p in projections)
+
+
+def _bound_handles(projections: list) -> list[int] | None:
+    """The projections' bound operands (R then L each), or None where one has none now
+    (moved, re-prepared or not yet run): the caller then runs the modules."""
+    handles = []
+    for p in projections:
+        prepared = p._prepared
+        if prepared is None or not (prepared[0].handle and prepared[1].handle):
+            return None
+        handles += (prepared[0].handle, prepared[1].handle)
+    return handles
+
+
 def _mlp_block(layer: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """x + mlp(post_attention_layernorm(x)) for one decoder layer: one op (mlp_block_bound)
-    where the norm is RMSNorm, the activation SiLU, the activations fp32 and gate, up and
-    down bias-free DSF pairs on cpu-bitmap; the modules themselves otherwise, and whenever
-    a projection has no bound operands at call time (moved, or not yet run)."""
+    where the block is a gated SiLU MLP that _fusable accepts, the modules otherwise."""
     norm, mlp = layer.post_attention_layernorm, layer.mlp
 
     def modules(x: torch.Tensor) -> torch.Tensor:
@@ -61,29 +86,17 @@ def _mlp_block(layer: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor],
 
     projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     if (
-        type(norm).__name__ not in _RMS_NORMS
-        or type(mlp).__name__ not in _GATED_MLPS
+        type(mlp).__name__ not in _GATED_MLPS
         or type(getattr(mlp, "act_fn", None)).__name__ not in _SILUS
-        or dtype != torch.float32
-        or not all(isinstance(p, DSFLinear) and p.R is not None and p.bias is None for p in projections)
+        or not _fusable(norm, projections, dtype)
     ):
-        return modules
-    for p in projections:
-        if p._prepared is None:
-            p.prepare(dtype)
-    if any(p.backend_name != "cpu-bitmap" for p in projections):
         return modules
     op = cpu_ops.ops().mlp_block_bound.default
     weight, eps = norm.weight, float(norm.variance_epsilon)
 
     def fused(x: torch.Tensor) -> torch.Tensor:
-        handles = []
-        for p in projections:
-            prepared = p._prepared
-            if prepared is None or not (prepared[0].handle and prepared[1].handle):
-                return modules(x)
-            handles += (prepared[0].handle, prepared[1].handle)
-        return op(x, weight, eps, handles)
+        handles = _bound_handles(projections)
+        return modules(x) if handles is None else op(x, weight, eps, handles)
 
     return fused
 
@@ -127,6 +140,7 @@ class ModelRunner:
         shape = (len(self.layers), slots, self.n_kv, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.attn_inputs = [self._attn_inputs(i) for i in range(len(self.layers))]
 
     @staticmethod
     def _sliding_window(config) -> int | None:
@@ -147,6 +161,36 @@ class ModelRunner:
         k = attn.k_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = attn.v_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         return q, k, v
+
+    def _attn_inputs(self, i: int) -> Callable[..., torch.Tensor]:
+        """Layer i's decode-step attention inputs, (x, cos, sin, pos, slots) -> q (B, H, 1, d)
+        with k and v written into the cache: one op (attn_inputs_bound) where the norm and
+        the bias-free q/k/v projections are what it computes, the modules otherwise."""
+        layer = self.layers[i]
+        attn, norm = layer.self_attn, layer.input_layernorm
+
+        def modules(x, cos, sin, pos, slots):
+            q, k, v = self._project(attn, norm(x), pos)
+            q, k = _apply_rotary(q, k, cos, sin)
+            self.k_cache[i, slots, :, pos] = k[:, :, 0]
+            self.v_cache[i, slots, :, pos] = v[:, :, 0]
+            return q
+
+        projections = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+        if not _fusable(norm, projections, self.dtype):
+            return modules
+        op = cpu_ops.ops().attn_inputs_bound.default
+        weight, eps = norm.weight, float(norm.variance_epsilon)
+        k_cache, v_cache = self.k_cache[i], self.v_cache[i]  # (slots, kv_heads, max_len, d) views
+        heads, kv_heads = self.n_heads, self.n_kv
+
+        def fused(x, cos, sin, pos, slots):
+            handles = _bound_handles(projections)
+            if handles is None:
+                return modules(x, cos, sin, pos, slots)
+            return op(x, weight, eps, handles, cos, sin, k_cache, v_cache, pos, heads, kv_heads)
+
+        return fused
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, hidden) -> logits (B, vocab) in fp32."""
@@ -190,10 +234,7 @@ class ModelRunner:
         cos, sin = self.rotary(x, pos.unsqueeze(1))
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self._project(attn, layer.input_layernorm(x), pos)
-            q, k = _apply_rotary(q, k, cos, sin)
-            self.k_cache[i, slots, :, pos] = k[:, :, 0]
-            self.v_cache[i, slots, :, pos] = v[:, :, 0]
+            q = self.attn_inputs[i](x, cos, sin, pos, slots)  # k and v go into the cache
             keys = self.k_cache[i, :B, :, :span]
             values = self.v_cache[i, :B, :, :span]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)

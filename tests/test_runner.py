@@ -64,9 +64,9 @@ def test_unsupported_architecture_is_a_clear_error():
         ModelRunner(model, slots=1)
 
 
-def test_dsf_mlp_blocks_run_as_one_op_and_match_transformers():
-    """A DSF model's MLP blocks (RMSNorm, SiLU, cpu-bitmap pairs, fp32) take the fused
-    op; the runner still equals the transformers forward of the same modules, also after
+def test_dsf_blocks_run_as_one_op_each_and_match_transformers():
+    """A DSF model's MLP blocks and decode-step attention inputs (RMSNorm, SiLU, rotary,
+    cache writes; cpu-bitmap pairs, fp32) take the fused ops; the runner still equals the transformers forward of the same modules, also after
     a move drops the bound operands mid-run (the block falls back to the modules for
     that call and binds again)."""
     from dsf_runtime.kernels import BACKENDS
@@ -77,6 +77,7 @@ def test_dsf_mlp_blocks_run_as_one_op_and_match_transformers():
     model = tiny_dsf_llama()
     runner = ModelRunner(model, slots=2, max_len=48)
     assert {block.__name__ for block in runner.mlp_blocks} == {"fused"}
+    assert {inputs.__name__ for inputs in runner.attn_inputs} == {"fused"}
     prompts = [list(range(3, 20)), list(range(40, 49))]
     for slot, ids in enumerate(prompts):
         torch.testing.assert_close(runner.prefill(slot, ids), _reference(model, ids), rtol=1e-4, atol=1e-4)
@@ -86,5 +87,6 @@ def test_dsf_mlp_blocks_run_as_one_op_and_match_transformers():
     model.float()  # every DSFLinear drops its prepared operands
     row = runner.decode([7], [len(prompts[0]) + 1])[0]
     torch.testing.assert_close(row, _reference(model, prompts[0] + [5, 7]), rtol=1e-4, atol=1e-4)
-    assert ModelRunner(tiny_dsf_llama().to(torch.bfloat16), slots=1).mlp_blocks[0].__name__ == "modules"
-    assert ModelRunner(make_tiny_llama(300), slots=1).mlp_blocks[0].__name__ == "modules"
+    for other in (tiny_dsf_llama().to(torch.bfloat16), make_tiny_llama(300)):
+        runner = ModelRunner(other, slots=1)
+        assert (runner.mlp_blocks[0].__name__, runner.attn_inputs[0].__name__) == ("modules", "modules")

@@ -147,6 +147,10 @@ def _register_fakes(namespace: str) -> None:
     def _mlp_block_fake(x, norm_weight, eps, handles):  # (..., hidden) -> (..., hidden)
         return torch.empty_like(x)
 
+    @torch.library.register_fake(f"{namespace}::attn_inputs_bound")
+    def _attn_inputs_fake(x, norm_weight, eps, handles, cos, sin, k_cache, v_cache, pos, heads, kv_heads):
+        return x.new_empty(x.shape[0], heads, 1, k_cache.shape[-1])  # q (n, heads, 1, head_dim)
+
     @torch.library.register_fake(f"{namespace}::dense_linear")
     def _dense_fake(x, weight):  # (n, k) -> (n, rows)
         return x.new_empty(x.shape[0], weight.shape[0])

@@ -608,6 +608,59 @@ def test_mlp_block_matches_float64_and_checks_its_operands():
         torch.ops.dsf.mlp_block_bound(x, weight, 1e-5, handles[2:4] + handles[:2] + handles[:2])
 
 
+def test_attn_inputs_write_the_cache_and_refuse_bad_positions():
+    """q/k/v of the RMS-normed x with rotary on q and k, k and v written at each row's slot
+    and position (nothing else touched), against float64; a position outside the cache,
+    wrong dtypes or shapes are errors before anything is written."""
+    heads, kv_heads, d, hidden = 4, 2, 8, 33
+    q_l, k_l, v_l = (
+        _bound_layer(i, rows, 16, hidden) for i, rows in ((1, heads * d), (2, kv_heads * d), (3, kv_heads * d))
+    )
+    handles = [p.handle for layer in (q_l, k_l, v_l) for p in layer.prepared_operands]
+    g = torch.Generator().manual_seed(6)
+    weight, x = torch.randn(hidden, generator=g), torch.randn(2, 1, hidden, generator=g)
+    angles = torch.rand(2, 1, d // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # (2, 1, d)
+    k_cache, v_cache = torch.zeros(3, kv_heads, 10, d), torch.zeros(3, kv_heads, 10, d)
+    pos = torch.tensor([4, 9])
+    q = torch.ops.dsf.attn_inputs_bound(x, weight, 1e-5, handles, cos, sin, k_cache, v_cache, pos, heads, kv_heads)
+
+    xd = x.double()[:, 0]
+    h = weight.double() * (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+    def rotated(layer, n):  # (2, n, d)
+        t = (h @ layer.to_dense_weight().double().t()).view(2, n, d)
+        c, s_ = cos.double(), sin.double()
+        return t * c + torch.cat([-t[..., d // 2 :], t[..., : d // 2]], -1) * s_
+
+    assert _relative_error(q[:, :, 0], rotated(q_l, heads)) < 1e-5
+    assert _relative_error(k_cache[[0, 1], :, [4, 9]], rotated(k_l, kv_heads)) < 1e-5
+    v_want = (h @ v_l.to_dense_weight().double().t()).view(2, kv_heads, d)
+    assert _relative_error(v_cache[[0, 1], :, [4, 9]], v_want) < 1e-5
+    assert int((k_cache != 0).sum()) == int((k_cache[[0, 1], :, [4, 9]] != 0).sum())  # nothing else written
+    before = k_cache.clone()
+    args = (cos, sin, k_cache, v_cache)
+    with pytest.raises(RuntimeError, match="position 10 outside the cache's 10"):
+        torch.ops.dsf.attn_inputs_bound(x, weight, 1e-5, handles, *args, torch.tensor([0, 10]), heads, kv_heads)
+    with pytest.raises(RuntimeError, match="position -1 outside"):
+        torch.ops.dsf.attn_inputs_bound(x, weight, 1e-5, handles, *args, torch.tensor([-1, 0]), heads, kv_heads)
+    with pytest.raises(RuntimeError, match="int64 positions"):
+        torch.ops.dsf.attn_inputs_bound(
+            x, weight, 1e-5, handles, *args, torch.tensor([1, 2], dtype=torch.int32), heads, kv_heads
+        )
+    with pytest.raises(RuntimeError, match="caches"):
+        torch.ops.dsf.attn_inputs_bound(
+            x, weight, 1e-5, handles, cos, sin, k_cache[:1], v_cache[:1], pos, heads, kv_heads
+        )
+    with pytest.raises(RuntimeError, match="q, k, v map 33 features to 2 and 2 heads"):
+        torch.ops.dsf.attn_inputs_bound(x, weight, 1e-5, handles, *args, pos, 2, kv_heads)
+    with pytest.raises(RuntimeError, match="fp32 CPU tensors"):
+        torch.ops.dsf.attn_inputs_bound(
+            x, weight, 1e-5, handles, cos, sin, k_cache.double(), v_cache, pos, heads, kv_heads
+        )
+    assert torch.equal(k_cache, before)
+
+
 def _plan(**ns):
     names = dict(zip(("zb", "yb", "ab", "zf", "af", "zd", "yd", "zn", "an"), cpu_bitmap.PLAN_CANDIDATES))
     return cpu_bitmap.PathPlan({names[k]: v for k, v in ns.items()})

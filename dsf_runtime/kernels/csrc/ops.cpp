@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <memory>
 #include <mutex>
@@ -249,31 +250,12 @@ at::Tensor bitmap_pair_bound(const at::Tensor& x, int64_t right, int64_t left, i
   return spmm(spmm(x.reshape({-1, x.size(-1)}), r->f, r->plan), l->f, l->plan).view(shape);
 }
 
-// A LLaMA MLP block on bound factor pairs, x + down(silu(gate(h)) * up(h)) with
-// h = weight * (x * rsqrt(mean(x^2) + eps)) (RMSNorm in transformers' order), fp32 x
-// (..., hidden); ``handles`` = [gate R, gate L, up R, up L, down R, down L]. One op instead
-// of the ten the Python block makes (norm, three layers, activation, product, residual),
-// whose dispatch costs more than their work at decode batches.
-at::Tensor mlp_block_bound(const at::Tensor& x, const at::Tensor& weight, double eps, at::IntArrayRef handles) {
-  TORCH_CHECK(handles.size() == 6, "mlp_block_bound takes 6 handles (gate, up, down: R then L), got ", handles.size());
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.device().is_cpu() &&
-                  weight.device().is_cpu(),
-              "mlp_block_bound takes fp32 CPU tensors");
-  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0), "mlp_block_bound: x (..., ",
-              weight.size(0), ") for a norm weight of ", weight.size(0), ", got ", x.sizes());
-  std::shared_ptr<const Bound> f[6];
-  for (int i = 0; i < 6; ++i) f[i] = bound_factor(handles[i]);
-  const int64_t hidden = weight.size(0);
-  for (int i = 0; i < 6; i += 2)
-    TORCH_CHECK(f[i + 1]->f.cols == f[i]->f.rows, "mlp_block_bound: a pair's factors do not chain");
-  TORCH_CHECK(f[0]->f.cols == hidden && f[2]->f.cols == hidden && f[1]->f.rows == f[3]->f.rows &&
-                  f[4]->f.cols == f[1]->f.rows && f[5]->f.rows == hidden,
-              "mlp_block_bound: gate and up map ", hidden, " features to the width down takes, down back to ", hidden);
-  const at::Tensor xc = x.reshape({-1, hidden}).contiguous();
-  const int64_t n = xc.size(0);
-  at::Tensor h = at::empty_like(xc);
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = weight.contiguous().data_ptr<float>();
+// RMSNorm of each row of x (n, hidden) fp32 in transformers' order: weight * (x * rsqrt(mean(x^2) + eps)).
+at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t n = x.size(0), hidden = x.size(1);
+  at::Tensor h = at::empty_like(x);
+  const at::Tensor w = weight.contiguous();
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* hp = h.data_ptr<float>();
   for (int64_t b = 0; b < n; ++b) {
     const float* xr = xp + b * hidden;
@@ -282,6 +264,35 @@ at::Tensor mlp_block_bound(const at::Tensor& x, const at::Tensor& weight, double
     const float inv = 1.f / std::sqrt(ss / float(hidden) + float(eps));
     for (int64_t c = 0; c < hidden; ++c) hp[b * hidden + c] = wp[c] * (xr[c] * inv);
   }
+  return h;
+}
+
+std::array<std::shared_ptr<const Bound>, 6> bound_six(at::IntArrayRef handles, const char* op) {
+  TORCH_CHECK(handles.size() == 6, op, " takes 6 handles (three pairs: R then L), got ", handles.size());
+  std::array<std::shared_ptr<const Bound>, 6> f;
+  for (int i = 0; i < 6; ++i) f[i] = bound_factor(handles[i]);
+  for (int i = 0; i < 6; i += 2) TORCH_CHECK(f[i + 1]->f.cols == f[i]->f.rows, op, ": a pair's factors do not chain");
+  return f;
+}
+
+// A LLaMA MLP block on bound factor pairs, x + down(silu(gate(h)) * up(h)) with
+// h = weight * (x * rsqrt(mean(x^2) + eps)) (RMSNorm in transformers' order), fp32 x
+// (..., hidden); ``handles`` = [gate R, gate L, up R, up L, down R, down L]. One op instead
+// of the ten the Python block makes (norm, three layers, activation, product, residual),
+// whose dispatch costs more than their work at decode batches.
+at::Tensor mlp_block_bound(const at::Tensor& x, const at::Tensor& weight, double eps, at::IntArrayRef handles) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                  weight.device().is_cpu(),
+              "mlp_block_bound takes fp32 CPU tensors");
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0), "mlp_block_bound: x (..., ",
+              weight.size(0), ") for a norm weight of ", weight.size(0), ", got ", x.sizes());
+  const auto f = bound_six(handles, "mlp_block_bound");
+  const int64_t hidden = weight.size(0);
+  TORCH_CHECK(f[0]->f.cols == hidden && f[2]->f.cols == hidden && f[1]->f.rows == f[3]->f.rows &&
+                  f[4]->f.cols == f[1]->f.rows && f[5]->f.rows == hidden,
+              "mlp_block_bound: gate and up map ", hidden, " features to the width down takes, down back to ", hidden);
+  const at::Tensor xc = x.reshape({-1, hidden}).contiguous();
+  const at::Tensor h = rms_norm_rows(xc, weight, eps);
   at::Tensor g = spmm(spmm(h, f[0]->f, f[0]->plan), f[1]->f, f[1]->plan);  // (n, inter)
   const at::Tensor u = spmm(spmm(h, f[2]->f, f[2]->plan), f[3]->f, f[3]->plan);
   float* gp = g.data_ptr<float>();
@@ -290,6 +301,62 @@ at::Tensor mlp_block_bound(const at::Tensor& x, const at::Tensor& weight, double
   at::Tensor y = spmm(spmm(g, f[4]->f, f[4]->plan), f[5]->f, f[5]->plan);  // (n, hidden)
   y.add_(xc);
   return y.view(x.sizes());
+}
+
+// A decode step's attention inputs for one layer on bound factor pairs: h = RMSNorm(x),
+// q, k, v = the q/k/v projections of h, rotary embedding on q and k (transformers' half
+// rotation: x * cos + rotate_half(x) * sin), k and v written into the layer's caches
+// (slots, kv_heads, max_len, head_dim) at row b's slot b and position pos[b]; returns q
+// (n, heads, 1, head_dim). x (n, 1, hidden) fp32; cos and sin (n, 1, head_dim); handles
+// = [q R, q L, k R, k L, v R, v L]. One op instead of the ~25 calls of the Python path.
+at::Tensor attn_inputs_bound(const at::Tensor& x, const at::Tensor& weight, double eps, at::IntArrayRef handles,
+                             const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                             const at::Tensor& pos, int64_t heads, int64_t kv_heads) {
+  const auto f = bound_six(handles, "attn_inputs_bound");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &weight, &cos, &sin, &k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "attn_inputs_bound takes fp32 CPU tensors");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && weight.dim() == 1 && x.size(2) == weight.size(0),
+              "attn_inputs_bound: x (n, 1, hidden) for a norm weight of ", weight.size(0), ", got ", x.sizes());
+  const int64_t n = x.size(0), hidden = x.size(2);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous() && k_cache.size(1) == kv_heads && k_cache.size(0) >= n,
+              "attn_inputs_bound: caches (slots >= ", n, ", ", kv_heads, ", max_len, head_dim), got ", k_cache.sizes());
+  const int64_t max_len = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK(d % 2 == 0 && cos.numel() == n * d && sin.numel() == n * d, "attn_inputs_bound: cos and sin (", n,
+              ", 1, ", d, ")");
+  TORCH_CHECK(f[0]->f.cols == hidden && f[2]->f.cols == hidden && f[4]->f.cols == hidden &&
+                  f[1]->f.rows == heads * d && f[3]->f.rows == kv_heads * d && f[5]->f.rows == kv_heads * d,
+              "attn_inputs_bound: q, k, v map ", hidden, " features to ", heads, " and ", kv_heads, " heads of ", d);
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == n, "attn_inputs_bound: pos holds ", n, " int64 positions");
+  const at::Tensor pc = pos.contiguous();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < n; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < max_len, "attn_inputs_bound: position ", pp[b], " outside the cache's ", max_len);
+  const at::Tensor h = rms_norm_rows(x.reshape({n, hidden}).contiguous(), weight, eps);
+  const at::Tensor q = spmm(spmm(h, f[0]->f, f[0]->plan), f[1]->f, f[1]->plan);  // (n, heads * d)
+  const at::Tensor k = spmm(spmm(h, f[2]->f, f[2]->plan), f[3]->f, f[3]->plan);  // (n, kv_heads * d)
+  const at::Tensor v = spmm(spmm(h, f[4]->f, f[4]->plan), f[5]->f, f[5]->plan);
+  const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  const float *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
+  at::Tensor out = at::empty({n, heads, 1, d}, x.options());
+  const int64_t half = d / 2;
+  // dst[j] = src[j] * cos[j] + rotate_half(src)[j] * sin[j], rotate_half = (-second half, first half)
+  auto rotate = [&](const float* src, float* dst, const float* c, const float* s) {
+    for (int64_t j = 0; j < half; ++j) dst[j] = src[j] * c[j] + (-src[j + half]) * s[j];
+    for (int64_t j = half; j < d; ++j) dst[j] = src[j] * c[j] + src[j - half] * s[j];
+  };
+  float *op = out.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  for (int64_t b = 0; b < n; ++b) {
+    const float *c = cp + b * d, *s = sp + b * d;
+    for (int64_t hh = 0; hh < heads; ++hh) rotate(qp + (b * heads + hh) * d, op + (b * heads + hh) * d, c, s);
+    for (int64_t hh = 0; hh < kv_heads; ++hh) {
+      const int64_t at_cache = ((b * kv_heads + hh) * max_len + pp[b]) * d;
+      rotate(kp + (b * kv_heads + hh) * d, kc + at_cache, c, s);
+      std::memcpy(vc + at_cache, vp + (b * kv_heads + hh) * d, size_t(d) * sizeof(float));
+    }
+  }
+  return out;
 }
 
 // The path (and instruction family) bitmap_spmm takes for n rows of x in ``dtype``, e.g.
@@ -379,6 +446,9 @@ DSF_LIBRARY(DSF_OP_NAMESPACE, m) {
   m.def("bitmap_unbind(int handle) -> ()", &dsf::bitmap_unbind);
   m.def("bitmap_pair_bound(Tensor x, int right, int left, int rows) -> Tensor");
   m.def("mlp_block_bound(Tensor x, Tensor norm_weight, float eps, int[] handles) -> Tensor");
+  m.def(
+      "attn_inputs_bound(Tensor x, Tensor norm_weight, float eps, int[] handles, Tensor cos, Tensor sin, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, int heads, int kv_heads) -> Tensor");
   m.def("bitmap_path(int n, ScalarType dtype, Tensor[] factor, int cols, int[] plan) -> str", &dsf::bitmap_path);
   m.def("bitmap_columns(Tensor bitmap, Tensor row_offsets, int cols) -> Tensor");
   m.def("plan_paths() -> (str[], float[])", &dsf::plan_paths);
@@ -391,6 +461,7 @@ DSF_LIBRARY_IMPL(DSF_OP_NAMESPACE, CPU, m) {
   m.impl("bitmap_pair", &dsf::bitmap_pair);
   m.impl("bitmap_pair_bound", &dsf::bitmap_pair_bound);
   m.impl("mlp_block_bound", &dsf::mlp_block_bound);
+  m.impl("attn_inputs_bound", &dsf::attn_inputs_bound);
   m.impl("bitmap_check", &dsf::bitmap_check);
   m.impl("bitmap_columns", &dsf::bitmap_columns);
   m.impl("dense_linear", &dsf::dense_linear);
