@@ -141,6 +141,7 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.attn_inputs = [self._attn_inputs(i) for i in range(len(self.layers))]
+        self.decode_layers = [self._decode_layer(i) for i in range(len(self.layers))]
 
     @staticmethod
     def _sliding_window(config) -> int | None:
@@ -192,6 +193,38 @@ class ModelRunner:
 
         return fused
 
+    def _decode_layer(self, i: int) -> Callable[..., torch.Tensor | None] | None:
+        """Layer i's whole decode step, (x, cos, sin, pos) -> x, as one op (decode_layer_bound:
+        attention inputs, attention over the cache, o_proj and residual, MLP block) where
+        both block ops apply and o_proj is a bias-free DSF pair on cpu-bitmap; None
+        otherwise. The step returns None when a projection has no bound operands now."""
+        layer = self.layers[i]
+        attn = layer.self_attn
+        if self.attn_inputs[i].__name__ != "fused" or self.mlp_blocks[i].__name__ != "fused":
+            return None
+        if not _fusable(layer.input_layernorm, [attn.o_proj], self.dtype):
+            return None
+        mlp = layer.mlp
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        op = cpu_ops.ops().decode_layer_bound.default
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        norm_args = (
+            norms[0].weight,
+            float(norms[0].variance_epsilon),
+            norms[1].weight,
+            float(norms[1].variance_epsilon),
+        )
+        k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+        heads, kv_heads, scale = self.n_heads, self.n_kv, float(self.scaling)
+
+        def fused(x, cos, sin, pos):
+            handles = _bound_handles(projections)
+            if handles is None:
+                return None
+            return op(x, *norm_args, handles, cos, sin, k_cache, v_cache, pos, heads, kv_heads, scale)
+
+        return fused
+
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, hidden) -> logits (B, vocab) in fp32."""
         return self.lm_head(self.norm(x)).float()
@@ -233,6 +266,11 @@ class ModelRunner:
         x = self.embed(tok)  # (B, 1, hidden)
         cos, sin = self.rotary(x, pos.unsqueeze(1))
         for i, layer in enumerate(self.layers):
+            step = self.decode_layers[i]
+            y = step(x, cos, sin, pos) if step is not None else None
+            if y is not None:
+                x = y
+                continue
             attn = layer.self_attn
             q = self.attn_inputs[i](x, cos, sin, pos, slots)  # k and v go into the cache
             keys = self.k_cache[i, :B, :, :span]

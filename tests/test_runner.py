@@ -78,6 +78,7 @@ def test_dsf_blocks_run_as_one_op_each_and_match_transformers():
     runner = ModelRunner(model, slots=2, max_len=48)
     assert {block.__name__ for block in runner.mlp_blocks} == {"fused"}
     assert {inputs.__name__ for inputs in runner.attn_inputs} == {"fused"}
+    assert all(step is not None for step in runner.decode_layers)
     prompts = [list(range(3, 20)), list(range(40, 49))]
     for slot, ids in enumerate(prompts):
         torch.testing.assert_close(runner.prefill(slot, ids), _reference(model, ids), rtol=1e-4, atol=1e-4)
@@ -90,3 +91,4 @@ def test_dsf_blocks_run_as_one_op_each_and_match_transformers():
     for other in (tiny_dsf_llama().to(torch.bfloat16), make_tiny_llama(300)):
         runner = ModelRunner(other, slots=1)
         assert (runner.mlp_blocks[0].__name__, runner.attn_inputs[0].__name__) == ("modules", "modules")
+        assert runner.decode_layers == [None] * len(runner.layers)

@@ -84,7 +84,10 @@ def _compile(csrc: Path, namespace: str, target: Path) -> None:
                 verbose=False,
             )
         except (RuntimeError, OSError, ImportError) as exc:
-            lines = [line for line in str(exc).splitlines() if "error" in line.lower()] or str(exc).splitlines()
+            text = str(exc).splitlines()
+            # the compiler's first diagnostic, else the build tool's own error line
+            lines = [line for line in text if "error:" in line] or [line for line in text if "error" in line.lower()]
+            lines = lines or text
             raise BuildError(f"compiling the CPU kernels failed: {(lines or ['unknown error'])[0].strip()}") from None
         os.replace(built or Path(tmp) / f"{namespace}_ops.so", target)
 
@@ -150,6 +153,10 @@ def _register_fakes(namespace: str) -> None:
     @torch.library.register_fake(f"{namespace}::attn_inputs_bound")
     def _attn_inputs_fake(x, norm_weight, eps, handles, cos, sin, k_cache, v_cache, pos, heads, kv_heads):
         return x.new_empty(x.shape[0], heads, 1, k_cache.shape[-1])  # q (n, heads, 1, head_dim)
+
+    @torch.library.register_fake(f"{namespace}::decode_layer_bound")
+    def _decode_layer_fake(x, attn_norm, attn_eps, mlp_norm, mlp_eps, handles, cos, sin, k_cache, v_cache, *rest):
+        return torch.empty_like(x)  # (n, 1, hidden)
 
     @torch.library.register_fake(f"{namespace}::dense_linear")
     def _dense_fake(x, weight):  # (n, k) -> (n, rows)

@@ -661,6 +661,22 @@ def test_attn_inputs_write_the_cache_and_refuse_bad_positions():
     assert torch.equal(k_cache, before)
 
 
+def test_decode_layer_checks_its_operands():
+    """The whole-layer op refuses a wrong handle count, heads that do not group over the kv
+    heads and an o_proj of the wrong width (its numerics: tests/test_runner.py)."""
+    layer = _bound_layer()
+    h = [p.handle for p in layer.prepared_operands] * 7
+    x, w = torch.randn(1, 1, 33), torch.ones(33)
+    cache = torch.zeros(1, 2, 4, 8)
+    args = (torch.ones(1, 1, 8), torch.zeros(1, 1, 8), cache, cache.clone(), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="takes 14 handles"):
+        torch.ops.dsf.decode_layer_bound(x, w, 1e-5, w, 1e-5, h[:12], *args, 4, 2, 0.1)
+    with pytest.raises(RuntimeError, match="5 heads over 2 kv heads"):
+        torch.ops.dsf.decode_layer_bound(x, w, 1e-5, w, 1e-5, h, *args, 5, 2, 0.1)
+    with pytest.raises(RuntimeError, match="q, k, v map 33 features"):
+        torch.ops.dsf.decode_layer_bound(x, w, 1e-5, w, 1e-5, h, *args, 4, 2, 0.1)
+
+
 def _plan(**ns):
     names = dict(zip(("zb", "yb", "ab", "zf", "af", "zd", "yd", "zn", "an"), cpu_bitmap.PLAN_CANDIDATES))
     return cpu_bitmap.PathPlan({names[k]: v for k, v in ns.items()})

@@ -359,6 +359,66 @@ at::Tensor attn_inputs_bound(const at::Tensor& x, const at::Tensor& weight, doub
   return out;
 }
 
+// Attention of one query per row over the cached keys and values: row b (slot b) attends
+// positions 0..pos[b]; q (n, heads, 1, d), caches (slots, kv_heads, max_len, d), query
+// head h reading kv head h / (heads / kv_heads). Returns (n, heads * d), fp32 softmax.
+at::Tensor attend_cached(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const int64_t* pos, int64_t heads, int64_t kv_heads, double scale) {
+  const int64_t n = q.size(0), max_len = k_cache.size(2), d = k_cache.size(3), group = heads / kv_heads;
+  at::Tensor out = at::empty({n, heads * d}, q.options());
+  const float *qp = q.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  int64_t work = 0;
+  for (int64_t b = 0; b < n; ++b) work += heads * (pos[b] + 1) * d;
+#pragma omp parallel for schedule(static) if (work > 262144)
+  for (int64_t task = 0; task < n * heads; ++task) {
+    const int64_t b = task / heads, hh = task % heads, span = pos[b] + 1;
+    const float* qv = qp + task * d;
+    const float* keys = kc + (b * kv_heads + hh / group) * max_len * d;
+    const float* values = vc + (b * kv_heads + hh / group) * max_len * d;
+    std::vector<float> w(static_cast<size_t>(span));
+    float top = -INFINITY;
+    for (int64_t t = 0; t < span; ++t) {
+      float dot = 0.f;
+      for (int64_t j = 0; j < d; ++j) dot += qv[j] * keys[t * d + j];
+      w[size_t(t)] = dot * float(scale);
+      top = std::max(top, w[size_t(t)]);
+    }
+    float total = 0.f;
+    for (int64_t t = 0; t < span; ++t) total += (w[size_t(t)] = std::exp(w[size_t(t)] - top));
+    float* o = op + task * d;
+    std::fill(o, o + d, 0.f);
+    for (int64_t t = 0; t < span; ++t) {
+      const float p = w[size_t(t)] / total;
+      for (int64_t j = 0; j < d; ++j) o[j] += p * values[t * d + j];
+    }
+  }
+  return out;
+}
+
+// A whole decoder layer's decode step on bound factors: attn_inputs_bound, attention over
+// the cache, o_proj and the residual, then mlp_block_bound. ``handles`` = the q, k, v, o
+// pairs then gate, up, down (R then L each, 14 in all). One op per layer and token.
+at::Tensor decode_layer_bound(const at::Tensor& x, const at::Tensor& attn_norm, double attn_eps,
+                              const at::Tensor& mlp_norm, double mlp_eps, at::IntArrayRef handles,
+                              const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                              const at::Tensor& pos, int64_t heads, int64_t kv_heads, double scale) {
+  TORCH_CHECK(handles.size() == 14, "decode_layer_bound takes 14 handles (q, k, v, o, gate, up, down), got ",
+              handles.size());
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "decode_layer_bound: ", heads, " heads over ", kv_heads,
+              " kv heads");
+  const at::Tensor q = attn_inputs_bound(x, attn_norm, attn_eps, handles.slice(0, 6), cos, sin, k_cache, v_cache, pos,
+                                         heads, kv_heads);
+  const at::Tensor pc = pos.contiguous();
+  const at::Tensor a = attend_cached(q, k_cache, v_cache, pc.data_ptr<int64_t>(), heads, kv_heads, scale);
+  const auto o_r = bound_factor(handles[6]), o_l = bound_factor(handles[7]);
+  TORCH_CHECK(o_r->f.cols == a.size(1) && o_l->f.cols == o_r->f.rows && o_l->f.rows == x.size(2),
+              "decode_layer_bound: o_proj maps ", a.size(1), " features to ", x.size(2));
+  at::Tensor h = spmm(spmm(a, o_r->f, o_r->plan), o_l->f, o_l->plan);  // (n, hidden)
+  h.add_(x.reshape({x.size(0), x.size(2)}));
+  return mlp_block_bound(h.view(x.sizes()), mlp_norm, mlp_eps, handles.slice(8, 6));
+}
+
 // The path (and instruction family) bitmap_spmm takes for n rows of x in ``dtype``, e.g.
 // "words avx2", "nonzeros avx512", "columns avx2", "dot avx512-256": what benchmarks print.
 std::string bitmap_path(int64_t n, at::ScalarType dtype, const std::vector<at::Tensor>& factor, int64_t cols,
@@ -447,6 +507,10 @@ DSF_LIBRARY(DSF_OP_NAMESPACE, m) {
   m.def("bitmap_pair_bound(Tensor x, int right, int left, int rows) -> Tensor");
   m.def("mlp_block_bound(Tensor x, Tensor norm_weight, float eps, int[] handles) -> Tensor");
   m.def(
+      "decode_layer_bound(Tensor x, Tensor attn_norm, float attn_eps, Tensor mlp_norm, float mlp_eps, int[] handles, "
+      "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, int heads, int kv_heads, "
+      "float scale) -> Tensor");
+  m.def(
       "attn_inputs_bound(Tensor x, Tensor norm_weight, float eps, int[] handles, Tensor cos, Tensor sin, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, int heads, int kv_heads) -> Tensor");
   m.def("bitmap_path(int n, ScalarType dtype, Tensor[] factor, int cols, int[] plan) -> str", &dsf::bitmap_path);
@@ -461,6 +525,7 @@ DSF_LIBRARY_IMPL(DSF_OP_NAMESPACE, CPU, m) {
   m.impl("bitmap_pair", &dsf::bitmap_pair);
   m.impl("bitmap_pair_bound", &dsf::bitmap_pair_bound);
   m.impl("mlp_block_bound", &dsf::mlp_block_bound);
+  m.impl("decode_layer_bound", &dsf::decode_layer_bound);
   m.impl("attn_inputs_bound", &dsf::attn_inputs_bound);
   m.impl("bitmap_check", &dsf::bitmap_check);
   m.impl("bitmap_columns", &dsf::bitmap_columns);
