@@ -82,7 +82,6 @@ class DSFLinear(nn.Module):
         self.requested_backend = "auto"
         self._backend: Backend | None = None
         self._prepared: tuple[Any, Any] | None = None
-        self._pair: Any = None
 
     @classmethod
     def from_factors(
@@ -121,7 +120,6 @@ class DSFLinear(nn.Module):
         self.requested_backend = name
         self._backend = None
         self._prepared = None
-        self._pair = None
 
     def prepare(self, dtype: torch.dtype | None = None) -> None:
         """Choose the backend for the current device and build its operands once."""
@@ -131,8 +129,6 @@ class DSFLinear(nn.Module):
         right = None if self.R is None else backend.prepare(self.fmt, self.R.stored(), self.R.shape, dtype)
         self._prepared = (right, backend.prepare(self.fmt, self.L.stored(), self.L.shape, dtype))
         self._backend = backend
-        # L (R x) in one kernel call for x of any leading dimensions, where the backend has it
-        self._pair = getattr(backend, "pair", None) if right is not None else None
 
     @property
     def prepared_operands(self) -> tuple:
@@ -142,15 +138,15 @@ class DSFLinear(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._prepared = None  # device or dtype may change: rebuild lazily
         self._backend = None
-        self._pair = None
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepared is None:
             self.prepare(x.dtype)
         right, left = self._prepared
-        if self._pair is not None:
-            y = self._pair(right, left, x)  # (..., out)
+        pair = getattr(self._backend, "pair", None) if right is not None else None  # L (R x) in one call
+        if pair is not None:
+            y = pair(right, left, x)  # (..., out), x of any leading dimensions
         else:
             h = x.reshape(-1, self.in_features)  # (N, in)
             if right is not None:

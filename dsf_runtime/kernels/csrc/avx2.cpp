@@ -389,54 +389,47 @@ DSF_AVX2 void tile_cols_avx2_t(int nb, const int32_t* offsets, const uint16_t* c
   }
 }
 
-// One step of 8 columns (from c; MASKED: the last k % 8, lanes in ``tail``) of four dense
+// One step of 8 columns (from c; MASKED: the last k % 8, lanes in ``tail``) of R dense
 // rows at ``wr`` (row stride k) against NB batch rows of x: NB x vectors and one W vector
-// at a time in registers, 4 * NB FMAs.
-template <int NB, bool MASKED>
+// at a time in registers, R * NB FMAs.
+template <int R, int NB, bool MASKED>
 DSF_AVX2 inline void dense_step(const float* wr, int64_t k, const float* x, int64_t ldx, int64_t c, __m256i tail,
-                                __m256 (&acc)[4][NB]) {
+                                __m256 (&acc)[R][NB]) {
   __m256 xv[NB];
   for (int b = 0; b < NB; ++b)
     xv[b] = MASKED ? _mm256_maskload_ps(x + b * ldx + c, tail) : _mm256_loadu_ps(x + b * ldx + c);
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < R; ++i) {
     const __m256 wv = MASKED ? _mm256_maskload_ps(wr + i * k + c, tail) : _mm256_loadu_ps(wr + i * k + c);
     for (int b = 0; b < NB; ++b) acc[i][b] = _mm256_fmadd_ps(wv, xv[b], acc[i][b]);
   }
 }
 
-// Dense rows [r0, r1) of W (fp32, [n][k]) against NB <= 3 batch rows of x, four rows at a
-// time (12 accumulators, 3 x and 1 W register of the 16), then the last 0-3 rows.
+// R dense rows from ``r`` of W (fp32, [n][k]) against NB batch rows of x into y.
+template <int R, int NB>
+DSF_AVX2 inline void dense_row_group(const float* w, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
+                                     int64_t r, __m256i tail) {
+  const int64_t k8 = k & ~int64_t(7);
+  __m256 acc[R][NB];
+  for (int i = 0; i < R; ++i)
+    for (int b = 0; b < NB; ++b) acc[i][b] = _mm256_setzero_ps();
+  const float* wr = w + r * k;
+  for (int64_t c = 0; c < k8; c += 8) dense_step<R, NB, false>(wr, k, x, ldx, c, tail, acc);
+  if (k8 < k) dense_step<R, NB, true>(wr, k, x, ldx, k8, tail, acc);
+  for (int i = 0; i < R; ++i)
+    for (int b = 0; b < NB; ++b) y[b * ldy + r + i] = hsum256(acc[i][b]);
+}
+
+// Dense rows [r0, r1) of W against NB <= 3 batch rows of x, four rows at a time (12
+// accumulators, 3 x and 1 W register of the 16), then the last 0-3 rows one at a time.
 template <int NB>
 DSF_AVX2 void dense_rows_avx2(const float* w, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
                               int64_t r0, int64_t r1) {
-  const int64_t k8 = k & ~int64_t(7);
   alignas(32) int32_t lanes[8];
-  for (int j = 0; j < 8; ++j) lanes[j] = j < k - k8 ? -1 : 0;
+  for (int j = 0; j < 8; ++j) lanes[j] = j < k % 8 ? -1 : 0;
   const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
   int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    __m256 acc[4][NB];
-    for (int i = 0; i < 4; ++i)
-      for (int b = 0; b < NB; ++b) acc[i][b] = _mm256_setzero_ps();
-    const float* wr = w + r * k;
-    for (int64_t c = 0; c < k8; c += 8) dense_step<NB, false>(wr, k, x, ldx, c, tail, acc);
-    if (k8 < k) dense_step<NB, true>(wr, k, x, ldx, k8, tail, acc);
-    for (int i = 0; i < 4; ++i)
-      for (int b = 0; b < NB; ++b) y[b * ldy + r + i] = hsum256(acc[i][b]);
-  }
-  for (; r < r1; ++r) {  // the last 0-3 rows
-    __m256 acc[NB];
-    for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
-    const float* wr = w + r * k;
-    for (int64_t c = 0; c < k; c += 8) {
-      const bool masked = c == k8;
-      const __m256 wv = masked ? _mm256_maskload_ps(wr + c, tail) : _mm256_loadu_ps(wr + c);
-      for (int b = 0; b < NB; ++b)
-        acc[b] = _mm256_fmadd_ps(wv, masked ? _mm256_maskload_ps(x + b * ldx + c, tail) : _mm256_loadu_ps(x + b * ldx + c),
-                                 acc[b]);
-    }
-    for (int b = 0; b < NB; ++b) y[b * ldy + r] = hsum256(acc[b]);
-  }
+  for (; r + 4 <= r1; r += 4) dense_row_group<4, NB>(w, k, x, ldx, y, ldy, r, tail);
+  for (; r < r1; ++r) dense_row_group<1, NB>(w, k, x, ldx, y, ldy, r, tail);
 }
 
 }  // namespace

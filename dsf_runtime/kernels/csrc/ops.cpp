@@ -237,6 +237,11 @@ std::shared_ptr<const Bound> bound_factor(int64_t handle) {
   return it->second;
 }
 
+// L (R x) for x (n, R's cols) through two bound factors.
+at::Tensor pair_through(const at::Tensor& x, const Bound& r, const Bound& l) {
+  return spmm(spmm(x, r.f, r.plan), l.f, l.plan);
+}
+
 // bitmap_pair on bound factors for x (..., in) -> (..., rows), the leading dimensions
 // flattened here rather than by two reshapes in Python; ``rows`` = the left factor's rows
 // (the output width, which the op's fake implementation needs without the registry).
@@ -247,7 +252,7 @@ at::Tensor bitmap_pair_bound(const at::Tensor& x, int64_t right, int64_t left, i
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension");
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = rows;
-  return spmm(spmm(x.reshape({-1, x.size(-1)}), r->f, r->plan), l->f, l->plan).view(shape);
+  return pair_through(x.reshape({-1, x.size(-1)}), *r, *l).view(shape);
 }
 
 // RMSNorm of each row of x (n, hidden) fp32 in transformers' order: weight * (x * rsqrt(mean(x^2) + eps)).
@@ -293,12 +298,12 @@ at::Tensor mlp_block_bound(const at::Tensor& x, const at::Tensor& weight, double
               "mlp_block_bound: gate and up map ", hidden, " features to the width down takes, down back to ", hidden);
   const at::Tensor xc = x.reshape({-1, hidden}).contiguous();
   const at::Tensor h = rms_norm_rows(xc, weight, eps);
-  at::Tensor g = spmm(spmm(h, f[0]->f, f[0]->plan), f[1]->f, f[1]->plan);  // (n, inter)
-  const at::Tensor u = spmm(spmm(h, f[2]->f, f[2]->plan), f[3]->f, f[3]->plan);
+  at::Tensor g = pair_through(h, *f[0], *f[1]);  // (n, inter)
+  const at::Tensor u = pair_through(h, *f[2], *f[3]);
   float* gp = g.data_ptr<float>();
   const float* up = u.data_ptr<float>();
   for (int64_t i = 0, e = g.numel(); i < e; ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * up[i];
-  at::Tensor y = spmm(spmm(g, f[4]->f, f[4]->plan), f[5]->f, f[5]->plan);  // (n, hidden)
+  at::Tensor y = pair_through(g, *f[4], *f[5]);  // (n, hidden)
   y.add_(xc);
   return y.view(x.sizes());
 }
@@ -333,9 +338,9 @@ at::Tensor attn_inputs_bound(const at::Tensor& x, const at::Tensor& weight, doub
   for (int64_t b = 0; b < n; ++b)
     TORCH_CHECK(pp[b] >= 0 && pp[b] < max_len, "attn_inputs_bound: position ", pp[b], " outside the cache's ", max_len);
   const at::Tensor h = rms_norm_rows(x.reshape({n, hidden}).contiguous(), weight, eps);
-  const at::Tensor q = spmm(spmm(h, f[0]->f, f[0]->plan), f[1]->f, f[1]->plan);  // (n, heads * d)
-  const at::Tensor k = spmm(spmm(h, f[2]->f, f[2]->plan), f[3]->f, f[3]->plan);  // (n, kv_heads * d)
-  const at::Tensor v = spmm(spmm(h, f[4]->f, f[4]->plan), f[5]->f, f[5]->plan);
+  const at::Tensor q = pair_through(h, *f[0], *f[1]);  // (n, heads * d)
+  const at::Tensor k = pair_through(h, *f[2], *f[3]);  // (n, kv_heads * d)
+  const at::Tensor v = pair_through(h, *f[4], *f[5]);
   const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
   const float *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
   at::Tensor out = at::empty({n, heads, 1, d}, x.options());
@@ -414,7 +419,7 @@ at::Tensor decode_layer_bound(const at::Tensor& x, const at::Tensor& attn_norm, 
   const auto o_r = bound_factor(handles[6]), o_l = bound_factor(handles[7]);
   TORCH_CHECK(o_r->f.cols == a.size(1) && o_l->f.cols == o_r->f.rows && o_l->f.rows == x.size(2),
               "decode_layer_bound: o_proj maps ", a.size(1), " features to ", x.size(2));
-  at::Tensor h = spmm(spmm(a, o_r->f, o_r->plan), o_l->f, o_l->plan);  // (n, hidden)
+  at::Tensor h = pair_through(a, *o_r, *o_l);  // (n, hidden)
   h.add_(x.reshape({x.size(0), x.size(2)}));
   return mlp_block_bound(h.view(x.sizes()), mlp_norm, mlp_eps, handles.slice(8, 6));
 }
