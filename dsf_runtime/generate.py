@@ -18,6 +18,7 @@ class Generation:
     text: str
     new_tokens: int
     seconds: float
+    token_ids: tuple[int, ...] = ()  # the new tokens (e.g. to compare engines token by token)
 
     @property
     def tokens_per_second(self) -> float:
@@ -68,4 +69,4 @@ def generate_text(
             break
         logits = runner.decode([token], [len(ids) + len(new) - 1])[0]
     seconds = time.perf_counter() - start
-    return Generation(tokenizer.decode(new, skip_special_tokens=True), len(new), seconds)
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), len(new), seconds, tuple(new))

@@ -33,6 +33,16 @@ class SparseFactor(nn.Module):
             setattr(factor, name, tensor)
         return factor
 
+    @classmethod
+    def from_tensors(
+        cls, shape: tuple[int, int], fmt: str, tensors: dict[str, torch.Tensor], nnz: int
+    ) -> "SparseFactor":
+        """A factor holding already-stored tensors (e.g. a tensor-parallel rank's cut)."""
+        factor = cls(tuple(shape), fmt, nnz, tensors["values"].dtype, get_format(fmt).extra(tensors))
+        for name, tensor in tensors.items():
+            setattr(factor, name, tensor)
+        return factor
+
     def stored(self) -> dict[str, torch.Tensor]:
         return dict(self.named_buffers(recurse=False))
 
