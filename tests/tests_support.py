@@ -70,3 +70,24 @@ def tiny_dsf_llama(value_dtype=None, seed: int = 0):
         )
     replace_with_factors(model, factors, value_dtype=value_dtype or torch.bfloat16)
     return model
+
+
+def tiny_dsf_checkpoint(path, tokenizer, seed: int = 0, **overrides):
+    """A saved tiny DSF LLaMA with random sparse factor pairs (bitmap, bf16 values) whose
+    attention heads are 64 wide (vLLM's CPU attention takes no narrower ones)."""
+    from conftest import make_tiny_llama
+    from dsf_runtime.converters.pack import write_packed
+    from dsf_runtime.models import compressible_linears
+    from helpers import random_sparse
+
+    shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    model = make_tiny_llama(len(tokenizer), seed=seed, max_position_embeddings=512, **{**shape, **overrides})
+    factors = {}
+    for i, name in enumerate(compressible_linears(model)):
+        out_f, in_f = model.get_submodule(name).weight.shape
+        rank = min(out_f, in_f)
+        factors[name] = (
+            random_sparse(out_f, rank, 0.3, seed=2 * i + seed) * 0.2,
+            random_sparse(rank, in_f, 0.3, seed=2 * i + 1 + seed) * 0.2,
+        )
+    return write_packed(model, tokenizer, factors, path, sparsity=0.5)
