@@ -7,8 +7,10 @@ Two parts:
   batch; transformers' continuous batching `generate_batch`), to justify the choice;
 - servers: `dsf serve` on the DSF checkpoint and on the dense model in fp32 and bf16
   (each a subprocess, as users run it), or on a LLaMA-7B-shaped stack whose weights
-  do not fit in the LLC, plus any other OpenAI-compatible server given by URL
-  (transformers serve, llama.cpp's server), driven by the same async client.
+  do not fit in the LLC; with `--external vllm`, `vllm serve` (our plugin) on the same
+  DSF checkpoint and vLLM on the dense model in bf16; plus any other OpenAI-compatible
+  server given by URL (transformers serve, llama.cpp's server), driven by the same
+  async client.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,8 +35,16 @@ from torch import nn
 from dsf_runtime.data import evaluation_text
 
 STREAMS = (1, 4, 8, 16)
-# (label, MODEL for `dsf serve`, its extra arguments)
-Server = tuple[str, str, list[str]]
+
+
+class Server(NamedTuple):
+    """A server the bench starts: its label, the model it serves and the extra arguments
+    of its command; ``engine`` "dsf" is `dsf serve`, "vllm" is `vllm serve`."""
+
+    label: str
+    model: str
+    extra: list[str]
+    engine: str = "dsf"
 
 
 def _short(path: str) -> str:
@@ -44,11 +55,39 @@ def dsf_servers(checkpoint: str | None, dense: str | None) -> list[Server]:
     """The `dsf serve` runs to measure: the DSF checkpoint as it is stored, and the dense
     model both in float32 and in bfloat16 (the dense baseline a CPU user would pick
     depends on the CPU: bf16 halves the bytes, but needs bf16 hardware to compute fast)."""
-    servers: list[Server] = [(f"dsf serve, DSF {_short(checkpoint)}", checkpoint, [])] if checkpoint else []
+    servers = [Server(f"dsf serve, DSF {_short(checkpoint)}", checkpoint, [])] if checkpoint else []
     if dense:
         for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16")):
-            servers.append((f"dsf serve, dense {_short(dense)} {short}", dense, ["--dtype", dtype]))
+            servers.append(Server(f"dsf serve, dense {_short(dense)} {short}", dense, ["--dtype", dtype]))
     return servers
+
+
+def vllm_servers(checkpoint: str | None, dense_dir: str | None) -> list[Server]:
+    """`vllm serve` runs: the DSF checkpoint through our plugin (float32 dense parts, as
+    `dsf serve` runs it) and the dense model in bfloat16, vLLM's usual choice on CPUs."""
+    servers = []
+    if checkpoint:
+        servers.append(Server(f"vllm serve, DSF {_short(checkpoint)}", checkpoint, ["--dtype", "float32"], "vllm"))
+    if dense_dir:
+        servers.append(
+            Server(f"vllm serve, dense {_short(dense_dir)} bf16", dense_dir, ["--dtype", "bfloat16"], "vllm")
+        )
+    return servers
+
+
+def dense_model_dir(dense: str, work_dir: str | Path) -> str:
+    """A model directory for ``dense`` (an embedded model is written out once, under
+    ``work_dir``), for servers that read only Hugging Face directories."""
+    if Path(dense).is_dir():
+        return dense
+    from dsf_runtime.models import load_dense
+
+    out = Path(work_dir) / _short(dense)
+    if not (out / "config.json").is_file():
+        model, tokenizer = load_dense(dense)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return str(out)
 
 
 def stack_servers(work_dir: str | Path, num_layers: int = 4, sparsity: float = 0.5) -> list[Server]:
@@ -60,10 +99,10 @@ def stack_servers(work_dir: str | Path, num_layers: int = 4, sparsity: float = 0
     name = f"llama7b-stack x{num_layers}"
     bf16 = ["--dtype", "bfloat16"]
     return [
-        (f"dsf serve, DSF {name}", str(dsf_dir), []),
-        (f"dsf serve, DSF {name} bf16", str(dsf_dir), bf16),
-        (f"dsf serve, dense {name} fp32", str(dense_dir), ["--dtype", "float32"]),
-        (f"dsf serve, dense {name} bf16", str(dense_dir), bf16),
+        Server(f"dsf serve, DSF {name}", str(dsf_dir), []),
+        Server(f"dsf serve, DSF {name} bf16", str(dsf_dir), bf16),
+        Server(f"dsf serve, dense {name} fp32", str(dense_dir), ["--dtype", "float32"]),
+        Server(f"dsf serve, dense {name} bf16", str(dense_dir), bf16),
     ]
 
 
@@ -290,48 +329,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """`dsf serve MODEL` in a subprocess on a free port (what a user runs)."""
+def default_vllm_bin() -> str:
+    """The `vllm` command: .venv-vllm's (scripts/vllm_env.sh) when there is one, else PATH's."""
+    local = Path(".venv-vllm") / "bin" / "vllm"
+    return str(local) if local.is_file() else "vllm"
 
-    def __init__(self, model: str, max_concurrency: int = 8, extra: list[str] | None = None) -> None:
+
+class ServerProcess:
+    """`dsf serve MODEL` (or, with ``engine="vllm"``, `vllm serve MODEL`) in a subprocess
+    on a free port: what a user runs."""
+
+    def __init__(
+        self,
+        model: str,
+        max_concurrency: int = 8,
+        extra: list[str] | None = None,
+        engine: str = "dsf",
+        vllm_bin: str | None = None,
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "dsf_runtime.cli",
-            "serve",
-            model,
-            "--port",
-            str(self.port),
-            "--max-concurrency",
-            str(max_concurrency),
-            "--max-model-len",
-            "1024",
-            *(extra or []),
-        ]
+        self.engine = engine
+        env = None
+        if engine == "vllm":
+            cmd = [vllm_bin or default_vllm_bin(), "serve", model, "--host", "127.0.0.1", "--port", str(self.port)]
+            cmd += ["--max-num-seqs", str(max_concurrency), "--max-model-len", "1024", *(extra or [])]
+            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
+            env = {k: v for k, v in env.items() if not k.startswith("TRITON_")}
+        else:
+            cmd = [sys.executable, "-m", "dsf_runtime.cli", "serve", model, "--port", str(self.port)]
+            cmd += ["--max-concurrency", str(max_concurrency), "--max-model-len", "1024", *(extra or [])]
         self.log: list[str] = []
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        except FileNotFoundError:
+            raise RuntimeError(f"{cmd[0]} not found (for vLLM: bash scripts/vllm_env.sh, or --vllm-bin)") from None
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
             self.log.append(line.rstrip())
 
-    def wait_ready(self, timeout: float = 300.0) -> "ServerProcess":
+    def wait_ready(self, timeout: float = 900.0) -> "ServerProcess":
         import httpx
 
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise RuntimeError("dsf serve exited: " + "\n".join(self.log[-5:]))
+                raise RuntimeError(f"{self.engine} serve exited: " + "\n".join(self.log[-5:]))
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError("dsf serve did not become ready")
+        raise TimeoutError(f"{self.engine} serve did not become ready")
 
     def served_name(self) -> str:
         import httpx
@@ -339,6 +391,8 @@ class ServerProcess:
         return httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
 
     def backend(self) -> str:
+        if self.engine == "vllm":
+            return "vllm " + ("dsf plugin" if any("quantization=dsf" in line for line in self.log) else "dense")
         return next((line.split("backend ", 1)[1].split(";")[0] for line in self.log if "backend " in line), "?")
 
     def stop(self) -> None:
@@ -359,6 +413,7 @@ def run_serving_bench(
     engines_model: str | None = None,
     engine_tokens: int = 32,
     append: bool = False,
+    vllm_bin: str | None = None,
 ) -> dict:
     """servers: (label, model for `dsf serve`, its extra arguments); external: (label, base URL, model name).
     ``append`` keeps the servers (and engines) of an earlier serving.json that this run does not
@@ -386,8 +441,8 @@ def run_serving_bench(
         del model
     rows: list[LoadResult] = []
     backends: dict[str, str] = {}
-    for label, model_arg, extra in servers:
-        proc = ServerProcess(model_arg, max_concurrency=max(streams), extra=extra)
+    for label, model_arg, extra, engine in servers:
+        proc = ServerProcess(model_arg, max_concurrency=max(streams), extra=extra, engine=engine, vllm_bin=vllm_bin)
         try:
             proc.wait_ready()
             name = proc.served_name()

@@ -213,16 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--stack-layers", type=int, default=4, help="decoder layers of llama7b-stack (default 4)")
     q.add_argument(
-        "--work-dir", default=os.path.join("out", "bench-serving-stack"), help="where llama7b-stack is written"
+        "--work-dir",
+        default=os.path.join("out", "bench-serving-stack"),
+        help="where llama7b-stack (and, for --external vllm, an embedded dense model as a directory) is written",
     )
     q.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     q.add_argument(
         "--external",
         action="append",
         default=[],
-        metavar="LABEL=URL=MODEL",
-        help="another OpenAI-compatible server to measure, e.g. 'llama.cpp=http://127.0.0.1:8080=smollm2'",
+        metavar="LABEL=URL=MODEL | vllm",
+        help="another OpenAI-compatible server to measure, e.g. 'llama.cpp=http://127.0.0.1:8080=smollm2'; "
+        "'vllm' starts `vllm serve` on the DSF checkpoint (through the dsf plugin) and on the dense model in bf16",
     )
+    q.add_argument("--vllm-bin", help="the `vllm` command for --external vllm (default: .venv-vllm's, else PATH's)")
     q.add_argument("--engines", action="store_true", help="also compare generation loops without HTTP")
     q.add_argument("--append", action="store_true", help="merge into an existing serving.json instead of replacing it")
     q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where JSON/markdown go")
@@ -577,7 +581,13 @@ def cmd_bench(args) -> None:
         print("written: " + ", ".join(payload["files"].values()))
         return
     if args.bench == "serving":
-        from dsf_runtime.benchmarks.serving import dsf_servers, run_serving_bench, stack_servers
+        from dsf_runtime.benchmarks.serving import (
+            dense_model_dir,
+            dsf_servers,
+            run_serving_bench,
+            stack_servers,
+            vllm_servers,
+        )
         from dsf_runtime.checkpoint import is_dsf_checkpoint
 
         streams = tuple(_positive(int(v), "--streams") for v in args.streams.split(","))
@@ -591,8 +601,16 @@ def cmd_bench(args) -> None:
             servers = stack_servers(args.work_dir, _positive(args.stack_layers, "--stack-layers"))
         else:
             servers = dsf_servers(args.checkpoint, args.dense)
+        if "vllm" in args.external:
+            if args.model == "llama7b-stack":
+                servers += vllm_servers(servers[0].model, servers[-1].model)
+            else:
+                dense_dir = dense_model_dir(args.dense, args.work_dir) if args.dense else None
+                servers += vllm_servers(args.checkpoint, dense_dir)
         external = []
         for spec in args.external:
+            if spec == "vllm":
+                continue
             parts = spec.split("=")
             if len(parts) != 3 or not all(parts):
                 raise ConfigError(f"--external takes LABEL=URL=MODEL, got {spec!r}")
@@ -608,6 +626,7 @@ def cmd_bench(args) -> None:
             args.max_tokens,
             engines_model=args.checkpoint if args.engines else None,
             append=args.append,
+            vllm_bin=args.vllm_bin,
         )
         return
     if args.bench == "report":
