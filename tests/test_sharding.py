@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsf_runtime.linear import DSFLinear
-from dsf_runtime.sharding import shard_bytes, shard_layer
+from dsf_runtime.sharding import gather_parts, shard_bytes, shard_layer
 from helpers import random_sparse
 
 
@@ -71,3 +71,25 @@ def test_bytes_per_rank_follow_the_scheme():
 def test_unknown_split_is_refused():
     with pytest.raises(ValueError, match="unknown split"):
         shard_layer(_layer(8, 8, 4, 0), "diagonal", 0, 4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    out_f=st.integers(2, 90),
+    in_f=st.integers(2, 120),
+    rank=st.integers(1, 16).map(lambda k: 4 * k),
+    world=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 1000),
+)
+def test_gather_parts_reproduce_the_layer(out_f, in_f, rank, world, seed):
+    """Each rank's block of h, gathered, then each rank's rows of L: the whole output."""
+    world = min(world, out_f)
+    layer = _layer(out_f, in_f, rank, seed)
+    x = torch.randn(3, in_f, dtype=torch.float64)
+    want = x @ layer.to_dense_weight().double().T
+    blocks = [(t * rank // world, (t + 1) * rank // world) for t in range(world)]
+    parts = [gather_parts(layer, rows, ranks) for rows, ranks in zip(_bounds(out_f, world), blocks)]
+    h = torch.cat([(x.float() @ r.to_dense_weight().T) for r, _ in parts], dim=1)  # the all-gather
+    got = torch.cat([(h @ left.to_dense_weight().T).double() for _, left in parts], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert shard_bytes(layer, "gather", world) == pytest.approx((layer.L.nbytes() + layer.R.nbytes()) / world)

@@ -5,7 +5,10 @@ factors (``L.bitmap``, ``R.values``, ...), so that vLLM's loader finds the check
 names, including through its merging of q/k/v and gate/up into one layer; their loader
 keeps each loaded tensor by projection. process_weights_after_loading checks them,
 cuts this rank's part (dsf_runtime.sharding) and prepares the kernel backend; apply
-runs each projection's DSF pair and concatenates the outputs of merged layers.
+runs each projection's DSF pair and concatenates the outputs of merged layers. Under
+tensor parallelism a column-split layer takes the ``gather`` cut where its ranks divide
+evenly: each rank computes a block of every projection's h = R x, one all-gather
+assembles them, and each rank applies its rows of L.
 Layers the checkpoint did not compress stay vLLM's own.
 """
 
@@ -15,7 +18,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_gather,
+)
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
@@ -23,7 +30,14 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from dsf_runtime.checkpoint import DSFQuantConfig, parse_quant_config
 from dsf_runtime.errors import CheckpointError
-from dsf_runtime.vllm_plugin.parts import column_bounds, expected_tensors, module_names, rank_part, split_of
+from dsf_runtime.vllm_plugin.parts import (
+    column_bounds,
+    expected_tensors,
+    gathers,
+    module_names,
+    rank_part,
+    split_of,
+)
 
 _QKV = {"q": 0, "k": 1, "v": 2}
 
@@ -96,6 +110,10 @@ class DSFLinearMethod(LinearMethodBase):
             layer.dsf_bounds = [
                 column_bounds(e.out_features, size, rank, world) for e, size in zip(entries, output_partition_sizes)
             ]
+        layer.dsf_ranks = None  # the gather cut: each projection's block of the rank dimension
+        if gathers(entries, layer.dsf_split, world):
+            layer.dsf_ranks = [(rank * e.rank // world, (rank + 1) * e.rank // world) for e in entries]
+        layer.dsf_world = world
         layer.dsf_params_dtype = params_dtype
         layer.dsf_loaded = {}  # (shard index, "L.bitmap", ...) -> tensor as loaded
         specs: dict[str, torch.dtype] = {}
@@ -127,13 +145,35 @@ class DSFLinearMethod(LinearMethodBase):
         parts = []
         for index, (name, bounds) in enumerate(zip(self.names, layer.dsf_bounds)):
             tensors = {key: t for (i, key), t in layer.dsf_loaded.items() if i == index}
-            part = rank_part(name, self.quant.modules[name], self.quant, tensors, layer.dsf_split, bounds)
-            part.to(device).prepare(layer.dsf_params_dtype)
-            parts.append(part)
+            ranks = layer.dsf_ranks[index] if layer.dsf_ranks else None
+            got = rank_part(name, self.quant.modules[name], self.quant, tensors, layer.dsf_split, bounds, ranks=ranks)
+            for part in got if isinstance(got, tuple) else (got,):
+                part.to(device).prepare(layer.dsf_params_dtype)
+                parts.append(part)
+        # gather cut: [h block, rows of L] per projection; otherwise one pair per projection
         layer.dsf_parts = nn.ModuleList(parts)
         layer.dsf_loaded = {}
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         parts = layer.dsf_parts
-        y = parts[0](x) if len(parts) == 1 else torch.cat([part(x) for part in parts], dim=-1)
+        if layer.dsf_ranks:
+            y = self._gathered(layer, x)
+        else:
+            y = parts[0](x) if len(parts) == 1 else torch.cat([part(x) for part in parts], dim=-1)
         return y if bias is None else y + bias
+
+    @staticmethod
+    def _gathered(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The gather cut: this rank's blocks of every projection's h, one all-gather, then
+        each projection's rows of L on its whole h."""
+        parts, world = layer.dsf_parts, layer.dsf_world
+        blocks = [parts[i](x) for i in range(0, len(parts), 2)]  # (N, k_i) each
+        widths = [b.shape[-1] for b in blocks]
+        h = tensor_model_parallel_all_gather(torch.cat(blocks, dim=-1) if len(blocks) > 1 else blocks[0], dim=-1)
+        h = h.view(*x.shape[:-1], world, sum(widths))  # rank-major: each rank's blocks side by side
+        outs, offset = [], 0
+        for i, width in enumerate(widths):
+            whole = h[..., offset : offset + width].reshape(*x.shape[:-1], world * width)  # (N, r_i)
+            outs.append(parts[2 * i + 1](whole))
+            offset += width
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)

@@ -13,7 +13,7 @@ from dsf_runtime.errors import CheckpointError
 from dsf_runtime.formats import get_format
 from dsf_runtime.formats.values import VALUE_DTYPES
 from dsf_runtime.linear import DSFLinear, SparseFactor
-from dsf_runtime.sharding import Split, shard_layer
+from dsf_runtime.sharding import Split, gather_parts, shard_layer
 
 FACTORS = ("L", "R")
 
@@ -101,6 +101,20 @@ def assemble(name: str, entry: ModuleEntry, quant: DSFQuantConfig, tensors: Mapp
     return layer
 
 
+def _own(part: DSFLinear) -> DSFLinear:
+    """``part`` with its own copies of its tensors, so the whole layer's can be freed."""
+    for factor in (part.L, part.R):
+        for key, t in (factor.stored() if factor is not None else {}).items():
+            setattr(factor, key, t.clone())
+    return part
+
+
+def gathers(entries: list[ModuleEntry], split: Split, world: int) -> bool:
+    """Whether a column-split layer takes the ``gather`` cut (dsf_runtime.sharding): every
+    projection a factor pair whose rank divides evenly over the ranks."""
+    return split == "column" and world > 1 and all(e.rank is not None and e.rank % world == 0 for e in entries)
+
+
 def rank_part(
     name: str,
     entry: ModuleEntry,
@@ -109,14 +123,15 @@ def rank_part(
     split: Split,
     bounds: tuple[int, int],
     backend: str = "auto",
-) -> DSFLinear:
+    ranks: tuple[int, int] | None = None,
+) -> DSFLinear | tuple[DSFLinear, DSFLinear]:
     """The validated part of layer ``name`` that one rank runs (``bounds``: output rows
-    for a column split, input columns for a row split)."""
+    for a column split, input columns for a row split). With ``ranks`` (a block of the
+    rank dimension), the ``gather`` cut: (h block, output block) one-matrix layers."""
     layer = assemble(name, entry, quant, tensors)
     layer.set_backend(backend)
+    if ranks is not None:
+        right, left = gather_parts(layer, bounds, ranks)
+        return _own(right), _own(left)
     part = shard_layer(layer, split, *bounds)
-    if split != "none":  # own copies, so the whole layer's tensors can be freed
-        for factor in (part.L, part.R):
-            for key, t in (factor.stored() if factor is not None else {}).items():
-                setattr(factor, key, t.clone())
-    return part
+    return _own(part) if split != "none" else part

@@ -9,7 +9,7 @@ import torch
 from dsf_runtime.checkpoint import DSFQuantConfig, ModuleEntry
 from dsf_runtime.errors import CheckpointError
 from dsf_runtime.linear import DSFLinear
-from dsf_runtime.vllm_plugin.parts import assemble, column_bounds, module_names, rank_part, split_of
+from dsf_runtime.vllm_plugin.parts import assemble, column_bounds, gathers, module_names, rank_part, split_of
 from helpers import random_sparse
 
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -92,3 +92,14 @@ def test_assemble_names_what_is_wrong(change, message):
     change(tensors)
     with pytest.raises(CheckpointError, match=message):
         assemble("m", quant.modules["m"], quant, tensors)
+
+
+def test_gather_cut_is_chosen_where_ranks_divide_evenly():
+    assert gathers([_entry(rank=32), _entry(rank=16)], "column", 2)
+    assert not gathers([_entry(rank=32), _entry(rank=15)], "column", 2)  # uneven: R stays whole
+    assert not gathers([_entry(rank=None, nnz_right=0)], "column", 2)  # one matrix: no rank dimension
+    assert not gathers([_entry(rank=32)], "row", 2) and not gathers([_entry(rank=32)], "column", 1)
+    layer, quant, tensors = _stored()
+    right, left = rank_part("m", quant.modules["m"], quant, tensors, "column", (0, 24), ranks=(16, 32))
+    assert torch.equal(left.to_dense_weight(), layer.L.to_dense().float()[:24])  # rows of L, all of r
+    assert torch.equal(right.to_dense_weight(), layer.R.to_dense().float()[16:32])  # a block of h = R x
