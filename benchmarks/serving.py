@@ -441,7 +441,7 @@ def run_serving_bench(
         del model
     rows: list[LoadResult] = []
     backends: dict[str, str] = {}
-    for label, model_arg, extra, engine in servers:
+    for label, model_arg, extra, engine in (Server(*s) for s in servers):
         proc = ServerProcess(model_arg, max_concurrency=max(streams), extra=extra, engine=engine, vllm_bin=vllm_bin)
         try:
             proc.wait_ready()

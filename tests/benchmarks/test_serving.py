@@ -53,11 +53,23 @@ def test_dense_is_served_in_fp32_and_bf16():
     from dsf_runtime.benchmarks.serving import dsf_servers
 
     assert dsf_servers("out/ck", "smollm2-135m") == [
-        ("dsf serve, DSF ck", "out/ck", []),
-        ("dsf serve, dense smollm2-135m fp32", "smollm2-135m", ["--dtype", "float32"]),
-        ("dsf serve, dense smollm2-135m bf16", "smollm2-135m", ["--dtype", "bfloat16"]),
+        ("dsf serve, DSF ck", "out/ck", [], "dsf"),
+        ("dsf serve, dense smollm2-135m fp32", "smollm2-135m", ["--dtype", "float32"], "dsf"),
+        ("dsf serve, dense smollm2-135m bf16", "smollm2-135m", ["--dtype", "bfloat16"], "dsf"),
     ]
     assert [s[0] for s in dsf_servers(None, "m")] == ["dsf serve, dense m fp32", "dsf serve, dense m bf16"]
+
+
+def test_vllm_serves_the_dsf_checkpoint_and_the_dense_model_in_bf16(tiny_model_dir, tmp_path):
+    from dsf_runtime.benchmarks.serving import ServerProcess, dense_model_dir, vllm_servers
+
+    assert vllm_servers("out/ck", "out/dense") == [
+        ("vllm serve, DSF ck", "out/ck", ["--dtype", "float32"], "vllm"),
+        ("vllm serve, dense dense bf16", "out/dense", ["--dtype", "bfloat16"], "vllm"),
+    ]
+    assert dense_model_dir(str(tiny_model_dir), tmp_path) == str(tiny_model_dir)  # a directory is used as it is
+    with pytest.raises(RuntimeError, match="no-such-vllm not found.*vllm_env.sh"):
+        ServerProcess("out/ck", engine="vllm", vllm_bin="no-such-vllm")
 
 
 def test_stack_servers_write_a_dense_model_and_a_dsf_checkpoint(tiny_tokenizer, tmp_path, monkeypatch):
