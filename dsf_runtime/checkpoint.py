@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -481,6 +481,25 @@ def load_model(
     """Load a DSF checkpoint as (model, tokenizer) with DSFLinear modules on ``device``."""
     ckpt = Path(ckpt_dir)
     config, quant = read_quant_config(ckpt)
+    return build_model(
+        config, quant, lambda expected: _read_tensors(ckpt, expected), ckpt, device, backend, dtype, with_tokenizer
+    )
+
+
+def build_model(
+    config: dict,
+    quant: DSFQuantConfig,
+    read_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    tokenizer_dir: Path,
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+    with_tokenizer: bool = True,
+):
+    """(model, tokenizer) from a model config, its DSF metadata and ``read_state``, which maps
+    the expected tensors (name -> meta tensor of the right shape and dtype) to loaded ones:
+    our checkpoint files, or a reader of another format that produces our layout."""
+    ckpt = tokenizer_dir
     tokenizer_job = None
     if with_tokenizer:
         if not any((ckpt / f).is_file() for f in TOKENIZER_FILES):
@@ -502,7 +521,7 @@ def load_model(
     except UnsupportedModelError as exc:
         raise CheckpointError(f"{ckpt}: {exc}") from None
     expected = _unique_state(model)
-    state = _read_tensors(ckpt, expected)
+    state = read_state(expected)
     warm_backends()  # native kernels built now register their faster format checks
     validate_dsf_modules(model, state)
     model.load_state_dict(state, strict=False, assign=True)
@@ -556,6 +575,10 @@ def load_any(
 
     if is_dsf_checkpoint(name_or_path):
         return load_model(name_or_path, device=device, backend=backend, dtype=dtype)
+    from dsf_runtime.ct_reader import is_compressed_tensors, load_compressed_tensors
+
+    if is_compressed_tensors(name_or_path):
+        return load_compressed_tensors(name_or_path, device=device, backend=backend, dtype=dtype)
     path = Path(str(name_or_path))
     if path.is_dir() and not (path / CONFIG_NAME).is_file():
         raise CheckpointError(f"{path} is missing {CONFIG_NAME}: neither a DSF checkpoint nor a model directory")
