@@ -104,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
 
+    p = sub.add_parser(
+        "convert",
+        help="a sparse model made elsewhere -> a DSF checkpoint: compressed-tensors sparse-bitmask / "
+        "sparse-24-bitmask, or a pruned model stored dense (linears with enough zeros packed)",
+    )
+    p.add_argument("source", help="model directory (compressed-tensors checkpoint or dense safetensors with zeros)")
+    p.add_argument("out", help="output checkpoint directory")
+    p.add_argument(
+        "--min-sparsity",
+        type=float,
+        default=0.3,
+        help="pruned dense models: pack a linear when at least this fraction of its weights is zero (default 0.3)",
+    )
+    p.add_argument("--format", default="bitmap", help="storage format of the packed linears (default bitmap)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
+
     p = sub.add_parser("generate", help="complete a prompt with a DSF checkpoint or a dense model")
     p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
     p.add_argument(
@@ -425,6 +441,20 @@ def _print_settings(as_json: bool) -> list[dict]:
         for r in rows:
             print(f"  {r['name']:24s} {r['value'] or '(unset)':10s} {r['help']}")
     return rows
+
+
+def cmd_convert(args) -> None:
+    from dsf_runtime.converters.convert import convert
+    from dsf_runtime.formats import FORMATS
+
+    if args.format not in FORMATS:
+        raise ConfigError(f"unknown format {args.format!r}; choose from {', '.join(sorted(FORMATS))}")
+    out, rows = convert(args.source, args.out, args.min_sparsity, args.format, overwrite=args.overwrite)
+    print(f"{'module':44s} {'shape':>11s} {'zeros':>6s}  stored")
+    for r in rows:
+        shape = f"{r.shape[0]}x{r.shape[1]}"
+        print(f"{r.name:44s} {shape:>11s} {r.sparsity:6.1%}  {'sparse' if r.packed else 'dense'}")
+    print(f"{sum(r.packed for r in rows)} of {len(rows)} linears packed; checkpoint: {out}")
 
 
 def cmd_info(args) -> None:
@@ -776,6 +806,7 @@ COMMANDS = {
     "pack": cmd_pack,
     "generate": cmd_generate,
     "info": cmd_info,
+    "convert": cmd_convert,
     "eval": cmd_eval,
     "compare": cmd_compare,
     "serve": cmd_serve,

@@ -1,0 +1,74 @@
+"""`dsf convert`: pruned models stored dense and compressed-tensors checkpoints become DSF
+checkpoints; the pruned weights come back bit for bit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsf_runtime.checkpoint import load_model
+from dsf_runtime.cli import main
+from dsf_runtime.linear import DSFLinear
+from dsf_runtime.models import compressible_linears
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "compressed_tensors"
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny LLaMA saved dense in bf16 with every MLP linear 60% zeros (attention untouched)."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(tiny_tokenizer)).to(torch.bfloat16)
+    with torch.no_grad():
+        for name in compressible_linears(model):
+            if ".mlp." in name:
+                w = model.get_submodule(name).weight
+                w.mul_(torch.rand(w.shape, generator=torch.Generator().manual_seed(len(name))) >= 0.6)
+    path = tmp_path_factory.mktemp("pruned") / "dense"
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path, model
+
+
+def test_pruned_dense_round_trips_bit_identically(pruned_dir, tmp_path, capsys):
+    path, dense = pruned_dir
+    assert main(["convert", str(path), str(tmp_path / "ck"), "--min-sparsity", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "6 of 14 linears packed" in printed and "dense" in printed
+    model, _ = load_model(tmp_path / "ck", backend="dense-ref")
+    for name in compressible_linears(dense):
+        module = model.get_submodule(name)
+        original = dense.get_submodule(name).weight
+        if ".mlp." in name:
+            assert isinstance(module, DSFLinear) and module.L.values.dtype == torch.bfloat16
+            assert torch.equal(module.L.to_dense(), original)  # the same bits
+        else:
+            assert type(module) is torch.nn.Linear
+    log = json.loads((tmp_path / "ck" / "conversion_log.json").read_text())
+    assert {r["name"] for r in log["layers"] if r["packed"]} == {n for n in compressible_linears(dense) if ".mlp." in n}
+
+
+def test_nothing_sparse_enough_is_a_clear_error(pruned_dir, tmp_path, capsys):
+    path, _ = pruned_dir
+    assert main(["convert", str(path), str(tmp_path / "ck"), "--min-sparsity", "0.9"]) == 2
+    assert "no linear layer" in capsys.readouterr().err
+    assert main(["convert", str(path), str(tmp_path / "ck"), "--min-sparsity", "1.5"]) == 2
+
+
+def test_compressed_tensors_checkpoint_converts_and_matches(tmp_path, tiny_tokenizer):
+    src = tmp_path / "ct"
+    shutil.copytree(FIXTURES / "sparse-bitmask-bf16", src)
+    tiny_tokenizer.save_pretrained(src)
+    assert main(["convert", str(src), str(tmp_path / "ck")]) == 0
+    from safetensors.torch import load_file
+
+    model, tok = load_model(tmp_path / "ck", dtype=torch.float32)
+    ref = load_file(src / "reference.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["input_ids"]).logits, ref["logits"], rtol=1e-3, atol=2e-3)
+    assert tok is not None
