@@ -120,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="bitmap", help="storage format of the packed linears (default bitmap)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
 
+    p = sub.add_parser(
+        "export", help="a DSF checkpoint in another library's format (compressed-tensors sparse-bitmask)"
+    )
+    p.add_argument("checkpoint", help="DSF checkpoint directory")
+    p.add_argument("out", help="output model directory")
+    p.add_argument("--to", choices=["compressed-tensors"], default="compressed-tensors", help="target format")
+    p.add_argument(
+        "--keep-sparse",
+        action="store_true",
+        help="refuse instead of exporting DSF factor pairs as their dense product",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT")
+
     p = sub.add_parser("generate", help="complete a prompt with a DSF checkpoint or a dense model")
     p.add_argument("model", help="DSF checkpoint, model directory or embedded model name")
     p.add_argument(
@@ -455,6 +468,18 @@ def cmd_convert(args) -> None:
         shape = f"{r.shape[0]}x{r.shape[1]}"
         print(f"{r.name:44s} {shape:>11s} {r.sparsity:6.1%}  {'sparse' if r.packed else 'dense'}")
     print(f"{sum(r.packed for r in rows)} of {len(rows)} linears packed; checkpoint: {out}")
+
+
+def cmd_export(args) -> None:
+    from dsf_runtime.checkpoint import is_dsf_checkpoint
+    from dsf_runtime.converters.export import export_compressed_tensors
+
+    if not is_dsf_checkpoint(args.checkpoint):
+        raise ConfigError(f"{args.checkpoint} is not a DSF checkpoint")
+    out, notes = export_compressed_tensors(args.checkpoint, args.out, args.keep_sparse, args.overwrite)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"written: {out} (compressed-tensors sparse-bitmask)")
 
 
 def cmd_info(args) -> None:
@@ -807,6 +832,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "info": cmd_info,
     "convert": cmd_convert,
+    "export": cmd_export,
     "eval": cmd_eval,
     "compare": cmd_compare,
     "serve": cmd_serve,

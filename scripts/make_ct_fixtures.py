@@ -13,6 +13,11 @@ Each fixture is a tiny random LLaMA (64-wide, 2 layers), pruned (unstructured 50
 magnitude for sparse-bitmask, 2:4 for sparse-24-bitmask), compressed and saved as
 config.json + model.safetensors, with reference.safetensors: token ids and the logits of
 the pruned dense model in float32, computed here by transformers.
+
+    /tmp/ctenv/bin/python scripts/make_ct_fixtures.py --check-export CT_DIR DENSE_DIR
+
+checks instead that compressed-tensors itself decompresses a `dsf export` result to the
+weights of DENSE_DIR (the pruned model that `dsf convert` started from), bit for bit.
 """
 
 from __future__ import annotations
@@ -93,7 +98,25 @@ def write(name: str, fmt: str, structure: str, dtype: torch.dtype, ignore: list[
     print(out, sorted(state)[:6])
 
 
+def check_export(ct_dir: str, dense_dir: str) -> None:
+    from safetensors.torch import load_file
+
+    compressor = ModelCompressor.from_pretrained(ct_dir)
+    dense = load_file(Path(dense_dir) / "model.safetensors")
+    count = 0
+    for name, weight in compressor.sparsity_compressor.decompress(str(Path(ct_dir) / "model.safetensors")):
+        if not torch.equal(weight, dense[name]):
+            raise SystemExit(f"{name} differs after decompression")
+        count += 1
+    print(f"{type(compressor.sparsity_compressor).__name__}: {count} tensors bit-identical to {dense_dir}")
+
+
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--check-export"]:
+        check_export(sys.argv[2], sys.argv[3])
+        raise SystemExit(0)
     write(
         "sparse-bitmask-bf16",
         CompressionFormat.sparse_bitmask.value,

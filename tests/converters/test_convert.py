@@ -72,3 +72,42 @@ def test_compressed_tensors_checkpoint_converts_and_matches(tmp_path, tiny_token
     with torch.no_grad():
         torch.testing.assert_close(model(ref["input_ids"]).logits, ref["logits"], rtol=1e-3, atol=2e-3)
     assert tok is not None
+
+
+def test_export_round_trips_through_compressed_tensors(pruned_dir, tmp_path, capsys):
+    """convert then export: a sparse-bitmask checkpoint whose decompressed weights are the
+    pruned model's, bit for bit (read back with our reader)."""
+    from dsf_runtime.ct_reader import is_compressed_tensors, load_compressed_tensors
+
+    path, dense = pruned_dir
+    assert main(["convert", str(path), str(tmp_path / "ck"), "--min-sparsity", "0.5"]) == 0
+    assert main(["export", str(tmp_path / "ck"), str(tmp_path / "ct")]) == 0
+    assert "sparse-bitmask" in capsys.readouterr().out
+    assert is_compressed_tensors(tmp_path / "ct")
+    back, _ = load_compressed_tensors(tmp_path / "ct", backend="dense-ref")
+    for name in compressible_linears(dense):
+        module, original = back.get_submodule(name), dense.get_submodule(name).weight
+        weight = module.L.to_dense() if isinstance(module, DSFLinear) else module.weight
+        assert torch.equal(weight, original), name
+
+
+def test_factor_pairs_export_dense_with_a_note_or_are_refused(tmp_path, tiny_tokenizer, capsys):
+    from dsf_runtime.converters.pack import write_packed
+    from tests_support import tiny_dsf_llama
+
+    model = tiny_dsf_llama()
+    factors = {n: (m.L.to_dense(), m.R.to_dense()) for n, m in model.named_modules() if isinstance(m, DSFLinear)}
+    from conftest import make_tiny_llama
+
+    base = make_tiny_llama(128)
+    write_packed(base, tiny_tokenizer, factors, tmp_path / "dsf", sparsity=0.5)
+    assert main(["export", str(tmp_path / "dsf"), str(tmp_path / "ct"), "--keep-sparse"]) == 2
+    assert "factor pairs" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "dsf"), str(tmp_path / "ct")]) == 0
+    assert "factor structure and its speed are lost" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "ct" / "model.safetensors")
+    name = next(iter(factors))
+    L, R = factors[name]
+    torch.testing.assert_close(state[f"{name}.weight"].float(), (L.double() @ R.double()).float())
