@@ -196,6 +196,27 @@ def build_cases(out_f: int, in_f: int, sparsity: float = 0.5) -> list[Case]:
             )
         )
 
+        # one pruned matrix at the same 50% (SparseGPT/Wanda/magnitude, or an imported
+        # compressed-tensors sparse-bitmask or pruned dense model): W with half its weights zeroed
+        pruned = W * (torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) >= sparsity)
+        tp = f.pack(pruned, value_dtype)
+        nbytes = sum(t.numel() * t.element_size() for t in tp.values())
+        n = _copies(nbytes)
+        single = [
+            bitmap.prepare("bitmap", {k: v.clone() for k, v in tp.items()}, tuple(W.shape), torch.float32)
+            for _ in range(n)
+        ]
+        cases.append(
+            Case(
+                "pruned 50% cpu-bitmap",
+                lambda i, x, p=single: bitmap.matmul(p[i], x),
+                nbytes,
+                n,
+                lambda batch, p=single[0]: bitmap.streamed_bytes(p, batch),
+                lambda batch, p=single[0]: f"W: {bitmap.path_at(p, batch, False)}",
+            )
+        )
+
     sl, sr = sp.csr_matrix(L.numpy()), sp.csr_matrix(R.numpy())
     nbytes = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in (sl, sr))
     n = _copies(nbytes)

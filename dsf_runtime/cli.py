@@ -536,6 +536,15 @@ def cmd_info(args) -> None:
         for fmt, nbytes in sizes.items():
             mark = " (stored)" if fmt == quant.format else ""
             print(f"  as {fmt:7s} {format_bytes(nbytes):>10s} = {nbytes / dense_bf16:.3f}x dense bf16{mark}")
+    log = Path(args.checkpoint) / "conversion_log.json"
+    if log.is_file():  # written by dsf convert: what each linear of the source model became
+        layers = json.loads(log.read_text()).get("layers", [])
+        kept = [r for r in layers if not r.get("packed")]
+        print(
+            f"converted: {len(layers) - len(kept)} of {len(layers)} linears packed" + (kept and "; kept dense:" or "")
+        )
+        for r in kept:
+            print(f"  {r['name']:44s} zeros {r['sparsity']:.1%} (below --min-sparsity)")
     _print_backends(quant.format, False)
     if args.settings:
         _print_settings(False)

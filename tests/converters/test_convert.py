@@ -111,3 +111,13 @@ def test_factor_pairs_export_dense_with_a_note_or_are_refused(tmp_path, tiny_tok
     name = next(iter(factors))
     L, R = factors[name]
     torch.testing.assert_close(state[f"{name}.weight"].float(), (L.double() @ R.double()).float())
+
+
+def test_info_reports_what_was_packed(pruned_dir, tmp_path, capsys):
+    path, _ = pruned_dir
+    assert main(["convert", str(path), str(tmp_path / "ck"), "--min-sparsity", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert "converted: 6 of 14 linears packed" in out
+    assert "model.layers.0.self_attn.q_proj" in out.split("kept dense")[1]
