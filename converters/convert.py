@@ -41,14 +41,17 @@ def convert(
     min_sparsity: float = 0.3,
     fmt: str = "bitmap",
     overwrite: bool = False,
+    value_dtype: str | None = None,
 ) -> tuple[Path, list[LayerConversion]]:
-    """Write ``src`` as a DSF checkpoint at ``out``: (path, what happened to each linear)."""
+    """Write ``src`` as a DSF checkpoint at ``out``: (path, what happened to each linear).
+    ``value_dtype`` (pruned dense sources): store the packed values in this dtype instead
+    of the model's own (e.g. bfloat16 for an fp32 model: half the value bytes, rounded)."""
     if not 0 < min_sparsity < 1:
         raise ConfigError(f"--min-sparsity must be between 0 and 1 (exclusive), got {min_sparsity}")
     src = Path(src) if Path(src).exists() else src
     if is_compressed_tensors(src):
-        if fmt != "bitmap":
-            raise ConfigError("compressed-tensors checkpoints convert to the bitmap format (read in place)")
+        if fmt != "bitmap" or value_dtype:
+            raise ConfigError("compressed-tensors checkpoints convert as stored: bitmap format, their own values")
         config, quant, read_state = read_compressed_tensors(src)
         model, tokenizer = build_model(config, quant, read_state, Path(src), with_tokenizer=_has_tokenizer(src))
         rows = [
@@ -58,7 +61,7 @@ def convert(
             for name, e in quant.modules.items()
         ]
     else:
-        model, tokenizer, quant, rows = _pack_pruned_dense(src, min_sparsity, fmt)
+        model, tokenizer, quant, rows = _pack_pruned_dense(src, min_sparsity, fmt, value_dtype)
     log = json.dumps({"source": str(src), "min_sparsity": min_sparsity, "layers": [asdict(r) for r in rows]}, indent=1)
     path = save_checkpoint(model, tokenizer, out, quant, overwrite=overwrite, extra_files={CONVERSION_LOG: log})
     return path, rows
@@ -68,7 +71,7 @@ def _has_tokenizer(path: str | os.PathLike) -> bool:
     return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
-def _pack_pruned_dense(src, min_sparsity: float, fmt: str):
+def _pack_pruned_dense(src, min_sparsity: float, fmt: str, value_dtype: str | None = None):
     from dsf_runtime.converters.pack import pack_model
     from dsf_runtime.models import compressible_linears, load_dense, read_config_dict, resolve_model_dir
 
@@ -91,6 +94,6 @@ def _pack_pruned_dense(src, min_sparsity: float, fmt: str):
             f"no linear layer of {src} has {min_sparsity:.0%} zeros (the sparsest has {most:.1%}): "
             "nothing to pack; lower --min-sparsity or prune the model first"
         )
-    value_dtype = _VALUE_NAMES.get(dtype, "float32")
+    value_dtype = value_dtype or _VALUE_NAMES.get(dtype, "float32")
     quant = pack_model(model, factors, sparsity=zeros / total, fmt=fmt, value_dtype=value_dtype, method="pruned dense")
     return model, tokenizer, quant, rows

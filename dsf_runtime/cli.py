@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="pruned dense models: pack a linear when at least this fraction of its weights is zero (default 0.3)",
     )
     p.add_argument("--format", default="bitmap", help="storage format of the packed linears (default bitmap)")
+    p.add_argument(
+        "--value-dtype",
+        choices=[n for n in VALUE_DTYPES if n != "int8"],
+        help="pruned dense models: store values in this dtype (default: the model's own, lossless)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing DSF checkpoint at OUT")
 
     p = sub.add_parser(
@@ -462,7 +467,9 @@ def cmd_convert(args) -> None:
 
     if args.format not in FORMATS:
         raise ConfigError(f"unknown format {args.format!r}; choose from {', '.join(sorted(FORMATS))}")
-    out, rows = convert(args.source, args.out, args.min_sparsity, args.format, overwrite=args.overwrite)
+    out, rows = convert(
+        args.source, args.out, args.min_sparsity, args.format, overwrite=args.overwrite, value_dtype=args.value_dtype
+    )
     print(f"{'module':44s} {'shape':>11s} {'zeros':>6s}  stored")
     for r in rows:
         shape = f"{r.shape[0]}x{r.shape[1]}"

@@ -121,3 +121,21 @@ def test_info_reports_what_was_packed(pruned_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "converted: 6 of 14 linears packed" in out
     assert "model.layers.0.self_attn.q_proj" in out.split("kept dense")[1]
+
+
+def test_value_dtype_narrows_a_pruned_fp32_model(tmp_path, tiny_tokenizer):
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(tiny_tokenizer))
+    with torch.no_grad():
+        for name in compressible_linears(model):
+            w = model.get_submodule(name).weight
+            w.mul_(torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) >= 0.5)
+    model.save_pretrained(tmp_path / "dense")
+    tiny_tokenizer.save_pretrained(tmp_path / "dense")
+    assert main(["convert", str(tmp_path / "dense"), str(tmp_path / "ck"), "--value-dtype", "bfloat16"]) == 0
+    ck, _ = load_model(tmp_path / "ck", backend="dense-ref")
+    name = compressible_linears(model)[0]
+    assert ck.get_submodule(name).L.values.dtype == torch.bfloat16
+    want = model.get_submodule(name).weight.to(torch.bfloat16)
+    assert torch.equal(ck.get_submodule(name).L.to_dense(), want)
