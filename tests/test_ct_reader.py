@@ -104,3 +104,13 @@ def test_nan_values_are_refused(copy):
     _edit_tensors(copy, lambda s: s[f"{P}.compressed"].__setitem__(0, float("nan")))
     with pytest.raises(CheckpointError, match=f"{P}.L: values contain NaN"):
         load_compressed_tensors(copy, with_tokenizer=False)
+
+
+def test_dsf_generate_runs_a_compressed_tensors_checkpoint(tmp_path, tiny_tokenizer, capsys):
+    from dsf_runtime.cli import main
+
+    src = tmp_path / "ct"
+    shutil.copytree(FIXTURES / "sparse-24-bitmask-bf16", src)
+    tiny_tokenizer.save_pretrained(src)
+    assert main(["generate", str(src), "--prompt", "It is a truth", "--max-tokens", "4"]) == 0
+    assert "cpu-bitmap x14" in capsys.readouterr().err  # every linear run sparse, and said so
