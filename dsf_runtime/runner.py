@@ -51,11 +51,12 @@ _SILUS = frozenset({"SiLU", "SiLUActivation"})  # torch's and transformers' (F.s
 
 def _fusable(norm: nn.Module, projections: list, dtype: torch.dtype) -> bool:
     """Whether a block's norm and projections are what the fused block ops compute: the
-    architecture's RMSNorm, fp32 activations, bias-free DSF pairs prepared on cpu-bitmap."""
+    architecture's RMSNorm, fp32 activations, bias-free DSF layers (factor pairs or one
+    pruned matrix each) prepared on cpu-bitmap."""
     if (
         type(norm).__name__ not in _RMS_NORMS
         or dtype != torch.float32
-        or not all(isinstance(p, DSFLinear) and p.R is not None and p.bias is None for p in projections)
+        or not all(isinstance(p, DSFLinear) and p.bias is None for p in projections)
     ):
         return False
     for p in projections:
@@ -65,14 +66,15 @@ def _fusable(norm: nn.Module, projections: list, dtype: torch.dtype) -> bool:
 
 
 def _bound_handles(projections: list) -> list[int] | None:
-    """The projections' bound operands (R then L each), or None where one has none now
-    (moved, re-prepared or not yet run): the caller then runs the modules."""
+    """The projections' bound operands (R then L each; 0 for the R of a one-matrix layer),
+    or None where one has none now (moved, re-prepared or not yet run): the caller then
+    runs the modules."""
     handles = []
     for p in projections:
         prepared = p._prepared
-        if prepared is None or not (prepared[0].handle and prepared[1].handle):
+        if prepared is None or not prepared[1].handle or (prepared[0] is not None and not prepared[0].handle):
             return None
-        handles += (prepared[0].handle, prepared[1].handle)
+        handles += (0 if prepared[0] is None else prepared[0].handle, prepared[1].handle)
     return handles
 
 

@@ -64,17 +64,23 @@ def test_unsupported_architecture_is_a_clear_error():
         ModelRunner(model, slots=1)
 
 
-def test_dsf_blocks_run_as_one_op_each_and_match_transformers():
+@pytest.mark.parametrize(
+    "one_matrix",
+    [None, lambda name: True, lambda name: name.endswith(("k_proj", "o_proj", "up_proj"))],
+    ids=["pairs", "pruned", "mixed"],
+)
+def test_dsf_blocks_run_as_one_op_each_and_match_transformers(one_matrix):
     """A DSF model's MLP blocks and decode-step attention inputs (RMSNorm, SiLU, rotary,
     cache writes; cpu-bitmap pairs, fp32) take the fused ops; the runner still equals the transformers forward of the same modules, also after
     a move drops the bound operands mid-run (the block falls back to the modules for
-    that call and binds again)."""
+    that call and binds again). One-matrix (pruned) layers take the same ops, alone or
+    mixed with factor pairs."""
     from dsf_runtime.kernels import BACKENDS
     from tests_support import tiny_dsf_llama
 
     if not BACKENDS["cpu-bitmap"].available():
         pytest.skip("CPU kernel could not be built here")
-    model = tiny_dsf_llama()
+    model = tiny_dsf_llama(one_matrix=one_matrix)
     runner = ModelRunner(model, slots=2, max_len=48)
     assert {block.__name__ for block in runner.mlp_blocks} == {"fused"}
     assert {inputs.__name__ for inputs in runner.attn_inputs} == {"fused"}

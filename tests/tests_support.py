@@ -50,9 +50,10 @@ def fail_on_call(fn, n: int, error: Exception):
     return wrapper
 
 
-def tiny_dsf_llama(value_dtype=None, seed: int = 0):
+def tiny_dsf_llama(value_dtype=None, seed: int = 0, one_matrix=None):
     """A tiny random LLaMA whose linear layers are random sparse DSF pairs (bitmap format,
-    bf16 values by default): for runtime tests that need a whole model, not its quality."""
+    bf16 values by default): for runtime tests that need a whole model, not its quality.
+    ``one_matrix(name)`` true: that linear is one pruned matrix instead (rank None)."""
     import torch
 
     from dsf_runtime.models import compressible_linears
@@ -64,6 +65,9 @@ def tiny_dsf_llama(value_dtype=None, seed: int = 0):
     for i, name in enumerate(compressible_linears(model)):
         out_f, in_f = model.get_submodule(name).weight.shape
         rank = min(out_f, in_f)
+        if one_matrix is not None and one_matrix(name):
+            factors[name] = (random_sparse(out_f, in_f, 0.5, seed=2 * i) * 0.1, None)
+            continue
         factors[name] = (
             random_sparse(out_f, rank, 0.3, seed=2 * i) * 0.3,
             random_sparse(rank, in_f, 0.3, seed=2 * i + 1) * 0.3,

@@ -551,6 +551,15 @@ def test_bound_pair_matches_the_operand_lists(lead):
     torch.testing.assert_close(layer(x), want.reshape(*lead, 40))
 
 
+def test_bound_right_handle_zero_is_one_matrix():
+    """Handle 0 for R: the bound ops apply L alone (a pruned one-matrix layer)."""
+    layer = _bound_layer()
+    right, left = layer.prepared_operands
+    h = torch.randn(3, right.rows, generator=torch.Generator().manual_seed(2))  # L's input width
+    got = torch.ops.dsf.bitmap_pair_bound(h, 0, left.handle, left.rows)
+    assert torch.equal(got, backend.matmul(left, h))
+
+
 def test_bound_handles_are_released_and_checked():
     """A handle dies with its operands (a stale one is a clear error, never a read of freed
     memory); a deep copy binds its own and outlives the original; re-deciding the paths

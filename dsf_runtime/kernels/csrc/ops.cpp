@@ -237,22 +237,35 @@ std::shared_ptr<const Bound> bound_factor(int64_t handle) {
   return it->second;
 }
 
-// L (R x) for x (n, R's cols) through two bound factors.
-at::Tensor pair_through(const at::Tensor& x, const Bound& r, const Bound& l) {
-  return spmm(spmm(x, r.f, r.plan), l.f, l.plan);
+// A layer's bound operands: a factor pair, R then L, or (handle 0 for R) one pruned
+// matrix L. The fused block ops take either kind for each projection.
+struct BoundPair {
+  std::shared_ptr<const Bound> r, l;  // r empty: one matrix
+  int64_t cols() const { return r ? r->f.cols : l->f.cols; }
+  int64_t rows() const { return l->f.rows; }
+  // L (R x), or L x, for x (n, cols())
+  at::Tensor apply(const at::Tensor& x) const {
+    return spmm(r ? spmm(x, r->f, r->plan) : x, l->f, l->plan);
+  }
+};
+
+BoundPair bound_pair(int64_t right, int64_t left, const char* op) {
+  BoundPair p{right == 0 ? nullptr : bound_factor(right), bound_factor(left)};
+  TORCH_CHECK(!p.r || p.l->f.cols == p.r->f.rows, op, ": the left factor takes ", p.l->f.cols,
+              " columns; the right one gives ", p.r ? p.r->f.rows : 0);
+  return p;
 }
 
 // bitmap_pair on bound factors for x (..., in) -> (..., rows), the leading dimensions
 // flattened here rather than by two reshapes in Python; ``rows`` = the left factor's rows
 // (the output width, which the op's fake implementation needs without the registry).
 at::Tensor bitmap_pair_bound(const at::Tensor& x, int64_t right, int64_t left, int64_t rows) {
-  const auto r = bound_factor(right), l = bound_factor(left);
-  TORCH_CHECK(l->f.cols == r->f.rows, "the left factor takes ", l->f.cols, " columns; the right one gives ", r->f.rows);
-  TORCH_CHECK(l->f.rows == rows, "the left factor has ", l->f.rows, " rows, not ", rows);
+  const BoundPair p = bound_pair(right, left, "bitmap_pair_bound");
+  TORCH_CHECK(p.rows() == rows, "the left factor has ", p.rows(), " rows, not ", rows);
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension");
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = rows;
-  return pair_through(x.reshape({-1, x.size(-1)}), *r, *l).view(shape);
+  return p.apply(x.reshape({-1, x.size(-1)})).view(shape);
 }
 
 // RMSNorm of each row of x (n, hidden) fp32 in transformers' order: weight * (x * rsqrt(mean(x^2) + eps)).
@@ -272,12 +285,10 @@ at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double e
   return h;
 }
 
-std::array<std::shared_ptr<const Bound>, 6> bound_six(at::IntArrayRef handles, const char* op) {
-  TORCH_CHECK(handles.size() == 6, op, " takes 6 handles (three pairs: R then L), got ", handles.size());
-  std::array<std::shared_ptr<const Bound>, 6> f;
-  for (int i = 0; i < 6; ++i) f[i] = bound_factor(handles[i]);
-  for (int i = 0; i < 6; i += 2) TORCH_CHECK(f[i + 1]->f.cols == f[i]->f.rows, op, ": a pair's factors do not chain");
-  return f;
+std::array<BoundPair, 3> bound_three(at::IntArrayRef handles, const char* op) {
+  TORCH_CHECK(handles.size() == 6, op, " takes 6 handles (three pairs: R or 0, then L), got ", handles.size());
+  return {bound_pair(handles[0], handles[1], op), bound_pair(handles[2], handles[3], op),
+          bound_pair(handles[4], handles[5], op)};
 }
 
 // A LLaMA MLP block on bound factor pairs, x + down(silu(gate(h)) * up(h)) with
@@ -291,19 +302,19 @@ at::Tensor mlp_block_bound(const at::Tensor& x, const at::Tensor& weight, double
               "mlp_block_bound takes fp32 CPU tensors");
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0), "mlp_block_bound: x (..., ",
               weight.size(0), ") for a norm weight of ", weight.size(0), ", got ", x.sizes());
-  const auto f = bound_six(handles, "mlp_block_bound");
+  const auto f = bound_three(handles, "mlp_block_bound");
   const int64_t hidden = weight.size(0);
-  TORCH_CHECK(f[0]->f.cols == hidden && f[2]->f.cols == hidden && f[1]->f.rows == f[3]->f.rows &&
-                  f[4]->f.cols == f[1]->f.rows && f[5]->f.rows == hidden,
+  TORCH_CHECK(f[0].cols() == hidden && f[1].cols() == hidden && f[0].rows() == f[1].rows() &&
+                  f[2].cols() == f[0].rows() && f[2].rows() == hidden,
               "mlp_block_bound: gate and up map ", hidden, " features to the width down takes, down back to ", hidden);
   const at::Tensor xc = x.reshape({-1, hidden}).contiguous();
   const at::Tensor h = rms_norm_rows(xc, weight, eps);
-  at::Tensor g = pair_through(h, *f[0], *f[1]);  // (n, inter)
-  const at::Tensor u = pair_through(h, *f[2], *f[3]);
+  at::Tensor g = f[0].apply(h);  // (n, inter)
+  const at::Tensor u = f[1].apply(h);
   float* gp = g.data_ptr<float>();
   const float* up = u.data_ptr<float>();
   for (int64_t i = 0, e = g.numel(); i < e; ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * up[i];
-  at::Tensor y = pair_through(g, *f[4], *f[5]);  // (n, hidden)
+  at::Tensor y = f[2].apply(g);  // (n, hidden)
   y.add_(xc);
   return y.view(x.sizes());
 }
@@ -317,7 +328,7 @@ at::Tensor mlp_block_bound(const at::Tensor& x, const at::Tensor& weight, double
 at::Tensor attn_inputs_bound(const at::Tensor& x, const at::Tensor& weight, double eps, at::IntArrayRef handles,
                              const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                              const at::Tensor& pos, int64_t heads, int64_t kv_heads) {
-  const auto f = bound_six(handles, "attn_inputs_bound");
+  const auto f = bound_three(handles, "attn_inputs_bound");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &weight, &cos, &sin, &k_cache, &v_cache})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "attn_inputs_bound takes fp32 CPU tensors");
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && weight.dim() == 1 && x.size(2) == weight.size(0),
@@ -329,8 +340,8 @@ at::Tensor attn_inputs_bound(const at::Tensor& x, const at::Tensor& weight, doub
   const int64_t max_len = k_cache.size(2), d = k_cache.size(3);
   TORCH_CHECK(d % 2 == 0 && cos.numel() == n * d && sin.numel() == n * d, "attn_inputs_bound: cos and sin (", n,
               ", 1, ", d, ")");
-  TORCH_CHECK(f[0]->f.cols == hidden && f[2]->f.cols == hidden && f[4]->f.cols == hidden &&
-                  f[1]->f.rows == heads * d && f[3]->f.rows == kv_heads * d && f[5]->f.rows == kv_heads * d,
+  TORCH_CHECK(f[0].cols() == hidden && f[1].cols() == hidden && f[2].cols() == hidden &&
+                  f[0].rows() == heads * d && f[1].rows() == kv_heads * d && f[2].rows() == kv_heads * d,
               "attn_inputs_bound: q, k, v map ", hidden, " features to ", heads, " and ", kv_heads, " heads of ", d);
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == n, "attn_inputs_bound: pos holds ", n, " int64 positions");
   const at::Tensor pc = pos.contiguous();
@@ -338,9 +349,9 @@ at::Tensor attn_inputs_bound(const at::Tensor& x, const at::Tensor& weight, doub
   for (int64_t b = 0; b < n; ++b)
     TORCH_CHECK(pp[b] >= 0 && pp[b] < max_len, "attn_inputs_bound: position ", pp[b], " outside the cache's ", max_len);
   const at::Tensor h = rms_norm_rows(x.reshape({n, hidden}).contiguous(), weight, eps);
-  const at::Tensor q = pair_through(h, *f[0], *f[1]);  // (n, heads * d)
-  const at::Tensor k = pair_through(h, *f[2], *f[3]);  // (n, kv_heads * d)
-  const at::Tensor v = pair_through(h, *f[4], *f[5]);
+  const at::Tensor q = f[0].apply(h);  // (n, heads * d)
+  const at::Tensor k = f[1].apply(h);  // (n, kv_heads * d)
+  const at::Tensor v = f[2].apply(h);
   const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
   const float *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
   at::Tensor out = at::empty({n, heads, 1, d}, x.options());
@@ -416,10 +427,10 @@ at::Tensor decode_layer_bound(const at::Tensor& x, const at::Tensor& attn_norm, 
                                          heads, kv_heads);
   const at::Tensor pc = pos.contiguous();
   const at::Tensor a = attend_cached(q, k_cache, v_cache, pc.data_ptr<int64_t>(), heads, kv_heads, scale);
-  const auto o_r = bound_factor(handles[6]), o_l = bound_factor(handles[7]);
-  TORCH_CHECK(o_r->f.cols == a.size(1) && o_l->f.cols == o_r->f.rows && o_l->f.rows == x.size(2),
-              "decode_layer_bound: o_proj maps ", a.size(1), " features to ", x.size(2));
-  at::Tensor h = pair_through(a, *o_r, *o_l);  // (n, hidden)
+  const BoundPair o = bound_pair(handles[6], handles[7], "decode_layer_bound");
+  TORCH_CHECK(o.cols() == a.size(1) && o.rows() == x.size(2), "decode_layer_bound: o_proj maps ", a.size(1),
+              " features to ", x.size(2));
+  at::Tensor h = o.apply(a);  // (n, hidden)
   h.add_(x.reshape({x.size(0), x.size(2)}));
   return mlp_block_bound(h.view(x.sizes()), mlp_norm, mlp_eps, handles.slice(8, 6));
 }
