@@ -76,9 +76,10 @@ def tiny_dsf_llama(value_dtype=None, seed: int = 0, one_matrix=None):
     return model
 
 
-def tiny_dsf_checkpoint(path, tokenizer, seed: int = 0, **overrides):
+def tiny_dsf_checkpoint(path, tokenizer, seed: int = 0, one_matrix=None, **overrides):
     """A saved tiny DSF LLaMA with random sparse factor pairs (bitmap, bf16 values) whose
-    attention heads are 64 wide (vLLM's CPU attention takes no narrower ones)."""
+    attention heads are 64 wide (vLLM's CPU attention takes no narrower ones);
+    ``one_matrix(name)`` true: that linear is one pruned matrix instead."""
     from conftest import make_tiny_llama
     from dsf_runtime.converters.pack import write_packed
     from dsf_runtime.models import compressible_linears
@@ -90,6 +91,9 @@ def tiny_dsf_checkpoint(path, tokenizer, seed: int = 0, **overrides):
     for i, name in enumerate(compressible_linears(model)):
         out_f, in_f = model.get_submodule(name).weight.shape
         rank = min(out_f, in_f)
+        if one_matrix is not None and one_matrix(name):
+            factors[name] = (random_sparse(out_f, in_f, 0.5, seed=2 * i + seed) * 0.1, None)
+            continue
         factors[name] = (
             random_sparse(out_f, rank, 0.3, seed=2 * i + seed) * 0.2,
             random_sparse(rank, in_f, 0.3, seed=2 * i + 1 + seed) * 0.2,
