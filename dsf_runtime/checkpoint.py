@@ -412,6 +412,22 @@ def _read_tensors(ckpt: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
     return state
 
 
+def _check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The loaded tensors are exactly the expected names, shapes and dtypes, whatever
+    reader produced them (our files are also checked from their headers, before reading)."""
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+    if extra:
+        raise CheckpointError(f"the checkpoint has {len(extra)} unexpected tensors, e.g. {', '.join(extra[:3])}")
+    for key, meta in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(meta.shape) or got.dtype != meta.dtype:
+            raise CheckpointError(
+                f"tensor {key}: stored {got.dtype}{list(got.shape)}, expected {meta.dtype}{list(meta.shape)}"
+            )
+
+
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
@@ -522,6 +538,7 @@ def build_model(
         raise CheckpointError(f"{ckpt}: {exc}") from None
     expected = _unique_state(model)
     state = read_state(expected)
+    _check_state(state, expected)
     warm_backends()  # native kernels built now register their faster format checks
     validate_dsf_modules(model, state)
     model.load_state_dict(state, strict=False, assign=True)
