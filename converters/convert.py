@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dsf_runtime.checkpoint import build_model, save_checkpoint
+from dsf_runtime.checkpoint import TOKENIZER_FILES, build_model, save_checkpoint
 from dsf_runtime.ct_reader import is_compressed_tensors, read_compressed_tensors
 from dsf_runtime.errors import ConfigError
 from dsf_runtime.formats.values import VALUE_DTYPES
@@ -68,7 +68,7 @@ def convert(
 
 
 def _has_tokenizer(path: str | os.PathLike) -> bool:
-    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
 
 
 def _pack_pruned_dense(src, min_sparsity: float, fmt: str, value_dtype: str | None = None):

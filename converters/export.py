@@ -65,13 +65,13 @@ def export_compressed_tensors(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose another directory (or --overwrite)")
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    modules = dsf_modules(model)
     state, ignore = {}, ["lm_head"]
     for name, tensor in _unique_state(model).items():  # tied weights once
-        owner = name.rsplit(".", 2)[0]
-        if owner in dsf_modules(model) or name.rsplit(".", 1)[0] in dsf_modules(model):
-            continue
+        if name.rsplit(".", 2)[0] in modules or name.rsplit(".", 1)[0] in modules:
+            continue  # a DSF layer's factor tensors or bias: written below in the target layout
         state[name] = tensor
-    for name, module in dsf_modules(model).items():
+    for name, module in modules.items():
         if module.R is None:
             state.update(_bitmask_tensors(name, module, dtype))
         else:
@@ -85,8 +85,8 @@ def export_compressed_tensors(
             f"{len(pairs)} DSF factor pairs were exported as dense products L @ R (stored dense, listed in "
             "ignore): the factor structure and its speed are lost; keep the DSF checkpoint to run them sparsely"
         )
-    total = sum(m.L.shape[0] * m.L.shape[1] for m in dsf_modules(model).values() if m.R is None)
-    nnz = sum(m.L.nnz for m in dsf_modules(model).values() if m.R is None)
+    total = sum(m.L.shape[0] * m.L.shape[1] for m in modules.values() if m.R is None)
+    nnz = sum(m.L.nnz for m in modules.values() if m.R is None)
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
         "sparsity_config": {

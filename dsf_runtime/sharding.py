@@ -1,6 +1,6 @@
 """Tensor-parallel cuts of a DSF layer y = L (R x): what one rank holds and computes.
 
-Serving engines split a linear two ways (docs/tensor-parallel.md has the reasoning):
+Serving engines split a linear two ways (docs/vllm.md has the reasoning and a byte table):
 
 - ``column`` (output split: q/k/v, gate/up): the rank computes rows ``start:stop`` of
   y. It holds those rows of L and all of R: h = R x is computed on every rank (x is
@@ -86,7 +86,7 @@ def gather_parts(layer: DSFLinear, rows: tuple[int, int], ranks: tuple[int, int]
 
 def shard_bytes(layer: DSFLinear, split: Split | Literal["gather"], world: int) -> float:
     """Stored bytes one rank holds under ``split`` with ``world`` ranks (an even cut):
-    what docs/tensor-parallel.md's table counts."""
+    what docs/vllm.md's table counts."""
     left, right = layer.L.nbytes(), 0 if layer.R is None else layer.R.nbytes()
     if split == "none" or world == 1:
         return left + right

@@ -50,28 +50,37 @@ def fail_on_call(fn, n: int, error: Exception):
     return wrapper
 
 
+def random_factors(model, scale: float, seed: int = 0, one_matrix=None) -> dict:
+    """Random sparse factor pairs (L, R), 30% dense each and scaled by ``scale``, for every
+    compressible linear of ``model``; ``one_matrix(name)`` true: one pruned matrix (W, None)
+    at 50% instead, scaled by 0.1."""
+    from dsf_runtime.models import compressible_linears
+    from helpers import random_sparse
+
+    factors = {}
+    for i, name in enumerate(compressible_linears(model)):
+        out_f, in_f = model.get_submodule(name).weight.shape
+        rank = min(out_f, in_f)
+        if one_matrix is not None and one_matrix(name):
+            factors[name] = (random_sparse(out_f, in_f, 0.5, seed=2 * i + seed) * 0.1, None)
+            continue
+        factors[name] = (
+            random_sparse(out_f, rank, 0.3, seed=2 * i + seed) * scale,
+            random_sparse(rank, in_f, 0.3, seed=2 * i + 1 + seed) * scale,
+        )
+    return factors
+
+
 def tiny_dsf_llama(value_dtype=None, seed: int = 0, one_matrix=None):
     """A tiny random LLaMA whose linear layers are random sparse DSF pairs (bitmap format,
     bf16 values by default): for runtime tests that need a whole model, not its quality.
     ``one_matrix(name)`` true: that linear is one pruned matrix instead (rank None)."""
     import torch
 
-    from dsf_runtime.models import compressible_linears
     from dsf_runtime.patch import replace_with_factors
-    from helpers import random_sparse
 
     model = make_tiny_llama(vocab_size=128, seed=seed)
-    factors = {}
-    for i, name in enumerate(compressible_linears(model)):
-        out_f, in_f = model.get_submodule(name).weight.shape
-        rank = min(out_f, in_f)
-        if one_matrix is not None and one_matrix(name):
-            factors[name] = (random_sparse(out_f, in_f, 0.5, seed=2 * i) * 0.1, None)
-            continue
-        factors[name] = (
-            random_sparse(out_f, rank, 0.3, seed=2 * i) * 0.3,
-            random_sparse(rank, in_f, 0.3, seed=2 * i + 1) * 0.3,
-        )
+    factors = random_factors(model, 0.3, one_matrix=one_matrix)
     replace_with_factors(model, factors, value_dtype=value_dtype or torch.bfloat16)
     return model
 
@@ -82,20 +91,8 @@ def tiny_dsf_checkpoint(path, tokenizer, seed: int = 0, one_matrix=None, **overr
     ``one_matrix(name)`` true: that linear is one pruned matrix instead."""
     from conftest import make_tiny_llama
     from dsf_runtime.converters.pack import write_packed
-    from dsf_runtime.models import compressible_linears
-    from helpers import random_sparse
 
     shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
     model = make_tiny_llama(len(tokenizer), seed=seed, max_position_embeddings=512, **{**shape, **overrides})
-    factors = {}
-    for i, name in enumerate(compressible_linears(model)):
-        out_f, in_f = model.get_submodule(name).weight.shape
-        rank = min(out_f, in_f)
-        if one_matrix is not None and one_matrix(name):
-            factors[name] = (random_sparse(out_f, in_f, 0.5, seed=2 * i + seed) * 0.1, None)
-            continue
-        factors[name] = (
-            random_sparse(out_f, rank, 0.3, seed=2 * i + seed) * 0.2,
-            random_sparse(rank, in_f, 0.3, seed=2 * i + 1 + seed) * 0.2,
-        )
+    factors = random_factors(model, 0.2, seed=seed, one_matrix=one_matrix)
     return write_packed(model, tokenizer, factors, path, sparsity=0.5)
