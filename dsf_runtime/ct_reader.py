@@ -36,8 +36,8 @@ _PARTS = ("shape", "bitmask", "compressed", "row_offsets")
 
 def sparsity_config(config: dict) -> dict | None:
     """The compressed-tensors sparsity section of a config.json dict, None if there is none."""
-    qc = config.get("quantization_config") or config.get("compression_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+    qc = _section(config)
+    if qc.get("quant_method") != "compressed-tensors":
         return None
     return qc.get("sparsity_config") or {}
 
@@ -51,9 +51,26 @@ def is_compressed_tensors(path: str | os.PathLike) -> bool:
         return False
 
 
-def _supported(config: dict, where: str) -> str:
+def _section(config: dict) -> dict:
     qc = config.get("quantization_config") or config.get("compression_config")
-    fmt = (sparsity_config(config) or {}).get("format")
+    return qc if isinstance(qc, dict) else {}
+
+
+def runs_sparse_only(qc: dict) -> bool:
+    """True for a compressed-tensors section that declares sparsity and no quantization:
+    the checkpoints this reader runs (or names as unsupported), never a quantized one."""
+    sparsity = qc.get("sparsity_config") if isinstance(qc, dict) else None
+    return (
+        qc.get("quant_method") == "compressed-tensors"
+        and isinstance(sparsity, dict)
+        and sparsity.get("format") not in (None, "dense")
+        and not qc.get("config_groups")
+    )
+
+
+def supported_format(qc: dict, where: str) -> str:
+    """The sparsity format of a compressed-tensors section, or one error naming what runs."""
+    fmt = (qc.get("sparsity_config") or {}).get("format")
     if qc.get("config_groups") or qc.get("format") not in (None, "dense", fmt):
         raise CheckpointError(
             f"{where}: quantized compressed-tensors checkpoints (format {qc.get('format')!r}) are not run yet; "
@@ -65,6 +82,11 @@ def _supported(config: dict, where: str) -> str:
             f"{', '.join(SPARSE_FORMATS)} (a pruned checkpoint stored dense: dsf convert --min-sparsity)"
         )
     return fmt
+
+
+def stored_parts(fmt: str) -> tuple[str, ...]:
+    """The tensors each compressed module stores in ``fmt``."""
+    return ("shape", "bitmask", "compressed") + (("row_offsets",) if fmt == "sparse-bitmask" else ())
 
 
 def _to_bitmap(bitmask: torch.Tensor, cols: int) -> torch.Tensor:
@@ -81,7 +103,7 @@ def _to_bitmap(bitmask: torch.Tensor, cols: int) -> torch.Tensor:
     return bitmask.view(torch.int32)  # little-endian bytes: one 32-column word
 
 
-def _module_tensors(prefix: str, parts: dict[str, torch.Tensor], fmt: str) -> tuple[dict[str, torch.Tensor], int, int]:
+def module_tensors(prefix: str, parts: dict[str, torch.Tensor], fmt: str) -> tuple[dict[str, torch.Tensor], int, int]:
     """Our bitmap tensors of one compressed module: ({bitmap, row_offsets, values}, rows, cols)."""
     shape = parts["shape"].reshape(-1).tolist()
     if len(shape) != 2 or min(shape) < 1:
@@ -128,7 +150,7 @@ def read_compressed_tensors(
         config = json.loads((ckpt / CONFIG_NAME).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{ckpt / CONFIG_NAME} is not readable JSON: {exc}") from None
-    fmt = _supported(config, str(ckpt / CONFIG_NAME))
+    fmt = supported_format(_section(config), str(ckpt / CONFIG_NAME))
     config = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
     keys: dict[str, torch.Tensor] = {}  # every stored tensor, as a view of its mapped file
     for file in _weight_files(ckpt):
@@ -143,11 +165,11 @@ def read_compressed_tensors(
     prefixes = sorted(k[: -len(".bitmask")] for k in keys if k.endswith(".bitmask"))
     modules, packed, stored, dtype = {}, {}, 0, None
     for prefix in prefixes:
-        need = ("shape", "bitmask", "compressed") + (("row_offsets",) if fmt == "sparse-bitmask" else ())
+        need = stored_parts(fmt)
         missing = [p for p in need if f"{prefix}.{p}" not in keys]
         if missing:
             raise CheckpointError(f"the checkpoint lacks {prefix}.{missing[0]}")
-        ours, rows, cols = _module_tensors(prefix, {p: tensor(f"{prefix}.{p}") for p in need}, fmt)
+        ours, rows, cols = module_tensors(prefix, {p: tensor(f"{prefix}.{p}") for p in need}, fmt)
         dtype = dtype or ours["values"].dtype
         if ours["values"].dtype != dtype:
             raise CheckpointError(f"{prefix}.compressed is {ours['values'].dtype}, other modules {dtype}")

@@ -7,6 +7,7 @@ empty DSFLinear, so transformers reads the factors' tensors by name straight int
 the sparse modules (no dense W is ever built); afterwards it validates every factor
 (index ranges, offsets, counts, finite values) and prepares the kernel backend.
 ``dsf_runtime.load_model`` remains the direct path with the same checks.
+Compressed-tensors sparse checkpoints are routed to a quantizer of ours (hf_ct).
 """
 
 from __future__ import annotations
@@ -87,5 +88,8 @@ def register() -> bool:
         register_quantization_config("dsf")(DSFQuantizationConfig)
     if "dsf" not in AUTO_QUANTIZER_MAPPING:
         register_quantizer("dsf")(DSFHfQuantizer)
+    from dsf_runtime import hf_ct
+
+    hf_ct.register(HfQuantizer, QuantizationConfigMixin, AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING)
     _REGISTERED = True
     return True
