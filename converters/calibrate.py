@@ -1,15 +1,20 @@
-"""The one sequential calibration driver (SparseGPT-style, layer by layer).
+"""The calibration drivers: which Gram matrices each weight is compressed against.
 
-Decoder layers are processed in order. For each layer: forward the calibration
-activations through it with hooks accumulating the Gram matrix H = X^T X / n of every
-compressible linear's input, compress all of them with the given method, write the
-product back so the layer behaves as compressed, and forward again to produce the
-next layer's inputs. The method is a pure function passed in; this module owns hooks,
-devices, resumption and progress bars only.
+``compress_sequential`` (SparseGPT-style, the paper's schedule): decoder layers in order.
+For each layer, forward the calibration activations through it with hooks accumulating
+the Gram matrix H = X^T X / n of every compressible linear's input, compress its
+linears, write the products back so the layer behaves as compressed, and forward again
+to produce the next layer's inputs, so each layer is fitted to its compressed inputs.
 
+``compress_parallel``: every H is taken from the dense model in one pass, so all
+matrices of the model can be factorized at once, at some quality cost (docs/distributed.md).
+
+The method is a pure function passed in and an executor (workers.py: in-process or
+Ray) runs it; this module owns hooks, devices, resumption and progress bars only.
 Memory: the model stays on the CPU; only the decoder layer being processed and the
-calibration activations live on ``device``. With a ``work_dir`` every finished layer's
-factors are saved, so a killed run resumes after its last finished layer.
+calibration activations live on ``device``. With a ``work_dir`` finished work is saved
+(a layer at a time, or a matrix at a time in the parallel schedule), so a killed run
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsf_runtime.converters.factorize import weighted_error
-from dsf_runtime.converters.methods import Factors, Method
+from dsf_runtime.converters.methods import Method
+from dsf_runtime.converters.workers import Executor, LocalExecutor, MatrixResult, MatrixTask
 from dsf_runtime.errors import ConfigError, FactorizationError
 from dsf_runtime.formats import get_format
 from dsf_runtime.models import architecture_for
@@ -44,6 +49,7 @@ class LayerReport:
     rel_error: float  # H-weighted relative reconstruction error of the stored factors
     seconds: float
     info: dict[str, float] = field(default_factory=dict)  # method diagnostics
+    worker: str = ""  # host:pid of the process that factorized it
 
 
 @dataclass
@@ -51,7 +57,8 @@ class CompressionResult:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)  # on CPU
     reports: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
-    resumed_layers: int = 0
+    resumed_layers: int = 0  # layers (sequential) or matrices (parallel) taken from the work directory
+    executor: str = "in-process"
 
 
 class _StopForward(Exception):
@@ -115,15 +122,16 @@ class _WorkDir:
         else:
             job.write_text(json.dumps(fingerprint, sort_keys=True))
 
-    def _files(self, i: int) -> tuple[Path, Path]:
-        return self.path / f"layer_{i:04d}.safetensors", self.path / f"layer_{i:04d}.json"
+    def _files(self, stem: str) -> tuple[Path, Path]:
+        return self.path / f"{stem}.safetensors", self.path / f"{stem}.json"
 
     def load(
-        self, i: int, names: list[str]
+        self, stem: str, names: list[str]
     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], list[LayerReport]] | None:
-        """Layer ``i``'s saved factors for the linears ``names``, or None when it must be computed:
-        not saved yet, or its files are unreadable (then they are removed, with a warning)."""
-        tensors_file, report_file = self._files(i)
+        """The saved factors of unit ``stem`` (a layer or one matrix) for the linears ``names``,
+        or None when it must be computed: not saved yet, or its files are unreadable (then
+        they are removed, with a warning)."""
+        tensors_file, report_file = self._files(stem)
         if not (tensors_file.exists() and report_file.exists()):
             return None
         try:
@@ -132,8 +140,8 @@ class _WorkDir:
                 raise ValueError(f"it holds {len(factors)} linears, the layer has {len(names)}")
         except Exception as exc:  # truncated or edited files: recompute rather than fail or trust them
             log.warning(
-                "layer %d's saved factors in %s are unreadable (%s: %s); computing the layer again",
-                i,
+                "%s's saved factors in %s are unreadable (%s: %s); computing the layer again",
+                stem,
                 self.path,
                 type(exc).__name__,
                 exc,
@@ -164,7 +172,7 @@ class _WorkDir:
         return factors, reports
 
     def save(
-        self, i: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]], reports: list[LayerReport]
+        self, stem: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]], reports: list[LayerReport]
     ) -> None:
         from safetensors.torch import save_file
 
@@ -176,12 +184,20 @@ class _WorkDir:
                 if mat is not None:
                     for k, t in csr.pack(mat, torch.float32).items():
                         tensors[f"{name}.{side}.{k}"] = t
-        tensors_file, report_file = self._files(i)
+        tensors_file, report_file = self._files(stem)
         save_file(tensors, str(tensors_file) + ".tmp")
         os.replace(str(tensors_file) + ".tmp", tensors_file)
         tmp_report = report_file.with_name(report_file.name + ".tmp")
         tmp_report.write_text(json.dumps({"shapes": shapes, "reports": [asdict(r) for r in reports]}))
         os.replace(tmp_report, report_file)
+
+
+def _layer_stem(i: int) -> str:
+    return f"layer_{i:04d}"
+
+
+def _matrix_stem(name: str) -> str:
+    return f"matrix_{name}"
 
 
 @torch.no_grad()
@@ -195,12 +211,15 @@ def compress_sequential(
     progress: bool = True,
     work_dir: str | os.PathLike | None = None,
     fingerprint: dict | None = None,
+    executor: Executor | None = None,
 ) -> CompressionResult:
     """Compress every compressible linear of ``model`` given calibration windows
     ``calib_ids`` (nsamples, seqlen). The model is modified in place: each compressed
     weight is replaced by its dense product. Returns the factors (CPU) and a report
-    per linear. ``work_dir`` (with a ``fingerprint`` of the settings) enables resuming."""
+    per linear. ``work_dir`` (with a ``fingerprint`` of the settings) enables resuming;
+    ``executor`` runs the matrices of each layer (default: in this process)."""
     start = time.perf_counter()
+    executor = executor or LocalExecutor()
     arch = architecture_for(model.config.model_type)
     layers = model.get_submodule(arch.layers)
     model.eval()
@@ -210,38 +229,127 @@ def compress_sequential(
     hidden, layer_kwargs = _capture_layer_inputs(model, layers, batches)
     hidden = [_to(h, device) for h in hidden]
     layer_kwargs = [_to(kw, device) for kw in layer_kwargs]
-    result = CompressionResult()
+    result = CompressionResult(executor=executor.label)
 
-    bar = tqdm(range(len(layers)), desc="compressing layers", unit="layer", disable=not progress)
-    for i in bar:
+    bar = _matrix_bar(len(layers) * len(arch.linears), progress)
+    for i in range(len(layers)):
         layer = layers[i].to(device)
         linears = {name: layer.get_submodule(name) for name in arch.linears}
-        done = work.load(i, [f"{arch.layers}.{i}.{name}" for name in linears]) if work is not None else None
+        prefix = f"{arch.layers}.{i}"
+        done = work.load(_layer_stem(i), [f"{prefix}.{name}" for name in linears]) if work is not None else None
         if done is not None:
             factors, reports = done
             for name, linear in linears.items():
-                L, R = factors[f"{arch.layers}.{i}.{name}"]
+                L, R = factors[f"{prefix}.{name}"]
                 linear.weight.data.copy_((L if R is None else L @ R).to(linear.weight.dtype))
             result.resumed_layers += 1
+            bar.update(len(linears))
         else:
             factors, reports = _compress_layer(
-                layer, linears, arch.input_groups(), hidden, layer_kwargs, method, f"{arch.layers}.{i}", device
+                layer, linears, arch.input_groups(), hidden, layer_kwargs, method, prefix, device, executor, bar
             )
             if work is not None:
-                work.save(i, factors, reports)
+                work.save(_layer_stem(i), factors, reports)
         result.factors.update(factors)
         result.reports.extend(reports)
         hidden = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, layer_kwargs)]
         layer.to("cpu")
         bar.set_postfix(err=f"{sum(r.rel_error for r in reports) / len(reports):.4f}")
+    bar.close()
     result.seconds = time.perf_counter() - start
+    _log_workers(result.reports)
     return result
 
 
-def _compress_layer(layer, linears, groups, hidden, layer_kwargs, method: Method, prefix: str, device):
-    """Collect H for every linear of one layer in one pass (one H per group of linears
-    that read the same input, e.g. q/k/v), then compress each linear."""
-    group_of = {name: g[0] for g in groups for name in g}
+@torch.no_grad()
+def compress_parallel(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    method: Method,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    work_dir: str | os.PathLike | None = None,
+    fingerprint: dict | None = None,
+    executor: Executor | None = None,
+) -> CompressionResult:
+    """As compress_sequential, but every Gram matrix comes from the dense model: one
+    forward pass queues each layer's matrices as soon as its H exists, so all of them
+    can run at once. Each finished matrix is saved on its own (resume per matrix)."""
+    start = time.perf_counter()
+    executor = executor or LocalExecutor()
+    arch = architecture_for(model.config.model_type)
+    layers = model.get_submodule(arch.layers)
+    model.eval()
+    model.to("cpu")
+    work = _WorkDir(Path(work_dir), fingerprint or {}) if work_dir is not None else None
+    batches = list(calib_ids.split(batch_size))
+    hidden, layer_kwargs = _capture_layer_inputs(model, layers, batches)
+    hidden = [_to(h, device) for h in hidden]
+    layer_kwargs = [_to(kw, device) for kw in layer_kwargs]
+    result = CompressionResult(executor=executor.label)
+    finished: dict[str, tuple[tuple[torch.Tensor, torch.Tensor | None], LayerReport]] = {}
+    weights: dict[str, nn.Linear] = {}
+
+    bar = _matrix_bar(len(layers) * len(arch.linears), progress)
+    for i in range(len(layers)):
+        layer = layers[i].to(device)
+        prefix = f"{arch.layers}.{i}"
+        linears = {name: layer.get_submodule(name) for name in arch.linears}
+        weights.update((f"{prefix}.{name}", linear) for name, linear in linears.items())
+        todo = {}
+        for name, linear in linears.items():
+            full = f"{prefix}.{name}"
+            saved = work.load(_matrix_stem(full), [full]) if work is not None else None
+            if saved is None:
+                todo[name] = linear
+            else:
+                finished[full] = (saved[0][full], saved[1][0])
+                result.resumed_layers += 1
+                bar.update(1)
+        if todo:  # H of every group, including those whose matrices are all saved: the pass is shared
+            grams = _layer_grams(layer, linears, arch.input_groups(), hidden, layer_kwargs, device)
+            _submit(executor, method, todo, arch.input_groups(), grams, prefix)
+            del grams
+        hidden = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, layer_kwargs)]  # the dense layer's output
+        layer.to("cpu")
+    del hidden, layer_kwargs
+    for res in executor.results():
+        factors, report = _accept(res, weights[res.name].weight.shape)
+        finished[res.name] = (factors, report)
+        if work is not None:
+            work.save(_matrix_stem(res.name), {res.name: factors}, [report])
+        bar.update(1)
+    bar.close()
+    for full, linear in weights.items():  # model order
+        (L, R), report = finished[full]
+        linear.weight.data.copy_((L if R is None else L @ R).to(linear.weight.dtype))
+        result.factors[full] = (L, R)
+        result.reports.append(report)
+    result.seconds = time.perf_counter() - start
+    _log_workers(result.reports)
+    return result
+
+
+def _matrix_bar(total: int, progress: bool):
+    return tqdm(total=total, desc="compressing matrices", unit="matrix", disable=not progress, smoothing=0.1)
+
+
+def _log_workers(reports: list[LayerReport]) -> None:
+    """Per-worker throughput: matrices, busy seconds, weights per second."""
+    per: dict[str, list[LayerReport]] = {}
+    for r in reports:
+        per.setdefault(r.worker or "resumed", []).append(r)
+    for worker, rs in sorted(per.items()):
+        busy = sum(r.seconds for r in rs)
+        weights = sum(r.shape[0] * r.shape[1] for r in rs)
+        log.info("worker %s: %d matrices, %.1fs busy, %.0f weights/s", worker, len(rs), busy, weights / max(busy, 1e-9))
+
+
+def _layer_grams(layer, linears, groups, hidden, layer_kwargs, device) -> dict[str, torch.Tensor]:
+    """H = X^T X / n for every group of linears that read the same input (e.g. q/k/v),
+    keyed by the group's first linear, from one pass of the calibration inputs."""
     grams = {g[0]: torch.zeros(linears[g[0]].in_features, linears[g[0]].in_features, device=device) for g in groups}
     counts = dict.fromkeys(grams, 0)
 
@@ -260,24 +368,51 @@ def _compress_layer(layer, linears, groups, hidden, layer_kwargs, method: Method
     finally:
         for handle in handles:
             handle.remove()
+    return {key: H / max(1, counts[key]) for key, H in grams.items()}
 
+
+def _submit(executor: Executor, method: Method, linears: dict, groups, grams: dict, prefix: str) -> None:
+    group_of = {name: g[0] for g in groups for name in g}
+    tasks = [
+        MatrixTask(f"{prefix}.{name}", linear.weight.data.float(), f"{prefix}.{group_of[name]}")
+        for name, linear in linears.items()
+    ]
+    executor.submit(method, tasks, {f"{prefix}.{key}": H for key, H in grams.items()})
+
+
+def _accept(res: MatrixResult, shape) -> tuple[tuple[torch.Tensor, torch.Tensor | None], LayerReport]:
+    """A finished matrix's factors and report, or FactorizationError naming it."""
+    if not res.finite:
+        raise FactorizationError(f"{res.name}: compression produced NaN or Inf (check the calibration data)")
+    L, R = res.factors.L, res.factors.R
+    nnz_r = 0 if R is None else int((R != 0).sum())
+    report = LayerReport(
+        res.name, tuple(shape), int((L != 0).sum()), nnz_r, res.rel_error, res.seconds, res.info, res.worker
+    )
+    log.info(
+        "%s %s rel.err %.4f %s (%.1fs on %s)", res.name, tuple(shape), res.rel_error, res.info, res.seconds, res.worker
+    )
+    return (L, R), report
+
+
+def _compress_layer(
+    layer, linears, groups, hidden, layer_kwargs, method: Method, prefix: str, device, executor=None, bar=None
+):
+    """Collect H for every linear of one layer in one pass (one H per group of linears
+    that read the same input, e.g. q/k/v), then compress each linear."""
+    executor = executor or LocalExecutor()
+    grams = _layer_grams(layer, linears, groups, hidden, layer_kwargs, device)
+    _submit(executor, method, linears, groups, grams, prefix)
+    results = {}
+    for res in executor.results():
+        results[res.name] = res
+        if bar is not None:
+            bar.update(1)
     factors, reports = {}, []
-    for name, linear in linears.items():
+    for name, linear in linears.items():  # layer order, whatever order they finished in
         full = f"{prefix}.{name}"
-        t0 = time.perf_counter()
-        key = group_of[name]
-        H = grams[key] / max(1, counts[key])
-        W = linear.weight.data.float()
-        out: Factors = method(W, H)
-        product = out.product()
-        if not bool(torch.isfinite(product).all()):
-            raise FactorizationError(f"{full}: compression produced NaN or Inf (check the calibration data)")
-        err = weighted_error(W, product, H)
-        linear.weight.data.copy_(product.to(linear.weight.dtype))
-        factors[full] = (out.L.cpu(), None if out.R is None else out.R.cpu())
-        nnz_r = 0 if out.R is None else int((out.R != 0).sum())
-        reports.append(
-            LayerReport(full, tuple(W.shape), int((out.L != 0).sum()), nnz_r, err, time.perf_counter() - t0, out.info)
-        )
-        log.info("%s %s rel.err %.4f %s (%.1fs)", full, tuple(W.shape), err, out.info, reports[-1].seconds)
+        (L, R), report = _accept(results[full], linear.weight.shape)
+        linear.weight.data.copy_((L if R is None else L @ R).to(linear.weight.dtype))
+        factors[full] = (L, R)
+        reports.append(report)
     return factors, reports

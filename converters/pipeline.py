@@ -12,17 +12,19 @@ from pathlib import Path
 import torch
 
 from dsf_runtime.checkpoint import DEFAULT_VALUE_DTYPE, is_dsf_checkpoint, remove_stale_temporaries
-from dsf_runtime.converters.calibrate import CompressionResult, compress_sequential
+from dsf_runtime.converters.calibrate import CompressionResult, compress_parallel, compress_sequential
 from dsf_runtime.converters.config import CALIB_PRESETS, CalibConfig, DSFConfig, preset
 from dsf_runtime.data import calibration_text, sample_windows, tokenize
 from dsf_runtime.converters.methods import make_method
 from dsf_runtime.converters.pack import check_storage, write_packed
+from dsf_runtime.converters.workers import import_ray, make_executor
 from dsf_runtime.errors import ConfigError
 from dsf_runtime.models import load_dense
 
 log = logging.getLogger(__name__)
 
 LOG_NAME = "compression_log.json"
+SCHEDULES = {"sequential": compress_sequential, "parallel": compress_parallel}
 
 
 @dataclass
@@ -39,6 +41,10 @@ class CompressJob:
     overwrite: bool = False
     progress: bool = True
     resume: bool = True
+    schedule: str = "sequential"  # or "parallel": every Gram from the dense model (calibrate.py)
+    workers: int | None = None  # local Ray workers; None with no ray_address: in-process
+    ray_address: str | None = None  # an existing Ray cluster
+    cpus_per_task: int = 1
 
     @property
     def work_dir(self) -> Path:
@@ -52,6 +58,7 @@ class CompressJob:
             "dsf": self.dsf.model_dump(),
             "calib": self.calib.model_dump(),
             "calib_files": [str(Path(f).resolve()) for f in self.calib_files or []],
+            "schedule": self.schedule,
         }
 
 
@@ -81,6 +88,14 @@ def make_job(
     except ValueError as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
     check_storage(options.get("fmt", "bitmap"), options.get("value_dtype", DEFAULT_VALUE_DTYPE))
+    schedule = options.get("schedule", "sequential")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}; choose {' or '.join(SCHEDULES)}")
+    if options.get("workers") is not None or options.get("ray_address") is not None:
+        import_ray()  # a missing Ray is one clear error before the model loads
+        workers = options.get("workers")
+        if (workers is not None and workers < 1) or options.get("cpus_per_task", 1) < 1:
+            raise ConfigError("--workers and --cpus-per-task must be at least 1")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     out = Path(out_dir)
@@ -106,22 +121,37 @@ def run_compress(job: CompressJob) -> tuple[Path, CompressionResult]:
     log.info("calibrating on %d windows of %d tokens", *windows.shape)
     if not job.resume and job.work_dir.exists():
         shutil.rmtree(job.work_dir)
-    result = compress_sequential(
-        model,
-        windows,
-        make_method(job.method, job.dsf.sparsity, job.dsf),
-        batch_size=job.calib.batch_size,
-        device=job.device,
-        progress=job.progress,
-        work_dir=job.work_dir,
-        fingerprint=job.fingerprint(),
-    )
+    executor = make_executor(job.workers, job.ray_address, job.cpus_per_task)
+    log.info("schedule %s, factorizing %s", job.schedule, executor.label)
+    try:
+        result = SCHEDULES[job.schedule](
+            model,
+            windows,
+            make_method(job.method, job.dsf.sparsity, job.dsf),
+            batch_size=job.calib.batch_size,
+            device=job.device,
+            progress=job.progress,
+            work_dir=job.work_dir,
+            fingerprint=job.fingerprint(),
+            executor=executor,
+        )
+    finally:
+        executor.close()
     if result.resumed_layers:
-        log.warning("resumed: %d layers were taken from %s", result.resumed_layers, job.work_dir)
-    settings = {"calibration": {**job.calib.model_dump(), "seqlen": seqlen}}
+        unit = "layers" if job.schedule == "sequential" else "matrices"
+        log.warning("resumed: %d %s were taken from %s", result.resumed_layers, unit, job.work_dir)
+    settings = {"calibration": {**job.calib.model_dump(), "seqlen": seqlen}, "schedule": job.schedule}
     if job.method == "dsf":
         settings.update(job.dsf.model_dump())
-    log_json = json.dumps({"seconds": result.seconds, "layers": [asdict(r) for r in result.reports]}, indent=1)
+    log_json = json.dumps(
+        {
+            "seconds": result.seconds,
+            "schedule": job.schedule,
+            "executor": result.executor,
+            "layers": [asdict(r) for r in result.reports],
+        },
+        indent=1,
+    )
     out = write_packed(
         model,
         tokenizer,

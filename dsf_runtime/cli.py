@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--square-mask", choices=["adaptive", "random"], help="DSF: 'random' fixes a random mask (ablation)")
     p.add_argument("--fresh", action="store_true", help="ignore finished layers of an interrupted run and start over")
+    p.add_argument(
+        "--schedule",
+        choices=["sequential", "parallel"],
+        default="sequential",
+        help="sequential (the paper's: each layer calibrated on the compressed layers before it) or parallel "
+        "(every Gram from the dense model in one pass, all matrices at once; some quality cost, docs/distributed.md)",
+    )
+    p.add_argument("--workers", type=int, help="factorize on N local Ray workers (pip install 'dsf-runtime[ray]')")
+    p.add_argument("--ray-address", help="factorize on an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    p.add_argument("--cpus-per-task", type=int, default=1, help="CPUs each Ray task asks for (default 1)")
     _add_device(p, backend=False)
 
     p = sub.add_parser("pack", help="repack a checkpoint in another format, or pack external factor pairs")
@@ -362,6 +372,10 @@ def cmd_compress(args) -> None:
         value_dtype=args.value_dtype,
         overwrite=args.overwrite,
         resume=not args.fresh,
+        schedule=args.schedule,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        cpus_per_task=args.cpus_per_task,
     )
     out, result = run_compress(job)
     errs = [r.rel_error for r in result.reports]
