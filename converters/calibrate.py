@@ -50,6 +50,7 @@ class LayerReport:
     seconds: float
     info: dict[str, float] = field(default_factory=dict)  # method diagnostics
     worker: str = ""  # host:pid of the process that factorized it
+    overhead: float = 0.0  # seconds the executor added (Ray dispatch and transfer; 0 in-process)
 
 
 @dataclass
@@ -387,7 +388,15 @@ def _accept(res: MatrixResult, shape) -> tuple[tuple[torch.Tensor, torch.Tensor 
     L, R = res.factors.L, res.factors.R
     nnz_r = 0 if R is None else int((R != 0).sum())
     report = LayerReport(
-        res.name, tuple(shape), int((L != 0).sum()), nnz_r, res.rel_error, res.seconds, res.info, res.worker
+        res.name,
+        tuple(shape),
+        int((L != 0).sum()),
+        nnz_r,
+        res.rel_error,
+        res.seconds,
+        res.info,
+        res.worker,
+        res.overhead,
     )
     log.info(
         "%s %s rel.err %.4f %s (%.1fs on %s)", res.name, tuple(shape), res.rel_error, res.info, res.seconds, res.worker

@@ -46,6 +46,8 @@ class MatrixResult:
     seconds: float
     worker: str
     info: dict[str, float] = field(default_factory=dict)
+    started: float = 0.0  # wall clock (time.time) on the worker
+    overhead: float = 0.0  # seconds the executor added: dispatch to an idle worker + result transfer
 
 
 def worker_name() -> str:
@@ -54,13 +56,14 @@ def worker_name() -> str:
 
 def factorize_matrix(method: Method, task: MatrixTask, H: torch.Tensor) -> MatrixResult:
     """Run ``method`` on one matrix and measure its error: pure apart from the clock."""
-    start = time.perf_counter()
+    started, start = time.time(), time.perf_counter()
     out = method(task.weight, H)
     product = out.product()
     finite = bool(torch.isfinite(product).all())
     err = weighted_error(task.weight, product, H) if finite else float("nan")
     factors = Factors(out.L.cpu(), None if out.R is None else out.R.cpu(), dict(out.info))
-    return MatrixResult(task.name, factors, err, finite, time.perf_counter() - start, worker_name(), dict(out.info))
+    seconds = time.perf_counter() - start
+    return MatrixResult(task.name, factors, err, finite, seconds, worker_name(), dict(out.info), started)
 
 
 class Executor(Protocol):
@@ -139,7 +142,8 @@ class RayExecutor:
         self._threads = cpus_per_task
         resources = {"num_gpus": 1, "num_cpus": cpus_per_task} if self._use_gpu else {"num_cpus": cpus_per_task}
         self._remote = ray.remote(max_retries=max_retries, retry_exceptions=True, **resources)(_ray_task)
-        self._pending: dict = {}  # object ref -> matrix name
+        self._pending: dict = {}  # object ref -> (matrix name, submission time)
+        self._last_end: dict[str, float] = {}  # worker -> when its latest task ended
         where = address or f"local, {workers or 1} worker(s)"
         self.label = f"ray ({where}; {'1 GPU' if self._use_gpu else f'{cpus_per_task} CPU'} per task)"
 
@@ -150,17 +154,22 @@ class RayExecutor:
         for task in sorted(tasks, key=lambda t: -t.weight.numel()):
             cpu_task = MatrixTask(task.name, task.weight.cpu(), task.gram)
             ref = self._remote.remote(method_ref, cpu_task, gram_refs[task.gram], self._threads, self._use_gpu)
-            self._pending[ref] = task.name
+            self._pending[ref] = (task.name, time.time())
 
     def results(self) -> Iterator[MatrixResult]:
         ray = self._ray
         while self._pending:
             done, _ = ray.wait(list(self._pending), num_returns=1)
-            name = self._pending.pop(done[0])
+            name, submitted = self._pending.pop(done[0])
             try:
-                yield ray.get(done[0])
+                res = ray.get(done[0])
             except ray.exceptions.RayError as exc:
                 raise RuntimeError(f"{name}: its Ray task failed after retries: {exc}") from None
+            ended = res.started + res.seconds
+            ready = max(submitted, self._last_end.get(res.worker, submitted))  # when the task could have started
+            res.overhead = max(0.0, res.started - ready) + max(0.0, time.time() - ended)
+            self._last_end[res.worker] = ended
+            yield res
 
     def close(self) -> None:
         for ref in list(self._pending):

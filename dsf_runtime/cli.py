@@ -200,6 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where JSON/markdown/PNG go")
     q.add_argument("--work-dir", default=os.path.join("out", "bench-quality"), help="checkpoints (reused when present)")
 
+    q = bench.add_parser(
+        "compress",
+        help="compression wall time in-process vs Ray workers, both schedules' perplexity, "
+        "and a simulation of LLaMA-2-7B/70B on 1-64 GPUs from measured DSF times",
+    )
+    q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"dense model (default: {DEFAULT_MODEL})")
+    q.add_argument("--preset", default="paper", help="fast or paper (default: paper)")
+    q.add_argument("--workers", type=int, default=2, help="local Ray workers (default 2)")
+    q.add_argument("--sides", default="576,1536,4096", help="square sides timed for the fit ('' to skip)")
+    q.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens (0: the whole novel)")
+    q.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where JSON/markdown go")
+    q.add_argument(
+        "--work-dir", default=os.path.join("out", "bench-compress"), help="checkpoints (reused when present)"
+    )
+
     q = bench.add_parser("storage", help="bytes per format (LLaMA-7B-shaped layer, a checkpoint) and load time/memory")
     q.add_argument("--checkpoint", help="DSF checkpoint to measure")
     q.add_argument("--dense", help="dense model to compare loading with (directory or embedded name)")
@@ -773,6 +788,30 @@ def cmd_bench(args) -> None:
         batches = _batches(args.batch)
         sparsity = _float_list(str(args.sparsity), "--sparsity")[0]
         payload = run_layer_bench(_shapes(args.shapes), batches, args.out, sparsity)
+        print(payload["table"])
+        print("written: " + ", ".join(payload["files"].values()))
+        return
+    if args.bench == "compress":
+        from dsf_runtime.benchmarks.compress import run_compress_bench
+        from dsf_runtime.converters.workers import import_ray
+
+        import_ray()  # a missing Ray is one clear error before an hour of work
+        _positive(args.workers, "--workers")
+        try:
+            sides = [int(v) for v in args.sides.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--sides must be comma-separated integers, got {args.sides!r}") from None
+        if any(n < 8 for n in sides):
+            raise ConfigError("--sides must be integers >= 8")
+        payload = run_compress_bench(
+            args.model,
+            preset_name=args.preset,
+            workers=args.workers,
+            sides=sides,
+            out_dir=args.out,
+            work_dir=args.work_dir,
+            eval_tokens=args.eval_tokens,
+        )
         print(payload["table"])
         print("written: " + ", ".join(payload["files"].values()))
         return
