@@ -221,15 +221,7 @@ def compress_sequential(
     ``executor`` runs the matrices of each layer (default: in this process)."""
     start = time.perf_counter()
     executor = executor or LocalExecutor()
-    arch = architecture_for(model.config.model_type)
-    layers = model.get_submodule(arch.layers)
-    model.eval()
-    model.to("cpu")
-    work = _WorkDir(Path(work_dir), fingerprint or {}) if work_dir is not None else None
-    batches = list(calib_ids.split(batch_size))
-    hidden, layer_kwargs = _capture_layer_inputs(model, layers, batches)
-    hidden = [_to(h, device) for h in hidden]
-    layer_kwargs = [_to(kw, device) for kw in layer_kwargs]
+    arch, layers, work, hidden, layer_kwargs = _begin(model, calib_ids, batch_size, device, work_dir, fingerprint)
     result = CompressionResult(executor=executor.label)
 
     bar = _matrix_bar(len(layers) * len(arch.linears), progress)
@@ -280,15 +272,7 @@ def compress_parallel(
     can run at once. Each finished matrix is saved on its own (resume per matrix)."""
     start = time.perf_counter()
     executor = executor or LocalExecutor()
-    arch = architecture_for(model.config.model_type)
-    layers = model.get_submodule(arch.layers)
-    model.eval()
-    model.to("cpu")
-    work = _WorkDir(Path(work_dir), fingerprint or {}) if work_dir is not None else None
-    batches = list(calib_ids.split(batch_size))
-    hidden, layer_kwargs = _capture_layer_inputs(model, layers, batches)
-    hidden = [_to(h, device) for h in hidden]
-    layer_kwargs = [_to(kw, device) for kw in layer_kwargs]
+    arch, layers, work, hidden, layer_kwargs = _begin(model, calib_ids, batch_size, device, work_dir, fingerprint)
     result = CompressionResult(executor=executor.label)
     finished: dict[str, tuple[tuple[torch.Tensor, torch.Tensor | None], LayerReport]] = {}
     weights: dict[str, nn.Linear] = {}
@@ -333,19 +317,39 @@ def compress_parallel(
     return result
 
 
+def _begin(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, device, work_dir, fingerprint):
+    """(architecture, decoder layers, work dir or None, first-layer inputs, their kwargs)."""
+    arch = architecture_for(model.config.model_type)
+    layers = model.get_submodule(arch.layers)
+    model.eval()
+    model.to("cpu")
+    work = _WorkDir(Path(work_dir), fingerprint or {}) if work_dir is not None else None
+    hidden, layer_kwargs = _capture_layer_inputs(model, layers, list(calib_ids.split(batch_size)))
+    return arch, layers, work, [_to(h, device) for h in hidden], [_to(kw, device) for kw in layer_kwargs]
+
+
 def _matrix_bar(total: int, progress: bool):
     return tqdm(total=total, desc="compressing matrices", unit="matrix", disable=not progress, smoothing=0.1)
 
 
-def _log_workers(reports: list[LayerReport]) -> None:
-    """Per-worker throughput: matrices, busy seconds, weights per second."""
+def worker_summary(reports: list[LayerReport]) -> list[str]:
+    """Per-worker throughput, a line each: matrices, busy seconds, weights per second."""
     per: dict[str, list[LayerReport]] = {}
     for r in reports:
         per.setdefault(r.worker or "resumed", []).append(r)
+    lines = []
     for worker, rs in sorted(per.items()):
         busy = sum(r.seconds for r in rs)
         weights = sum(r.shape[0] * r.shape[1] for r in rs)
-        log.info("worker %s: %d matrices, %.1fs busy, %.0f weights/s", worker, len(rs), busy, weights / max(busy, 1e-9))
+        lines.append(
+            f"worker {worker}: {len(rs)} matrices, {busy:.1f}s busy, {weights / max(busy, 1e-9):,.0f} weights/s"
+        )
+    return lines
+
+
+def _log_workers(reports: list[LayerReport]) -> None:
+    for line in worker_summary(reports):
+        log.info(line)
 
 
 def _layer_grams(layer, linears, groups, hidden, layer_kwargs, device) -> dict[str, torch.Tensor]:

@@ -487,6 +487,18 @@ def validate_dsf_modules(model: nn.Module, state: dict[str, torch.Tensor] | None
             raise CheckpointError(f"tensor {key} contains NaN or Inf")
 
 
+def finish_loaded_model(model: nn.Module) -> None:
+    """After transformers filled a skeleton (from_pretrained): nothing left on the meta
+    device, every factor validated, every DSF module's backend prepared."""
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"tensors never loaded: {', '.join(leftover[:3])}")
+    warm_backends()  # native kernels built now register their faster format checks
+    validate_dsf_modules(model)
+    for module in dsf_modules(model).values():
+        module.prepare()
+
+
 def load_model(
     ckpt_dir: str | os.PathLike,
     device: str | torch.device = "cpu",

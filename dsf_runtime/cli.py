@@ -398,6 +398,12 @@ def cmd_compress(args) -> None:
         f"compressed {len(result.reports)} linears in {result.seconds:.0f}s "
         f"(mean weighted rel. error {sum(errs) / len(errs):.4f}); checkpoint: {out}"
     )
+    if result.executor != "in-process":
+        from dsf_runtime.converters.calibrate import worker_summary
+
+        print(f"{args.schedule} schedule on {result.executor}:")
+        for line in worker_summary(result.reports):
+            print("  " + line)
 
 
 def cmd_pack(args) -> None:

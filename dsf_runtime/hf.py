@@ -39,9 +39,7 @@ def register() -> bool:
         log.warning("this transformers has no quantizer registration API; use dsf_runtime.load_model")
         return False
 
-    from dsf_runtime.checkpoint import parse_quant_config, swap_in_dsf_modules, validate_dsf_modules
-    from dsf_runtime.errors import CheckpointError
-    from dsf_runtime.patch import dsf_modules
+    from dsf_runtime.checkpoint import finish_loaded_model, parse_quant_config, swap_in_dsf_modules
 
     class DSFQuantizationConfig(QuantizationConfigMixin):
         """transformers-side view of a checkpoint's quantization_config (validated)."""
@@ -69,12 +67,7 @@ def register() -> bool:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-            if leftover:
-                raise CheckpointError(f"tensors never loaded: {', '.join(leftover[:3])}")
-            validate_dsf_modules(model)
-            for module in dsf_modules(model).values():
-                module.prepare()
+            finish_loaded_model(model)
             return model
 
         def is_serializable(self, *args, **kwargs) -> bool:

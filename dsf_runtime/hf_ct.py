@@ -106,7 +106,11 @@ def replace_slots(model: nn.Module, fmt: str) -> None:
 
     slots = {name: m for name, m in model.named_modules() if isinstance(m, CompressedTensorsSlot)}
     for name, slot in slots.items():
-        ours, rows, cols = module_tensors(name, slot.stored(stored_parts(fmt)), fmt)
+        parts = slot.stored(stored_parts(fmt))
+        never = [part for part, t in parts.items() if t.is_meta]
+        if never:
+            raise CheckpointError(f"tensors never loaded: {name}.{never[0]}")
+        ours, rows, cols = module_tensors(name, parts, fmt)
         nnz = ours["values"].numel()
         bias = slot.bias
         with torch.device("meta"):
@@ -118,9 +122,7 @@ def replace_slots(model: nn.Module, fmt: str) -> None:
 
 def register(HfQuantizer, QuantizationConfigMixin, config_mapping: dict, quantizer_mapping: dict) -> None:
     """Route sparse-only compressed-tensors sections to our quantizer (idempotent)."""
-    from dsf_runtime.checkpoint import validate_dsf_modules
-    from dsf_runtime.kernels import warm_backends
-    from dsf_runtime.patch import dsf_modules
+    from dsf_runtime.checkpoint import finish_loaded_model
 
     class DSFSparseCTConfig(QuantizationConfigMixin):
         """A compressed-tensors section that declares sparsity only, run by dsf-runtime."""
@@ -147,14 +149,8 @@ def register(HfQuantizer, QuantizationConfigMixin, config_mapping: dict, quantiz
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-            if leftover:
-                raise CheckpointError(f"tensors never loaded: {', '.join(leftover[:3])}")
-            replace_slots(model, self.quantization_config.format)
-            warm_backends()
-            validate_dsf_modules(model)
-            for module in dsf_modules(model).values():
-                module.prepare()
+            replace_slots(model, self.quantization_config.format)  # a slot left on meta: never loaded
+            finish_loaded_model(model)
             return model
 
         def is_serializable(self, *args, **kwargs) -> bool:

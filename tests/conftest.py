@@ -81,3 +81,15 @@ def parts(tiny_tokenizer):
     from tests_support import chat_tokenizer
 
     return make_tiny_llama(384), chat_tokenizer(tiny_tokenizer)
+
+
+@pytest.fixture
+def ct_copy(tmp_path):
+    """A writable copy of the sparse-bitmask bf16 compressed-tensors fixture."""
+    import shutil
+
+    from tests_support import CT_FIXTURES
+
+    dest = tmp_path / "ct"
+    shutil.copytree(CT_FIXTURES / "sparse-bitmask-bf16", dest)
+    return dest

@@ -4,16 +4,16 @@ own reader and give the logits of the pruned dense model; bad files get one clea
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dsf_runtime.ct_reader import SPARSE_FORMATS, is_compressed_tensors, load_compressed_tensors
 from dsf_runtime.errors import CheckpointError
+from tests_support import edit_ct_config, edit_ct_tensors
 from dsf_runtime.linear import DSFLinear
 
 FIXTURES = Path(__file__).parent / "fixtures" / "compressed_tensors"
@@ -43,25 +43,6 @@ def test_ignored_linears_stay_dense():
     assert isinstance(model.model.layers[1].mlp.up_proj, DSFLinear)
 
 
-@pytest.fixture
-def copy(tmp_path):
-    dest = tmp_path / "ct"
-    shutil.copytree(FIXTURES / "sparse-bitmask-bf16", dest)
-    return dest
-
-
-def _edit_config(path: Path, change) -> None:
-    config = json.loads((path / "config.json").read_text())
-    change(config["quantization_config"])
-    (path / "config.json").write_text(json.dumps(config))
-
-
-def _edit_tensors(path: Path, change) -> None:
-    state = load_file(path / "model.safetensors")
-    change(state)
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-
-
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -70,10 +51,10 @@ def _edit_tensors(path: Path, change) -> None:
         (lambda qc: qc.update(format="pack-quantized", config_groups={"g": {}}), "quantized compressed-tensors"),
     ],
 )
-def test_unknown_or_quantized_formats_are_named(copy, change, message):
-    _edit_config(copy, change)
+def test_unknown_or_quantized_formats_are_named(ct_copy, change, message):
+    edit_ct_config(ct_copy, change)
     with pytest.raises(CheckpointError, match=message) as err:
-        load_compressed_tensors(copy, with_tokenizer=False)
+        load_compressed_tensors(ct_copy, with_tokenizer=False)
     assert "sparse-bitmask, sparse-24-bitmask" in str(err.value)
     assert SPARSE_FORMATS == ("sparse-bitmask", "sparse-24-bitmask")
 
@@ -94,16 +75,16 @@ P = "model.layers.0.mlp.up_proj"
         (lambda s: s.pop("model.norm.weight"), "lacks 1 tensors"),
     ],
 )
-def test_inconsistent_tensors_are_refused_by_name(copy, change, message):
-    _edit_tensors(copy, change)
+def test_inconsistent_tensors_are_refused_by_name(ct_copy, change, message):
+    edit_ct_tensors(ct_copy, change)
     with pytest.raises(CheckpointError, match=message):
-        load_compressed_tensors(copy, with_tokenizer=False)
+        load_compressed_tensors(ct_copy, with_tokenizer=False)
 
 
-def test_nan_values_are_refused(copy):
-    _edit_tensors(copy, lambda s: s[f"{P}.compressed"].__setitem__(0, float("nan")))
+def test_nan_values_are_refused(ct_copy):
+    edit_ct_tensors(ct_copy, lambda s: s[f"{P}.compressed"].__setitem__(0, float("nan")))
     with pytest.raises(CheckpointError, match=f"{P}.L: values contain NaN"):
-        load_compressed_tensors(copy, with_tokenizer=False)
+        load_compressed_tensors(ct_copy, with_tokenizer=False)
 
 
 def test_dsf_generate_runs_a_compressed_tensors_checkpoint(tmp_path, tiny_tokenizer, capsys):

@@ -5,13 +5,11 @@ modules; other compressed-tensors sections still go to transformers' own quantiz
 from __future__ import annotations
 
 import importlib.util
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AutoQuantizationConfig
 
@@ -19,6 +17,7 @@ import dsf_runtime
 from dsf_runtime import hf_ct
 from dsf_runtime.ct_reader import load_compressed_tensors
 from dsf_runtime.errors import CheckpointError
+from tests_support import edit_ct_config, edit_ct_tensors
 from dsf_runtime.linear import DSFLinear
 from dsf_runtime.patch import dsf_modules
 
@@ -73,59 +72,44 @@ def test_sparse_sections_route_to_ours_once():
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["compressed-tensors"] is routing  # not wrapped twice
 
 
-@pytest.fixture
-def copy(tmp_path):
-    dest = tmp_path / "ct"
-    shutil.copytree(FIXTURES / "sparse-bitmask-bf16", dest)
-    return dest
-
-
-def _edit_tensors(path: Path, change) -> None:
-    state = load_file(path / "model.safetensors")
-    change(state)
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-
-
 def _key(path: Path, suffix: str) -> str:
     return next(k for k in load_file(path / "model.safetensors") if k.endswith(suffix))
 
 
-def test_bad_format_is_named(copy):
-    config = json.loads((copy / "config.json").read_text())
-    config["quantization_config"]["sparsity_config"]["format"] = "compressed_tensors.os.system"
-    (copy / "config.json").write_text(json.dumps(config))
+def test_bad_format_is_named(ct_copy):
+    edit_ct_config(ct_copy, lambda qc: qc["sparsity_config"].update(format="compressed_tensors.os.system"))
     with pytest.raises(CheckpointError, match="is not supported; supported: sparse-bitmask, sparse-24-bitmask"):
-        AutoModelForCausalLM.from_pretrained(copy)
+        AutoModelForCausalLM.from_pretrained(ct_copy)
 
 
-def test_value_count_mismatch_is_refused(copy):
-    key = _key(copy, ".compressed")
-    _edit_tensors(copy, lambda s: s.__setitem__(key, s[key][:-1].clone()))
+def test_value_count_mismatch_is_refused(ct_copy):
+    key = _key(ct_copy, ".compressed")
+    edit_ct_tensors(ct_copy, lambda s: s.__setitem__(key, s[key][:-1].clone()))
     with pytest.raises(CheckpointError, match="values, its bitmask marks"):
-        AutoModelForCausalLM.from_pretrained(copy)
+        AutoModelForCausalLM.from_pretrained(ct_copy)
 
 
-def test_bitmask_of_the_wrong_shape_is_refused(copy):
-    key = _key(copy, ".bitmask")
-    _edit_tensors(copy, lambda s: s.__setitem__(key, s[key][:-1].clone()))
+def test_bitmask_of_the_wrong_shape_is_refused(ct_copy):
+    key = _key(ct_copy, ".bitmask")
+    edit_ct_tensors(ct_copy, lambda s: s.__setitem__(key, s[key][:-1].clone()))
     with pytest.raises(CheckpointError, match="does not fit the model"):
-        AutoModelForCausalLM.from_pretrained(copy)
+        AutoModelForCausalLM.from_pretrained(ct_copy)
 
 
-def test_missing_part_is_named(copy):
-    key = _key(copy, ".row_offsets")
-    _edit_tensors(copy, lambda s: s.pop(key))
+def test_missing_part_is_named(ct_copy):
+    key = _key(ct_copy, ".row_offsets")
+    edit_ct_tensors(ct_copy, lambda s: s.pop(key))
     with pytest.raises(CheckpointError, match="lacks .*row_offsets"):
-        AutoModelForCausalLM.from_pretrained(copy)
+        AutoModelForCausalLM.from_pretrained(ct_copy)
 
 
-def test_nan_values_are_refused(copy):
-    key = _key(copy, ".compressed")
+def test_nan_values_are_refused(ct_copy):
+    key = _key(ct_copy, ".compressed")
 
     def nan(state):
         state[key] = state[key].clone()
         state[key][3] = float("nan")
 
-    _edit_tensors(copy, nan)
+    edit_ct_tensors(ct_copy, nan)
     with pytest.raises(CheckpointError, match="NaN"):
-        AutoModelForCausalLM.from_pretrained(copy)
+        AutoModelForCausalLM.from_pretrained(ct_copy)

@@ -96,3 +96,24 @@ def tiny_dsf_checkpoint(path, tokenizer, seed: int = 0, one_matrix=None, **overr
     model = make_tiny_llama(len(tokenizer), seed=seed, max_position_embeddings=512, **{**shape, **overrides})
     factors = random_factors(model, 0.2, seed=seed, one_matrix=one_matrix)
     return write_packed(model, tokenizer, factors, path, sparsity=0.5)
+
+
+CT_FIXTURES = Path(__file__).parent / "fixtures" / "compressed_tensors"
+
+
+def edit_ct_config(path: Path, change) -> None:
+    """Apply ``change`` to the quantization_config of a checkpoint's config.json."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    change(config["quantization_config"])
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def edit_ct_tensors(path: Path, change) -> None:
+    """Apply ``change`` to the state dict of a checkpoint's model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    change(state)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})

@@ -156,7 +156,6 @@ def test_corrupt_factor_fails_at_load_with_our_error(ckpt, tmp_path):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("format", "zigzag", "unknown format 'zigzag'; known: bitmap, bsr, csr"),
         ("format", "os.system", "unknown format 'os.system'; known: bitmap, bsr, csr"),
         ("version", 99, "checkpoint version 99 is not supported"),
     ],
