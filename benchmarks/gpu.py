@@ -11,6 +11,11 @@
   on a SmolLM2-135M-shaped model with random weights and random calibration tokens
   (the algorithm's work does not depend on the values; the real model's quality is
   measured by ``dsf bench quality``).
+
+``dry_run`` runs every part on the CPU, with Triton's interpreter (TRITON_INTERPRET=1)
+and tiny shapes: its numbers mean nothing, but it proves on a machine without a GPU that
+a lent GPU's few minutes will not be lost to a broken script (scripts/gpu_check.sh
+DRY_RUN=1 runs it, and tests/test_gpu_check.py runs that).
 """
 
 from __future__ import annotations
@@ -34,31 +39,60 @@ def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0][:120] if lines else ''}"
 
 
+DRY_SHAPES = {"dry-run 96x160": (96, 160)}
+
+
 def _free_cuda() -> None:
     """Drop the last case's tensors before the next one allocates."""
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def _prepare_pair(backend, L: torch.Tensor, R: torch.Tensor, value_dtype: torch.dtype) -> tuple:
-    """Both factors packed as bitmap, moved to the GPU and prepared for ``backend``."""
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _prepare_pair(backend, L: torch.Tensor, R: torch.Tensor, value_dtype: torch.dtype, device: str = "cuda"):
+    """Both factors packed as bitmap, moved to ``device`` and prepared for ``backend``."""
     bitmap = get_format("bitmap")
     return tuple(
         backend.prepare(
-            "bitmap", {k: v.cuda() for k, v in bitmap.pack(M, value_dtype).items()}, tuple(M.shape), torch.float16
+            "bitmap",
+            {k: v.to(device) for k, v in bitmap.pack(M, value_dtype).items()},
+            tuple(M.shape),
+            torch.float16,
         )
         for M in (L, R)
     )
 
 
-def _require_cuda() -> None:
+def _require_device(dry_run: bool) -> str:
+    """The device the parts run on: cuda, or the CPU in Triton's interpreter for a dry run."""
+    from dsf_runtime.kernels.triton_bitmap import interpreting, triton_installed
+
+    if not triton_installed():
+        raise ConfigError("dsf bench gpu needs Triton (pip install triton)")
+    if dry_run:
+        if not interpreting():
+            raise ConfigError(
+                "dsf bench gpu --dry-run runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1"
+            )
+        return "cpu"
     if not torch.cuda.is_available():
         raise ConfigError("dsf bench gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
-    if not BACKENDS["triton-bitmap"].available():
-        raise ConfigError("dsf bench gpu needs Triton (pip install triton)")
+    return "cuda"
 
 
-def _median_us(fn) -> float:
+def _median_us(fn, device: str = "cuda") -> float:
+    if device != "cuda":  # a dry run: three calls, the median
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e6 * sorted(times)[1]
     from triton.testing import do_bench
 
     return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -66,7 +100,10 @@ def _median_us(fn) -> float:
 
 def _graph_us(fn, x: torch.Tensor) -> float:
     """Median microseconds of ``fn(x)`` replayed from a CUDA graph: the GPU's time
-    without Python and launch overhead (what a graph-captured decode step pays)."""
+    without Python and launch overhead (what a graph-captured decode step pays).
+    On the CPU (a dry run) the eager time."""
+    if x.device.type != "cuda":
+        return _median_us(lambda: fn(x), x.device.type)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -79,11 +116,11 @@ def _graph_us(fn, x: torch.Tensor) -> float:
     return _median_us(graph.replay)
 
 
-def device_bandwidth(nbytes: int = 1 << 30) -> float:
+def device_bandwidth(nbytes: int = 1 << 30, device: str = "cuda") -> float:
     """GB/s of a device-to-device copy, bytes read plus bytes written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    us = _median_us(lambda: dst.copy_(src))
+    us = _median_us(lambda: dst.copy_(src), device)
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 
@@ -95,10 +132,10 @@ def _prepared_bytes(obj) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def layer_cases(out_f: int, in_f: int, sparsity: float):
+def layer_cases(out_f: int, in_f: int, sparsity: float, device: str = "cuda"):
     """(name, fn(x) -> y, bytes of weights one call reads) per implementation, and the
     dense fp32 product L @ R of the DSF factors (the reference the DSF cases must match)."""
-    W = (torch.randn(out_f, in_f) * 0.02).to("cuda")
+    W = (torch.randn(out_f, in_f) * 0.02).to(device)
     cases = []
     for name, dt in (("dense fp16", torch.float16), ("dense bf16", torch.bfloat16)):
         w = W.to(dt)
@@ -112,13 +149,13 @@ def layer_cases(out_f: int, in_f: int, sparsity: float):
     ):
         backend = BACKENDS[backend_name]
         try:
-            pl, pr = _prepare_pair(backend, L, R, value_dtype)
+            pl, pr = _prepare_pair(backend, L, R, value_dtype, device)
         except Exception as exc:  # reported in the table, the other cases still run
             cases.append((name, exc, 0))
             continue
         nbytes = _prepared_bytes(pl) + _prepared_bytes(pr)
         cases.append((name, lambda x, b=backend, pl=pl, pr=pr: b.matmul(pl, b.matmul(pr, x)), nbytes))
-    product = L.half().float().cuda() @ R.half().float().cuda()  # the fp16-stored factors' product
+    product = L.half().float().to(device) @ R.half().float().to(device)  # the fp16-stored factors' product
     return cases, product
 
 
@@ -128,14 +165,15 @@ def run_layer(
     sparsity: float,
     bandwidth: float,
     progress: bool = True,
+    device: str = "cuda",
 ) -> list[dict]:
     rows = []
     no_graph: set[str] = set()
     with torch.inference_mode():
         for label, (out_f, in_f) in shapes.items():
-            cases, product = layer_cases(out_f, in_f, sparsity)
+            cases, product = layer_cases(out_f, in_f, sparsity, device)
             for batch in batches:
-                x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+                x = torch.randn(batch, in_f, device=device, dtype=torch.float16)
                 ref = x.float() @ product.t()
                 group = []
                 for name, fn, nbytes in cases:
@@ -147,7 +185,7 @@ def run_layer(
                         y = fn(x).float()
                         if name.startswith("DSF"):  # int8 adds its rounding (<= half a step per value)
                             row["rel_err"] = float((y - ref).norm() / ref.norm())
-                        row["us_eager"] = _median_us(lambda fn=fn: fn(x))
+                        row["us_eager"] = _median_us(lambda fn=fn: fn(x), device)
                         row["weight_mib"] = nbytes / 2**20
                         if name in no_graph:
                             row["us"], row["note"] = row["us_eager"], "eager (graph capture failed)"
@@ -182,27 +220,34 @@ def run_layer(
     return rows
 
 
-def run_tune(out_f: int = 4096, in_f: int = 4096, sparsity: float = 0.5) -> list[dict]:
+def run_tune(
+    out_f: int = 4096, in_f: int = 4096, sparsity: float = 0.5, device: str = "cuda", dry_run: bool = False
+) -> list[dict]:
     """Graph-replay time of one DSF layer (L and R) on the Triton kernel per launch setting:
     block rows x words per step x warps, for the vector path (batch 1) and the dot path
-    (batch 16); then both paths at batches 2-8, which sets DOT_MIN_BATCH."""
+    (batch 16); then both paths at batches 2-8, which sets DOT_MIN_BATCH. A dry run
+    launches the first setting of each list only."""
     from dsf_runtime.kernels.triton_bitmap import DOT_MIN_BATCH
 
-    pl, pr = _prepare_pair(BACKENDS["triton-bitmap"], *random_dsf_pair(out_f, in_f, sparsity), torch.float16)
+    pairs = random_dsf_pair(out_f, in_f, sparsity)
+    pl, pr = _prepare_pair(BACKENDS["triton-bitmap"], *pairs, torch.float16, device)
     rows = []
     plans = {
         1: [(b, w, 4) for b in (16, 32, 64) for w in (1, 2, 4, 8)] + [(32, 2, 2), (32, 2, 8), (64, 4, 8)],
         16: [(b, w, 4) for b in (16, 32, 64, 128) for w in (1, 2, 4)] + [(64, 1, 8), (64, 2, 8), (128, 1, 8)],
     }
+    crossover = (2, 3, 4, 6, 8)
+    if dry_run:
+        plans, crossover = {batch: configs[:1] for batch, configs in plans.items()}, crossover[:1]
     with torch.inference_mode():
         for batch, configs in plans.items():
-            x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+            x = torch.randn(batch, in_f, device=device, dtype=torch.float16)
             for block_r, wpi, warps in configs:
                 kw = dict(block_r=block_r, wpi=wpi, num_warps=warps, use_dot=batch >= DOT_MIN_BATCH)
                 rows.append(_tune_row(pl, pr, x, kw, f"{out_f}x{in_f}"))
         # where the tl.dot path (tiles padded to 16 batch rows) overtakes the vector path
-        for batch in (2, 3, 4, 6, 8):
-            x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+        for batch in crossover:
+            x = torch.randn(batch, in_f, device=device, dtype=torch.float16)
             for path_dot in (False, True):
                 rows.append(_tune_row(pl, pr, x, dict(use_dot=path_dot), f"{out_f}x{in_f}"))
     return rows
@@ -228,7 +273,7 @@ def _tune_row(pl, pr, x: torch.Tensor, kw: dict, shape: str) -> dict:
     return row
 
 
-def _sync_decode(model, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
+def _sync_decode(model, prompt_tokens: int, gen_tokens: int, repeats: int, device: str = "cuda") -> dict:
     """Median pp and tg tokens/s on CUDA (synchronised around each phase)."""
     import statistics
 
@@ -236,20 +281,20 @@ def _sync_decode(model, prompt_tokens: int, gen_tokens: int, repeats: int) -> di
 
     kw = _cache_kwarg(model)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (1, prompt_tokens), generator=g).cuda()
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt_tokens), generator=g).to(device)
     pps, tgs = [], []
     with torch.inference_mode():
         for r in range(repeats + 1):
-            torch.cuda.synchronize()
+            _sync(device)
             t0 = time.perf_counter()
             out = model(input_ids=ids, use_cache=True)
-            torch.cuda.synchronize()
+            _sync(device)
             t1 = time.perf_counter()
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
             for _ in range(gen_tokens):
                 out = model(input_ids=nxt, use_cache=True, **{kw: past})
                 past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
+            _sync(device)
             t2 = time.perf_counter()
             if r:
                 pps.append(prompt_tokens / (t1 - t0))
@@ -258,25 +303,53 @@ def _sync_decode(model, prompt_tokens: int, gen_tokens: int, repeats: int) -> di
 
 
 def run_decode(
-    stack_layers: int, sparsity: float, prompt_tokens: int = 128, gen_tokens: int = 64, repeats: int = 3
+    stack_layers: int,
+    sparsity: float,
+    prompt_tokens: int = 128,
+    gen_tokens: int = 64,
+    repeats: int = 3,
+    device: str = "cuda",
+    dry_run: bool = False,
 ) -> list[dict]:
+    """Dense fp16 against DSF on each CUDA backend; a dry run takes a tiny LLaMA stack
+    (hidden 64) and a few tokens instead of LLaMA-7B's shapes."""
     from dsf_runtime.benchmarks.decode import dsf_stack, llama7b_stack
     from dsf_runtime.patch import dsf_modules
 
+    def stack():
+        if not dry_run:
+            return llama7b_stack(stack_layers)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=stack_layers,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
+
+    if dry_run:
+        prompt_tokens, gen_tokens, repeats = 8, 2, 1
     rows = []
-    model = llama7b_stack(stack_layers).to("cuda", torch.float16)
+    model = stack().to(device, torch.float16)
     rows.append(
-        {"variant": "dense fp16", "backend": "cuBLAS", **_sync_decode(model, prompt_tokens, gen_tokens, repeats)}
+        {
+            "variant": "dense fp16",
+            "backend": "cuBLAS" if device == "cuda" else "torch (dry run)",
+            **_sync_decode(model, prompt_tokens, gen_tokens, repeats, device),
+        }
     )
     del model
     _free_cuda()
-    model = dsf_stack(llama7b_stack(stack_layers), sparsity, torch.float16).to("cuda", torch.float16)
-    for backend in ("triton-bitmap", "torch-csr"):
+    model = dsf_stack(stack(), sparsity, torch.float16).to(device, torch.float16)
+    # the model path picks backends per device; on the CPU only torch-csr runs (the layer part
+    # runs triton-bitmap's kernel in the interpreter)
+    for backend in ("triton-bitmap", "torch-csr") if device == "cuda" else ("torch-csr",):
         for m in dsf_modules(model).values():
             m.set_backend(backend)
         row = {"variant": f"DSF {int(sparsity * 100)}% fp16", "backend": backend}
         try:
-            row.update(_sync_decode(model, prompt_tokens, gen_tokens, repeats))
+            row.update(_sync_decode(model, prompt_tokens, gen_tokens, repeats, device))
         except Exception as exc:  # reported, the other rows still count
             row["error"] = _error_text(exc)
         rows.append(row)
@@ -290,8 +363,11 @@ def run_decode(
     return rows
 
 
-def run_convert(layers: int, preset_name: str = "paper", sparsity: float = 0.5) -> dict:
-    """Seconds per decoder layer of the DSF converter on CUDA (SmolLM2-135M shapes)."""
+def run_convert(
+    layers: int, preset_name: str = "paper", sparsity: float = 0.5, device: str = "cuda", dry_run: bool = False
+) -> dict:
+    """Seconds per decoder layer of the DSF converter on CUDA (SmolLM2-135M shapes); a dry
+    run calibrates on 2 windows of 32 tokens with 2 DSF iterations."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dsf_runtime.converters.calibrate import compress_sequential
@@ -311,16 +387,18 @@ def run_convert(layers: int, preset_name: str = "paper", sparsity: float = 0.5) 
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     calib = CALIB_PRESETS[preset_name]
+    if dry_run:
+        calib = {**calib, "nsamples": 2, "seqlen": 32}
     ids = torch.randint(0, config.vocab_size, (calib["nsamples"], calib["seqlen"]))
-    dsf = preset(preset_name, sparsity=sparsity)
-    torch.cuda.synchronize()
+    dsf = preset(preset_name, sparsity=sparsity, **({"outer_iters": 2, "finalize_iters": 1} if dry_run else {}))
+    _sync(device)
     t0 = time.perf_counter()
     result = compress_sequential(
         model,
         ids,
         make_method("dsf", sparsity, dsf),
         batch_size=calib.get("batch_size", 8),
-        device="cuda",
+        device=device,
         progress=True,
     )
     seconds = time.perf_counter() - t0
@@ -346,21 +424,26 @@ def run_gpu_bench(
     stack_layers: int = 8,
     convert_layers: int = 3,
     parts: tuple[str, ...] = ("layer", "decode", "convert"),
+    dry_run: bool = False,
 ) -> dict:
     from dsf_runtime.benchmarks.results_io import environment, markdown_table, plot_speedups, write_results
 
-    _require_cuda()
+    device = _require_device(dry_run)
     import triton
 
     out = Path(out_dir)
     env = environment()
     env.update({"triton": triton.__version__, "cuda_runtime": torch.version.cuda})
-    payload: dict = {"benchmark": "gpu", "sparsity": sparsity, "environment": env}
+    if dry_run:
+        env["cuda"] = "dry run on the CPU (Triton interpreter; the times mean nothing)"
+        shapes = shapes if shapes and all(o * i <= 1 << 16 for o, i in shapes.values()) else DRY_SHAPES
+        stack_layers, convert_layers = min(stack_layers, 1), min(convert_layers, 1)
+    payload: dict = {"benchmark": "gpu", "sparsity": sparsity, "environment": env, "dry_run": dry_run}
     files: dict[str, str] = {}
     if "layer" in parts:
-        bandwidth = device_bandwidth()
+        bandwidth = device_bandwidth(1 << 24 if dry_run else 1 << 30, device)
         env["device_copy_gb_s"] = bandwidth
-        rows = run_layer(shapes or SHAPES, batches, sparsity, bandwidth)
+        rows = run_layer(shapes or SHAPES, batches, sparsity, bandwidth, device=device)
         table = (
             f"{env['cuda']}; device copy bandwidth (read + write, same run): {bandwidth:.0f} GB/s; "
             f"times: triton.testing.do_bench median, L2 flushed before each call; 'graph': replayed from a CUDA "
@@ -397,9 +480,10 @@ def run_gpu_bench(
         files["layer_png"] = str(out / "gpu_layer.png")
         print(table, flush=True)
     if "tune" in parts:
-        rows = run_tune(sparsity=sparsity)
+        tune_shape = next(iter(DRY_SHAPES.values())) if dry_run else (4096, 4096)
+        rows = run_tune(*tune_shape, sparsity=sparsity, device=device, dry_run=dry_run)
         table = (
-            f"{env['cuda']}; triton-bitmap launch settings, one 4096x4096 DSF layer (L then R), fp16, "
+            f"{env['cuda']}; triton-bitmap launch settings, one {tune_shape[0]}x{tune_shape[1]} DSF layer (L then R), fp16, "
             f"CUDA-graph replay, L2 flushed\n\n"
             + markdown_table(
                 rows,
@@ -419,7 +503,7 @@ def run_gpu_bench(
         )
         print(table, flush=True)
     if "decode" in parts:
-        rows = run_decode(stack_layers, sparsity)
+        rows = run_decode(stack_layers, sparsity, device=device, dry_run=dry_run)
         table = (
             f"{env['cuda']}; LLaMA-7B-shaped stack of {stack_layers} decoder layers, random weights, "
             f"batch-1 greedy decoding with KV cache\n\n"
@@ -443,7 +527,7 @@ def run_gpu_bench(
         )
         print(table, flush=True)
     if "convert" in parts:
-        row = run_convert(convert_layers, sparsity=sparsity)
+        row = run_convert(convert_layers, sparsity=sparsity, device=device, dry_run=dry_run)
         table = (
             f"{env['cuda']}; DSF converter, `{row['preset']}` preset, SmolLM2-135M shapes (random weights): "
             f"{row['layers']} layers in {row['seconds']:.1f} s = {row['seconds_per_layer']:.1f} s/layer "

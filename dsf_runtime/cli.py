@@ -254,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sparsity", type=float, default=0.5, help="of the random DSF factors (default 0.5)")
     q.add_argument("--stack-layers", type=int, default=8, help="LLaMA-7B-shaped decoder layers for decode")
     q.add_argument("--convert-layers", type=int, default=3, help="SmolLM2-shaped layers the converter is timed on")
+    q.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="every part on the CPU in Triton's interpreter (TRITON_INTERPRET=1) with tiny shapes: "
+        "checks the run before a GPU is lent (its times mean nothing)",
+    )
     q.add_argument("--out", default=os.path.join("benchmarks", "results", "gpu"), help="where JSON/markdown go")
 
     q = bench.add_parser(
@@ -785,6 +791,7 @@ def cmd_bench(args) -> None:
             args.stack_layers,
             args.convert_layers,
             parts,
+            args.dry_run,
         )
         print("written: " + ", ".join(payload["files"].values()))
         return
