@@ -374,12 +374,12 @@ def run_convert(
     from dsf_runtime.converters.config import CALIB_PRESETS, preset
     from dsf_runtime.converters.methods import make_method
 
+    shape = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9)
+    if dry_run:  # a tiny model: the run's logic, not its time
+        shape = dict(vocab_size=256, hidden_size=72, intermediate_size=96, num_attention_heads=3)
     config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
+        **shape,
         num_hidden_layers=layers,
-        num_attention_heads=9,
         num_key_value_heads=3,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
@@ -437,6 +437,7 @@ def run_gpu_bench(
     if dry_run:
         env["cuda"] = "dry run on the CPU (Triton interpreter; the times mean nothing)"
         shapes = shapes if shapes and all(o * i <= 1 << 16 for o, i in shapes.values()) else DRY_SHAPES
+        batches = (1, 2)  # the vector and the tl.dot path
         stack_layers, convert_layers = min(stack_layers, 1), min(convert_layers, 1)
     payload: dict = {"benchmark": "gpu", "sparsity": sparsity, "environment": env, "dry_run": dry_run}
     files: dict[str, str] = {}

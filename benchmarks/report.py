@@ -19,6 +19,7 @@ TITLES = {
     "gpu_decode": "GPU decode",
     "gpu_tune": "GPU launch tuning",
     "gpu_convert": "GPU compression time",
+    "compress": "Compression on Ray workers",
 }
 
 
