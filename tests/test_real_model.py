@@ -28,7 +28,7 @@ def real(tmp_path_factory):
     eval_ids = tokenize(tokenizer, evaluation_text())[:2048]
     dense_ppl = perplexity(model, eval_ids, window=512, stride=512, progress=False)
     windows = sample_windows(tokenize(tokenizer, calibration_text()), 8, 256)
-    config = DSFConfig(sparsity=0.5, outer_iters=4, finalize_iters=5)
+    config = DSFConfig(sparsity=0.5, outer_iters=3, finalize_iters=3)
     result = compress_sequential(model, windows, make_method("dsf", 0.5, config), progress=False)
     out = tmp_path_factory.mktemp("real") / "smollm2-dsf"
     write_packed(model, tokenizer, result.factors, out, sparsity=0.5, factorization=config.model_dump())
