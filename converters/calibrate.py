@@ -233,8 +233,7 @@ def compress_sequential(
         if done is not None:
             factors, reports = done
             for name, linear in linears.items():
-                L, R = factors[f"{prefix}.{name}"]
-                linear.weight.data.copy_((L if R is None else L @ R).to(linear.weight.dtype))
+                _write_product(linear, *factors[f"{prefix}.{name}"])
             result.resumed_layers += 1
             bar.update(len(linears))
         else:
@@ -309,12 +308,17 @@ def compress_parallel(
     bar.close()
     for full, linear in weights.items():  # model order
         (L, R), report = finished[full]
-        linear.weight.data.copy_((L if R is None else L @ R).to(linear.weight.dtype))
+        _write_product(linear, L, R)
         result.factors[full] = (L, R)
         result.reports.append(report)
     result.seconds = time.perf_counter() - start
     _log_workers(result.reports)
     return result
+
+
+def _write_product(linear: nn.Linear, L: torch.Tensor, R: torch.Tensor | None) -> None:
+    """Make ``linear`` behave as compressed: its weight becomes L @ R (or L alone)."""
+    linear.weight.data.copy_((L if R is None else L @ R).to(linear.weight.dtype))
 
 
 def _begin(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, device, work_dir, fingerprint):
@@ -425,7 +429,7 @@ def _compress_layer(
     for name, linear in linears.items():  # layer order, whatever order they finished in
         full = f"{prefix}.{name}"
         (L, R), report = _accept(results[full], linear.weight.shape)
-        linear.weight.data.copy_((L if R is None else L @ R).to(linear.weight.dtype))
+        _write_product(linear, L, R)
         factors[full] = (L, R)
         reports.append(report)
     return factors, reports
