@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsf_runtime import settings
+from dsf_runtime.cuda_graphs import GraphedDecode
 from dsf_runtime.errors import UnsupportedModelError
 from dsf_runtime.kernels import cpu_ops, dense_cpu
 from dsf_runtime.linear import DSFLinear
@@ -106,7 +108,11 @@ def _mlp_block(layer: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor],
 class ModelRunner:
     """Prefill one sequence into a slot; decode one token for each of slots 0..B-1."""
 
-    def __init__(self, model: nn.Module, slots: int, max_len: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, slots: int, max_len: int | None = None, cuda_graphs: bool | None = None
+    ) -> None:
+        """``cuda_graphs``: replay decode steps from CUDA graphs on a CUDA model (default:
+        the DSF_CUDA_GRAPHS setting, on); ignored elsewhere."""
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -144,6 +150,13 @@ class ModelRunner:
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.attn_inputs = [self._attn_inputs(i) for i in range(len(self.layers))]
         self.decode_layers = [self._decode_layer(i) for i in range(len(self.layers))]
+        if cuda_graphs is None:
+            cuda_graphs = settings.get("DSF_CUDA_GRAPHS") == "on"
+        self.graphs = (
+            GraphedDecode(self.step, slots, self.max_len, self.device)
+            if cuda_graphs and self.device.type == "cuda"
+            else None
+        )
 
     @staticmethod
     def _sliding_window(config) -> int | None:
@@ -260,12 +273,22 @@ class ModelRunner:
             raise ValueError(f"decode needs 1..{self.slots} tokens with one position each")
         if max(positions) >= self.max_len:
             raise ValueError(f"position {max(positions)} is past the context of {self.max_len}")
-        tok = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
+        if min(positions) < 0:
+            raise ValueError(f"position {min(positions)} is negative")
+        if self.graphs is not None:
+            return self.graphs(tokens, positions)
+        tok = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return self.step(tok, pos, max(positions) + 1)
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
+        """The decode step on tensors: tok and pos (B,) for slots 0..B-1, attention over the
+        first ``span`` cached positions (> every pos; later ones are masked) -> logits (B, vocab).
+        Its shapes depend on B and span only, so a CUDA graph can record it (cuda_graphs)."""
+        B = tok.shape[0]
         slots = torch.arange(B, device=self.device)
-        span = max(positions) + 1
         mask = (torch.arange(span, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)).view(B, 1, 1, span)
-        x = self.embed(tok)  # (B, 1, hidden)
+        x = self.embed(tok.unsqueeze(1))  # (B, 1, hidden)
         cos, sin = self.rotary(x, pos.unsqueeze(1))
         for i, layer in enumerate(self.layers):
             step = self.decode_layers[i]

@@ -74,6 +74,13 @@ SETTINGS: dict[str, Setting] = {
             "list",
             "comma-separated kernel backends never chosen (e.g. cpu-bitmap); `dsf info` says which are disabled",
         ),
+        Setting(
+            "DSF_CUDA_GRAPHS",
+            "choice",
+            "on a CUDA model, replay decode steps from CUDA graphs (off: launch every kernel from Python)",
+            default="on",
+            choices=("on", "off"),
+        ),
         Setting("DSF_API_KEY", "secret", "the API key `dsf serve` requires when --api-key is not given"),
     )
 }
