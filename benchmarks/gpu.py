@@ -5,8 +5,9 @@
   (fp16 and int8 values). Timed with ``triton.testing.do_bench`` (CUDA events, the
   median; it flushes the L2 cache before every call, so weights come from HBM), next
   to the device's copy bandwidth measured in the same run.
-- decode: pp/tg tokens/s of batch-1 greedy decoding on a LLaMA-7B-shaped stack with
-  random factors, dense fp16 vs DSF on each CUDA backend.
+- decode: pp/tg tokens/s of batch-1 greedy decoding through the serving runner, with and
+  without CUDA graphs, on SmolLM2-135M and LLaMA-7B-shaped stacks with random factors:
+  dense fp16 and bf16 vs DSF on each CUDA backend.
 - convert: seconds per decoder layer of the DSF converter (``paper`` preset) on the GPU,
   on a SmolLM2-135M-shaped model with random weights and random calibration tokens
   (the algorithm's work does not depend on the values; the real model's quality is
@@ -272,33 +273,51 @@ def _tune_row(pl, pr, x: torch.Tensor, kw: dict, shape: str) -> dict:
     return row
 
 
-def _sync_decode(model, prompt_tokens: int, gen_tokens: int, repeats: int, device: str = "cuda") -> dict:
-    """Median pp and tg tokens/s on CUDA (synchronised around each phase)."""
+# decoder shapes of the decode and convert parts (random weights: speed does not depend on them)
+SMOLLM2_SHAPE = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3
+)
+DRY_SHAPE = dict(vocab_size=256, hidden_size=72, intermediate_size=96, num_attention_heads=3, num_key_value_heads=3)
+
+
+def shaped_llama(shape: dict, layers: int, seed: int = 0):
+    """A LLaMA model of ``shape`` with ``layers`` decoder layers and random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, num_hidden_layers=layers, max_position_embeddings=2048, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def runner_decode(model, prompt_tokens: int, gen_tokens: int, repeats: int, graphs: bool, device: str = "cuda") -> dict:
+    """Median pp and tg tokens/s of batch-1 greedy decoding through ModelRunner (what `dsf
+    generate` and `dsf serve` run), decode steps replayed from CUDA graphs or launched one
+    by one; the first run warms up (Triton compiles, graphs are recorded)."""
     import statistics
 
-    from dsf_runtime.benchmarks.decode import _cache_kwarg
+    from dsf_runtime.benchmarks.decode import bench_prompt
+    from dsf_runtime.runner import ModelRunner
 
-    kw = _cache_kwarg(model)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (1, prompt_tokens), generator=g).to(device)
+    ids = bench_prompt(model.config.vocab_size, prompt_tokens)[0].tolist()
+    runner = ModelRunner(model, slots=1, max_len=prompt_tokens + gen_tokens, cuda_graphs=graphs)
     pps, tgs = [], []
-    with torch.inference_mode():
-        for r in range(repeats + 1):
-            _sync(device)
-            t0 = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
-            _sync(device)
-            t1 = time.perf_counter()
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            for _ in range(gen_tokens):
-                out = model(input_ids=nxt, use_cache=True, **{kw: past})
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            _sync(device)
-            t2 = time.perf_counter()
-            if r:
-                pps.append(prompt_tokens / (t1 - t0))
-                tgs.append(gen_tokens / (t2 - t1))
-    return {"pp_tok_s": statistics.median(pps), "tg_tok_s": statistics.median(tgs)}
+    for r in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = runner.prefill(0, ids)
+        _sync(device)
+        t1 = time.perf_counter()
+        for i in range(gen_tokens):
+            logits = runner.decode([int(logits.argmax(-1).reshape(-1)[0])], [prompt_tokens + i])
+        _sync(device)
+        t2 = time.perf_counter()
+        if r:
+            pps.append(prompt_tokens / (t1 - t0))
+            tgs.append(gen_tokens / (t2 - t1))
+    row = {"pp_tok_s": statistics.median(pps), "tg_tok_s": statistics.median(tgs), "graphs": graphs}
+    if graphs and runner.graphs is not None and runner.graphs.failed:
+        row["error"] = f"graphs not recorded, eager steps: {runner.graphs.failed}"
+    return row
 
 
 def run_decode(
@@ -310,55 +329,60 @@ def run_decode(
     device: str = "cuda",
     dry_run: bool = False,
 ) -> list[dict]:
-    """Dense fp16 against DSF on each CUDA backend; a dry run takes a tiny LLaMA stack
-    (hidden 64) and a few tokens instead of LLaMA-7B's shapes."""
+    """Dense fp16 and bf16 against DSF fp16 on each CUDA backend, each with decode steps
+    replayed from CUDA graphs and launched eagerly, on a SmolLM2-135M-shaped model and a
+    LLaMA-7B-shaped stack of ``stack_layers`` layers; a dry run takes tiny shapes and a
+    few tokens, on the CPU (where graphs do not apply and only torch-csr runs the model)."""
     from dsf_runtime.benchmarks.decode import dsf_stack, llama7b_stack
     from dsf_runtime.patch import dsf_modules
 
-    def stack():
-        if not dry_run:
-            return llama7b_stack(stack_layers)
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(
-            vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=stack_layers,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
-        )  # fmt: skip
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).eval()
-
+    models = {
+        "SmolLM2-135M shapes": lambda: shaped_llama(SMOLLM2_SHAPE, 30),
+        f"LLaMA-7B-shaped stack x{stack_layers}": lambda: llama7b_stack(stack_layers),
+    }
     if dry_run:
         prompt_tokens, gen_tokens, repeats = 8, 2, 1
+        models = {"dry-run tiny": lambda: shaped_llama(DRY_SHAPE, stack_layers)}
+    graph_modes = (True, False) if device == "cuda" else (False,)
     rows = []
-    model = stack().to(device, torch.float16)
-    rows.append(
-        {
-            "variant": "dense fp16",
-            "backend": "cuBLAS" if device == "cuda" else "torch (dry run)",
-            **_sync_decode(model, prompt_tokens, gen_tokens, repeats, device),
-        }
-    )
-    del model
-    _free_cuda()
-    model = dsf_stack(stack(), sparsity, torch.float16).to(device, torch.float16)
-    # the model path picks backends per device; on the CPU only torch-csr runs (the layer part
-    # runs triton-bitmap's kernel in the interpreter)
-    for backend in ("triton-bitmap", "torch-csr") if device == "cuda" else ("torch-csr",):
-        for m in dsf_modules(model).values():
-            m.set_backend(backend)
-        row = {"variant": f"DSF {int(sparsity * 100)}% fp16", "backend": backend}
-        try:
-            row.update(_sync_decode(model, prompt_tokens, gen_tokens, repeats, device))
-        except Exception as exc:  # reported, the other rows still count
-            row["error"] = _error_text(exc)
-        rows.append(row)
-    del model
-    _free_cuda()
-    dense_tg = rows[0]["tg_tok_s"]
-    for r in rows:
-        if "tg_tok_s" in r:
-            r["tg_vs_dense"] = r["tg_tok_s"] / dense_tg
-        r["layers"] = stack_layers
+
+    def measure(model, label: str, variant: str, backend: str) -> None:
+        for graphs in graph_modes:
+            row = {"model": label, "variant": variant, "backend": backend}
+            try:
+                row.update(runner_decode(model, prompt_tokens, gen_tokens, repeats, graphs, device))
+            except Exception as exc:  # reported, the other rows still count
+                row.update(graphs=graphs, error=_error_text(exc))
+            print(row, flush=True)
+            rows.append(row)
+
+    for label, build in models.items():
+        for dtype in (torch.float16, torch.bfloat16):
+            model = build().to(device, dtype)
+            measure(
+                model,
+                label,
+                "dense " + {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype],
+                "cuBLAS" if device == "cuda" else "torch (dry run)",
+            )
+            del model
+            _free_cuda()
+        model = dsf_stack(build(), sparsity, torch.float16).to(device, torch.float16)
+        # the model path picks backends per device; on the CPU only torch-csr runs (the layer part
+        # runs triton-bitmap's kernel in the interpreter)
+        for backend in ("triton-bitmap", "torch-csr") if device == "cuda" else ("torch-csr",):
+            for m in dsf_modules(model).values():
+                m.set_backend(backend)
+            measure(model, label, f"DSF {int(sparsity * 100)}% fp16", backend)
+        del model
+        _free_cuda()
+    for r in rows:  # against dense fp16 of the same model, launched the same way
+        same = [
+            d for d in rows if d["model"] == r["model"] and d["variant"] == "dense fp16" and d["graphs"] == r["graphs"]
+        ]
+        dense = same[0] if same else {}
+        if "tg_tok_s" in r and "tg_tok_s" in dense:
+            r["tg_vs_dense_fp16"] = r["tg_tok_s"] / dense["tg_tok_s"]
     return rows
 
 
@@ -367,24 +391,12 @@ def run_convert(
 ) -> dict:
     """Seconds per decoder layer of the DSF converter on CUDA (SmolLM2-135M shapes); a dry
     run calibrates on 2 windows of 32 tokens with 2 DSF iterations."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from dsf_runtime.converters.calibrate import compress_sequential
     from dsf_runtime.converters.config import CALIB_PRESETS, preset
     from dsf_runtime.converters.methods import make_method
 
-    shape = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9)
-    if dry_run:  # a tiny model: the run's logic, not its time
-        shape = dict(vocab_size=256, hidden_size=72, intermediate_size=96, num_attention_heads=3)
-    config = LlamaConfig(
-        **shape,
-        num_hidden_layers=layers,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = shaped_llama(DRY_SHAPE if dry_run else SMOLLM2_SHAPE, layers)  # dry run: the logic, not the time
+    config = model.config
     calib = CALIB_PRESETS[preset_name]
     if dry_run:
         calib = {**calib, "nsamples": 2, "seqlen": 32}
@@ -505,16 +517,19 @@ def run_gpu_bench(
     if "decode" in parts:
         rows = run_decode(stack_layers, sparsity, device=device, dry_run=dry_run)
         table = (
-            f"{env['cuda']}; LLaMA-7B-shaped stack of {stack_layers} decoder layers, random weights, "
-            f"batch-1 greedy decoding with KV cache\n\n"
+            f"{env['cuda']}; random weights, batch-1 greedy decoding through the runner of `dsf generate` "
+            f"and `dsf serve` (static KV cache), 128-token prompt, 64 new tokens; 'graphs': decode steps "
+            f"replayed from CUDA graphs, else launched from Python; ratios against dense fp16 launched the same way\n\n"
             + markdown_table(
-                rows,
+                [{**r, "graphs": "yes" if r["graphs"] else "no"} for r in rows],
                 [
-                    ("variant", "model", ""),
+                    ("model", "model", ""),
+                    ("variant", "weights", ""),
                     ("backend", "backend", ""),
+                    ("graphs", "graphs", ""),
                     ("pp_tok_s", "pp tok/s", ".0f"),
                     ("tg_tok_s", "tg tok/s", ".1f"),
-                    ("tg_vs_dense", "tg x dense", ".2f"),
+                    ("tg_vs_dense_fp16", "tg x dense fp16", ".2f"),
                     ("error", "error", ""),
                 ],
             )
