@@ -22,6 +22,7 @@ DRY_RUN=1 runs it, and tests/test_gpu_check.py runs that).
 from __future__ import annotations
 
 import gc
+import json
 import time
 from pathlib import Path
 
@@ -224,17 +225,21 @@ def run_tune(
     out_f: int = 4096, in_f: int = 4096, sparsity: float = 0.5, device: str = "cuda", dry_run: bool = False
 ) -> list[dict]:
     """Graph-replay time of one DSF layer (L and R) on the Triton kernel per launch setting:
-    block rows x words per step x warps, for the vector path (batch 1) and the dot path
-    (batch 16); then both paths at batches 2-8, which sets DOT_MIN_BATCH. A dry run
-    launches the first setting of each list only."""
+    block rows x words per step x warps x programs per SM (how far split-K goes), for the
+    vector path (batch 1) and the dot path (batch 16); then both paths at batches 2-8, which
+    sets DOT_MIN_BATCH. A dry run launches the first setting of each list only."""
     from dsf_runtime.kernels.triton_bitmap import DOT_MIN_BATCH
 
     pairs = random_dsf_pair(out_f, in_f, sparsity)
     pl, pr = _prepare_pair(BACKENDS["triton-bitmap"], *pairs, torch.float16, device)
     rows = []
     plans = {
-        1: [(b, w, 4) for b in (16, 32, 64) for w in (1, 2, 4, 8)] + [(32, 2, 2), (32, 2, 8), (64, 4, 8)],
-        16: [(b, w, 4) for b in (16, 32, 64, 128) for w in (1, 2, 4)] + [(64, 1, 8), (64, 2, 8), (128, 1, 8)],
+        1: [(b, w, 4, 4) for b in (16, 32, 64) for w in (1, 2, 4, 8)]
+        + [(32, 2, 2, 4), (32, 2, 8, 4), (64, 4, 8, 4)]
+        + [(b, w, 4, p) for b, w in ((16, 8), (32, 4), (64, 2)) for p in (1, 2, 8)],
+        16: [(b, w, 4, 4) for b in (16, 32, 64, 128) for w in (1, 2, 4)]
+        + [(64, 1, 8, 4), (64, 2, 8, 4), (128, 1, 8, 4)]
+        + [(b, w, 4, p) for b, w in ((32, 2), (64, 2)) for p in (1, 2, 8)],
     }
     crossover = (2, 3, 4, 6, 8)
     if dry_run:
@@ -242,8 +247,10 @@ def run_tune(
     with torch.inference_mode():
         for batch, configs in plans.items():
             x = torch.randn(batch, in_f, device=device, dtype=torch.float16)
-            for block_r, wpi, warps in configs:
-                kw = dict(block_r=block_r, wpi=wpi, num_warps=warps, use_dot=batch >= DOT_MIN_BATCH)
+            for block_r, wpi, warps, pps in configs:
+                kw = dict(
+                    block_r=block_r, wpi=wpi, num_warps=warps, programs_per_sm=pps, use_dot=batch >= DOT_MIN_BATCH
+                )
                 rows.append(_tune_row(pl, pr, x, kw, f"{out_f}x{in_f}"))
         # where the tl.dot path (tiles padded to 16 batch rows) overtakes the vector path
         for batch in crossover:
@@ -251,6 +258,28 @@ def run_tune(
             for path_dot in (False, True):
                 rows.append(_tune_row(pl, pr, x, dict(use_dot=path_dot), f"{out_f}x{in_f}"))
     return rows
+
+
+def suggested_entry(rows: list[dict]) -> dict:
+    """A kernels/tuning.json GPU entry from a tuning run: each path's fastest setting (the
+    vector path's at batch 1, the dot path's at batch 16) and the first crossover batch
+    from which the dot path is faster at default settings (what a maintainer reviews and
+    commits under the GPU's name)."""
+    entry: dict = {}
+    settings = ("block_r", "wpi", "num_warps", "programs_per_sm")
+    for path, batch in (("vector", 1), ("dot", 16)):
+        timed = [r for r in rows if r["path"] == path and r["batch"] == batch and "us" in r]
+        if timed:
+            best = min(timed, key=lambda r: r["us"])
+            entry[path] = {k: best[k] for k in settings}
+    by_batch: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if "us" in r and r["batch"] not in (1, 16):
+            by_batch.setdefault(r["batch"], {})[r["path"]] = r["us"]
+    faster = [b for b, t in sorted(by_batch.items()) if {"vector", "dot"} <= set(t) and t["dot"] < t["vector"]]
+    if by_batch:
+        entry["dot_min_batch"] = faster[0] if faster else max(by_batch) + 1
+    return entry
 
 
 def _tune_row(pl, pr, x: torch.Tensor, kw: dict, shape: str) -> dict:
@@ -264,6 +293,7 @@ def _tune_row(pl, pr, x: torch.Tensor, kw: dict, shape: str) -> dict:
         "block_r": config["block_r"],
         "wpi": config["wpi"],
         "num_warps": config["num_warps"],
+        "programs_per_sm": config["programs_per_sm"],
     }
     try:
         row["us"] = _graph_us(lambda x: launch(pl, launch(pr, x, **config), **config), x)
@@ -494,9 +524,11 @@ def run_gpu_bench(
     if "tune" in parts:
         tune_shape = next(iter(DRY_SHAPES.values())) if dry_run else (4096, 4096)
         rows = run_tune(*tune_shape, sparsity=sparsity, device=device, dry_run=dry_run)
+        entry = suggested_entry(rows)
         table = (
             f"{env['cuda']}; triton-bitmap launch settings, one {tune_shape[0]}x{tune_shape[1]} DSF layer (L then R), fp16, "
-            f"CUDA-graph replay, L2 flushed\n\n"
+            f"CUDA-graph replay, L2 flushed; the fastest settings as a kernels/tuning.json entry for this GPU: "
+            f"`{json.dumps(entry)}`\n\n"
             + markdown_table(
                 rows,
                 [
@@ -505,13 +537,19 @@ def run_gpu_bench(
                     ("block_r", "block rows", "d"),
                     ("wpi", "words/step", "d"),
                     ("num_warps", "warps", "d"),
+                    ("programs_per_sm", "programs/SM", "d"),
                     ("us", "us", ".1f"),
                     ("error", "error", ""),
                 ],
             )
         )
         files.update(
-            {f"tune_{k}": str(v) for k, v in write_results(out, "gpu_tune", {**payload, "rows": rows}, table).items()}
+            {
+                f"tune_{k}": str(v)
+                for k, v in write_results(
+                    out, "gpu_tune", {**payload, "rows": rows, "suggested_entry": entry}, table
+                ).items()
+            }
         )
         print(table, flush=True)
     if "decode" in parts:

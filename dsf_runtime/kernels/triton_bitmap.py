@@ -100,9 +100,12 @@ def resolve_config(
     block_r: int | None = None,
     wpi: int | None = None,
     num_warps: int | None = None,
+    programs_per_sm: int | None = None,
 ) -> dict:
     """The launch settings for ``batch`` activation rows: the path (tl.dot from
-    DOT_MIN_BATCH on) and that path's defaults, with any given setting overriding them."""
+    DOT_MIN_BATCH on) and that path's defaults, with any given setting overriding them.
+    ``programs_per_sm``: rows' columns are split between programs (split-K) until the
+    launch has about this many programs per SM (1: split only what cannot fill the GPU)."""
     tune = device_tuning()
     use_dot = batch >= tune["dot_min_batch"] if use_dot is None else use_dot
     config = tune["dot"] if use_dot else tune["vector"]
@@ -111,6 +114,7 @@ def resolve_config(
         "block_r": block_r or config["block_r"],
         "wpi": wpi or config["wpi"],
         "num_warps": num_warps or config["num_warps"],
+        "programs_per_sm": programs_per_sm or config["programs_per_sm"],
     }
     if CHUNK_WORDS % resolved["wpi"]:
         raise ValueError(f"wpi must divide {CHUNK_WORDS}, got {resolved['wpi']}")
@@ -125,10 +129,11 @@ def launch(
     wpi: int | None = None,
     num_warps: int | None = None,
     use_dot: bool | None = None,
+    programs_per_sm: int | None = None,
 ) -> torch.Tensor:
     """y = x @ S^T for x (N, cols) -> (N, rows) in x's dtype (fp32 accumulation).
     ``splits``/``block_r``/``wpi``/``num_warps``/``use_dot`` (the tl.dot path instead of
-    the vector one) override the launch settings (tests and tuning)."""
+    the vector one)/``programs_per_sm`` override the launch settings (tests and tuning)."""
     N = x.shape[0]
     if N == 0 or p.rows == 0 or p.cols == 0:
         return torch.zeros(N, p.rows, dtype=x.dtype, device=x.device)
@@ -138,7 +143,7 @@ def launch(
     x = x.contiguous()
     kernel = _kernel()
 
-    config = resolve_config(N, use_dot, block_r, wpi, num_warps)
+    config = resolve_config(N, use_dot, block_r, wpi, num_warps, programs_per_sm)
     use_dot, block_r, wpi, num_warps = config["use_dot"], config["block_r"], config["wpi"], config["num_warps"]
     block_n = min(64, max(16, 1 << (N - 1).bit_length())) if use_dot else 1 << (N - 1).bit_length()
     # fp16/bf16 activations with values of the same kind (or int8) use the tensor-core
@@ -154,7 +159,7 @@ def launch(
         # split rows' columns between programs (atomic adds into a zeroed fp32 y) to fill
         # the GPU: even SmolLM2's 576-column layers gain (H200, 576x576 batch 1: 25 us split
         # 3 ways with the zeroing and the cast, 33 us unsplit on 9 programs)
-        splits = -(-4 * _sm_count(x.device) // (row_blocks * n_blocks))
+        splits = -(-config["programs_per_sm"] * _sm_count(x.device) // (row_blocks * n_blocks))
     splits = max(1, min(splits, nchunks))
     words_per_split = -(-nchunks // splits) * CHUNK_WORDS
     splits = -(-words // words_per_split)

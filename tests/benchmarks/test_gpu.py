@@ -31,3 +31,39 @@ def test_small_layer_run_on_cuda(tmp_path):
     dsf = [r for r in rows if r["impl"].startswith("DSF")]
     assert len(dsf) == 6 and all("error" not in r for r in dsf)
     assert all(r["rel_err"] < (2e-2 if "int8" in r["impl"] else 2e-3) for r in dsf)
+
+
+def test_suggested_tuning_entry_takes_each_paths_fastest_setting():
+    from dsf_runtime.benchmarks.gpu import suggested_entry
+
+    def row(batch, path, us, block_r=64, pps=4):
+        return {
+            "batch": batch,
+            "path": path,
+            "block_r": block_r,
+            "wpi": 2,
+            "num_warps": 4,
+            "programs_per_sm": pps,
+            "us": us,
+        }
+
+    rows = [
+        row(1, "vector", 50.0),
+        row(1, "vector", 41.0, block_r=16, pps=1),
+        row(1, "vector", 45.0, block_r=32),
+        {"batch": 1, "path": "vector", "block_r": 8, "wpi": 2, "num_warps": 4, "programs_per_sm": 4, "error": "x"},
+        row(16, "dot", 60.0),
+        row(16, "dot", 58.0, block_r=128),
+        row(2, "vector", 40.0),
+        row(2, "dot", 52.0),
+        row(3, "vector", 60.0),
+        row(3, "dot", 55.0),
+        row(4, "vector", 90.0),
+        row(4, "dot", 56.0),
+    ]
+    entry = suggested_entry(rows)
+    assert entry["vector"] == {"block_r": 16, "wpi": 2, "num_warps": 4, "programs_per_sm": 1}
+    assert entry["dot"]["block_r"] == 128
+    assert entry["dot_min_batch"] == 3
+    # the dot path never faster: it starts past the largest batch timed
+    assert suggested_entry([row(2, "vector", 1.0), row(2, "dot", 2.0)])["dot_min_batch"] == 3

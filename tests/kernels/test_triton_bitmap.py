@@ -155,3 +155,10 @@ def test_the_backend_runs_the_launch_as_a_torch_op(value_dtype):
         fx = mode.from_tensor(x)
         y = torch.ops.dsf.triton_bitmap_spmm(fx, p.bitmap, p.chunks, p.values, p.scales, p.rows, p.cols)
     assert tuple(y.shape) == (3, 40)
+
+
+@pytest.mark.parametrize("programs_per_sm", [1, 8])
+def test_programs_per_sm_only_sets_how_far_columns_split(programs_per_sm):
+    """From no split (row blocks alone fill the device) to many splits, the result holds."""
+    y, ref = _run((40, 1100), 0.5, 3, block_r=16, programs_per_sm=programs_per_sm)
+    assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
