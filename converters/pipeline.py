@@ -44,7 +44,7 @@ class CompressJob:
     schedule: str = "sequential"  # or "parallel": every Gram from the dense model (calibrate.py)
     workers: int | None = None  # local Ray workers; None with no ray_address: in-process
     ray_address: str | None = None  # an existing Ray cluster
-    cpus_per_task: int = 1
+    cpus_per_task: int | None = None  # Ray: CPUs and threads per task (1); in-process: threads per matrix (all)
 
     @property
     def work_dir(self) -> Path:
@@ -93,9 +93,9 @@ def make_job(
         raise ConfigError(f"unknown schedule {schedule!r}; choose {' or '.join(SCHEDULES)}")
     if options.get("workers") is not None or options.get("ray_address") is not None:
         import_ray()  # a missing Ray is one clear error before the model loads
-        workers = options.get("workers")
-        if (workers is not None and workers < 1) or options.get("cpus_per_task", 1) < 1:
-            raise ConfigError("--workers and --cpus-per-task must be at least 1")
+    workers, cpus = options.get("workers"), options.get("cpus_per_task")
+    if (workers is not None and workers < 1) or (cpus is not None and cpus < 1):
+        raise ConfigError("--workers and --cpus-per-task must be at least 1")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     out = Path(out_dir)

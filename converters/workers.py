@@ -79,12 +79,14 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Factorizes in this process, in submission order, when results are asked for."""
+    """Factorizes in this process, in submission order, when results are asked for;
+    with ``threads``, torch runs each factorization on that many threads (as a Ray task
+    with that many CPUs does, so both give the same factors bit for bit)."""
 
-    label = "in-process"
-
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         self._queue: list[tuple[Method, MatrixTask, torch.Tensor]] = []
+        self._threads = threads
+        self.label = "in-process" + (f" ({threads} thread(s) per matrix)" if threads else "")
 
     def submit(self, method: Method, tasks: list[MatrixTask], grams: dict[str, torch.Tensor]) -> None:
         self._queue.extend((method, t, grams[t.gram]) for t in tasks)
@@ -92,7 +94,14 @@ class LocalExecutor:
     def results(self) -> Iterator[MatrixResult]:
         while self._queue:
             method, task, H = self._queue.pop(0)
-            yield factorize_matrix(method, task, H)
+            threads = torch.get_num_threads()
+            if self._threads:
+                torch.set_num_threads(self._threads)
+            try:
+                result = factorize_matrix(method, task, H)
+            finally:
+                torch.set_num_threads(threads)
+            yield result
 
     def close(self) -> None:
         self._queue.clear()
@@ -180,9 +189,11 @@ class RayExecutor:
 
 
 def make_executor(
-    workers: int | None = None, address: str | None = None, cpus_per_task: int = 1
+    workers: int | None = None, address: str | None = None, cpus_per_task: int | None = None
 ) -> LocalExecutor | RayExecutor:
-    """In-process unless ``workers`` or ``address`` asks for Ray."""
+    """In-process unless ``workers`` or ``address`` asks for Ray. ``cpus_per_task``: each
+    Ray task's CPUs and threads (default 1); in-process, each factorization's threads
+    (default: torch's, all cores)."""
     if workers is None and address is None:
-        return LocalExecutor()
-    return RayExecutor(workers, address, cpus_per_task)
+        return LocalExecutor(cpus_per_task)
+    return RayExecutor(workers, address, cpus_per_task or 1)

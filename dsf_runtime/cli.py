@@ -91,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, help="factorize on N local Ray workers (pip install 'dsf-runtime[ray]')")
     p.add_argument("--ray-address", help="factorize on an existing Ray cluster (e.g. ray://head:10001 or auto)")
-    p.add_argument("--cpus-per-task", type=int, default=1, help="CPUs each Ray task asks for (default 1)")
+    p.add_argument(
+        "--cpus-per-task",
+        type=int,
+        help="CPUs each Ray task asks for and its torch threads (default 1); without Ray, "
+        "the threads of each factorization (default: all cores; 1 gives a 1-CPU Ray run's factors bit for bit)",
+    )
     _add_device(p, backend=False)
 
     p = sub.add_parser("pack", help="repack a checkpoint in another format, or pack external factor pairs")
@@ -404,7 +409,7 @@ def cmd_compress(args) -> None:
         f"compressed {len(result.reports)} linears in {result.seconds:.0f}s "
         f"(mean weighted rel. error {sum(errs) / len(errs):.4f}); checkpoint: {out}"
     )
-    if result.executor != "in-process":
+    if not result.executor.startswith("in-process"):
         from dsf_runtime.converters.calibrate import worker_summary
 
         print(f"{args.schedule} schedule on {result.executor}:")

@@ -42,15 +42,16 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 @pytest.fixture(scope="module")
 def in_process(tiny_model_dir, tmp_path_factory):
-    """The single-process driver's checkpoints, its torch on one thread like each Ray task
-    (--cpus-per-task 1): reductions split over more threads round differently."""
+    """The single-process driver's checkpoints, each factorization on one thread like each
+    Ray task (--cpus-per-task 1): reductions split over more threads round differently."""
     root = tmp_path_factory.mktemp("inproc")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return {s: _compress(tiny_model_dir, root / s, "--schedule", s) for s in ("sequential", "parallel")}
-    finally:
-        torch.set_num_threads(threads)
+    out = {
+        s: _compress(tiny_model_dir, root / s, "--schedule", s, "--cpus-per-task", "1")
+        for s in ("sequential", "parallel")
+    }
+    assert torch.get_num_threads() == threads  # restored after each matrix
+    return out
 
 
 @pytest.mark.parametrize("schedule", ["sequential", "parallel"])
