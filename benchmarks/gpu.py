@@ -153,6 +153,13 @@ def layer_cases(out_f: int, in_f: int, sparsity: float, device: str = "cuda"):
             cases.append((name, exc, 0))
             continue
         nbytes = _prepared_bytes(pl) + _prepared_bytes(pr)
+        if name == "DSF triton-bitmap fp16":  # the kernel's two ways to fetch values, raced
+            from dsf_runtime.kernels.triton_bitmap import launch
+
+            for fetch, segment in (("column", False), ("run", True)):
+                fn = lambda x, pl=pl, pr=pr, s=segment: launch(pl, launch(pr, x, segment=s), segment=s)  # noqa: E731
+                cases.append((f"{name} {fetch} fetch", fn, nbytes))
+            continue
         cases.append((name, lambda x, b=backend, pl=pl, pr=pr: b.matmul(pl, b.matmul(pr, x)), nbytes))
     product = L.half().float().to(device) @ R.half().float().to(device)  # the fp16-stored factors' product
     return cases, product
@@ -233,13 +240,15 @@ def run_tune(
     pairs = random_dsf_pair(out_f, in_f, sparsity)
     pl, pr = _prepare_pair(BACKENDS["triton-bitmap"], *pairs, torch.float16, device)
     rows = []
-    plans = {
-        1: [(b, w, 4, 4) for b in (16, 32, 64) for w in (1, 2, 4, 8)]
-        + [(32, 2, 2, 4), (32, 2, 8, 4), (64, 4, 8, 4)]
-        + [(b, w, 4, p) for b, w in ((16, 8), (32, 4), (64, 2)) for p in (1, 2, 8)],
-        16: [(b, w, 4, 4) for b in (16, 32, 64, 128) for w in (1, 2, 4)]
-        + [(64, 1, 8, 4), (64, 2, 8, 4), (128, 1, 8, 4)]
-        + [(b, w, 4, p) for b, w in ((32, 2), (64, 2)) for p in (1, 2, 8)],
+    plans = {  # (block rows, words per step, warps, programs per SM, run fetch)
+        1: [(b, w, 4, 4, False) for b in (16, 32, 64) for w in (1, 2, 4, 8)]
+        + [(32, 2, 2, 4, False), (32, 2, 8, 4, False), (64, 4, 8, 4, False)]
+        + [(b, w, 4, p, False) for b, w in ((16, 8), (32, 4), (64, 2)) for p in (1, 2, 8)]
+        + [(b, w, n, p, True) for b, w in ((16, 8), (32, 4), (64, 2), (32, 8)) for n in (4, 8) for p in (1, 4)],
+        16: [(b, w, 4, 4, False) for b in (16, 32, 64, 128) for w in (1, 2, 4)]
+        + [(64, 1, 8, 4, False), (64, 2, 8, 4, False), (128, 1, 8, 4, False)]
+        + [(b, w, 4, p, False) for b, w in ((32, 2), (64, 2)) for p in (1, 2, 8)]
+        + [(b, w, 4, p, True) for b, w in ((32, 2), (64, 2), (64, 4)) for p in (1, 4)],
     }
     crossover = (2, 3, 4, 6, 8)
     if dry_run:
@@ -247,9 +256,14 @@ def run_tune(
     with torch.inference_mode():
         for batch, configs in plans.items():
             x = torch.randn(batch, in_f, device=device, dtype=torch.float16)
-            for block_r, wpi, warps, pps in configs:
+            for block_r, wpi, warps, pps, segment in configs:
                 kw = dict(
-                    block_r=block_r, wpi=wpi, num_warps=warps, programs_per_sm=pps, use_dot=batch >= DOT_MIN_BATCH
+                    block_r=block_r,
+                    wpi=wpi,
+                    num_warps=warps,
+                    programs_per_sm=pps,
+                    segment=segment,
+                    use_dot=batch >= DOT_MIN_BATCH,
                 )
                 rows.append(_tune_row(pl, pr, x, kw, f"{out_f}x{in_f}"))
         # where the tl.dot path (tiles padded to 16 batch rows) overtakes the vector path
@@ -266,7 +280,7 @@ def suggested_entry(rows: list[dict]) -> dict:
     from which the dot path is faster at default settings (what a maintainer reviews and
     commits under the GPU's name)."""
     entry: dict = {}
-    settings = ("block_r", "wpi", "num_warps", "programs_per_sm")
+    settings = ("block_r", "wpi", "num_warps", "programs_per_sm", "segment")
     for path, batch in (("vector", 1), ("dot", 16)):
         timed = [r for r in rows if r["path"] == path and r["batch"] == batch and "us" in r]
         if timed:
@@ -294,6 +308,7 @@ def _tune_row(pl, pr, x: torch.Tensor, kw: dict, shape: str) -> dict:
         "wpi": config["wpi"],
         "num_warps": config["num_warps"],
         "programs_per_sm": config["programs_per_sm"],
+        "segment": config["segment"],
     }
     try:
         row["us"] = _graph_us(lambda x: launch(pl, launch(pr, x, **config), **config), x)
@@ -530,7 +545,7 @@ def run_gpu_bench(
             f"CUDA-graph replay, L2 flushed; the fastest settings as a kernels/tuning.json entry for this GPU: "
             f"`{json.dumps(entry)}`\n\n"
             + markdown_table(
-                rows,
+                [{**r, "fetch": "run" if r["segment"] else "column"} for r in rows],
                 [
                     ("batch", "batch", "d"),
                     ("path", "path", ""),
@@ -538,6 +553,7 @@ def run_gpu_bench(
                     ("wpi", "words/step", "d"),
                     ("num_warps", "warps", "d"),
                     ("programs_per_sm", "programs/SM", "d"),
+                    ("fetch", "value fetch", ""),
                     ("us", "us", ".1f"),
                     ("error", "error", ""),
                 ],

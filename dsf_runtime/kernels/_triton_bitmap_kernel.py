@@ -8,6 +8,11 @@ running offset plus the popcounts of the words before it) plus the popcount of t
 bits below j. No per-nonzero index is read, so a 50% DSF layer streams
 1.25 bytes per dense weight (fp16 values) instead of cuSPARSE CSR's 3.
 
+Two ways to fetch a step's values: one masked load per column at its value index (each
+waits for the bitmap words), or SEGMENT: the step's values are one contiguous run that
+starts at the row's running offset, so the run is loaded together with the bitmap words
+(one memory latency per step instead of two) and expanded in registers (tl.gather).
+
 The kernel is a plain function that the backend wraps with ``triton.jit`` on first
 use; under TRITON_INTERPRET=1 that gives Triton's CPU interpreter (how the tests check
 its logic without a GPU). Popcounts use the popc instruction on CUDA and SWAR integer
@@ -31,6 +36,7 @@ def bitmap_spmm_kernel(
     N,
     WORDS,
     NCHUNKS,
+    NVALUES,
     WORDS_PER_SPLIT: tl.constexpr,  # a multiple of CHUNK; a constexpr loop bound (also for the interpreter)
     HAS_SCALE: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -41,6 +47,7 @@ def bitmap_spmm_kernel(
     BLOCK_N: tl.constexpr,
     WPI: tl.constexpr,  # bitmap words per loop step (divides CHUNK): a (BLOCK_R, 32 WPI) tile
     HW_POPC: tl.constexpr,  # the popc instruction (CUDA) instead of SWAR arithmetic (interpreter)
+    SEGMENT: tl.constexpr,  # load each step's values as one contiguous run and expand them in registers
 ):
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -83,8 +90,18 @@ def bitmap_spmm_kernel(
             before = ((v * 0x01010101) >> 24).to(tl.int32)
         first = off[:, None] + tl.cumsum(count, axis=1) - count  # (BLOCK_R, WPI): each word's first value
         present = ((words[:, :, None] >> bitpos[None, None, :]) & 1) != 0
-        w = tl.load(values_ptr + first[:, :, None] + before, mask=present & rmask[:, None, None], other=0)
-        w = tl.reshape(w, [BLOCK_R, WPI * 32])
+        if SEGMENT:
+            # the step's values are the run values[off : off + its popcount]: load 32 WPI from
+            # off at once (no wait for the bitmap; reads past the run hit the next step's
+            # values, mostly cached), then place each at its column by its rank
+            at = off[:, None] + tl.arange(0, WPI * 32)[None, :]
+            run = tl.load(values_ptr + at, mask=rmask[:, None] & (at < NVALUES), other=0)
+            rank = tl.where(present, (first - off[:, None])[:, :, None] + before, 0)
+            w = tl.gather(run, tl.reshape(rank, [BLOCK_R, WPI * 32]), axis=1)
+            w = tl.where(tl.reshape(present, [BLOCK_R, WPI * 32]), w, 0)
+        else:
+            w = tl.load(values_ptr + first[:, :, None] + before, mask=present & rmask[:, None, None], other=0)
+            w = tl.reshape(w, [BLOCK_R, WPI * 32])
 
         cols = (k0 + i) * 32 + tl.arange(0, WPI * 32)
         xk = tl.load(

@@ -101,11 +101,13 @@ def resolve_config(
     wpi: int | None = None,
     num_warps: int | None = None,
     programs_per_sm: int | None = None,
+    segment: bool | None = None,
 ) -> dict:
     """The launch settings for ``batch`` activation rows: the path (tl.dot from
     DOT_MIN_BATCH on) and that path's defaults, with any given setting overriding them.
     ``programs_per_sm``: rows' columns are split between programs (split-K) until the
-    launch has about this many programs per SM (1: split only what cannot fill the GPU)."""
+    launch has about this many programs per SM (1: split only what cannot fill the GPU).
+    ``segment``: fetch each step's values as one contiguous run (see the kernel)."""
     tune = device_tuning()
     use_dot = batch >= tune["dot_min_batch"] if use_dot is None else use_dot
     config = tune["dot"] if use_dot else tune["vector"]
@@ -115,6 +117,7 @@ def resolve_config(
         "wpi": wpi or config["wpi"],
         "num_warps": num_warps or config["num_warps"],
         "programs_per_sm": programs_per_sm or config["programs_per_sm"],
+        "segment": config["segment"] if segment is None else segment,
     }
     if CHUNK_WORDS % resolved["wpi"]:
         raise ValueError(f"wpi must divide {CHUNK_WORDS}, got {resolved['wpi']}")
@@ -130,10 +133,11 @@ def launch(
     num_warps: int | None = None,
     use_dot: bool | None = None,
     programs_per_sm: int | None = None,
+    segment: bool | None = None,
 ) -> torch.Tensor:
     """y = x @ S^T for x (N, cols) -> (N, rows) in x's dtype (fp32 accumulation).
     ``splits``/``block_r``/``wpi``/``num_warps``/``use_dot`` (the tl.dot path instead of
-    the vector one)/``programs_per_sm`` override the launch settings (tests and tuning)."""
+    the vector one)/``programs_per_sm``/``segment`` override the launch settings (tests and tuning)."""
     N = x.shape[0]
     if N == 0 or p.rows == 0 or p.cols == 0:
         return torch.zeros(N, p.rows, dtype=x.dtype, device=x.device)
@@ -143,7 +147,7 @@ def launch(
     x = x.contiguous()
     kernel = _kernel()
 
-    config = resolve_config(N, use_dot, block_r, wpi, num_warps, programs_per_sm)
+    config = resolve_config(N, use_dot, block_r, wpi, num_warps, programs_per_sm, segment)
     use_dot, block_r, wpi, num_warps = config["use_dot"], config["block_r"], config["wpi"], config["num_warps"]
     block_n = min(64, max(16, 1 << (N - 1).bit_length())) if use_dot else 1 << (N - 1).bit_length()
     # fp16/bf16 activations with values of the same kind (or int8) use the tensor-core
@@ -184,6 +188,7 @@ def launch(
         N,
         words,
         nchunks,
+        p.values.numel(),
         WORDS_PER_SPLIT=words_per_split,
         HAS_SCALE=p.scales is not None,
         USE_DOT=use_dot,
@@ -194,6 +199,7 @@ def launch(
         BLOCK_N=block_n,
         WPI=wpi,
         HW_POPC=not interpret,
+        SEGMENT=config["segment"],
         **({} if interpret else {"num_warps": num_warps}),
     )
     return y.to(x.dtype)

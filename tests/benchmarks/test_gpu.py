@@ -29,14 +29,14 @@ def test_small_layer_run_on_cuda(tmp_path):
     ) in (0, None)
     rows = json.loads((tmp_path / "gpu_layer.json").read_text())["rows"]
     dsf = [r for r in rows if r["impl"].startswith("DSF")]
-    assert len(dsf) == 6 and all("error" not in r for r in dsf)
+    assert len(dsf) == 8 and all("error" not in r for r in dsf)
     assert all(r["rel_err"] < (2e-2 if "int8" in r["impl"] else 2e-3) for r in dsf)
 
 
 def test_suggested_tuning_entry_takes_each_paths_fastest_setting():
     from dsf_runtime.benchmarks.gpu import suggested_entry
 
-    def row(batch, path, us, block_r=64, pps=4):
+    def row(batch, path, us, block_r=64, pps=4, segment=False):
         return {
             "batch": batch,
             "path": path,
@@ -44,6 +44,7 @@ def test_suggested_tuning_entry_takes_each_paths_fastest_setting():
             "wpi": 2,
             "num_warps": 4,
             "programs_per_sm": pps,
+            "segment": segment,
             "us": us,
         }
 
@@ -53,7 +54,7 @@ def test_suggested_tuning_entry_takes_each_paths_fastest_setting():
         row(1, "vector", 45.0, block_r=32),
         {"batch": 1, "path": "vector", "block_r": 8, "wpi": 2, "num_warps": 4, "programs_per_sm": 4, "error": "x"},
         row(16, "dot", 60.0),
-        row(16, "dot", 58.0, block_r=128),
+        row(16, "dot", 58.0, block_r=128, segment=True),
         row(2, "vector", 40.0),
         row(2, "dot", 52.0),
         row(3, "vector", 60.0),
@@ -62,8 +63,8 @@ def test_suggested_tuning_entry_takes_each_paths_fastest_setting():
         row(4, "dot", 56.0),
     ]
     entry = suggested_entry(rows)
-    assert entry["vector"] == {"block_r": 16, "wpi": 2, "num_warps": 4, "programs_per_sm": 1}
-    assert entry["dot"]["block_r"] == 128
+    assert entry["vector"] == {"block_r": 16, "wpi": 2, "num_warps": 4, "programs_per_sm": 1, "segment": False}
+    assert entry["dot"]["block_r"] == 128 and entry["dot"]["segment"] is True
     assert entry["dot_min_batch"] == 3
     # the dot path never faster: it starts past the largest batch timed
     assert suggested_entry([row(2, "vector", 1.0), row(2, "dot", 2.0)])["dot_min_batch"] == 3

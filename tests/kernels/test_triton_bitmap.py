@@ -162,3 +162,22 @@ def test_programs_per_sm_only_sets_how_far_columns_split(programs_per_sm):
     """From no split (row blocks alone fill the device) to many splits, the result holds."""
     y, ref = _run((40, 1100), 0.5, 3, block_r=16, programs_per_sm=programs_per_sm)
     assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
+
+
+@pytest.mark.parametrize("use_dot", [False, True])
+@pytest.mark.parametrize("wpi", [1, 8])
+@pytest.mark.parametrize("density", [0.01, 0.5, 1.0])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_segment_fetch_matches_dense(use_dot, wpi, density, splits):
+    """Values fetched as one contiguous run per step and expanded in registers: the same
+    product, with empty and full words, runs that end at the last value, and split-K."""
+    y, ref = _run((40, 1100), density, 3, segment=True, use_dot=use_dot, wpi=wpi, splits=splits)
+    assert (y - ref).abs().max() <= 2e-5 * ref.abs().max().clamp_min(1.0)
+
+
+@pytest.mark.parametrize(
+    "value_dtype,x_dtype,tol", [(torch.int8, torch.float32, 1e-6), (torch.float16, torch.float16, 2e-3)]
+)
+def test_segment_fetch_with_scales_and_half_activations(value_dtype, x_dtype, tol):
+    y, ref = _run((45, 333), 0.4, 1, value_dtype, x_dtype, segment=True)
+    assert (y - ref).norm() <= tol * ref.norm()
