@@ -1,8 +1,9 @@
 """GPU benchmark (CUDA): one DSF layer and a decode stack on the GPU, and the converter.
 
 - layer: y = W x for LLaMA-7B and SmolLM2 shapes at batch 1/4/16: dense fp16 and bf16
-  (cuBLAS) vs DSF 50% on cuSPARSE CSR (``torch-csr``) and on the Triton bitmap kernel
-  (fp16 and int8 values). Timed with ``triton.testing.do_bench`` (CUDA events, the
+  (cuBLAS) vs DSF 50% on cuSPARSE CSR (``torch-csr``, and ``cupy-csr`` with a measured
+  call per shape), on the Triton bitmap kernel (fp16 values fetched per column or as
+  runs, and int8) and on the CUDA C++ bitmap kernel (``cupy-bitmap``). Timed with ``triton.testing.do_bench`` (CUDA events, the
   median; it flushes the L2 cache before every call, so weights come from HBM), next
   to the device's copy bandwidth measured in the same run.
 - decode: pp/tg tokens/s of batch-1 greedy decoding through the serving runner, with and
@@ -32,7 +33,7 @@ from dsf_runtime.benchmarks.layer import SHAPES
 from dsf_runtime.benchmarks.storage import random_dsf_pair
 from dsf_runtime.errors import ConfigError
 from dsf_runtime.formats import get_format
-from dsf_runtime.kernels import BACKENDS
+from dsf_runtime.kernels import BACKENDS, can_run
 
 
 def _error_text(exc: Exception) -> str:
@@ -125,7 +126,7 @@ def device_bandwidth(nbytes: int = 1 << 30, device: str = "cuda") -> float:
 
 def _prepared_bytes(obj) -> int:
     tensors = [v for v in vars(obj).values() if isinstance(v, torch.Tensor)]
-    if hasattr(obj, "matrix"):  # torch sparse CSR
+    if isinstance(getattr(obj, "matrix", None), torch.Tensor):  # torch sparse CSR (cupy-csr keeps its tensors beside)
         m = obj.matrix
         tensors = [m.crow_indices(), m.col_indices(), m.values()]
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -141,13 +142,22 @@ def layer_cases(out_f: int, in_f: int, sparsity: float, device: str = "cuda"):
         cases.append((name, lambda x, w=w: torch.nn.functional.linear(x.to(w.dtype), w), w.numel() * w.element_size()))
     del W
     L, R = random_dsf_pair(out_f, in_f, sparsity)
-    for name, backend_name, value_dtype in (
+    impls = [
         ("DSF triton-bitmap fp16", "triton-bitmap", torch.float16),
         ("DSF triton-bitmap int8", "triton-bitmap", torch.int8),
         ("DSF torch-csr (cuSPARSE) fp16", "torch-csr", torch.float16),
-    ):
+    ]
+    if device == "cuda":  # cupy's backends run CUDA tensors only (a row says why where cupy is missing)
+        impls += [
+            ("DSF cupy-bitmap fp16", "cupy-bitmap", torch.float16),
+            ("DSF cupy-csr (cuSPARSE) fp16", "cupy-csr", torch.float16),
+        ]
+    for name, backend_name, value_dtype in impls:
         backend = BACKENDS[backend_name]
         try:
+            ok, why = can_run(backend, "bitmap", device)
+            if not ok:
+                raise RuntimeError(f"{backend_name}: {why}")
             pl, pr = _prepare_pair(backend, L, R, value_dtype, device)
         except Exception as exc:  # reported in the table, the other cases still run
             cases.append((name, exc, 0))

@@ -42,7 +42,7 @@ fi
 
 step "pytest: CUDA tests"
 [ "${TESTS:-1}" = 0 ] && echo "skipped (TESTS=0)" | tee -a "$LOG" || TAIL=8 run "${PYTEST_LIMIT:-150}" "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 --no-header -rfE \
-  ${PYTEST_FILES:-tests/test_cuda.py tests/kernels/test_triton_bitmap.py tests/benchmarks/test_gpu.py tests/kernels/test_backends.py tests/test_linear.py tests/test_checkpoint.py}
+  ${PYTEST_FILES:-tests/test_cuda.py tests/kernels/test_triton_bitmap.py tests/kernels/test_cupy_backends.py tests/kernels/test_cupy_bitmap.py tests/benchmarks/test_gpu.py tests/kernels/test_backends.py tests/test_linear.py tests/test_checkpoint.py}
 
 for part in ${PARTS:-layer tune decode convert}; do
   step "dsf bench gpu: $part"

@@ -38,8 +38,12 @@ def test_compression_on_cuda_is_within_budget(cuda_compressed):
     assert all(r.rel_error < 0.2 and r.seconds > 0 for r in result.reports)
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton-bitmap", "torch-csr"])
+@pytest.mark.parametrize("backend", ["auto", "triton-bitmap", "torch-csr", "cupy-csr", "cupy-bitmap"])
 def test_cuda_backends_match_cpu_reference(cuda_compressed, backend):
+    from dsf_runtime.kernels import cupy_common
+
+    if backend.startswith("cupy") and cupy_common.unavailable_reason():
+        pytest.skip(cupy_common.unavailable_reason())
     path, _ = cuda_compressed
     ref_model, tokenizer = load_model(path, backend="dense-ref")
     ref = _logits(ref_model, tokenizer, "cpu")

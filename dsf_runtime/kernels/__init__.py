@@ -110,4 +110,11 @@ def backend_report(fmt: str, device: torch.device | str) -> list[tuple[str, int,
     return sorted(rows, key=lambda r: (not r[2], -r[1]))
 
 
-from dsf_runtime.kernels import cpu_bitmap, dense_ref, torch_sparse, triton_bitmap  # noqa: E402,F401  (registers the built-in backends)
+from dsf_runtime.kernels import (  # noqa: E402,F401  (registers the built-in backends)
+    cpu_bitmap,
+    cupy_bitmap,
+    cupy_csr,
+    dense_ref,
+    torch_sparse,
+    triton_bitmap,
+)
