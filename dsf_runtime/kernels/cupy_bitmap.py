@@ -98,17 +98,10 @@ def launch(p: Prepared, x: torch.Tensor) -> torch.Tensor:
 
 
 @register_backend
-class CupyBitmapBackend:
+class CupyBitmapBackend(cupy_common.CupyBackend):
     name = "cupy-bitmap"
     formats = ("bitmap",)
-    devices = ("cuda",)
     priority = 15  # below triton-bitmap until a GPU's measurement says otherwise (dsf bench gpu)
-
-    def available(self) -> bool:
-        return cupy_common.unavailable_reason() is None
-
-    def unavailable_reason(self) -> str | None:
-        return cupy_common.unavailable_reason()
 
     def accepts(self, tensors: dict[str, torch.Tensor]) -> bool:
         return tensors["values"].dtype in VALUE_TYPES

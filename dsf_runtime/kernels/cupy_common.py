@@ -71,3 +71,15 @@ def on_torch_stream() -> Iterator[None]:
 
     with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
         yield
+
+
+class CupyBackend:
+    """What a cupy backend answers the registry about where it runs."""
+
+    devices = ("cuda",)
+
+    def available(self) -> bool:
+        return unavailable_reason() is None
+
+    def unavailable_reason(self) -> str | None:
+        return unavailable_reason()

@@ -55,17 +55,10 @@ def _y_spmm(p: Prepared, x: torch.Tensor) -> torch.Tensor:
 
 
 @register_backend
-class CupyCSRBackend:
+class CupyCSRBackend(cupy_common.CupyBackend):
     name = "cupy-csr"
     formats = ("csr", "bitmap")
-    devices = ("cuda",)
     priority = 5  # below triton-bitmap and torch-csr until measured faster: asked for by name
-
-    def available(self) -> bool:
-        return cupy_common.unavailable_reason() is None
-
-    def unavailable_reason(self) -> str | None:
-        return cupy_common.unavailable_reason()
 
     def prepare(
         self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
