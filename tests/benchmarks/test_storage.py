@@ -31,7 +31,7 @@ def test_storage_bench_with_load_measurement(tiny_model_dir, tmp_path, monkeypat
 
     monkeypatch.setattr(storage, "LLAMA7B_LAYER", {"q_proj": (64, 64), "down_proj": (32, 96)})
     ckpt, _ = run_compress(make_job(str(tiny_model_dir), tmp_path / "ck", nsamples=4, seqlen=32, progress=False))
-    payload = storage.run_storage_bench(str(ckpt), str(tiny_model_dir), str(tmp_path / "res"), load_repeats=2)
+    payload = storage.run_storage_bench(str(ckpt), str(tiny_model_dir), str(tmp_path / "res"), load_repeats=1)
     data = json.loads((tmp_path / "res" / "storage.json").read_text())
     assert {r["format"] for r in data["bytes"]} == {"bitmap", "bsr", "csr", "bitmap+int8", "csr+int8"}
     by = {(r["subject"], r["format"]): r["vs_bf16"] for r in data["bytes"]}
@@ -40,7 +40,7 @@ def test_storage_bench_with_load_measurement(tiny_model_dir, tmp_path, monkeypat
     assert [r["model"] for r in data["load"]] == ["dense", "DSF"]
     for row in data["load"]:
         assert row["first_token_seconds"] >= row["load_seconds"] > 0
-        assert len(row["runs"]) == 2
+        assert len(row["runs"]) == 1
     from dsf_runtime.kernels import BACKENDS
 
     assert ("cpu-bitmap" if BACKENDS["cpu-bitmap"].available() else "torch-csr") in data["load"][1]["backend"]
