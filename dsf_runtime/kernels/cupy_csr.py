@@ -5,7 +5,8 @@ algorithm itself (and is 20-30x slower than dense at batch 4-16 on an H200). Her
 factor is CSR on the GPU (torch tensors, handed to cupy without copies through DLPack),
 and y = S x^T runs as one SpMV at batch 1, and above it as whichever of one SpMM or one
 SpMV per batch row a measured plan (kernels/plan_cache.py) found faster for that shape
-and batch. cuSPARSE takes fp16 and fp32: bf16 factors are computed in fp32."""
+and batch. Values stay fp16 where cupy's sparse matrices and cuSPARSE take them (checked
+at load), else they are computed in fp32, as bf16 factors always are."""
 
 from __future__ import annotations
 
@@ -63,18 +64,26 @@ class CupyCSRBackend(cupy_common.CupyBackend):
     def prepare(
         self, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
     ) -> Prepared:
+        crow, col, values = get_format(fmt).to_csr(tensors, shape)
+        crow, col = crow.to(torch.int32).contiguous(), col.to(torch.int32).contiguous()
+        p = Prepared(crow, col, values.to(compute_dtype(dtype)).contiguous(), *shape)
+        try:
+            return self._wrap(p, probe=p.values.dtype == torch.float16)
+        except (TypeError, ValueError, RuntimeError):  # a cupy or cuSPARSE without fp16 sparse support
+            p.values = p.values.float()
+            return self._wrap(p, probe=False)
+
+    @staticmethod
+    def _wrap(p: Prepared, probe: bool) -> Prepared:
+        """Give ``p`` its cupy matrix over the same memory; ``probe`` runs one SpMV so that an
+        unsupported dtype fails here, at load, rather than at the first token."""
         import cupyx.scipy.sparse as cusp
 
-        crow, col, values = get_format(fmt).to_csr(tensors, shape)
-        p = Prepared(
-            crow.to(torch.int32).contiguous(),
-            col.to(torch.int32).contiguous(),
-            values.to(compute_dtype(dtype)).contiguous(),
-            *shape,
-        )
         with cupy_common.on_torch_stream():
             parts = (cupy_common.to_cupy(p.values), cupy_common.to_cupy(p.col), cupy_common.to_cupy(p.crow))
-            p.matrix = cusp.csr_matrix(parts, shape=shape, copy=False)
+            p.matrix = cusp.csr_matrix(parts, shape=(p.rows, p.cols), copy=False)
+            if probe:
+                _y_spmv(p, torch.zeros(1, p.cols, dtype=p.values.dtype, device=p.values.device))
         return p
 
     def matmul(self, prepared: Prepared, x: torch.Tensor) -> torch.Tensor:
