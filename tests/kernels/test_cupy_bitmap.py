@@ -104,7 +104,7 @@ def test_source_compiles_with_nvrtc_for_every_instantiation():
     options = [o.encode() for o in cupy_bitmap.COMPILE_OPTIONS] + [b"--gpu-architecture=compute_80"]
     (result,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
     _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = b" " * size
+    log = bytearray(size)  # written in place: never an (interned, immutable) bytes object
     nvrtc.nvrtcGetProgramLog(prog, log)
     assert result == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
     assert all(nvrtc.nvrtcGetLoweredName(prog, n)[1] for n in names)
