@@ -183,7 +183,17 @@ def run_layer(
     progress: bool = True,
     device: str = "cuda",
 ) -> list[dict]:
-    rows = []
+    rows: list[dict] = []
+    try:
+        _layer_rows(rows, shapes, batches, sparsity, bandwidth, progress, device)
+    except KeyboardInterrupt:  # the step's time limit (SIGINT): keep the rows timed so far
+        print(f"layer part interrupted after {len(rows)} rows; writing those", flush=True)
+    return rows
+
+
+def _layer_rows(
+    rows: list, shapes: dict, batches: tuple, sparsity: float, bandwidth: float, progress: bool, device: str
+) -> None:
     no_graph: set[str] = set()
     with torch.inference_mode():
         for label, (out_f, in_f) in shapes.items():
@@ -235,7 +245,6 @@ def run_layer(
                     )
             del cases, product
             _free_cuda()
-    return rows
 
 
 def run_tune(
@@ -245,24 +254,33 @@ def run_tune(
     block rows x words per step x warps x programs per SM (how far split-K goes), for the
     vector path (batch 1) and the dot path (batch 16); then both paths at batches 2-8, which
     sets DOT_MIN_BATCH. A dry run launches the first setting of each list only."""
-    from dsf_runtime.kernels.triton_bitmap import DOT_MIN_BATCH
-
     pairs = random_dsf_pair(out_f, in_f, sparsity)
     pl, pr = _prepare_pair(BACKENDS["triton-bitmap"], *pairs, torch.float16, device)
     rows = []
-    plans = {  # (block rows, words per step, warps, programs per SM, run fetch)
-        1: [(b, w, 4, 4, False) for b in (16, 32, 64) for w in (1, 2, 4, 8)]
-        + [(32, 2, 2, 4, False), (32, 2, 8, 4, False), (64, 4, 8, 4, False)]
+    # (block rows, words per step, warps, programs per SM, run fetch): the tuned settings first,
+    # then how far split-K goes, then the run fetch (tuning.json's how_measured has the
+    # block-rows x words grid of the per-column fetch)
+    plans = {
+        1: [(64, 2, 4, 4, False), (32, 2, 4, 4, False)]
         + [(b, w, 4, p, False) for b, w in ((16, 8), (32, 4), (64, 2)) for p in (1, 2, 8)]
         + [(b, w, n, p, True) for b, w in ((16, 8), (32, 4), (64, 2), (32, 8)) for n in (4, 8) for p in (1, 4)],
-        16: [(b, w, 4, 4, False) for b in (16, 32, 64, 128) for w in (1, 2, 4)]
-        + [(64, 1, 8, 4, False), (64, 2, 8, 4, False), (128, 1, 8, 4, False)]
+        16: [(64, 2, 4, 4, False), (64, 1, 4, 4, False)]
         + [(b, w, 4, p, False) for b, w in ((32, 2), (64, 2)) for p in (1, 2, 8)]
         + [(b, w, 4, p, True) for b, w in ((32, 2), (64, 2), (64, 4)) for p in (1, 4)],
     }
     crossover = (2, 3, 4, 6, 8)
     if dry_run:
         plans, crossover = {batch: configs[:1] for batch, configs in plans.items()}, crossover[:1]
+    try:
+        _tune_rows(rows, pl, pr, plans, crossover, in_f, f"{out_f}x{in_f}", device)
+    except KeyboardInterrupt:  # the step's time limit (SIGINT): keep the rows timed so far
+        print(f"tuning interrupted after {len(rows)} settings; writing those", flush=True)
+    return rows
+
+
+def _tune_rows(rows: list, pl, pr, plans: dict, crossover: tuple, in_f: int, shape: str, device: str) -> None:
+    from dsf_runtime.kernels.triton_bitmap import DOT_MIN_BATCH
+
     with torch.inference_mode():
         for batch, configs in plans.items():
             x = torch.randn(batch, in_f, device=device, dtype=torch.float16)
@@ -275,13 +293,12 @@ def run_tune(
                     segment=segment,
                     use_dot=batch >= DOT_MIN_BATCH,
                 )
-                rows.append(_tune_row(pl, pr, x, kw, f"{out_f}x{in_f}"))
+                rows.append(_tune_row(pl, pr, x, kw, shape))
         # where the tl.dot path (tiles padded to 16 batch rows) overtakes the vector path
         for batch in crossover:
             x = torch.randn(batch, in_f, device=device, dtype=torch.float16)
             for path_dot in (False, True):
-                rows.append(_tune_row(pl, pr, x, dict(use_dot=path_dot), f"{out_f}x{in_f}"))
-    return rows
+                rows.append(_tune_row(pl, pr, x, dict(use_dot=path_dot), shape))
 
 
 def suggested_entry(rows: list[dict]) -> dict:

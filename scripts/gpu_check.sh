@@ -48,7 +48,7 @@ for part in ${PARTS:-layer tune decode convert}; do
   step "dsf bench gpu: $part"
   case $part in
     layer) TAIL=60 run "${LAYER_LIMIT:-180}" "$PY" -m dsf_runtime.cli bench gpu "${DRY[@]}" --parts layer --out "$OUT/gpu" ;;
-    tune) TAIL=4 run "${TUNE_LIMIT:-120}" "$PY" -m dsf_runtime.cli bench gpu "${DRY[@]}" --parts tune --out "$OUT/gpu" ;;
+    tune) TAIL=4 run "${TUNE_LIMIT:-180}" "$PY" -m dsf_runtime.cli bench gpu "${DRY[@]}" --parts tune --out "$OUT/gpu" ;;
     decode) run "${DECODE_LIMIT:-180}" "$PY" -m dsf_runtime.cli bench gpu "${DRY[@]}" --parts decode --stack-layers "${STACK_LAYERS:-2}" --out "$OUT/gpu" ;;
     convert) run "${CONVERT_LIMIT:-90}" "$PY" -m dsf_runtime.cli bench gpu "${DRY[@]}" --parts convert --convert-layers "${CONVERT_LAYERS:-2}" --out "$OUT/gpu" ;;
   esac
