@@ -68,3 +68,20 @@ def test_suggested_tuning_entry_takes_each_paths_fastest_setting():
     assert entry["dot_min_batch"] == 3
     # the dot path never faster: it starts past the largest batch timed
     assert suggested_entry([row(2, "vector", 1.0), row(2, "dot", 2.0)])["dot_min_batch"] == 3
+
+
+def test_a_time_limit_keeps_the_settings_timed_so_far(monkeypatch):
+    """gpu_check.sh stops a part with SIGINT at its time limit: the rows timed before it are kept."""
+    from dsf_runtime.benchmarks import gpu
+
+    calls = []
+
+    def tune_row(pl, pr, x, kw, shape):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(kw)
+        return {"batch": x.shape[0], "us": 1.0}
+
+    monkeypatch.setattr(gpu, "_tune_row", tune_row)
+    rows = gpu.run_tune(96, 160, device="cpu")
+    assert rows == [{"batch": 1, "us": 1.0}] * 2
