@@ -29,19 +29,25 @@ def _cache_kwarg(model: nn.Module) -> str:
 
 
 @torch.inference_mode()
-def decode_once(model: nn.Module, ids: torch.Tensor, gen_tokens: int) -> tuple[float, float]:
+def decode_once(
+    model: nn.Module, ids: torch.Tensor, gen_tokens: int, runner=None, sync=lambda: None
+) -> tuple[float, float]:
     """Seconds to process the prompt ``ids`` [1, prompt], then to generate ``gen_tokens``
     greedily, one token per step, through the runner and KV cache that `dsf generate`
-    and `dsf serve` decode with (dsf_runtime.runner)."""
+    and `dsf serve` decode with (dsf_runtime.runner): a new one, or ``runner`` (slot 0
+    is overwritten). ``sync`` waits for the device before each clock reading (CUDA)."""
     from dsf_runtime.runner import ModelRunner
 
     prompt = ids[0].tolist()
-    runner = ModelRunner(model, slots=1, max_len=len(prompt) + gen_tokens)
+    runner = runner or ModelRunner(model, slots=1, max_len=len(prompt) + gen_tokens)
+    sync()
     t0 = time.perf_counter()
     logits = runner.prefill(0, prompt)
+    sync()
     t1 = time.perf_counter()
     for i in range(gen_tokens):
         logits = runner.decode([int(logits.argmax(-1).reshape(-1)[0])], [len(prompt) + i])
+    sync()
     return t1 - t0, time.perf_counter() - t1
 
 

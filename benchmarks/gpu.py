@@ -367,25 +367,17 @@ def runner_decode(model, prompt_tokens: int, gen_tokens: int, repeats: int, grap
     by one; the first run warms up (Triton compiles, graphs are recorded)."""
     import statistics
 
-    from dsf_runtime.benchmarks.decode import bench_prompt
+    from dsf_runtime.benchmarks.decode import bench_prompt, decode_once
     from dsf_runtime.runner import ModelRunner
 
-    ids = bench_prompt(model.config.vocab_size, prompt_tokens)[0].tolist()
+    ids = bench_prompt(model.config.vocab_size, prompt_tokens)
     runner = ModelRunner(model, slots=1, max_len=prompt_tokens + gen_tokens, cuda_graphs=graphs)
     pps, tgs = [], []
     for r in range(repeats + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        logits = runner.prefill(0, ids)
-        _sync(device)
-        t1 = time.perf_counter()
-        for i in range(gen_tokens):
-            logits = runner.decode([int(logits.argmax(-1).reshape(-1)[0])], [prompt_tokens + i])
-        _sync(device)
-        t2 = time.perf_counter()
+        pp_s, tg_s = decode_once(model, ids, gen_tokens, runner, sync=lambda: _sync(device))
         if r:
-            pps.append(prompt_tokens / (t1 - t0))
-            tgs.append(gen_tokens / (t2 - t1))
+            pps.append(prompt_tokens / pp_s)
+            tgs.append(gen_tokens / tg_s)
     row = {"pp_tok_s": statistics.median(pps), "tg_tok_s": statistics.median(tgs), "graphs": graphs}
     if graphs and runner.graphs is not None and runner.graphs.failed:
         row["error"] = f"graphs not recorded, eager steps: {runner.graphs.failed}"

@@ -94,9 +94,11 @@ class LocalExecutor:
     def results(self) -> Iterator[MatrixResult]:
         while self._queue:
             method, task, H = self._queue.pop(0)
+            if not self._threads:
+                yield factorize_matrix(method, task, H)
+                continue
             threads = torch.get_num_threads()
-            if self._threads:
-                torch.set_num_threads(self._threads)
+            torch.set_num_threads(self._threads)
             try:
                 result = factorize_matrix(method, task, H)
             finally:

@@ -54,7 +54,6 @@ class GraphedDecode:
         self.step = step
         self.slots = slots
         self.max_len = max_len
-        self.device = device
         self.record = record
         self.tok = torch.zeros(slots, dtype=torch.long, device=device)  # static inputs
         self.pos = torch.zeros(slots, dtype=torch.long, device=device)

@@ -87,10 +87,10 @@ def launch(p: Prepared, x: torch.Tensor) -> torch.Tensor:
     blocks, threads = grid(p.rows, N)
     fn = _module().get_function(kernel_name(p.values.dtype, xk.dtype, batch_tile(N)))
     c = cupy_common.to_cupy
-    scales = c(p.scales) if p.scales is not None else None
+    scales = c(p.scales) if p.scales is not None else np.uint64(0)  # a null pointer without scales
     with cupy_common.on_torch_stream():
         args = (
-            c(p.bitmap), c(p.row_offsets), c(p.values), scales if scales is not None else np.uint64(0), c(xk), c(y),
+            c(p.bitmap), c(p.row_offsets), c(p.values), scales, c(xk), c(y),
             np.int64(p.values.numel()), np.int32(p.rows), np.int32(p.cols), np.int32(p.bitmap.shape[1]), np.int32(N),
         )  # fmt: skip
         fn(blocks, threads, args)
