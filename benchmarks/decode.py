@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dsf_runtime.checkpoint import backend_summary
+from dsf_runtime.kernels import dense_cpu
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -189,7 +190,10 @@ def run_decode_bench(
         """Time the variants of one model in turns and add their rows."""
         results = time_decodes(list(variants.values()), prompt_tokens, gen_tokens)
         for (variant, model), res in zip(variants.items(), results):
-            rows.append({"model": subject, "variant": variant, "backend": backend_summary(model), **res})
+            output = dense_cpu.output_form(model.lm_head)
+            rows.append(
+                {"model": subject, "variant": variant, "backend": backend_summary(model), "output_layer": output, **res}
+            )
             print(f"{subject} {variant}: pp {res['pp_tok_s']:.1f} tok/s, tg {res['tg_tok_s']:.2f} tok/s", flush=True)
 
     if checkpoint:
@@ -242,6 +246,7 @@ def run_decode_bench(
             ("model", "model", ""),
             ("variant", "variant", ""),
             ("backend", "backend", ""),
+            ("output_layer", "output layer", ""),
             ("pp_tok_s", f"pp{prompt_tokens} tok/s", ".1f"),
             ("tg_tok_s", f"tg{gen_tokens} tok/s", ".2f"),
             ("tg_vs_fp32", "tg x fp32", ".2f"),

@@ -81,6 +81,14 @@ SETTINGS: dict[str, Setting] = {
             default="on",
             choices=("on", "off"),
         ),
+        Setting(
+            "DSF_OUTPUT_PACKING",
+            "choice",
+            "the fp32 output layer on CPU read as int8 x block scale or bf16 where that form holds every weight "
+            "exactly (off: read it in fp32)",
+            default="exact",
+            choices=("exact", "off"),
+        ),
         Setting("DSF_API_KEY", "secret", "the API key `dsf serve` requires when --api-key is not given"),
     )
 }

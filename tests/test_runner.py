@@ -98,3 +98,30 @@ def test_dsf_blocks_run_as_one_op_each_and_match_transformers(one_matrix):
         runner = ModelRunner(other, slots=1)
         assert (runner.mlp_blocks[0].__name__, runner.attn_inputs[0].__name__) == ("modules", "modules")
         assert runner.decode_layers == [None] * len(runner.layers)
+
+
+@pytest.mark.parametrize("grid", ["q8", "bf16"])
+def test_output_layer_read_in_a_narrow_form_gives_the_same_logits(grid, monkeypatch):
+    """An output layer whose weights are Q8_0-dequantized (the embedded model's) or bf16
+    numbers is read packed, and the logits equal the fp32 read's bit for bit."""
+    from dsf_runtime.kernels import cpu_bitmap
+
+    if not cpu_bitmap.build():
+        pytest.skip("CPU kernel could not be built here")
+    model = make_tiny_llama(300, hidden_size=64)
+    w = model.lm_head.weight.data
+    if grid == "q8":
+        blocks = w.view(w.shape[0], -1, 32)
+        scale = (blocks.abs().amax(2, keepdim=True) / 127).half().float()
+        w.copy_(((blocks / scale).round().clamp(-127, 127) * scale).view_as(w))
+    else:
+        w.copy_(w.bfloat16().float())
+    packed = ModelRunner(model, slots=2, max_len=32)
+    monkeypatch.setenv("DSF_OUTPUT_PACKING", "off")
+    plain = ModelRunner(model, slots=2, max_len=32)
+    assert (packed.lm_head.form, plain.lm_head.form) == ({"q8": "int8 x scale/32", "bf16": "bf16"}[grid], "fp32")
+    for runner in (packed, plain):
+        runner.prefill(0, list(range(3, 12)))
+        runner.prefill(1, [4, 5])
+    assert torch.equal(packed.decode([7, 8], [9, 2]), plain.decode([7, 8], [9, 2]))
+    torch.testing.assert_close(packed.prefill(0, [3, 4, 5]), _reference(model, [3, 4, 5]), rtol=1e-4, atol=1e-4)

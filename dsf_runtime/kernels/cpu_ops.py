@@ -159,7 +159,7 @@ def _register_fakes(namespace: str) -> None:
         return torch.empty_like(x)  # (n, 1, hidden)
 
     @torch.library.register_fake(f"{namespace}::dense_linear")
-    def _dense_fake(x, weight):  # (n, k) -> (n, rows)
+    def _dense_fake(x, weight, scales=None):  # (n, k) -> (n, rows)
         return x.new_empty(x.shape[0], weight.shape[0])
 
     _FAKES.add(namespace)

@@ -389,47 +389,151 @@ DSF_AVX2 void tile_cols_avx2_t(int nb, const int32_t* offsets, const uint16_t* c
   }
 }
 
+// 8 weights of one dense row from column c as exact fp32: fp32 as stored, bf16 shifted
+// into the high half, int8 times its 32-column block's scale (the packer keeps a weight
+// in int8 only where that product gives back its fp32 value bit for bit, so every kind
+// runs the same FMAs as the fp32 weight). MASKED: the last k % 8 columns (fp32, bf16;
+// int8 rows are whole blocks), the rest read as zero.
+template <int WK, bool MASKED>
+DSF_AVX2 inline __m256 dense_w8(const void* row, const float* row_scales, int64_t k, int64_t c, __m256i tail) {
+  if (WK == kDenseF32) {
+    const float* p = static_cast<const float*>(row) + c;
+    return MASKED ? _mm256_maskload_ps(p, tail) : _mm256_loadu_ps(p);
+  }
+  if (WK == kDenseBf16) {
+    const uint16_t* p = static_cast<const uint16_t*>(row) + c;
+    uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (MASKED) std::memcpy(buf, p, size_t(k - c) * sizeof(uint16_t));
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(MASKED ? buf : p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(row) + c));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_broadcast_ss(row_scales + c / kDenseQ8Block));
+}
+
 // One step of 8 columns (from c; MASKED: the last k % 8, lanes in ``tail``) of R dense
-// rows at ``wr`` (row stride k) against NB batch rows of x: NB x vectors and one W vector
-// at a time in registers, R * NB FMAs.
-template <int R, int NB, bool MASKED>
-DSF_AVX2 inline void dense_step(const float* wr, int64_t k, const float* x, int64_t ldx, int64_t c, __m256i tail,
-                                __m256 (&acc)[R][NB]) {
+// rows against NB batch rows of x: NB x vectors and one W vector at a time in
+// registers, R * NB FMAs.
+template <int WK, int R, int NB, bool MASKED>
+DSF_AVX2 inline void dense_step(const void* const (&rows)[R], const float* const (&scales)[R], int64_t k,
+                                const float* x, int64_t ldx, int64_t c, __m256i tail, __m256 (&acc)[R][NB]) {
   __m256 xv[NB];
   for (int b = 0; b < NB; ++b)
     xv[b] = MASKED ? _mm256_maskload_ps(x + b * ldx + c, tail) : _mm256_loadu_ps(x + b * ldx + c);
   for (int i = 0; i < R; ++i) {
-    const __m256 wv = MASKED ? _mm256_maskload_ps(wr + i * k + c, tail) : _mm256_loadu_ps(wr + i * k + c);
+    const __m256 wv = dense_w8<WK, MASKED>(rows[i], scales[i], k, c, tail);
     for (int b = 0; b < NB; ++b) acc[i][b] = _mm256_fmadd_ps(wv, xv[b], acc[i][b]);
   }
 }
 
-// R dense rows from ``r`` of W (fp32, [n][k]) against NB batch rows of x into y.
-template <int R, int NB>
-DSF_AVX2 inline void dense_row_group(const float* w, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
-                                     int64_t r, __m256i tail) {
+// R dense rows from ``r`` of W ([n][k] of kind WK; int8: ``scales`` [n][k / 32]) against
+// NB batch rows of x into y.
+template <int WK, int R, int NB>
+DSF_AVX2 inline void dense_row_group(const DenseWeight& w, int64_t k, const float* x, int64_t ldx, float* y,
+                                     int64_t ldy, int64_t r, __m256i tail) {
   const int64_t k8 = k & ~int64_t(7);
   __m256 acc[R][NB];
   for (int i = 0; i < R; ++i)
     for (int b = 0; b < NB; ++b) acc[i][b] = _mm256_setzero_ps();
-  const float* wr = w + r * k;
-  for (int64_t c = 0; c < k8; c += 8) dense_step<R, NB, false>(wr, k, x, ldx, c, tail, acc);
-  if (k8 < k) dense_step<R, NB, true>(wr, k, x, ldx, k8, tail, acc);
+  const void* rows[R];
+  const float* scales[R];
+  for (int i = 0; i < R; ++i) {
+    rows[i] = static_cast<const char*>(w.data) + (r + i) * k * dense_bytes(WK);
+    scales[i] = w.scales ? w.scales + (r + i) * (k / kDenseQ8Block) : nullptr;
+  }
+  // The next R rows follow these in memory: each step prefetches the part of them a
+  // step of the whole group advances over (R * 8 weights), so that their lines are on
+  // the way when this group ends (a narrow W is compute-light enough to outrun the
+  // hardware prefetcher otherwise).
+  const char* next = static_cast<const char*>(w.data) + (r + R) * k * dense_bytes(WK);
+  for (int64_t c = 0; c < k8; c += 8) {
+    if (WK != kDenseF32) _mm_prefetch(next + R * c * dense_bytes(WK), _MM_HINT_T0);
+    dense_step<WK, R, NB, false>(rows, scales, k, x, ldx, c, tail, acc);
+  }
+  if (k8 < k) dense_step<WK, R, NB, true>(rows, scales, k, x, ldx, k8, tail, acc);
   for (int i = 0; i < R; ++i)
     for (int b = 0; b < NB; ++b) y[b * ldy + r + i] = hsum256(acc[i][b]);
 }
 
 // Dense rows [r0, r1) of W against NB <= 3 batch rows of x, four rows at a time (12
 // accumulators, 3 x and 1 W register of the 16), then the last 0-3 rows one at a time.
-template <int NB>
-DSF_AVX2 void dense_rows_avx2(const float* w, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
+template <int WK, int NB>
+DSF_AVX2 void dense_rows_avx2(const DenseWeight& w, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
                               int64_t r0, int64_t r1) {
   alignas(32) int32_t lanes[8];
   for (int j = 0; j < 8; ++j) lanes[j] = j < k % 8 ? -1 : 0;
   const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
   int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) dense_row_group<4, NB>(w, k, x, ldx, y, ldy, r, tail);
-  for (; r < r1; ++r) dense_row_group<1, NB>(w, k, x, ldx, y, ldy, r, tail);
+  for (; r + 4 <= r1; r += 4) dense_row_group<WK, 4, NB>(w, k, x, ldx, y, ldy, r, tail);
+  for (; r < r1; ++r) dense_row_group<WK, 1, NB>(w, k, x, ldx, y, ldy, r, tail);
+}
+
+// Rows [r0, r1) of a narrow W widened to their exact fp32 values into ``out`` [r1 - r0][k].
+template <int WK>
+DSF_AVX2 void dense_widen_rows(const DenseWeight& w, int64_t k, int64_t r0, int64_t r1, float* out, __m256i tail) {
+  const int64_t k8 = k & ~int64_t(7);
+  for (int64_t r = r0; r < r1; ++r) {
+    const void* row = static_cast<const char*>(w.data) + r * k * dense_bytes(WK);
+    const float* row_scales = w.scales ? w.scales + r * (k / kDenseQ8Block) : nullptr;
+    float* o = out + (r - r0) * k;
+    const char* next = static_cast<const char*>(row) + 4 * k * dense_bytes(WK);  // 4 rows on (see dense_row_group)
+    for (int64_t c = 0; c < k8; c += 8) {
+      _mm_prefetch(next + c * dense_bytes(WK), _MM_HINT_T0);
+      _mm256_storeu_ps(o + c, dense_w8<WK, false>(row, row_scales, k, c, tail));
+    }
+    if (k8 < k) _mm256_maskstore_ps(o + k8, tail, dense_w8<WK, true>(row, row_scales, k, k8, tail));
+  }
+}
+
+// Batches up to this run a narrow W straight from its packed rows, in tiles of at most 2
+// batch rows (4 x 2 accumulators leave registers for widening); larger ones widen each
+// block of rows once into an fp32 scratch in L2 and run the fp32 tiles over it, so the
+// widening is not repeated per batch tile. Both give the fp32 weight's y exactly.
+constexpr int64_t kNarrowDirectMaxBatch = 2;
+
+// Dense path for one weight kind: rows in blocks sized so that a block of W (as fp32)
+// stays in L2 while the batch runs over it in tiles of 3, 2 or 1 rows of x (a tile of 3
+// fills the 16 registers), blocks handed to OpenMP threads as they come free.
+template <int WK>
+DSF_AVX2 void dense_avx2_t(const DenseWeight& w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y,
+                           int64_t ldy, int64_t batch) {
+  const bool direct = WK == kDenseF32 || batch <= kNarrowDirectMaxBatch;
+  const int64_t row_bytes = std::max<int64_t>(1, (direct ? dense_bytes(WK) : 4) * k);
+  const int64_t block = std::max<int64_t>(4, std::min<int64_t>(64, (int64_t(128) << 10) / row_bytes) & ~int64_t(3));
+  alignas(32) int32_t lanes[8];
+  for (int j = 0; j < 8; ++j) lanes[j] = j < k % 8 ? -1 : 0;
+  const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+#pragma omp parallel
+  {
+    std::vector<float> scratch(direct ? 0 : size_t(block * k));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < (n + block - 1) / block; ++blk) {
+      const int64_t r0 = blk * block, r1 = std::min(n, r0 + block);
+      if (direct) {
+        for (int64_t b0 = 0; b0 < batch;) {
+          const int64_t nb = std::min<int64_t>(WK == kDenseF32 ? 3 : 2, batch - b0);
+          const float* xb = x + b0 * ldx;
+          float* yb = y + b0 * ldy;
+          if (nb == 3) dense_rows_avx2<WK, 3>(w, k, xb, ldx, yb, ldy, r0, r1);
+          else if (nb == 2) dense_rows_avx2<WK, 2>(w, k, xb, ldx, yb, ldy, r0, r1);
+          else dense_rows_avx2<WK, 1>(w, k, xb, ldx, yb, ldy, r0, r1);
+          b0 += nb;
+        }
+        continue;
+      }
+      dense_widen_rows<WK>(w, k, r0, r1, scratch.data(), tail);
+      const DenseWeight wide{scratch.data(), nullptr, kDenseF32};
+      for (int64_t b0 = 0; b0 < batch;) {
+        const int64_t nb = std::min<int64_t>(3, batch - b0);
+        const float* xb = x + b0 * ldx;
+        float* yb = y + b0 * ldy + r0;
+        if (nb == 3) dense_rows_avx2<kDenseF32, 3>(wide, k, xb, ldx, yb, ldy, 0, r1 - r0);
+        else if (nb == 2) dense_rows_avx2<kDenseF32, 2>(wide, k, xb, ldx, yb, ldy, 0, r1 - r0);
+        else dense_rows_avx2<kDenseF32, 1>(wide, k, xb, ldx, yb, ldy, 0, r1 - r0);
+        b0 += nb;
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -488,25 +592,12 @@ void cols_avx2(const Factor& f, const float* x, int64_t ldx, float* y, int64_t l
   });
 }
 
-// Dense path: rows in blocks sized so that a block of W stays in L2 while the batch runs
-// over it in tiles of 3, 2 or 1 rows of x (a tile of 3 fills the 16 registers), blocks
-// handed to OpenMP threads as they come free.
-void dense_avx2(const float* w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
+// Dense path, any weight kind (see DenseWeight).
+void dense_avx2(const DenseWeight& w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
                 int64_t batch) {
-  const int64_t block = std::max<int64_t>(4, std::min<int64_t>(64, (int64_t(128) << 10) / std::max<int64_t>(1, 4 * k)) & ~int64_t(3));
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t blk = 0; blk < (n + block - 1) / block; ++blk) {
-    const int64_t r0 = blk * block, r1 = std::min(n, r0 + block);
-    for (int64_t b0 = 0; b0 < batch;) {
-      const int64_t nb = std::min<int64_t>(3, batch - b0);
-      const float* xb = x + b0 * ldx;
-      float* yb = y + b0 * ldy;
-      if (nb == 3) dense_rows_avx2<3>(w, k, xb, ldx, yb, ldy, r0, r1);
-      else if (nb == 2) dense_rows_avx2<2>(w, k, xb, ldx, yb, ldy, r0, r1);
-      else dense_rows_avx2<1>(w, k, xb, ldx, yb, ldy, r0, r1);
-      b0 += nb;
-    }
-  }
+  if (w.kind == kDenseQ8) dense_avx2_t<kDenseQ8>(w, n, k, x, ldx, y, ldy, batch);
+  else if (w.kind == kDenseBf16) dense_avx2_t<kDenseBf16>(w, n, k, x, ldx, y, ldy, batch);
+  else dense_avx2_t<kDenseF32>(w, n, k, x, ldx, y, ldy, batch);
 }
 
 }  // namespace dsf

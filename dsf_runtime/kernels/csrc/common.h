@@ -54,9 +54,22 @@ using SpmmFn = void (*)(const Factor& f, const float* x, int64_t ldx, float* y, 
 // The same from bf16 x (a model run in bf16), 32 * words columns, zero padded.
 using DotFn = void (*)(const Factor& f, const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t batch);
 
-// Dense y [batch][ldy] = x [batch][ldx] W^T for fp32 W [n][k] row-major (nn.Linear's layout).
-using DenseFn = void (*)(const float* w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
-                         int64_t batch);
+// A dense weight W [n][k] row-major (nn.Linear's layout) as stored: fp32, bf16, or int8
+// with one fp32 scale per 32 columns (scales [n][k / 32]; k a multiple of 32). Kept
+// narrow only where the narrow form gives back every fp32 weight exactly (see
+// kernels/dense_cpu.py), so all kinds compute the same y.
+enum DenseKind { kDenseF32 = 0, kDenseBf16 = 1, kDenseQ8 = 2 };
+constexpr int64_t kDenseQ8Block = 32;
+constexpr int64_t dense_bytes(int kind) { return kind == kDenseF32 ? 4 : kind == kDenseBf16 ? 2 : 1; }
+struct DenseWeight {
+  const void* data;
+  const float* scales;  // kDenseQ8 only
+  int kind;
+};
+
+// Dense y [batch][ldy] = x [batch][ldx] W^T, fp32 x and accumulation.
+using DenseFn = void (*)(const DenseWeight& w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y,
+                         int64_t ldy, int64_t batch);
 
 // The entry points, one set per source file (x86 ones exist only in x86 builds).
 void nz_portable(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
@@ -73,7 +86,7 @@ void words_avx512_256(const Factor&, const float*, int64_t, float*, int64_t, int
 void dot_avx512(const Factor&, const uint16_t*, int64_t, float*, int64_t, int64_t);
 void dot_avx512_256(const Factor&, const uint16_t*, int64_t, float*, int64_t, int64_t);
 // The fp32 output layer of a sparse model at decode batches (see DenseFn).
-void dense_avx2(const float* w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
+void dense_avx2(const DenseWeight& w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
                 int64_t batch);
 #endif
 int64_t row_popcount(const uint32_t* row, int64_t words);

@@ -490,21 +490,43 @@ std::tuple<std::vector<std::string>, std::vector<double>> plan_paths() {
 
 std::vector<std::string> cpu_paths() { return kTable.names; }
 
-// y = x W^T (no bias) for fp32 x (n, k) and W (rows, k): the AVX2 dense path where the CPU
-// has it, else ATen's linear. For the dense layers a sparse model keeps (the output layer),
-// whose tall shape BLAS libraries run single-threaded at a fraction of the bandwidth.
-at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
+// y = x W^T (no bias) for x (n, k) and W (rows, k): the AVX2 dense path where the CPU has
+// it and x is fp32, else ATen's linear. For the dense layers a sparse model keeps (the
+// output layer), whose tall shape BLAS libraries run single-threaded at a fraction of the
+// bandwidth. W is fp32, bf16, or int8 with ``scales`` (rows, k / 32) fp32, one per 32
+// columns (W = int8 value * its block's scale); fp32 x with a narrow W computes in fp32.
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "dense_linear takes CPU tensors");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "dense_linear: x (n, k) and weight (rows, k), got ",
               x.sizes(), " and ", weight.sizes());
-  if (!kTable.dense || x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat)
-    return at::linear(x, weight);
-  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   const int64_t n = x.size(0), rows = weight.size(0), k = weight.size(1);
+  const bool q8 = weight.scalar_type() == at::kChar;
+  TORCH_CHECK(q8 == scales.has_value(), "dense_linear: an int8 weight needs scales, and only an int8 weight takes them");
+  if (q8) {
+    TORCH_CHECK(k % kDenseQ8Block == 0, "dense_linear: an int8 weight's columns must be a multiple of ", kDenseQ8Block,
+                ", got ", k);
+    TORCH_CHECK(scales->device().is_cpu() && scales->scalar_type() == at::kFloat && scales->dim() == 2 &&
+                    scales->size(0) == rows && scales->size(1) == k / kDenseQ8Block,
+                "dense_linear: scales must be fp32 (rows, k / ", kDenseQ8Block, ") = (", rows, ", ", k / kDenseQ8Block,
+                "), got ", scales->scalar_type(), " ", scales->sizes());
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "dense_linear: an int8 weight takes fp32 x, got ", x.scalar_type());
+  }
+  const bool narrow_ok = weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16 || q8;
+  if (!kTable.dense || x.scalar_type() != at::kFloat || !narrow_ok) {
+    if (q8) {  // W as fp32, the same products the kernel forms
+      const at::Tensor w = (weight.to(at::kFloat).view({rows, k / kDenseQ8Block, kDenseQ8Block}) * scales->unsqueeze(2));
+      return at::linear(x, w.view({rows, k}));
+    }
+    return at::linear(x, weight.scalar_type() == x.scalar_type() ? weight : weight.to(x.scalar_type()));
+  }
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor sc = q8 ? scales->contiguous() : at::Tensor();
   at::Tensor y = at::empty({n, rows}, x.options());
   if (n > 0 && rows > 0) {
     if (k == 0) return y.zero_();
-    kTable.dense(wc.data_ptr<float>(), rows, k, xc.data_ptr<float>(), k, y.data_ptr<float>(), rows, n);
+    const int kind = q8 ? kDenseQ8 : weight.scalar_type() == at::kBFloat16 ? kDenseBf16 : kDenseF32;
+    const DenseWeight w{wc.data_ptr(), q8 ? sc.data_ptr<float>() : nullptr, kind};
+    kTable.dense(w, rows, k, xc.data_ptr<float>(), k, y.data_ptr<float>(), rows, n);
   }
   return y;
 }
@@ -533,7 +555,7 @@ DSF_LIBRARY(DSF_OP_NAMESPACE, m) {
   m.def("bitmap_columns(Tensor bitmap, Tensor row_offsets, int cols) -> Tensor");
   m.def("plan_paths() -> (str[], float[])", &dsf::plan_paths);
   m.def("cpu_paths() -> str[]", &dsf::cpu_paths);
-  m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor weight, Tensor? scales=None) -> Tensor");
 }
 
 DSF_LIBRARY_IMPL(DSF_OP_NAMESPACE, CPU, m) {
