@@ -45,7 +45,7 @@ def main() -> None:
         for p in prompts:
             cmd += ["--prompt", p]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
-        theirs = [r["token_ids"] for r in json.loads(out.read_text())]
+        theirs = [r["token_ids"] for r in json.loads(out.read_text())["outputs"]]
     rows = []
     for i, (a, b) in enumerate(zip(ours, theirs)):
         first = next(

@@ -122,13 +122,24 @@ class DenseOutput:
         return linear(x, *self.packed)
 
 
+def dense_output(weight: torch.Tensor) -> DenseOutput | None:
+    """The op for a bias-free layer of this weight, packed exactly (unless
+    DSF_OUTPUT_PACKING=off), or None where the op does not run it (not fp32 on CPU)."""
+    if not usable(weight):
+        return None
+    weight = weight.detach()
+    return DenseOutput(
+        pack_exact(weight) if settings.get("DSF_OUTPUT_PACKING") == "exact" else PackedWeight(weight, None)
+    )
+
+
 def output_layer(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """What to call for a model's output layer: a DenseOutput for a bias-free fp32
-    nn.Linear on CPU (its weight packed exactly, unless DSF_OUTPUT_PACKING=off), else
-    the module itself."""
-    if type(module) is nn.Linear and module.bias is None and usable(module.weight):
-        exact = settings.get("DSF_OUTPUT_PACKING") == "exact"
-        return DenseOutput(pack_exact(module.weight) if exact else PackedWeight(module.weight, None))
+    nn.Linear on CPU, else the module itself."""
+    if type(module) is nn.Linear and module.bias is None:
+        run = dense_output(module.weight)
+        if run is not None:
+            return run
     return module
 
 

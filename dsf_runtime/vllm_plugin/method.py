@@ -9,7 +9,9 @@ runs each projection's DSF pair and concatenates the outputs of merged layers. U
 tensor parallelism a column-split layer takes the ``gather`` cut where its ranks divide
 evenly: each rank computes a block of every projection's h = R x, one all-gather
 assembles them, and each rank applies its rows of L.
-Layers the checkpoint did not compress stay vLLM's own.
+Layers the checkpoint did not compress stay vLLM's own. The output layer keeps vLLM's
+weights (tied or not), and on CPU in fp32 runs on the same dense op as `dsf serve`'s, read
+in the narrowest form that holds every weight exactly (kernels/dense_cpu.py).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from vllm.distributed import (
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 from vllm.model_executor.utils import set_weight_attrs
 
 from dsf_runtime.checkpoint import DSFQuantConfig, parse_quant_config
 from dsf_runtime.errors import CheckpointError
+from dsf_runtime.kernels import dense_cpu
 from dsf_runtime.vllm_plugin.parts import (
     column_bounds,
     expected_tensors,
@@ -69,8 +73,10 @@ class DSFConfig(QuantizationConfig):
         return cls(parse_quant_config(config, "config.json"))
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, ParallelLMHead):
+            return DSFOutputMethod()
         if not isinstance(layer, LinearBase):
-            return None  # embeddings and the output layer stay vLLM's
+            return None  # embeddings stay vLLM's
         names = module_names(prefix, self.packed_modules_mapping, self.quant.modules)
         return UnquantizedLinearMethod() if names is None else DSFLinearMethod(self.quant, names)
 
@@ -177,3 +183,28 @@ class DSFLinearMethod(LinearMethodBase):
             outs.append(parts[2 * i + 1](whole))
             offset += width
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+class DSFOutputMethod(UnquantizedEmbeddingMethod):
+    """vLLM's output layer (ParallelLMHead: its weights, loading and tying unchanged),
+    computed on CPU in fp32 by dsf-runtime's dense op with the weight packed exactly, as
+    `dsf serve` computes it; vLLM's own GEMM elsewhere (GPU, bf16 or fp16 models)."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        layer.dsf_output = dense_cpu.dense_output(layer.weight) if layer.weight.dtype == torch.float32 else None
+        if layer.dsf_output is None:
+            super().process_weights_after_loading(layer)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        run = getattr(layer, "dsf_output", None)
+        if run is None:
+            return super().apply(layer, x, bias)
+        y = run(x)
+        return y if bias is None else y + bias
+
+
+def output_form(model: nn.Module) -> str:
+    """How a loaded vLLM model computes its output layer: the packed form dsf-runtime's op
+    reads, or vLLM's method by name (for LLM.apply_model, which pickles it by reference)."""
+    run = getattr(model.lm_head, "dsf_output", None)
+    return run.form if run is not None else type(model.lm_head.quant_method).__name__

@@ -42,10 +42,14 @@ def run_vllm(ckpt: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=600, env=_vllm_env())
 
 
-def vllm_result(ckpt: Path, out: Path, *extra: str) -> list[dict]:
+def vllm_result(ckpt: Path, out: Path, *extra: str) -> dict:
+    """{"outputs": per prompt {"token_ids", "logprobs"}, "output_layer": per worker its form}."""
     proc = run_vllm(ckpt, out, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+PACKED_FORMS = {"fp32", "bf16", "int8 x scale/32"}  # dense_cpu.PackedWeight.form
 
 
 def _mixed(name: str) -> bool:
@@ -74,14 +78,17 @@ def one_rank(ckpt, tmp_path_factory):
 
 
 def test_offline_greedy_equals_dsf_generate(one_rank, dsf_tokens):
-    assert [r["token_ids"] for r in one_rank] == dsf_tokens
+    assert [r["token_ids"] for r in one_rank["outputs"]] == dsf_tokens
+    # the output layer runs on dsf-runtime's dense op (fp32 model on CPU), not vLLM's GEMM
+    assert len(one_rank["output_layer"]) == 1 and set(one_rank["output_layer"]) <= PACKED_FORMS
 
 
 def test_tensor_parallel_matches_one_rank(ckpt, one_rank, tmp_path):
     two = vllm_result(ckpt, tmp_path / "out.json", "--tp", "2")
-    assert [r["token_ids"] for r in two] == [r["token_ids"] for r in one_rank]
+    assert [r["token_ids"] for r in two["outputs"]] == [r["token_ids"] for r in one_rank["outputs"]]
+    assert len(two["output_layer"]) == 2 and set(two["output_layer"]) <= PACKED_FORMS
     worst = 0.0
-    for a, b in zip(one_rank, two):
+    for a, b in zip(one_rank["outputs"], two["outputs"]):
         for step_a, step_b in zip(a["logprobs"], b["logprobs"]):
             shared = set(step_a) & set(step_b)
             assert shared
