@@ -14,6 +14,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -58,17 +59,32 @@ def bench_prompt(vocab: int, prompt_tokens: int) -> torch.Tensor:
 
 
 def time_decodes(
-    models: list[nn.Module], prompt_tokens: int = 64, gen_tokens: int = 32, vocab: int | None = None, repeats: int = 3
+    models: list[nn.Module],
+    prompt_tokens: int = 64,
+    gen_tokens: int = 32,
+    vocab: int | None = None,
+    repeats: int = 3,
+    external: Callable[[list[int]], dict] | None = None,
 ) -> list[dict]:
     """Median pp and tg tokens/s of each model over ``repeats`` runs after one warm-up,
     the models taking turns run by run (the first one alternating) so that the machine's
-    drift in speed lands on all of them alike instead of on whichever ran last."""
+    drift in speed lands on all of them alike instead of on whichever ran last.
+    ``external`` (prompt ids -> pp and tg tokens/s of one run, e.g. llama.cpp in its own
+    process, warmed up there) takes its turn among them in every timed round (as the last
+    subject, so first in reversed rounds); its medians are the last entry."""
     ids = bench_prompt(vocab or models[0].config.vocab_size, prompt_tokens)
-    pps: list[list[float]] = [[] for _ in models]
-    tgs: list[list[float]] = [[] for _ in models]
+    subjects = len(models) + (external is not None)
+    pps: list[list[float]] = [[] for _ in range(subjects)]
+    tgs: list[list[float]] = [[] for _ in range(subjects)]
     for r in range(repeats + 1):
-        order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
+        order = range(subjects) if r % 2 == 0 else reversed(range(subjects))
         for m in order:
+            if m == len(models):
+                if r:
+                    res = external(ids[0].tolist())
+                    pps[m].append(res["pp_tok_s"])
+                    tgs[m].append(res["tg_tok_s"])
+                continue
             pp_s, tg_s = decode_once(models[m], ids, gen_tokens)
             if r:
                 pps[m].append(prompt_tokens / pp_s)
@@ -153,20 +169,24 @@ def write_llama7b_stack(
 LLAMA_CPP = "llama.cpp Q4_1"
 
 
-def _llama_cpp_row(dense: str, vocab: int, python: str, prompt_tokens: int, gen_tokens: int) -> dict:
-    """llama.cpp on the embedded model's own GGUF (4-bit Q4_1), same prompt ids and threads."""
+def _llama_cpp_runs(dense: str, python: str, gen_tokens: int) -> tuple[Callable[[list[int]], dict], dict]:
+    """llama.cpp on the embedded model's own GGUF (4-bit Q4_1) at this process's thread
+    count, one timed run per call (a time_decodes ``external``), and the row it fills."""
     from dsf_runtime.benchmarks.llamacpp import time_llama_cpp
     from dsf_runtime.errors import ConfigError
     from dsf_runtime.models import EMBEDDED, embedded_gguf
 
     if dense not in EMBEDDED:
         raise ConfigError(f"--external llama.cpp runs the embedded model's GGUF; --dense is {dense!r}")
-    ids = bench_prompt(vocab, prompt_tokens)
     threads = torch.get_num_threads()
-    res = time_llama_cpp(str(embedded_gguf(dense)), ids[0].tolist(), gen_tokens, threads, python or None)
-    print(f"{dense} {LLAMA_CPP}: pp {res['pp_tok_s']:.1f} tok/s, tg {res['tg_tok_s']:.2f} tok/s", flush=True)
-    backend = f"llama.cpp (llama-cpp-python {res.pop('version')}, {threads} threads)"
-    return {"model": dense, "variant": LLAMA_CPP, "backend": backend, **res}
+    row = {"model": dense, "variant": LLAMA_CPP}
+
+    def run(ids: list[int]) -> dict:
+        res = time_llama_cpp(str(embedded_gguf(dense)), ids, gen_tokens, threads, python or None, repeats=1)
+        row["backend"] = f"llama.cpp (llama-cpp-python {res['version']}, {threads} threads)"
+        return res
+
+    return run, row
 
 
 def run_decode_bench(
@@ -184,29 +204,32 @@ def run_decode_bench(
     from dsf_runtime.checkpoint import load_model
     from dsf_runtime.models import load_dense
 
-    rows = []
+    rows: list[dict] = []
 
-    def record(subject: str, variants: dict[str, nn.Module]) -> None:
-        """Time the variants of one model in turns and add their rows."""
-        results = time_decodes(list(variants.values()), prompt_tokens, gen_tokens)
-        for (variant, model), res in zip(variants.items(), results):
-            output = dense_cpu.output_form(model.lm_head)
-            rows.append(
-                {"model": subject, "variant": variant, "backend": backend_summary(model), "output_layer": output, **res}
-            )
-            print(f"{subject} {variant}: pp {res['pp_tok_s']:.1f} tok/s, tg {res['tg_tok_s']:.2f} tok/s", flush=True)
+    def record(subject: str, variants: dict[str, nn.Module], external=None) -> None:
+        """Time the variants of one model (and an external run, its row) in turns and add their rows."""
+        run, row = external or (None, None)
+        results = time_decodes(list(variants.values()), prompt_tokens, gen_tokens, external=run)
+        timed = [
+            {"model": subject, "variant": variant, "backend": backend_summary(model), **res}
+            | {"output_layer": dense_cpu.output_form(model.lm_head)}
+            for (variant, model), res in zip(variants.items(), results)
+        ]
+        if external is not None:
+            timed.append({**row, **results[-1]})
+        for r in timed:
+            print(f"{subject} {r['variant']}: pp {r['pp_tok_s']:.1f} tok/s, tg {r['tg_tok_s']:.2f} tok/s", flush=True)
+        rows.extend(timed)
 
     if checkpoint:
         model, _ = load_dense(dense)
         variants = {"dense fp32": model, "dense bf16": copy.deepcopy(model).to(torch.bfloat16)}
         variants["DSF"], _ = load_model(checkpoint, with_tokenizer=False)
         variants["DSF (torch-csr)"], _ = load_model(checkpoint, with_tokenizer=False, backend="torch-csr")
-        record(dense, variants)
-        vocab = model.config.vocab_size
+        external = _llama_cpp_runs(dense, llama_cpp, gen_tokens) if llama_cpp is not None else None
+        record(dense, variants, external)
         del model, variants
         gc.collect()
-        if llama_cpp is not None:
-            rows.append(_llama_cpp_row(dense, vocab, llama_cpp, prompt_tokens, gen_tokens))
     if stack_layers:
         subject = f"LLaMA-7B shapes x{stack_layers} layers"
         model = llama7b_stack(stack_layers)

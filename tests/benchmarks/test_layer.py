@@ -109,6 +109,19 @@ def test_decode_variants_take_turns(monkeypatch):
     assert order == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]  # warm-up round, then 3 timed
     assert res == [{"pp_tok_s": 8.0, "tg_tok_s": 8.0}] * 3
 
+    # an external reference (llama.cpp) takes its turn in the timed rounds, not the warm-up
+    order.clear()
+    speeds = iter([10.0, 30.0, 20.0])
+
+    def external(ids):
+        order.append("x")
+        assert ids == decode.bench_prompt(50, 4)[0].tolist()
+        return {"pp_tok_s": 1.0, "tg_tok_s": next(speeds)}
+
+    res = decode.time_decodes([Fake("a"), Fake("b")], prompt_tokens=4, gen_tokens=2, repeats=3, external=external)
+    assert order == ["a", "b", "x", "b", "a", "a", "b", "x", "x", "b", "a"]
+    assert res[:2] == [{"pp_tok_s": 8.0, "tg_tok_s": 8.0}] * 2 and res[2] == {"pp_tok_s": 1.0, "tg_tok_s": 20.0}
+
 
 def test_greedy_decode_loop_matches_generate(tiny_model_dir):
     """decode_once's KV-cache loop (written out here) is the same computation as generate."""
