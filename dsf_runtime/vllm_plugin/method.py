@@ -191,7 +191,7 @@ class DSFOutputMethod(UnquantizedEmbeddingMethod):
     `dsf serve` computes it; vLLM's own GEMM elsewhere (GPU, bf16 or fp16 models)."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        layer.dsf_output = dense_cpu.dense_output(layer.weight) if layer.weight.dtype == torch.float32 else None
+        layer.dsf_output = dense_cpu.dense_output(layer.weight)  # None unless fp32 on CPU
         if layer.dsf_output is None:
             super().process_weights_after_loading(layer)
 

@@ -459,13 +459,27 @@ DSF_AVX2 inline void dense_row_group(const DenseWeight& w, int64_t k, const floa
 // accumulators, 3 x and 1 W register of the 16), then the last 0-3 rows one at a time.
 template <int WK, int NB>
 DSF_AVX2 void dense_rows_avx2(const DenseWeight& w, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
-                              int64_t r0, int64_t r1) {
-  alignas(32) int32_t lanes[8];
-  for (int j = 0; j < 8; ++j) lanes[j] = j < k % 8 ? -1 : 0;
-  const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+                              int64_t r0, int64_t r1, __m256i tail) {
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) dense_row_group<WK, 4, NB>(w, k, x, ldx, y, ldy, r, tail);
   for (; r < r1; ++r) dense_row_group<WK, 1, NB>(w, k, x, ldx, y, ldy, r, tail);
+}
+
+// The whole batch against rows [r0, r1) of W, in tiles of up to MAX_NB rows of x.
+template <int WK, int MAX_NB>
+DSF_AVX2 void dense_tiles(const DenseWeight& w, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
+                          int64_t r0, int64_t r1, int64_t batch, __m256i tail) {
+  for (int64_t b0 = 0; b0 < batch;) {
+    const int64_t nb = std::min<int64_t>(MAX_NB, batch - b0);
+    const float* xb = x + b0 * ldx;
+    float* yb = y + b0 * ldy;
+    if constexpr (MAX_NB >= 3) {
+      if (nb == 3) dense_rows_avx2<WK, 3>(w, k, xb, ldx, yb, ldy, r0, r1, tail);
+    }
+    if (nb == 2) dense_rows_avx2<WK, 2>(w, k, xb, ldx, yb, ldy, r0, r1, tail);
+    else if (nb == 1) dense_rows_avx2<WK, 1>(w, k, xb, ldx, yb, ldy, r0, r1, tail);
+    b0 += nb;
+  }
 }
 
 // Rows [r0, r1) of a narrow W widened to their exact fp32 values into ``out`` [r1 - r0][k].
@@ -510,28 +524,12 @@ DSF_AVX2 void dense_avx2_t(const DenseWeight& w, int64_t n, int64_t k, const flo
     for (int64_t blk = 0; blk < (n + block - 1) / block; ++blk) {
       const int64_t r0 = blk * block, r1 = std::min(n, r0 + block);
       if (direct) {
-        for (int64_t b0 = 0; b0 < batch;) {
-          const int64_t nb = std::min<int64_t>(WK == kDenseF32 ? 3 : 2, batch - b0);
-          const float* xb = x + b0 * ldx;
-          float* yb = y + b0 * ldy;
-          if (nb == 3) dense_rows_avx2<WK, 3>(w, k, xb, ldx, yb, ldy, r0, r1);
-          else if (nb == 2) dense_rows_avx2<WK, 2>(w, k, xb, ldx, yb, ldy, r0, r1);
-          else dense_rows_avx2<WK, 1>(w, k, xb, ldx, yb, ldy, r0, r1);
-          b0 += nb;
-        }
+        dense_tiles<WK, WK == kDenseF32 ? 3 : 2>(w, k, x, ldx, y, ldy, r0, r1, batch, tail);
         continue;
       }
       dense_widen_rows<WK>(w, k, r0, r1, scratch.data(), tail);
       const DenseWeight wide{scratch.data(), nullptr, kDenseF32};
-      for (int64_t b0 = 0; b0 < batch;) {
-        const int64_t nb = std::min<int64_t>(3, batch - b0);
-        const float* xb = x + b0 * ldx;
-        float* yb = y + b0 * ldy + r0;
-        if (nb == 3) dense_rows_avx2<kDenseF32, 3>(wide, k, xb, ldx, yb, ldy, 0, r1 - r0);
-        else if (nb == 2) dense_rows_avx2<kDenseF32, 2>(wide, k, xb, ldx, yb, ldy, 0, r1 - r0);
-        else dense_rows_avx2<kDenseF32, 1>(wide, k, xb, ldx, yb, ldy, 0, r1 - r0);
-        b0 += nb;
-      }
+      dense_tiles<kDenseF32, 3>(wide, k, x, ldx, y + r0, ldy, 0, r1 - r0, batch, tail);
     }
   }
 }
