@@ -158,6 +158,10 @@ def _register_fakes(namespace: str) -> None:
     def _decode_layer_fake(x, attn_norm, attn_eps, mlp_norm, mlp_eps, handles, cos, sin, k_cache, v_cache, *rest):
         return torch.empty_like(x)  # (n, 1, hidden)
 
+    @torch.library.register_fake(f"{namespace}::attend_cached")
+    def _attend_fake(q, k_cache, v_cache, pos, heads, kv_heads, scale, portable=False):
+        return q.new_empty(q.shape[0], heads * q.shape[-1])  # (n, heads * head_dim)
+
     @torch.library.register_fake(f"{namespace}::dense_linear")
     def _dense_fake(x, weight, scales=None):  # (n, k) -> (n, rows)
         return x.new_empty(x.shape[0], weight.shape[0])

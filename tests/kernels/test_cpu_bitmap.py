@@ -670,6 +670,67 @@ def test_attn_inputs_write_the_cache_and_refuse_bad_positions():
     assert torch.equal(k_cache, before)
 
 
+def _attention_reference(q, k_cache, v_cache, pos, heads, kv_heads, scale):
+    """float64 softmax(scale q K^T) V per row over positions 0..pos[b]: (n, heads * d)."""
+    n, d, group = q.shape[0], q.shape[-1], heads // kv_heads
+    out = torch.empty(n, heads, d, dtype=torch.float64)
+    for b in range(n):
+        keys = k_cache[b, :, : int(pos[b]) + 1].double().repeat_interleave(group, 0)  # (heads, span, d)
+        values = v_cache[b, :, : int(pos[b]) + 1].double().repeat_interleave(group, 0)
+        w = torch.softmax(scale * (keys @ q[b, :, 0].double().unsqueeze(-1)).squeeze(-1), -1)  # (heads, span)
+        out[b] = (w.unsqueeze(-1) * values).sum(1)
+    return out.view(n, heads * d)
+
+
+@KERNEL_SETTINGS
+@given(
+    portable=st.booleans(),
+    d=st.one_of(st.sampled_from([1, 7, 8, 16, 64, 72, 128]), st.integers(1, 140)),
+    heads_kv=st.sampled_from([(1, 1), (4, 2), (9, 3), (6, 6)]),
+    spans=st.lists(st.integers(1, 300), min_size=1, max_size=3),
+    spread=st.sampled_from([0.1, 1.0, 30.0, 300.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_cached_attention_matches_float64(portable, d, heads_kv, spans, spread, seed):
+    """One query per row over its cached positions, on this CPU's path and the portable
+    one: head dims with and without 8-lane tails and 64-column blocks, spans with and
+    without 8-position tails, grouped kv heads, and scores spread from flat to ~1e5 apart
+    (most exponentials far below fp32's normal range) within fp32 error of float64."""
+    heads, kv_heads = heads_kv
+    n, max_len = len(spans), max(spans) + 3
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, heads, 1, d, generator=g) * spread / d**0.5
+    k_cache = torch.randn(n + 1, kv_heads, max_len, d, generator=g)
+    v_cache = torch.randn(n + 1, kv_heads, max_len, d, generator=g)
+    pos = torch.tensor([s - 1 for s in spans])
+    got = torch.ops.dsf.attend_cached(q, k_cache, v_cache, pos, heads, kv_heads, 1.0, portable)
+    want = _attention_reference(q, k_cache, v_cache, pos, heads, kv_heads, 1.0)
+    assert got.shape == (n, heads * d)
+    assert _relative_error(got, want) < 2e-6 * max(1.0, spread / 10)
+
+
+def test_cached_attention_passes_nan_on_and_checks_its_operands():
+    """A NaN in a row's cached keys makes that row's output NaN (not a plausible number)
+    and leaves the other rows alone; bad shapes and positions are clear errors."""
+    q = torch.randn(2, 4, 1, 16)
+    k_cache, v_cache = torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    k_cache[0, 0, 5, 3] = float("nan")
+    pos = torch.tensor([30, 30])
+    for portable in (False, True):
+        got = torch.ops.dsf.attend_cached(q, k_cache, v_cache, pos, 4, 2, 0.25, portable).view(2, 4, 16)
+        assert got[0, :2].isnan().all() and not got[0, 2:].isnan().any() and not got[1].isnan().any()
+    with pytest.raises(RuntimeError, match="position 40 outside the cache's 40"):
+        torch.ops.dsf.attend_cached(q, k_cache, v_cache, torch.tensor([40, 0]), 4, 2, 0.25)
+    with pytest.raises(RuntimeError, match="5 heads over 2 kv heads"):
+        torch.ops.dsf.attend_cached(q, k_cache, v_cache, pos, 5, 2, 0.25)
+    with pytest.raises(RuntimeError, match="caches"):
+        torch.ops.dsf.attend_cached(q, k_cache, v_cache[:, :, :30].contiguous(), pos, 4, 2, 0.25)
+    with pytest.raises(RuntimeError, match=r"q \(n <= slots"):
+        torch.ops.dsf.attend_cached(torch.randn(3, 4, 1, 16), k_cache, v_cache, torch.tensor([1, 2, 3]), 4, 2, 0.25)
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        torch.ops.dsf.attend_cached(q.double(), k_cache, v_cache, pos, 4, 2, 0.25)
+
+
 def test_decode_layer_checks_its_operands():
     """The whole-layer op refuses a wrong handle count, heads that do not group over the kv
     heads and an o_proj of the wrong width (its numerics: tests/test_runner.py)."""

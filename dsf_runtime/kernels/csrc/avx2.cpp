@@ -1,6 +1,8 @@
 // The AVX2 paths (AVX2 + FMA + F16C + BMI2), 8-lane vectors: the word path (each
 // 8-column bitmap byte expanded through a vpshufb table), the nonzero path for large
 // batches and the column-index path for sparse factors at small batches.
+#include <cmath>
+
 #include "common.h"
 
 #ifdef DSF_X86
@@ -534,6 +536,101 @@ DSF_AVX2 void dense_avx2_t(const DenseWeight& w, int64_t n, int64_t k, const flo
   }
 }
 
+// ---------------------------------------------------------------------------------
+// A decode query's attention over the KV cache (see AttendFn).
+
+// exp(x) for x <= 0 and NaN (softmax's arguments, x - max): exp(x) = 2^n exp(r) with n =
+// round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two parts, so that r is
+// exact to fp32), exp(r) by its Taylor polynomial to r^7 (truncation < 6e-9 relative).
+// x below -87 (where 2^n would leave the normal range) is taken as -87: exp(-87) ~ 1.6e-38
+// next to the maximum's 1 changes no softmax weight. NaN stays NaN.
+DSF_AVX2 inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.f), x);  // NaN in the second operand is returned
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln 2's high part (exact times n)
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682e-6f), r);       // and the rest of it
+  __m256 p = _mm256_set1_ps(1.f / 5040.f);
+  for (float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+}
+
+// q . key over d floats: two 8-lane partial sums, the last d % 8 terms scalar.
+DSF_AVX2 inline float dot_avx2(const float* q, const float* key, int64_t d) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(key + j), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 8), _mm256_loadu_ps(key + j + 8), a1);
+  }
+  if (j + 8 <= d) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(key + j), a0);
+    j += 8;
+  }
+  float dot = hsum256(_mm256_add_ps(a0, a1));
+  for (; j < d; ++j) dot += q[j] * key[j];
+  return dot;
+}
+
+// out [8 NV columns from j] = sum_t w[t] values[t][j ...]: NV independent accumulators
+// (8 hide the FMA latency at two FMAs per cycle).
+template <int NV>
+DSF_AVX2 inline void weighted_rows(const float* w, const float* values, int64_t span, int64_t d, int64_t j,
+                                   float* out) {
+  __m256 acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < span; ++t) {
+    const __m256 wt = _mm256_broadcast_ss(w + t);
+    const float* row = values + t * d + j;
+    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row + 8 * i), acc[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + j + 8 * i, acc[i]);
+}
+
+// Attention of one decode query: scores, their maximum, the exponentials and their sum
+// 8 at a time, then the weighted sum of value rows in column blocks of 64, 8 or fewer.
+DSF_AVX2 void attend_avx2_impl(const float* q, const float* keys, const float* values, int64_t span, int64_t d,
+                               float scale, float* w, float* out) {
+  for (int64_t t = 0; t < span; ++t) w[t] = dot_avx2(q, keys + t * d, d) * scale;
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 8 <= span; t += 8) top8 = _mm256_max_ps(_mm256_loadu_ps(w + t), top8);
+  float top = -INFINITY, lanes[8];
+  _mm256_storeu_ps(lanes, top8);
+  for (float v : lanes) top = std::max(top, v);
+  for (; t < span; ++t) top = std::max(top, w[t]);
+  const __m256 top_v = _mm256_set1_ps(top);
+  __m256 sum8 = _mm256_setzero_ps();
+  for (t = 0; t + 8 <= span; t += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(w + t), top_v));
+    _mm256_storeu_ps(w + t, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  if (t < span) {  // the last 1-7 through a zero-padded buffer (pad lanes masked out of the sum)
+    float buf[8];
+    std::fill(buf, buf + 8, -INFINITY);
+    std::memcpy(buf, w + t, size_t(span - t) * sizeof(float));
+    _mm256_storeu_ps(buf, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(buf), top_v)));
+    std::memcpy(w + t, buf, size_t(span - t) * sizeof(float));
+    for (int64_t i = span - t; i < 8; ++i) buf[i] = 0.f;
+    sum8 = _mm256_add_ps(sum8, _mm256_loadu_ps(buf));
+  }
+  const float total = hsum256(sum8);
+  int64_t j = 0;
+  for (; j + 64 <= d; j += 64) weighted_rows<8>(w, values, span, d, j, out);
+  for (; j + 8 <= d; j += 8) weighted_rows<1>(w, values, span, d, j, out);
+  for (; j < d; ++j) {
+    float acc = 0.f;
+    for (t = 0; t < span; ++t) acc += w[t] * values[t * d + j];
+    out[j] = acc;
+  }
+  const __m256 inv = _mm256_set1_ps(total);
+  for (j = 0; j + 8 <= d; j += 8) _mm256_storeu_ps(out + j, _mm256_div_ps(_mm256_loadu_ps(out + j), inv));
+  for (; j < d; ++j) out[j] /= total;
+}
+
 }  // namespace
 
 bool has_avx2() {
@@ -588,6 +685,12 @@ void cols_avx2(const Factor& f, const float* x, int64_t ldx, float* y, int64_t l
   over_row_blocks(f.rows, batch, 4, false, [&](int nb, int64_t b0, int64_t r0, int64_t r1) {
     tile(nb, f.offsets, f.columns, f.values, f.scales, x + b0 * ldx, ldx, y + b0 * ldy, ldy, r0, r1);
   });
+}
+
+// A decode query's attention (see AttendFn).
+void attend_avx2(const float* q, const float* keys, const float* values, int64_t span, int64_t d, float scale,
+                 float* w, float* out) {
+  attend_avx2_impl(q, keys, values, span, d, scale, w, out);
 }
 
 // Dense path, any weight kind (see DenseWeight).

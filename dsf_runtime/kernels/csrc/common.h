@@ -71,8 +71,16 @@ struct DenseWeight {
 using DenseFn = void (*)(const DenseWeight& w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y,
                          int64_t ldy, int64_t batch);
 
+// One decode query's attention over a cached span, fp32 throughout: out [d] =
+// sum_t softmax_t(scale * q . K[t]) V[t], keys and values [span][d] row-major (span >= 1),
+// ``w`` scratch for span floats. NaN in q or the cache comes out as NaN.
+using AttendFn = void (*)(const float* q, const float* keys, const float* values, int64_t span, int64_t d,
+                          float scale, float* w, float* out);
+
 // The entry points, one set per source file (x86 ones exist only in x86 builds).
 void nz_portable(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
+void attend_portable(const float* q, const float* keys, const float* values, int64_t span, int64_t d, float scale,
+                     float* w, float* out);
 #ifdef DSF_X86
 bool has_avx2();
 bool has_avx512();       // F + BW + VBMI2
@@ -88,6 +96,8 @@ void dot_avx512_256(const Factor&, const uint16_t*, int64_t, float*, int64_t, in
 // The fp32 output layer of a sparse model at decode batches (see DenseFn).
 void dense_avx2(const DenseWeight& w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
                 int64_t batch);
+void attend_avx2(const float* q, const float* keys, const float* values, int64_t span, int64_t d, float scale,
+                 float* w, float* out);
 #endif
 int64_t row_popcount(const uint32_t* row, int64_t words);
 

@@ -45,6 +45,7 @@ struct Table {
   SpmmFn cols = nullptr;
   DotFn dot[4] = {nullptr, nullptr, nullptr, nullptr};
   DenseFn dense = nullptr;
+  AttendFn attend = attend_portable;
   std::vector<std::string> names{"portable"};
 };
 
@@ -56,6 +57,7 @@ Table make_table() {
     t.nz[1] = nz_avx2;
     t.cols = cols_avx2;
     t.dense = dense_avx2;
+    t.attend = attend_avx2;
     t.names.push_back("avx2");
   }
   if (has_avx512()) {
@@ -375,41 +377,54 @@ at::Tensor attn_inputs_bound(const at::Tensor& x, const at::Tensor& weight, doub
   return out;
 }
 
+// Query-head positions (heads x span x head_dim products) from which attend_cached splits
+// its heads over threads: below it a parallel region's start costs more than it saves.
+constexpr int64_t kAttendParallelWork = 32768;
+
 // Attention of one query per row over the cached keys and values: row b (slot b) attends
 // positions 0..pos[b]; q (n, heads, 1, d), caches (slots, kv_heads, max_len, d), query
 // head h reading kv head h / (heads / kv_heads). Returns (n, heads * d), fp32 softmax.
 at::Tensor attend_cached(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                         const int64_t* pos, int64_t heads, int64_t kv_heads, double scale) {
+                         const int64_t* pos, int64_t heads, int64_t kv_heads, double scale,
+                         AttendFn attend = kTable.attend) {
   const int64_t n = q.size(0), max_len = k_cache.size(2), d = k_cache.size(3), group = heads / kv_heads;
   at::Tensor out = at::empty({n, heads * d}, q.options());
   const float *qp = q.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   int64_t work = 0;
   for (int64_t b = 0; b < n; ++b) work += heads * (pos[b] + 1) * d;
-#pragma omp parallel for schedule(static) if (work > 262144)
+#pragma omp parallel for schedule(static) if (work > kAttendParallelWork)
   for (int64_t task = 0; task < n * heads; ++task) {
     const int64_t b = task / heads, hh = task % heads, span = pos[b] + 1;
-    const float* qv = qp + task * d;
-    const float* keys = kc + (b * kv_heads + hh / group) * max_len * d;
-    const float* values = vc + (b * kv_heads + hh / group) * max_len * d;
+    const int64_t at = (b * kv_heads + hh / group) * max_len * d;
     std::vector<float> w(static_cast<size_t>(span));
-    float top = -INFINITY;
-    for (int64_t t = 0; t < span; ++t) {
-      float dot = 0.f;
-      for (int64_t j = 0; j < d; ++j) dot += qv[j] * keys[t * d + j];
-      w[size_t(t)] = dot * float(scale);
-      top = std::max(top, w[size_t(t)]);
-    }
-    float total = 0.f;
-    for (int64_t t = 0; t < span; ++t) total += (w[size_t(t)] = std::exp(w[size_t(t)] - top));
-    float* o = op + task * d;
-    std::fill(o, o + d, 0.f);
-    for (int64_t t = 0; t < span; ++t) {
-      const float p = w[size_t(t)] / total;
-      for (int64_t j = 0; j < d; ++j) o[j] += p * values[t * d + j];
-    }
+    attend(qp + task * d, kc + at, vc + at, span, d, float(scale), w.data(), op + task * d);
   }
   return out;
+}
+
+// attend_cached as an op, for tests and callers outside the fused layer: q (n, heads, 1,
+// d), caches (slots >= n, kv_heads, max_len, d), pos (n) int64, all checked; ``portable``
+// runs the portable path instead of this CPU's own.
+at::Tensor attend_cached_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& pos, int64_t heads, int64_t kv_heads, double scale, bool portable) {
+  for (const at::Tensor* t : {&q, &k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->is_contiguous(),
+                "attend_cached takes contiguous fp32 CPU tensors");
+  TORCH_CHECK(kv_heads > 0 && heads > 0 && heads % kv_heads == 0, "attend_cached: ", heads, " heads over ", kv_heads,
+              " kv heads");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(1) == kv_heads,
+              "attend_cached: caches (slots, ", kv_heads, ", max_len, head_dim), got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  const int64_t n = q.size(0), max_len = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK(q.dim() == 4 && q.size(1) == heads && q.size(2) == 1 && q.size(3) == d && k_cache.size(0) >= n,
+              "attend_cached: q (n <= slots, ", heads, ", 1, ", d, "), got ", q.sizes());
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == n, "attend_cached: pos holds ", n, " int64 positions");
+  const at::Tensor pc = pos.contiguous();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < n; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < max_len, "attend_cached: position ", pp[b], " outside the cache's ", max_len);
+  return attend_cached(q, k_cache, v_cache, pp, heads, kv_heads, scale, portable ? attend_portable : kTable.attend);
 }
 
 // A whole decoder layer's decode step on bound factors: attn_inputs_bound, attention over
@@ -551,6 +566,9 @@ DSF_LIBRARY(DSF_OP_NAMESPACE, m) {
   m.def(
       "attn_inputs_bound(Tensor x, Tensor norm_weight, float eps, int[] handles, Tensor cos, Tensor sin, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, int heads, int kv_heads) -> Tensor");
+  m.def(
+      "attend_cached(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int heads, int kv_heads, float scale, "
+      "bool portable=False) -> Tensor");
   m.def("bitmap_path(int n, ScalarType dtype, Tensor[] factor, int cols, int[] plan) -> str", &dsf::bitmap_path);
   m.def("bitmap_columns(Tensor bitmap, Tensor row_offsets, int cols) -> Tensor");
   m.def("plan_paths() -> (str[], float[])", &dsf::plan_paths);
@@ -565,6 +583,7 @@ DSF_LIBRARY_IMPL(DSF_OP_NAMESPACE, CPU, m) {
   m.impl("mlp_block_bound", &dsf::mlp_block_bound);
   m.impl("decode_layer_bound", &dsf::decode_layer_bound);
   m.impl("attn_inputs_bound", &dsf::attn_inputs_bound);
+  m.impl("attend_cached", &dsf::attend_cached_op);
   m.impl("bitmap_check", &dsf::bitmap_check);
   m.impl("bitmap_columns", &dsf::bitmap_columns);
   m.impl("dense_linear", &dsf::dense_linear);

@@ -1,5 +1,8 @@
-// The portable path, for CPUs without AVX2 (and any build): walk each row's set bits
-// (ctz) and FMA each value into all batch columns of x^T ([in][batch]).
+// The portable paths, for CPUs without AVX2 (and any build): walk each row's set bits
+// (ctz) and FMA each value into all batch columns of x^T ([in][batch]); a decode query's
+// attention over the KV cache.
+#include <cmath>
+
 #include "common.h"
 
 namespace dsf {
@@ -28,6 +31,33 @@ void rows_scalar(const int32_t* bitmap, const int32_t* offsets, const void* valu
 }
 
 }  // namespace
+
+// Scores, softmax and the weighted sum of values in plain loops: the dot products keep
+// eight independent partial sums (lanes a compiler vectorizes without reordering any one
+// sum), since one running sum waits on the add's latency at every term.
+void attend_portable(const float* q, const float* keys, const float* values, int64_t span, int64_t d, float scale,
+                     float* w, float* out) {
+  constexpr int64_t kLanes = 8;
+  float top = -INFINITY;
+  for (int64_t t = 0; t < span; ++t) {
+    const float* key = keys + t * d;
+    float part[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int64_t j = 0;
+    for (; j + kLanes <= d; j += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) part[l] += q[j + l] * key[j + l];
+    float dot = 0.f;
+    for (int64_t l = 0; l < kLanes; ++l) dot += part[l];
+    for (; j < d; ++j) dot += q[j] * key[j];
+    w[t] = dot * scale;
+    top = std::max(top, w[t]);
+  }
+  float total = 0.f;
+  for (int64_t t = 0; t < span; ++t) total += (w[t] = std::exp(w[t] - top));
+  std::fill(out, out + d, 0.f);
+  for (int64_t t = 0; t < span; ++t)
+    for (int64_t j = 0; j < d; ++j) out[j] += w[t] * values[t * d + j];
+  for (int64_t j = 0; j < d; ++j) out[j] /= total;
+}
 
 void nz_portable(const Factor& f, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t batch) {
   over_batch_chunks(x, ldx, y, ldy, f.rows, f.cols, f.words, batch, 1, batch, [&](const float* xt, int64_t, float* yt) {
