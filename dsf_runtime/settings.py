@@ -49,6 +49,20 @@ SETTINGS: dict[str, Setting] = {
             choices=("auto", "512", "256"),
         ),
         Setting(
+            "DSF_AMX",
+            "choice",
+            "the AMX tile path for bf16 factors: auto (where the CPU has AMX and the path passes its "
+            "check at first use), off, or emulate (the same tiles in scalar code, any x86 CPU; for tests)",
+            default="auto",
+            choices=("auto", "off", "emulate"),
+        ),
+        Setting(
+            "DSF_AMX_MIN_BATCH",
+            "int",
+            "the batch from which bf16 factors take the tile path (default in kernels/tuning.json)",
+            minimum=1,
+        ),
+        Setting(
             "DSF_NZ_MIN_BATCH",
             "int",
             "the batch from which the CPU kernel's nonzero path runs "

@@ -33,6 +33,7 @@ import torch
 
 from dsf_runtime import settings
 from dsf_runtime.formats import bitmap as bitmap_format
+from dsf_runtime.formats import get_format
 from dsf_runtime.kernels import cpu_ops, register_backend, tuning
 from dsf_runtime.units import format_bytes
 
@@ -50,6 +51,8 @@ NZ_MIN_BATCH_LARGE: dict[str, int] = tuning.cpu()["nz_min_batch_large"]
 LARGE_FACTOR_CELLS: int = tuning.cpu()["large_factor_cells"]
 COLUMNS_MAX_DENSITY: float = tuning.cpu()["columns_max_density"]
 COLUMNS_MAX_BATCH: dict[str, int] = tuning.cpu()["columns_max_batch"]
+# From this batch on, bf16 factors take the AMX tile path where the CPU has one.
+TILES_MIN_BATCH: int = tuning.cpu()["tiles_min_batch"]
 
 
 def nz_min_batch(isa: str, cells: int = 0) -> int:
@@ -75,6 +78,54 @@ def columns_max_batch(isa: str) -> int:
     return COLUMNS_MAX_BATCH.get(isa, 0) if value is None else value
 
 
+def tiles_min_batch() -> int:
+    """The batch from which bf16 factors take the tile path (DSF_AMX_MIN_BATCH overrides)."""
+    value = settings.get("DSF_AMX_MIN_BATCH")
+    return TILES_MIN_BATCH if value is None else value
+
+
+_TILE_CHECK: dict[str, bool] = {}  # tile path -> whether it matched the emulated tiles on this CPU
+
+
+def tile_path() -> str:
+    """The tile path bf16 factors take from tiles_min_batch() on: "amx" where the CPU has
+    AMX (unless DSF_AMX=off) and a first call matches the emulated tiles, "amx-emulated"
+    with DSF_AMX=emulate (scalar; for tests), else "none"."""
+    mode = settings.get("DSF_AMX")
+    if mode == "off" or not build():
+        return "none"
+    if mode == "emulate":
+        return "amx-emulated" if has_path("tiles-emulated") else "none"
+    if not has_path("amx"):
+        return "none"
+    if "amx" not in _TILE_CHECK:
+        _TILE_CHECK["amx"] = _tiles_agree()
+    return "amx" if _TILE_CHECK["amx"] else "none"
+
+
+def _tiles_agree() -> bool:
+    """Whether the AMX tile path computes what the emulated tiles compute on a random bf16
+    factor with row and batch tails (once per process; a mismatch turns the path off with
+    a warning rather than let it give wrong answers)."""
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(45, 300, generator=g) * (torch.rand(45, 300, generator=g) < 0.3)
+
+    tensors = get_format("bitmap").pack(dense, torch.bfloat16)
+    factor = [tensors["bitmap"], tensors["row_offsets"], tensors["values"], torch.empty(0), _NO_COLUMNS]
+    x = torch.randn(37, 300, generator=g)
+    base = [0, 0, 1 << 30, 0, 0]
+    try:
+        got = cpu_ops.ops().bitmap_spmm(x, factor, 300, base + [_TILE_CODES["amx"], 1])
+    except RuntimeError as exc:
+        log.warning("the AMX tile path failed its check (%s); bf16 factors run the vector paths", exc)
+        return False
+    want = cpu_ops.ops().bitmap_spmm(x, factor, 300, base + [_TILE_CODES["amx-emulated"], 1])
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+        log.warning("the AMX tile path disagrees with the emulated tiles on this CPU; bf16 factors run the vector paths")
+        return False
+    return True
+
+
 _REASON: str | None = None
 _LOADED = False
 _PATHS: frozenset[str] = frozenset()  # the op library's paths on this CPU (cpu_paths), read once at build
@@ -82,7 +133,8 @@ find_compiler = cpu_ops.find_compiler
 
 
 def has_path(name: str) -> bool:
-    """Whether this CPU runs the library's ``name`` path: avx512-vbmi2, avx512-bf16, avx2, portable."""
+    """Whether this CPU runs the library's ``name`` path: amx, avx512-vbmi2, avx512-bf16,
+    avx2, portable, or tiles-emulated (the tile path in scalar code, x86 builds)."""
     return name in _PATHS
 
 
@@ -287,6 +339,7 @@ KIND_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}
 # (word path 0 means none: the nonzero path at every batch, as the portable path runs).
 _ISA_CODES = {"portable": 0, "avx2": 1, "avx512-vbmi2": 2}
 _NO_COLUMNS = torch.empty(0, dtype=torch.int16)
+_TILE_CODES = {"none": 0, "amx": 1, "amx-emulated": 2}
 
 
 @dataclass(frozen=True)
@@ -303,12 +356,17 @@ class Paths:
     bf16_dot: bool  # bf16 activations take the AVX512_BF16 dot-product path
     ymm: bool = False  # AVX-512 word path: the 256-bit variant (bf16 values: x split into bf16 parts)
     dot_ymm: bool = False  # the bf16 dot-product path's 256-bit variant
+    tiles: str = "none"  # the tile path for fp32 x from tiles_min_batch on: none, amx, or amx-emulated (tests)
+    tiles_min_batch: int = 0
 
     def codes(self) -> list[int]:
-        """The ops' plan: [word path, nonzero path, nz_min_batch, columns_max_batch, dot path]."""
+        """The ops' plan: [word path, nonzero path, nz_min_batch, columns_max_batch, dot path,
+        tile path, tiles_min_batch]."""
         word = 3 if self.isa == "avx512-vbmi2" and self.ymm else _ISA_CODES[self.isa]
         dot = (3 if self.dot_ymm else 2) if self.bf16_dot else 0
-        return [word, _ISA_CODES[self.nz_isa], self.nz_min_batch, self.columns_max_batch, dot]
+        tiles = _TILE_CODES[self.tiles]
+        return [word, _ISA_CODES[self.nz_isa], self.nz_min_batch, self.columns_max_batch, dot, tiles,
+                self.tiles_min_batch if tiles else 0]
 
 
 @dataclass
@@ -439,6 +497,7 @@ class CPUBitmapBackend:
         columns = columns_max_batch(isa)  # read (and checked) whatever the path
         ymm = isa == "avx512-vbmi2" and p.kind == 1 and choice.get("bf16") == "avx512-256"
         nz_isa = "avx2" if isa == "avx512-vbmi2" and choice.get("nonzeros") == "avx2" and has_path("avx2") else isa
+        tiles = tile_path() if p.kind == 1 else "none"  # bf16 values only
         p.paths = Paths(
             isa,
             nz_isa,
@@ -447,6 +506,8 @@ class CPUBitmapBackend:
             self.bf16_dot,
             ymm=ymm,
             dot_ymm=choice.get("bf16 model") == "avx512-256",
+            tiles=tiles,
+            tiles_min_batch=tiles_min_batch() if tiles != "none" else 0,
         )
         p.sync()
         return p
@@ -472,6 +533,8 @@ class CPUBitmapBackend:
         isa = self.isa
         plan = path_plan() if isa == "avx512-vbmi2" else None
         text = isa
+        if tile_path() != "none":
+            text += f"; {tile_path()} tiles from batch {tiles_min_batch()} (bf16 values)"
         if plan is not None:
             choice = plan.choice()
             text = (

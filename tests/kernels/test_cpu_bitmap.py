@@ -81,6 +81,63 @@ def test_word_and_nonzero_paths_agree_either_side_of_the_switch(monkeypatch, bat
         assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
+TILE_PATHS = [
+    pytest.param(
+        "amx-emulated",
+        marks=pytest.mark.skipif(not cpu_bitmap.has_path("tiles-emulated"), reason="an x86 build has the emulated tiles"),
+    ),
+    pytest.param("amx", marks=pytest.mark.skipif(not cpu_bitmap.has_path("amx"), reason="this CPU has no AMX")),
+]
+
+
+@pytest.mark.parametrize("tiles", TILE_PATHS)
+@KERNEL_SETTINGS
+@given(shape=SHAPES, density=DENSITIES, batch=st.one_of(st.sampled_from([1, 15, 16, 17, 64, 65, 130]), BATCHES),
+       seed=st.integers(0, 2**16))
+def test_tile_path_matches_float64_with_x_in_bf16(tiles, shape, density, batch, seed):
+    """The tile path (on AMX, and its scalar emulation of the same tiles) for bf16 values:
+    row blocks with tails, empty blocks, batch passes of up to four 16-row tiles with
+    tails; within fp32 accumulation error of float64 on x rounded to bf16 (the error
+    the path adds beyond that rounding is the accumulation's)."""
+    tensors, dense = _factor(shape, density, seed, torch.bfloat16)
+    factor = [tensors["bitmap"], tensors["row_offsets"], tensors["values"], torch.empty(0), torch.empty(0, dtype=torch.int16)]
+    code = {"amx": 1, "amx-emulated": 2}[tiles]
+    x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(seed + 1))
+    plan = [1 if cpu_bitmap.has_path("avx2") else 0, 0, 1 << 30, 0, 0, code, 1]
+    assert torch.ops.dsf.bitmap_path(batch, torch.float32, factor, shape[1], plan) == f"tiles {tiles}"
+    y = torch.ops.dsf.bitmap_spmm(x, factor, shape[1], plan)
+    assert y.shape == (batch, shape[0])
+    assert _relative_error(y, x.bfloat16().double() @ dense.double().t()) < 1e-5
+
+
+def test_the_tile_path_is_chosen_for_bf16_factors_from_its_batch(monkeypatch):
+    """DSF_AMX=emulate gives bf16 factors the (emulated) tile path from DSF_AMX_MIN_BATCH
+    on, and fp16 or int8 factors never; DSF_AMX=off, or a CPU without AMX under auto,
+    none. A pair through DSFLinear stays within bf16 rounding of float64 on either side."""
+    if not cpu_bitmap.has_path("tiles-emulated"):
+        pytest.skip("an x86 build has the emulated tiles")
+    monkeypatch.setenv("DSF_AMX", "emulate")
+    monkeypatch.setenv("DSF_AMX_MIN_BATCH", "9")
+    layer = _bound_layer(7, 70, 50, 90)
+    right, left = layer.prepared_operands
+    assert (right.paths.tiles, right.paths.tiles_min_batch) == ("amx-emulated", 9)
+    assert backend.path_at(right, 8) != "tiles amx-emulated" and backend.path_at(right, 9) == "tiles amx-emulated"
+    assert "amx-emulated tiles from batch 9" in backend.describe()
+    for batch in (8, 9, 40):
+        x = torch.randn(batch, 90, generator=torch.Generator().manual_seed(batch))
+        assert _relative_error(layer(x), x.double() @ layer.to_dense_weight().double().t()) < 2**-8
+    for dtype in (torch.float16, torch.int8):
+        tensors = get_format("bitmap").pack(random_sparse(20, 64, 0.5), dtype)
+        assert backend.prepare("bitmap", tensors, (20, 64), torch.float32).paths.tiles == "none"
+    monkeypatch.setenv("DSF_AMX", "off")
+    assert backend.refresh(right).paths.tiles == "none" and backend.refresh(right).plan[5:] == [0, 0]
+    monkeypatch.setenv("DSF_AMX", "auto")
+    assert backend.refresh(right).paths.tiles == ("amx" if cpu_bitmap.has_path("amx") else "none")
+    if not cpu_bitmap.has_path("amx"):
+        with pytest.raises(RuntimeError, match="amx tile path is not available on this CPU"):
+            torch.ops.dsf.bitmap_spmm(torch.randn(20, 90), right.tensors, 90, right.plan[:5] + [1, 1])
+
+
 @pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("shape", [(70, 1100), (130, 576)])
 @pytest.mark.parametrize("batch", [33, 48, 64, 65, 100, 129])
@@ -441,7 +498,8 @@ def test_the_plan_is_timed_on_first_use_not_at_build(monkeypatch):
 @pytest.mark.parametrize(
     "plan,message",
     [
-        ([1, 1, 16, 0], "plan has 5 entries"),
+        ([1, 1, 16, 0], "plan has 5 or 7 entries"),
+        ([1, 1, 16, 0, 0, 3, 16], "tile path code must be 0-2"),
         ([7, 1, 16, 0, 0], "word path code must be 0-3"),
         ([1, 5, 16, 0, 0], "nonzero path code must be 0-2"),
         ([1, 1, 16, 0, 1], "dot path code must be 0, 2 or 3"),

@@ -6,7 +6,7 @@
 // or int8 with one fp32 scale per row), as dsf_runtime/formats/bitmap.py writes it.
 // Every path computes y[b, r] = sum_c S[r, c] * x[b, c] with fp32 accumulation, rows
 // split over OpenMP threads. The sources: portable.cpp (any CPU), avx2.cpp,
-// avx512.cpp, avx512_bf16.cpp (one per instruction family, compiled with target
+// avx512.cpp, avx512_bf16.cpp, amx.cpp (one per instruction family, compiled with target
 // attributes so that one build runs everywhere), check.cpp (validation, column
 // decoding), plan.cpp (timing the variants), ops.cpp (the torch ops and the dispatch
 // table filled once at load). The caller validated every index and offset when the
@@ -90,6 +90,9 @@ void nz_avx2(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void cols_avx2(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void words_avx512(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void nz_avx512(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
+bool has_amx();           // AMX-TILE + AMX-BF16, the OS's tile state and (Linux) the process's permission
+void tiles_amx(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
+void tiles_emulated(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void words_avx512_256(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void dot_avx512(const Factor&, const uint16_t*, int64_t, float*, int64_t, int64_t);
 void dot_avx512_256(const Factor&, const uint16_t*, int64_t, float*, int64_t, int64_t);

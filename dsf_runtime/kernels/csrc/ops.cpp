@@ -9,10 +9,11 @@
 // passed bitmap_check (done once when a checkpoint is loaded); each call checks shapes,
 // dtypes and the offsets' total only.
 //
-// A plan is int[5]: word path (0 none, 1 avx2, 2 avx512, 3 avx512-256), nonzero path
-// (0 portable, 1 avx2, 2 avx512), nz_min_batch (from this batch on the nonzero path),
+// A plan is int[5] or int[7]: word path (0 none, 1 avx2, 2 avx512, 3 avx512-256), nonzero
+// path (0 portable, 1 avx2, 2 avx512), nz_min_batch (from this batch on the nonzero path),
 // columns_max_batch (up to this batch the column-index path, where columns are given),
-// bf16 dot path for bf16 x (0 none, 2 avx512, 3 avx512-256).
+// bf16 dot path for bf16 x (0 none, 2 avx512, 3 avx512-256), then tile path for bf16
+// values (0 none, 1 amx, 2 emulated tiles) and tiles_min_batch (from this batch on).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -43,6 +44,7 @@ struct Table {
   SpmmFn words[4] = {nullptr, nullptr, nullptr, nullptr};
   SpmmFn nz[3] = {nz_portable, nullptr, nullptr};
   SpmmFn cols = nullptr;
+  SpmmFn tiles[3] = {nullptr, nullptr, nullptr};  // 1: AMX, 2: emulated tiles (tests)
   DotFn dot[4] = {nullptr, nullptr, nullptr, nullptr};
   DenseFn dense = nullptr;
   AttendFn attend = attend_portable;
@@ -52,6 +54,8 @@ struct Table {
 Table make_table() {
   Table t;
 #ifdef DSF_X86
+  t.tiles[2] = tiles_emulated;
+  t.names.push_back("tiles-emulated");
   if (has_avx2()) {
     t.words[1] = words_avx2;
     t.nz[1] = nz_avx2;
@@ -71,6 +75,10 @@ Table make_table() {
     t.dot[3] = dot_avx512_256;
     t.names.push_back("avx512-bf16");
   }
+  if (has_amx()) {
+    t.tiles[1] = tiles_amx;
+    t.names.push_back("amx");
+  }
 #endif
   return t;
 }
@@ -78,13 +86,20 @@ Table make_table() {
 const Table kTable = make_table();  // once, at load
 
 struct Plan {
-  int64_t word, nz, nz_min_batch, columns_max_batch, dot;
+  int64_t word, nz, nz_min_batch, columns_max_batch, dot, tiles, tiles_min_batch;
 };
 
+const char* const kTileNames[] = {"none", "amx", "amx-emulated"};
+
 Plan unpack_plan(at::IntArrayRef p) {
-  TORCH_CHECK(p.size() == 5, "a cpu-bitmap plan has 5 entries (word, nz, nz_min_batch, columns_max_batch, dot), got ",
+  TORCH_CHECK(p.size() == 5 || p.size() == 7,
+              "a cpu-bitmap plan has 5 or 7 entries (word, nz, nz_min_batch, columns_max_batch, dot[, tiles, "
+              "tiles_min_batch]), got ",
               p.size());
-  Plan plan{p[0], p[1], p[2], p[3], p[4]};
+  Plan plan{p[0], p[1], p[2], p[3], p[4], p.size() == 7 ? p[5] : 0, p.size() == 7 ? p[6] : 0};
+  TORCH_CHECK(plan.tiles >= 0 && plan.tiles <= 2, "plan: tile path code must be 0-2, got ", plan.tiles);
+  TORCH_CHECK(plan.tiles == 0 || kTable.tiles[plan.tiles], "the ", kTileNames[plan.tiles],
+              " tile path is not available on this CPU");
   TORCH_CHECK(plan.word >= 0 && plan.word <= 3, "plan: word path code must be 0-3, got ", plan.word);
   TORCH_CHECK(plan.nz >= 0 && plan.nz <= 2, "plan: nonzero path code must be 0-2, got ", plan.nz);
   TORCH_CHECK(plan.dot == 0 || plan.dot == 2 || plan.dot == 3, "plan: dot path code must be 0, 2 or 3, got ",
@@ -144,10 +159,11 @@ at::Tensor padded(const at::Tensor& x, int64_t width, at::ScalarType dtype) {
 
 // The path a call with n rows of x in ``dtype`` takes: the one decision spmm runs on and
 // bitmap_path reports.
-enum class Path { kColumns, kNonzeros, kDot, kWords };
+enum class Path { kColumns, kTiles, kNonzeros, kDot, kWords };
 
 Path choose_path(int64_t n, at::ScalarType dtype, const Factor& f, const Plan& plan) {
   if (f.columns && n <= plan.columns_max_batch && kTable.cols) return Path::kColumns;
+  if (plan.tiles && n >= plan.tiles_min_batch && f.kind == kBf16) return Path::kTiles;
   if (plan.word == 0 || n >= plan.nz_min_batch) return Path::kNonzeros;
   if (dtype == at::kBFloat16 && f.kind == kBf16 && plan.dot) return Path::kDot;
   return Path::kWords;
@@ -168,6 +184,9 @@ at::Tensor spmm(const at::Tensor& x, const Factor& f, const Plan& plan) {
   if (path == Path::kColumns) {
     at::Tensor xf = x.to(at::kFloat).contiguous();
     kTable.cols(f, xf.data_ptr<float>(), f.cols, y.data_ptr<float>(), f.rows, n);
+  } else if (path == Path::kTiles) {
+    at::Tensor xp = padded(x, width, at::kFloat);
+    kTable.tiles[plan.tiles](f, xp.data_ptr<float>(), width, y.data_ptr<float>(), f.rows, n);
   } else if (path == Path::kNonzeros) {
     TORCH_CHECK(plan.nz != 2 || f.kind != kInt8, "the avx512 nonzero path takes fp16 or bf16 values");
     at::Tensor xf = x.to(at::kFloat).contiguous();
@@ -458,6 +477,7 @@ std::string bitmap_path(int64_t n, at::ScalarType dtype, const std::vector<at::T
   const Plan plan = unpack_plan(plan_codes);
   switch (choose_path(n, dtype, f, plan)) {
     case Path::kColumns: return "columns avx2";
+    case Path::kTiles: return std::string("tiles ") + kTileNames[plan.tiles];
     case Path::kNonzeros: return std::string("nonzeros ") + kNzNames[plan.nz];
     case Path::kDot: return std::string("dot ") + kWordNames[plan.dot];
     default: return std::string("words ") + kWordNames[plan.word];
