@@ -79,9 +79,15 @@ def columns_max_batch(isa: str) -> int:
 
 
 def tiles_min_batch() -> int:
-    """The batch from which bf16 factors take the tile path (DSF_AMX_MIN_BATCH overrides)."""
+    """The batch from which bf16 factors take the tile path: DSF_AMX_MIN_BATCH, else where
+    the plan timed it faster than the nonzero path on this CPU (0: never), else the
+    tuning default (the emulated tiles)."""
     value = settings.get("DSF_AMX_MIN_BATCH")
-    return TILES_MIN_BATCH if value is None else value
+    if value is not None:
+        return value
+    plan = path_plan() if has_path("amx") else None
+    measured = plan.tiles_min_batch() if plan is not None else None
+    return TILES_MIN_BATCH if measured is None else measured
 
 
 _TILE_CHECK: dict[str, bool] = {}  # tile path -> whether it matched the emulated tiles on this CPU
@@ -96,7 +102,7 @@ def tile_path() -> str:
         return "none"
     if mode == "emulate":
         return "amx-emulated" if has_path("tiles-emulated") else "none"
-    if not has_path("amx"):
+    if not has_path("amx") or tiles_min_batch() == 0:
         return "none"
     if "amx" not in _TILE_CHECK:
         _TILE_CHECK["amx"] = _tiles_agree()
@@ -180,6 +186,9 @@ PLAN_CANDIDATES = (
     "avx512-256 bf16 model",
     "avx512 nonzeros",
     "avx2 nonzeros",
+    "amx tiles",
+    "amx tiles 64",
+    "avx512 nonzeros 64",
 )
 _WIDTHS = ("auto", "512", "256")
 
@@ -222,6 +231,19 @@ class PathPlan:
             "bf16 model": "avx512-256" if self._faster("avx512-256 bf16 model", "avx512 bf16 model") else "avx512",
             "nonzeros": "avx2" if self._faster("avx2 nonzeros", "avx512 nonzeros") else "avx512",
         }
+
+
+    def tiles_min_batch(self) -> int | None:
+        """The batch from which the AMX tile path beats the nonzero path on this CPU: 16
+        where it is faster at 16, 64 where only at 64, 0 where at neither; None where the
+        CPU has no tile path timed."""
+        if self.ns.get("amx tiles") is None:
+            return None
+        nz16 = min((t for t in (self.ns.get("avx512 nonzeros"), self.ns.get("avx2 nonzeros")) if t is not None),
+                   default=None)
+        if nz16 is None or self.ns["amx tiles"] < nz16:
+            return 16
+        return 64 if self._faster("amx tiles 64", "avx512 nonzeros 64") else 0
 
 
 _PLAN: PathPlan | None = None

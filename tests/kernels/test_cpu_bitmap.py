@@ -468,7 +468,9 @@ def test_the_plan_times_every_variant_this_cpu_has():
     assert plan is not None and set(plan.ns) == set(cpu_bitmap.PLAN_CANDIDATES)
     for name, ns in plan.ns.items():
         needs_bf16 = name.startswith("avx512-256") or name.endswith("bf16 model")  # AVX512_BF16's
-        assert (ns is None) == (needs_bf16 and not cpu_bitmap.has_path("avx512-bf16")), name
+        needs_amx = name.startswith("amx") or name.endswith(" 64")
+        missing = (needs_bf16 and not cpu_bitmap.has_path("avx512-bf16")) or (needs_amx and not cpu_bitmap.has_path("amx"))
+        assert (ns is None) == missing, name
         assert ns is None or 0 < ns < 1e9  # one call on a 2048 x 4096 factor: well under a second
     assert backend.describe().startswith("avx512-vbmi2; words: bf16 values ")
     names, _ = torch.ops.dsf.plan_paths()  # every variant the library times is one the plan knows
@@ -834,6 +836,19 @@ def test_the_plan_picks_the_fastest_variant(monkeypatch, ns, expected):
     monkeypatch.delenv("DSF_AVX512_WIDTH", raising=False)
     choice = _plan(**ns).choice()
     assert (choice["bf16"], choice["fp16"], choice["bf16 model"], choice["nonzeros"]) == expected
+
+
+@pytest.mark.parametrize(
+    "ns,expected",
+    [
+        ({}, None),  # no AMX: nothing timed
+        ({"amx tiles": 90.0, "avx512 nonzeros": 100.0, "avx2 nonzeros": 120.0}, 16),
+        ({"amx tiles": 110.0, "avx512 nonzeros": 100.0, "amx tiles 64": 150.0, "avx512 nonzeros 64": 300.0}, 64),
+        ({"amx tiles": 110.0, "avx2 nonzeros": 100.0, "amx tiles 64": 350.0, "avx512 nonzeros 64": 300.0}, 0),
+    ],
+)
+def test_the_plan_starts_the_tile_path_where_it_timed_it_faster(ns, expected):
+    assert cpu_bitmap.PathPlan(ns).tiles_min_batch() == expected
 
 
 def test_the_width_setting_overrides_the_plan_and_is_checked(monkeypatch):

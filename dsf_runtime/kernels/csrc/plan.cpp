@@ -4,7 +4,8 @@
 // 30% dense (3.5 MiB, past L2, as real layers are; on a 1024 x 2048 one Zen 4's 256-bit
 // variant and AVX2 path came within noise of each other); each variant is called in
 // turn, 9 rounds, and its best time kept (~0.1 s). Word paths run at batch 1 with fp32 x
-// (bf16 x for the "model" variants), nonzero paths at batch 16 with bf16 values.
+// (bf16 x for the "model" variants), nonzero paths at batch 16 with bf16 values, the AMX
+// tile path at batches 16 and 64 (and the AVX-512 nonzero path at 64 beside it).
 #include <chrono>
 #include <functional>
 
@@ -50,6 +51,13 @@ std::vector<std::pair<const char*, double>> time_paths() {
     word("avx512-256 bf16", words_avx512_256, fb);
     runs.emplace_back("avx512 bf16 model", [&] { dot_avx512(fb, xb.data(), cols, y.data(), rows, 1); });
     runs.emplace_back("avx512-256 bf16 model", [&] { dot_avx512_256(fb, xb.data(), cols, y.data(), rows, 1); });
+  }
+  // The tile path against the AVX-512 nonzero path, at a decode batch and a prefill chunk.
+  std::vector<float> x64(size_t(64 * cols), 0.25f), y64(static_cast<size_t>(64 * rows));
+  if (has_amx()) {
+    runs.emplace_back("amx tiles", [&] { tiles_amx(fb, x16.data(), cols, y16.data(), rows, 16); });
+    runs.emplace_back("amx tiles 64", [&] { tiles_amx(fb, x64.data(), cols, y64.data(), rows, 64); });
+    runs.emplace_back("avx512 nonzeros 64", [&] { nz_avx512(fb, x64.data(), cols, y64.data(), rows, 64); });
   }
   if (has_avx2()) {
     word("avx2 bf16", words_avx2, fb);
