@@ -92,19 +92,16 @@ struct HwTiles {
     if (ng > 3) _tile_stored(3, c + 768, 64);
   }
   DSF_AMX void end() { _tile_release(); }
-  // Row r0 + i's packed values for word w into a [w][i][32]; the rows past ``nr`` and the
-  // words no row of the block has bits in stay zero / are flagged empty.
-  DSF_AMX static void expand(const Factor& f, int64_t r0, int64_t nr, uint16_t* a, uint8_t* nonempty) {
+  // Row r0 + i's packed values for word w into a [w][i][32], for the words that some row
+  // of the block has bits in (``nonempty``, see block_words); rows past ``nr`` are zero.
+  DSF_AMX static void expand(const Factor& f, int64_t r0, int64_t nr, uint16_t* a, const uint8_t* nonempty) {
     const uint16_t* values = static_cast<const uint16_t*>(f.values);
-    std::memset(nonempty, 0, size_t(f.words));
-    std::memset(a, 0, size_t(f.words * kTileElems) * sizeof(uint16_t));
-    for (int64_t i = 0; i < nr; ++i) {
-      const uint32_t* row = reinterpret_cast<const uint32_t*>(f.bitmap) + (r0 + i) * f.words;
-      const uint16_t* v = values + f.offsets[r0 + i];
+    for (int64_t i = 0; i < kTileM; ++i) {
+      const uint32_t* row = i < nr ? reinterpret_cast<const uint32_t*>(f.bitmap) + (r0 + i) * f.words : nullptr;
+      const uint16_t* v = i < nr ? values + f.offsets[r0 + i] : nullptr;
       for (int64_t w = 0; w < f.words; ++w) {
-        const uint32_t bits = row[w];
-        if (!bits) continue;
-        nonempty[w] = 1;
+        if (!nonempty[w]) continue;
+        const uint32_t bits = i < nr ? row[w] : 0;
         _mm512_storeu_si512(a + w * kTileElems + i * kTileK, _mm512_maskz_expandloadu_epi16(bits, v));
         v += __builtin_popcount(bits);
       }
@@ -133,24 +130,29 @@ struct EmulatedTiles {
   }
   void store(float* out, int64_t ng) { std::memcpy(out, c, size_t(ng * kTileM * kTileN) * sizeof(float)); }
   void end() {}
-  static void expand(const Factor& f, int64_t r0, int64_t nr, uint16_t* a, uint8_t* nonempty) {
+  static void expand(const Factor& f, int64_t r0, int64_t nr, uint16_t* a, const uint8_t* nonempty) {
     const uint16_t* values = static_cast<const uint16_t*>(f.values);
-    std::memset(nonempty, 0, size_t(f.words));
-    std::memset(a, 0, size_t(f.words * kTileElems) * sizeof(uint16_t));
-    for (int64_t i = 0; i < nr; ++i) {
-      const uint32_t* row = reinterpret_cast<const uint32_t*>(f.bitmap) + (r0 + i) * f.words;
-      const uint16_t* v = values + f.offsets[r0 + i];
+    for (int64_t i = 0; i < kTileM; ++i) {
+      const uint32_t* row = i < nr ? reinterpret_cast<const uint32_t*>(f.bitmap) + (r0 + i) * f.words : nullptr;
+      const uint16_t* v = i < nr ? values + f.offsets[r0 + i] : nullptr;
       for (int64_t w = 0; w < f.words; ++w) {
-        uint32_t bits = row[w];
-        if (bits) nonempty[w] = 1;
-        while (bits) {
-          a[w * kTileElems + i * kTileK + __builtin_ctz(bits)] = *v++;
-          bits &= bits - 1;
-        }
+        if (!nonempty[w]) continue;
+        uint16_t* out = a + w * kTileElems + i * kTileK;
+        std::fill(out, out + kTileK, uint16_t(0));
+        for (uint32_t bits = i < nr ? row[w] : 0; bits; bits &= bits - 1) out[__builtin_ctz(bits)] = *v++;
       }
     }
   }
 };
+
+// Which words of rows r0..r0+nr-1 hold a nonzero (the blocks the tile loop visits).
+void block_words(const Factor& f, int64_t r0, int64_t nr, uint8_t* nonempty) {
+  std::memset(nonempty, 0, size_t(f.words));
+  for (int64_t i = 0; i < nr; ++i) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(f.bitmap) + (r0 + i) * f.words;
+    for (int64_t w = 0; w < f.words; ++w) nonempty[w] |= uint8_t(row[w] != 0);
+  }
+}
 
 // x [batch][ldx] (32 * words columns readable, zero padded) as bf16 B tiles:
 // xp [words][batch tiles][16 column pairs][16 batch rows][2], zero past the batch.
@@ -186,6 +188,7 @@ void tiles_spmm(const Factor& f, const float* x, int64_t ldx, float* y, int64_t 
 #pragma omp for schedule(dynamic, 1)
       for (int64_t rb = 0; rb < row_blocks; ++rb) {
         const int64_t r0 = rb * kTileM, nr = std::min(kTileM, f.rows - r0);
+        block_words(f, r0, nr, nonempty.data());
         Tiles::expand(f, r0, nr, a.data(), nonempty.data());
         tiles.zero();
         for (int64_t w = 0; w < words; ++w)
