@@ -40,6 +40,30 @@ inline uint16_t bf16_round(float v) {
   return uint16_t((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 
+// One block of 16 factor rows as the expansion reads it: each row's bitmap words (zero
+// for rows past the factor), its first packed value, and the words some row has bits in
+// (the blocks the tile loop visits).
+struct Block {
+  std::vector<uint32_t> bits;  // [16][words]
+  std::vector<int64_t> words;
+  const uint16_t* start[kTileM];
+
+  void load(const Factor& f, int64_t r0, int64_t nr) {
+    bits.assign(size_t(kTileM * f.words), 0u);
+    words.clear();
+    const uint16_t* values = static_cast<const uint16_t*>(f.values);
+    for (int64_t i = 0; i < kTileM; ++i) {
+      start[i] = i < nr ? values + f.offsets[r0 + i] : values;
+      if (i < nr) std::memcpy(bits.data() + i * f.words, f.bitmap + (r0 + i) * f.words, size_t(f.words) * 4);
+    }
+    for (int64_t w = 0; w < f.words; ++w) {
+      uint32_t any = 0;
+      for (int64_t i = 0; i < nr; ++i) any |= bits[size_t(i * f.words + w)];
+      if (any) words.push_back(w);
+    }
+  }
+};
+
 // Hardware tiles: the configuration (all six tiles 16 rows x 64 bytes) is per thread.
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -92,16 +116,13 @@ struct HwTiles {
     if (ng > 3) _tile_stored(3, c + 768, 64);
   }
   DSF_AMX void end() { _tile_release(); }
-  // Row r0 + i's packed values for word w into a [w][i][32], for the words that some row
-  // of the block has bits in (``nonempty``, see block_words); rows past ``nr`` are zero.
-  DSF_AMX static void expand(const Factor& f, int64_t r0, int64_t nr, uint16_t* a, const uint8_t* nonempty) {
-    const uint16_t* values = static_cast<const uint16_t*>(f.values);
+  // Row i's packed values for each visited word w into a [w][i][32] (zeros where it has
+  // no bits there).
+  DSF_AMX static void expand(const Block& blk, int64_t words, uint16_t* a) {
     for (int64_t i = 0; i < kTileM; ++i) {
-      const uint32_t* row = i < nr ? reinterpret_cast<const uint32_t*>(f.bitmap) + (r0 + i) * f.words : nullptr;
-      const uint16_t* v = i < nr ? values + f.offsets[r0 + i] : nullptr;
-      for (int64_t w = 0; w < f.words; ++w) {
-        if (!nonempty[w]) continue;
-        const uint32_t bits = i < nr ? row[w] : 0;
+      const uint16_t* v = blk.start[i];
+      for (const int64_t w : blk.words) {
+        const uint32_t bits = blk.bits[size_t(i * words + w)];
         _mm512_storeu_si512(a + w * kTileElems + i * kTileK, _mm512_maskz_expandloadu_epi16(bits, v));
         v += __builtin_popcount(bits);
       }
@@ -130,29 +151,17 @@ struct EmulatedTiles {
   }
   void store(float* out, int64_t ng) { std::memcpy(out, c, size_t(ng * kTileM * kTileN) * sizeof(float)); }
   void end() {}
-  static void expand(const Factor& f, int64_t r0, int64_t nr, uint16_t* a, const uint8_t* nonempty) {
-    const uint16_t* values = static_cast<const uint16_t*>(f.values);
+  static void expand(const Block& blk, int64_t words, uint16_t* a) {
     for (int64_t i = 0; i < kTileM; ++i) {
-      const uint32_t* row = i < nr ? reinterpret_cast<const uint32_t*>(f.bitmap) + (r0 + i) * f.words : nullptr;
-      const uint16_t* v = i < nr ? values + f.offsets[r0 + i] : nullptr;
-      for (int64_t w = 0; w < f.words; ++w) {
-        if (!nonempty[w]) continue;
+      const uint16_t* v = blk.start[i];
+      for (const int64_t w : blk.words) {
         uint16_t* out = a + w * kTileElems + i * kTileK;
         std::fill(out, out + kTileK, uint16_t(0));
-        for (uint32_t bits = i < nr ? row[w] : 0; bits; bits &= bits - 1) out[__builtin_ctz(bits)] = *v++;
+        for (uint32_t bits = blk.bits[size_t(i * words + w)]; bits; bits &= bits - 1) out[__builtin_ctz(bits)] = *v++;
       }
     }
   }
 };
-
-// Which words of rows r0..r0+nr-1 hold a nonzero (the blocks the tile loop visits).
-void block_words(const Factor& f, int64_t r0, int64_t nr, uint8_t* nonempty) {
-  std::memset(nonempty, 0, size_t(f.words));
-  for (int64_t i = 0; i < nr; ++i) {
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(f.bitmap) + (r0 + i) * f.words;
-    for (int64_t w = 0; w < f.words; ++w) nonempty[w] |= uint8_t(row[w] != 0);
-  }
-}
 
 // x [batch][ldx] (32 * words columns readable, zero padded) as bf16 B tiles:
 // xp [words][batch tiles][16 column pairs][16 batch rows][2], zero past the batch.
@@ -183,16 +192,16 @@ void tiles_spmm(const Factor& f, const float* x, int64_t ldx, float* y, int64_t 
       Tiles tiles;
       tiles.begin();
       std::vector<uint16_t> a(static_cast<size_t>(words * kTileElems));
-      std::vector<uint8_t> nonempty(static_cast<size_t>(words));
+      Block blk;
       alignas(64) float c[kGroup * kTileM * kTileN];
 #pragma omp for schedule(dynamic, 1)
       for (int64_t rb = 0; rb < row_blocks; ++rb) {
         const int64_t r0 = rb * kTileM, nr = std::min(kTileM, f.rows - r0);
-        block_words(f, r0, nr, nonempty.data());
-        Tiles::expand(f, r0, nr, a.data(), nonempty.data());
+        blk.load(f, r0, nr);
+        Tiles::expand(blk, words, a.data());
         tiles.zero();
-        for (int64_t w = 0; w < words; ++w)
-          if (nonempty[size_t(w)]) tiles.step(a.data() + w * kTileElems, xp.data() + (w * nt + g0) * kTileElems, ng);
+        for (const int64_t w : blk.words)
+          tiles.step(a.data() + w * kTileElems, xp.data() + (w * nt + g0) * kTileElems, ng);
         tiles.store(c, ng);
         for (int64_t j = 0; j < ng; ++j)
           for (int64_t n = 0; n < kTileN; ++n) {
