@@ -127,7 +127,9 @@ def _tiles_agree() -> bool:
         return False
     want = cpu_ops.ops().bitmap_spmm(x, factor, 300, base + [_TILE_CODES["amx-emulated"], 1])
     if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
-        log.warning("the AMX tile path disagrees with the emulated tiles on this CPU; bf16 factors run the vector paths")
+        log.warning(
+            "the AMX tile path disagrees with the emulated tiles on this CPU; bf16 factors run the vector paths"
+        )
         return False
     return True
 
@@ -232,15 +234,15 @@ class PathPlan:
             "nonzeros": "avx2" if self._faster("avx2 nonzeros", "avx512 nonzeros") else "avx512",
         }
 
-
     def tiles_min_batch(self) -> int | None:
         """The batch from which the AMX tile path beats the nonzero path on this CPU: 16
         where it is faster at 16, 64 where only at 64, 0 where at neither; None where the
         CPU has no tile path timed."""
         if self.ns.get("amx tiles") is None:
             return None
-        nz16 = min((t for t in (self.ns.get("avx512 nonzeros"), self.ns.get("avx2 nonzeros")) if t is not None),
-                   default=None)
+        nz16 = min(
+            (t for t in (self.ns.get("avx512 nonzeros"), self.ns.get("avx2 nonzeros")) if t is not None), default=None
+        )
         if nz16 is None or self.ns["amx tiles"] < nz16:
             return 16
         return 64 if self._faster("amx tiles 64", "avx512 nonzeros 64") else 0
@@ -387,8 +389,15 @@ class Paths:
         word = 3 if self.isa == "avx512-vbmi2" and self.ymm else _ISA_CODES[self.isa]
         dot = (3 if self.dot_ymm else 2) if self.bf16_dot else 0
         tiles = _TILE_CODES[self.tiles]
-        return [word, _ISA_CODES[self.nz_isa], self.nz_min_batch, self.columns_max_batch, dot, tiles,
-                self.tiles_min_batch if tiles else 0]
+        return [
+            word,
+            _ISA_CODES[self.nz_isa],
+            self.nz_min_batch,
+            self.columns_max_batch,
+            dot,
+            tiles,
+            self.tiles_min_batch if tiles else 0,
+        ]
 
 
 @dataclass

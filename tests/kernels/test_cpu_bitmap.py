@@ -84,7 +84,9 @@ def test_word_and_nonzero_paths_agree_either_side_of_the_switch(monkeypatch, bat
 TILE_PATHS = [
     pytest.param(
         "amx-emulated",
-        marks=pytest.mark.skipif(not cpu_bitmap.has_path("tiles-emulated"), reason="an x86 build has the emulated tiles"),
+        marks=pytest.mark.skipif(
+            not cpu_bitmap.has_path("tiles-emulated"), reason="an x86 build has the emulated tiles"
+        ),
     ),
     pytest.param("amx", marks=pytest.mark.skipif(not cpu_bitmap.has_path("amx"), reason="this CPU has no AMX")),
 ]
@@ -92,15 +94,25 @@ TILE_PATHS = [
 
 @pytest.mark.parametrize("tiles", TILE_PATHS)
 @KERNEL_SETTINGS
-@given(shape=SHAPES, density=DENSITIES, batch=st.one_of(st.sampled_from([1, 15, 16, 17, 64, 65, 130]), BATCHES),
-       seed=st.integers(0, 2**16))
+@given(
+    shape=SHAPES,
+    density=DENSITIES,
+    batch=st.one_of(st.sampled_from([1, 15, 16, 17, 64, 65, 130]), BATCHES),
+    seed=st.integers(0, 2**16),
+)
 def test_tile_path_matches_float64_with_x_in_bf16(tiles, shape, density, batch, seed):
     """The tile path (on AMX, and its scalar emulation of the same tiles) for bf16 values:
     row blocks with tails, empty blocks, batch passes of up to four 16-row tiles with
     tails; within fp32 accumulation error of float64 on x rounded to bf16 (the error
     the path adds beyond that rounding is the accumulation's)."""
     tensors, dense = _factor(shape, density, seed, torch.bfloat16)
-    factor = [tensors["bitmap"], tensors["row_offsets"], tensors["values"], torch.empty(0), torch.empty(0, dtype=torch.int16)]
+    factor = [
+        tensors["bitmap"],
+        tensors["row_offsets"],
+        tensors["values"],
+        torch.empty(0),
+        torch.empty(0, dtype=torch.int16),
+    ]
     code = {"amx": 1, "amx-emulated": 2}[tiles]
     x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(seed + 1))
     plan = [1 if cpu_bitmap.has_path("avx2") else 0, 0, 1 << 30, 0, 0, code, 1]
@@ -469,7 +481,9 @@ def test_the_plan_times_every_variant_this_cpu_has():
     for name, ns in plan.ns.items():
         needs_bf16 = name.startswith("avx512-256") or name.endswith("bf16 model")  # AVX512_BF16's
         needs_amx = name.startswith("amx") or name.endswith(" 64")
-        missing = (needs_bf16 and not cpu_bitmap.has_path("avx512-bf16")) or (needs_amx and not cpu_bitmap.has_path("amx"))
+        missing = (needs_bf16 and not cpu_bitmap.has_path("avx512-bf16")) or (
+            needs_amx and not cpu_bitmap.has_path("amx")
+        )
         assert (ns is None) == missing, name
         assert ns is None or 0 < ns < 1e9  # one call on a 2048 x 4096 factor: well under a second
     assert backend.describe().startswith("avx512-vbmi2; words: bf16 values ")
