@@ -115,7 +115,6 @@ def _tiles_agree() -> bool:
     a warning rather than let it give wrong answers)."""
     g = torch.Generator().manual_seed(0)
     dense = torch.randn(45, 300, generator=g) * (torch.rand(45, 300, generator=g) < 0.3)
-
     tensors = get_format("bitmap").pack(dense, torch.bfloat16)
     factor = [tensors["bitmap"], tensors["row_offsets"], tensors["values"], torch.empty(0), _NO_COLUMNS]
     x = torch.randn(37, 300, generator=g)
@@ -564,14 +563,15 @@ class CPUBitmapBackend:
         isa = self.isa
         plan = path_plan() if isa == "avx512-vbmi2" else None
         text = isa
-        if tile_path() != "none":
-            text += f"; {tile_path()} tiles from batch {tiles_min_batch()} (bf16 values)"
         if plan is not None:
             choice = plan.choice()
             text = (
                 f"{isa}; words: bf16 values {choice['bf16']}, fp16 values {choice['fp16']}; "
                 f"nonzeros {choice['nonzeros']}"
             )
+        tiles = tile_path()
+        if tiles != "none":
+            text += f"; {tiles} tiles from batch {tiles_min_batch()} (bf16 values)"
         columns = [p.columns for p in operands or () if getattr(p, "columns", None) is not None]
         if columns:
             text += (

@@ -306,6 +306,17 @@ at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double e
   return h;
 }
 
+// pos (n positions, int64) as a contiguous tensor, each checked to lie in [0, max_len):
+// the caches' slot positions the decode-step ops write or read.
+at::Tensor checked_positions(const at::Tensor& pos, int64_t n, int64_t max_len, const char* op) {
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == n, op, ": pos holds ", n, " int64 positions");
+  at::Tensor pc = pos.contiguous();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < n; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < max_len, op, ": position ", pp[b], " outside the cache's ", max_len);
+  return pc;
+}
+
 std::array<BoundPair, 3> bound_three(at::IntArrayRef handles, const char* op) {
   TORCH_CHECK(handles.size() == 6, op, " takes 6 handles (three pairs: R or 0, then L), got ", handles.size());
   return {bound_pair(handles[0], handles[1], op), bound_pair(handles[2], handles[3], op),
@@ -364,11 +375,8 @@ at::Tensor attn_inputs_bound(const at::Tensor& x, const at::Tensor& weight, doub
   TORCH_CHECK(f[0].cols() == hidden && f[1].cols() == hidden && f[2].cols() == hidden &&
                   f[0].rows() == heads * d && f[1].rows() == kv_heads * d && f[2].rows() == kv_heads * d,
               "attn_inputs_bound: q, k, v map ", hidden, " features to ", heads, " and ", kv_heads, " heads of ", d);
-  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == n, "attn_inputs_bound: pos holds ", n, " int64 positions");
-  const at::Tensor pc = pos.contiguous();
+  const at::Tensor pc = checked_positions(pos, n, max_len, "attn_inputs_bound");
   const int64_t* pp = pc.data_ptr<int64_t>();
-  for (int64_t b = 0; b < n; ++b)
-    TORCH_CHECK(pp[b] >= 0 && pp[b] < max_len, "attn_inputs_bound: position ", pp[b], " outside the cache's ", max_len);
   const at::Tensor h = rms_norm_rows(x.reshape({n, hidden}).contiguous(), weight, eps);
   const at::Tensor q = f[0].apply(h);  // (n, heads * d)
   const at::Tensor k = f[1].apply(h);  // (n, kv_heads * d)
@@ -438,12 +446,9 @@ at::Tensor attend_cached_op(const at::Tensor& q, const at::Tensor& k_cache, cons
   const int64_t n = q.size(0), max_len = k_cache.size(2), d = k_cache.size(3);
   TORCH_CHECK(q.dim() == 4 && q.size(1) == heads && q.size(2) == 1 && q.size(3) == d && k_cache.size(0) >= n,
               "attend_cached: q (n <= slots, ", heads, ", 1, ", d, "), got ", q.sizes());
-  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == n, "attend_cached: pos holds ", n, " int64 positions");
-  const at::Tensor pc = pos.contiguous();
-  const int64_t* pp = pc.data_ptr<int64_t>();
-  for (int64_t b = 0; b < n; ++b)
-    TORCH_CHECK(pp[b] >= 0 && pp[b] < max_len, "attend_cached: position ", pp[b], " outside the cache's ", max_len);
-  return attend_cached(q, k_cache, v_cache, pp, heads, kv_heads, scale, portable ? attend_portable : kTable.attend);
+  const at::Tensor pc = checked_positions(pos, n, max_len, "attend_cached");
+  return attend_cached(q, k_cache, v_cache, pc.data_ptr<int64_t>(), heads, kv_heads, scale,
+                       portable ? attend_portable : kTable.attend);
 }
 
 // A whole decoder layer's decode step on bound factors: attn_inputs_bound, attention over

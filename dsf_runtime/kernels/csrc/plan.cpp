@@ -53,8 +53,10 @@ std::vector<std::pair<const char*, double>> time_paths() {
     runs.emplace_back("avx512-256 bf16 model", [&] { dot_avx512_256(fb, xb.data(), cols, y.data(), rows, 1); });
   }
   // The tile path against the AVX-512 nonzero path, at a decode batch and a prefill chunk.
-  std::vector<float> x64(size_t(64 * cols), 0.25f), y64(static_cast<size_t>(64 * rows));
+  std::vector<float> x64, y64;
   if (has_amx()) {
+    x64.assign(size_t(64 * cols), 0.25f);
+    y64.resize(size_t(64 * rows));
     runs.emplace_back("amx tiles", [&] { tiles_amx(fb, x16.data(), cols, y16.data(), rows, 16); });
     runs.emplace_back("amx tiles 64", [&] { tiles_amx(fb, x64.data(), cols, y64.data(), rows, 64); });
     runs.emplace_back("avx512 nonzeros 64", [&] { nz_avx512(fb, x64.data(), cols, y64.data(), rows, 64); });
