@@ -133,6 +133,20 @@ def _tiles_agree() -> bool:
     return True
 
 
+def amx_reason() -> str:
+    """Why this machine has no AMX tile path ("" where it has one): no AMX in the CPU, the
+    OS not enabling tile state, or Linux refusing the process the tile-data permission
+    (the library asks for it once); the library's build failure where it did not build."""
+    if not build():
+        return f"the CPU kernel did not build: {unavailable_reason()}"
+    return str(cpu_ops.ops().amx_reason())
+
+
+# Where amx_reason() says this, the machine has no AMX hardware at all; any other reason
+# (an AMX CPU whose OS or process cannot use it) is worth telling users.
+_NO_AMX_HARDWARE = ("the CPU has no AMX", "the tile path needs an x86 CPU")
+
+
 _REASON: str | None = None
 _LOADED = False
 _PATHS: frozenset[str] = frozenset()  # the op library's paths on this CPU (cpu_paths), read once at build
@@ -572,6 +586,10 @@ class CPUBitmapBackend:
         tiles = tile_path()
         if tiles != "none":
             text += f"; {tiles} tiles from batch {tiles_min_batch()} (bf16 values)"
+        else:
+            reason = amx_reason()
+            if reason and not reason.startswith(_NO_AMX_HARDWARE):
+                text += f"; no AMX tiles: {reason}"
         columns = [p.columns for p in operands or () if getattr(p, "columns", None) is not None]
         if columns:
             text += (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -88,7 +90,10 @@ TILE_PATHS = [
             not cpu_bitmap.has_path("tiles-emulated"), reason="an x86 build has the emulated tiles"
         ),
     ),
-    pytest.param("amx", marks=pytest.mark.skipif(not cpu_bitmap.has_path("amx"), reason="this CPU has no AMX")),
+    pytest.param(
+        "amx",
+        marks=pytest.mark.skipif(not cpu_bitmap.has_path("amx"), reason=cpu_bitmap.amx_reason() or "no AMX tile path"),
+    ),
 ]
 
 
@@ -120,6 +125,33 @@ def test_tile_path_matches_float64_with_x_in_bf16(tiles, shape, density, batch, 
     y = torch.ops.dsf.bitmap_spmm(x, factor, shape[1], plan)
     assert y.shape == (batch, shape[0])
     assert _relative_error(y, x.bfloat16().double() @ dense.double().t()) < 1e-5
+
+
+def test_the_library_says_why_there_is_no_amx_path():
+    reason = cpu_bitmap.amx_reason()
+    assert (reason == "") == cpu_bitmap.has_path("amx"), reason
+    flags = _cpu_flags()
+    if flags is not None and not {"amx_tile", "amx_bf16"} <= flags:
+        assert reason.startswith("the CPU has no AMX"), reason  # not an OS or permission refusal
+
+
+def test_an_amx_cpu_that_cannot_use_its_tiles_says_why(monkeypatch):
+    refused = "Linux refused the tile-data permission (arch_prctl ARCH_REQ_XCOMP_PERM: No space left on device)"
+    monkeypatch.setattr(cpu_bitmap, "tile_path", lambda: "none")
+    monkeypatch.setattr(cpu_bitmap, "amx_reason", lambda: refused)
+    assert backend.describe().endswith(f"; no AMX tiles: {refused}")
+    monkeypatch.setattr(cpu_bitmap, "amx_reason", lambda: "the CPU has no AMX-TILE and AMX-BF16")
+    assert "AMX" not in backend.describe()  # nothing to say on CPUs without AMX
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's flags as Linux lists them, or None off Linux."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
 def test_the_tile_path_is_chosen_for_bf16_factors_from_its_batch(monkeypatch):

@@ -13,6 +13,10 @@
 // fp32 accumulation; the hardware flushes subnormals to zero.
 #include <cpuid.h>
 
+#include <cerrno>
+#include <cstring>
+#include <string>
+
 #include "common.h"
 
 #ifdef DSF_X86
@@ -217,23 +221,36 @@ void tiles_spmm(const Factor& f, const float* x, int64_t ldx, float* y, int64_t 
 
 }  // namespace
 
-// CPUID: AMX-TILE and AMX-BF16 (leaf 7 EDX bits 24, 22), the OS saving tile state
-// (XCR0 bits 17, 18), AVX-512 for the expansion, and on Linux the process's permission
-// to use tile data (arch_prctl ARCH_REQ_XCOMP_PERM), requested here once.
-bool has_amx() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22)) || !has_avx512())
-    return false;
-  unsigned lo, hi;
-  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  if ((lo & (3u << 17)) != (3u << 17)) return false;
+// Why the tile path cannot run on this machine, or nullptr where it can: CPUID's
+// AMX-TILE and AMX-BF16 (leaf 7 EDX bits 24, 22), AVX-512 for the expansion, the OS
+// saving tile state (XCR0 bits 17, 18), and on Linux the process's permission to use
+// tile data (arch_prctl ARCH_REQ_XCOMP_PERM), requested once, on the first call. Linux
+// refuses it (ENOSPC) where a thread's alternate signal stack cannot hold the tile state.
+const char* amx_unavailable() {
+  static const std::string reason = []() -> std::string {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22)))
+      return "the CPU has no AMX-TILE and AMX-BF16";
+    if (!has_avx512()) return "the CPU has AMX but not the AVX-512 VBMI2 that expands bitmap words";
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return "the operating system does not enable the tile state (XCR0)";
 #if defined(__linux__)
-  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) {
+      const int err = errno;
+      return std::string("Linux refused the tile-data permission (arch_prctl ARCH_REQ_XCOMP_PERM: ") +
+             std::strerror(err) + (err == ENOSPC ? "; a thread's alternate signal stack is too small)" : ")");
+    }
+    return "";
 #else
-  return false;
+    return "the tile path asks Linux for the tile state, and this is not Linux";
 #endif
+  }();
+  return reason.empty() ? nullptr : reason.c_str();
 }
+
+bool has_amx() { return amx_unavailable() == nullptr; }
 
 // The tile path on AMX (bf16 values; x fp32, rounded to bf16).
 void tiles_amx(const Factor& f, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t batch) {

@@ -91,6 +91,7 @@ void cols_avx2(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void words_avx512(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void nz_avx512(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 bool has_amx();           // AMX-TILE + AMX-BF16, the OS's tile state and (Linux) the process's permission
+const char* amx_unavailable();  // why has_amx() is false (nullptr where it is true)
 void tiles_amx(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void tiles_emulated(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void words_avx512_256(const Factor&, const float*, int64_t, float*, int64_t, int64_t);

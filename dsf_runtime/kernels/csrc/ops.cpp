@@ -530,6 +530,16 @@ std::tuple<std::vector<std::string>, std::vector<double>> plan_paths() {
 
 std::vector<std::string> cpu_paths() { return kTable.names; }
 
+// Why this machine has no AMX tile path ("" where it has one).
+std::string amx_reason() {
+#ifdef DSF_X86
+  const char* reason = amx_unavailable();
+  return reason ? reason : "";
+#else
+  return "the tile path needs an x86 CPU with AMX";
+#endif
+}
+
 // y = x W^T (no bias) for x (n, k) and W (rows, k): the AVX2 dense path where the CPU has
 // it and x is fp32, else ATen's linear. For the dense layers a sparse model keeps (the
 // output layer), whose tall shape BLAS libraries run single-threaded at a fraction of the
@@ -598,6 +608,7 @@ DSF_LIBRARY(DSF_OP_NAMESPACE, m) {
   m.def("bitmap_columns(Tensor bitmap, Tensor row_offsets, int cols) -> Tensor");
   m.def("plan_paths() -> (str[], float[])", &dsf::plan_paths);
   m.def("cpu_paths() -> str[]", &dsf::cpu_paths);
+  m.def("amx_reason() -> str", &dsf::amx_reason);
   m.def("dense_linear(Tensor x, Tensor weight, Tensor? scales=None) -> Tensor");
 }
 
