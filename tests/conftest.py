@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 
 
 # Files that take minutes (engines, the real model, kernel builds, subprocess runs).
-# pytest-xdist's loadfile mode hands files to its two workers in collection order, so
+# pytest-xdist's loadfile mode (with --no-loadscope-reorder, see pyproject.toml; its
+# default order is by test count) hands files to its two workers in collection order, so
 # these go first and the many short files even out the end; started last, one of them
 # runs alone on one worker while the other waits.
 LONG_FILES = (
