@@ -14,39 +14,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# Files that take minutes (engines, the real model, kernel builds, subprocess runs).
-# pytest-xdist's loadfile mode (with --no-loadscope-reorder, see pyproject.toml; its
-# default order is by test count) hands files to its two workers in collection order, so
-# these go first and the many short files even out the end; started last, one of them
-# runs alone on one worker while the other waits.
-LONG_FILES = (
-    "tests/vllm_plugin/test_vllm_plugin.py",
-    "tests/test_real_model.py",
-    "tests/test_gpu_check.py",
-    "tests/benchmarks/test_compress.py",
-    "tests/converters/test_workers.py",
-    "tests/converters/test_calibrate.py",
-    "tests/test_kernel_ab.py",
-    "tests/benchmarks/test_storage.py",
-    "tests/serve/test_schema.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Long files first, each file's tests kept together and in their order."""
-    rank = {name: i for i, name in enumerate(LONG_FILES)}
-    root = config.rootpath
-
-    def key(item) -> int:
-        try:
-            rel = item.path.relative_to(root).as_posix()
-        except ValueError:
-            return len(LONG_FILES)
-        return rank.get(rel, len(LONG_FILES))
-
-    items.sort(key=key)
-
-
 def make_tokenizer(vocab_size: int = 384):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
