@@ -142,9 +142,10 @@ def amx_reason() -> str:
     return str(cpu_ops.ops().amx_reason())
 
 
-# Where amx_reason() says this, the machine has no AMX hardware at all; any other reason
-# (an AMX CPU whose OS or process cannot use it) is worth telling users.
-_NO_AMX_HARDWARE = ("the CPU has no AMX", "the tile path needs an x86 CPU")
+# How amx_reason() starts where the machine has no AMX hardware at all (csrc/amx.cpp,
+# csrc/ops.cpp); any other reason (an AMX CPU whose OS or process cannot use it) is worth
+# telling users.
+_NO_AMX_HARDWARE = "the CPU has no AMX"
 
 
 _REASON: str | None = None

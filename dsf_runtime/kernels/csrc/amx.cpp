@@ -230,7 +230,7 @@ const char* amx_unavailable() {
   static const std::string reason = []() -> std::string {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22)))
-      return "the CPU has no AMX-TILE and AMX-BF16";
+      return "the CPU has no AMX-TILE and AMX-BF16";  // cpu_bitmap.py knows no-hardware reasons by this start
     if (!has_avx512()) return "the CPU has AMX but not the AVX-512 VBMI2 that expands bitmap words";
     unsigned lo, hi;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));

@@ -536,7 +536,7 @@ std::string amx_reason() {
   const char* reason = amx_unavailable();
   return reason ? reason : "";
 #else
-  return "the tile path needs an x86 CPU with AMX";
+  return "the CPU has no AMX (not an x86 CPU)";  // the same start as amx.cpp's no-hardware reason
 #endif
 }
 
