@@ -57,9 +57,18 @@ SETTINGS: dict[str, Setting] = {
             choices=("auto", "off", "emulate"),
         ),
         Setting(
+            "DSF_PAIRS",
+            "choice",
+            "the AVX512_BF16 pair path for bf16 factors at large batches (x rounded to bf16): auto (where the "
+            "plan times it faster than the nonzero path and no AMX tile path runs) or off",
+            default="auto",
+            choices=("auto", "off"),
+        ),
+        Setting(
             "DSF_AMX_MIN_BATCH",
             "int",
-            "the batch from which bf16 factors take the tile path (default in kernels/tuning.json)",
+            "the batch from which bf16 factors take the tile path, AMX or AVX512_BF16 pairs "
+            "(default: where the plan times it faster than the nonzero path; kernels/tuning.json for emulated tiles)",
             minimum=1,
         ),
         Setting(

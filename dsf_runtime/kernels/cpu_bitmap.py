@@ -79,34 +79,54 @@ def columns_max_batch(isa: str) -> int:
 
 
 def tiles_min_batch() -> int:
-    """The batch from which bf16 factors take the tile path: DSF_AMX_MIN_BATCH, else where
-    the plan timed it faster than the nonzero path on this CPU (0: never), else the
-    tuning default (the emulated tiles)."""
+    """The batch from which bf16 factors take the tile path (AMX, or the AVX512_BF16 pair
+    path): DSF_AMX_MIN_BATCH, else where the plan timed it faster than the nonzero path on
+    this CPU (0: never), else the tuning default (the emulated tiles)."""
     value = settings.get("DSF_AMX_MIN_BATCH")
     if value is not None:
         return value
-    plan = path_plan() if has_path("amx") else None
-    measured = plan.tiles_min_batch() if plan is not None else None
+    path = tile_path()
+    measured = _measured_start(path) if path in _TIMED_TILES else None
     return TILES_MIN_BATCH if measured is None else measured
 
 
+# The tile paths the plan times.
+_TIMED_TILES = ("amx", "pairs")
 _TILE_CHECK: dict[str, bool] = {}  # tile path -> whether it matched the emulated tiles on this CPU
+
+
+def _measured_start(path: str) -> int | None:
+    """Where the plan starts ``path`` (amx or pairs) on this CPU; None where it timed neither."""
+    plan = path_plan() if has_path("avx512-vbmi2") else None
+    return plan.start_batch(path) if plan is not None else None
 
 
 def tile_path() -> str:
     """The tile path bf16 factors take from tiles_min_batch() on: "amx" where the CPU has
-    AMX (unless DSF_AMX=off) and a first call matches the emulated tiles, "amx-emulated"
-    with DSF_AMX=emulate (scalar; for tests), else "none"."""
+    AMX (unless DSF_AMX=off), the plan times it faster than the nonzero path and a first
+    call matches the emulated tiles; else "pairs" (AVX512_BF16: vdpbf16ps on the column
+    pairs that hold a nonzero) where the CPU has it and the plan times it faster (not with
+    DSF_PAIRS=off or a narrower DSF_CPU_ISA); "amx-emulated" with DSF_AMX=emulate
+    (scalar; for tests);
+    else "none"."""
     mode = settings.get("DSF_AMX")
-    if mode == "off" or not build():
+    if not build():
         return "none"
     if mode == "emulate":
         return "amx-emulated" if has_path("tiles-emulated") else "none"
-    if not has_path("amx") or tiles_min_batch() == 0:
-        return "none"
-    if "amx" not in _TILE_CHECK:
-        _TILE_CHECK["amx"] = _tiles_agree()
-    return "amx" if _TILE_CHECK["amx"] else "none"
+    if mode != "off" and has_path("amx") and _measured_start("amx") != 0:
+        if "amx" not in _TILE_CHECK:
+            _TILE_CHECK["amx"] = _tiles_agree()
+        if _TILE_CHECK["amx"]:
+            return "amx"
+    if (
+        settings.get("DSF_PAIRS") != "off"
+        and has_path("avx512-bf16")
+        and settings.get("DSF_CPU_ISA") is None
+        and _measured_start("pairs")
+    ):
+        return "pairs"
+    return "none"
 
 
 def _tiles_agree() -> bool:
@@ -204,6 +224,8 @@ PLAN_CANDIDATES = (
     "avx2 nonzeros",
     "amx tiles",
     "amx tiles 64",
+    "avx512 pairs",
+    "avx512 pairs 64",
     "avx512 nonzeros 64",
 )
 _WIDTHS = ("auto", "512", "256")
@@ -248,18 +270,19 @@ class PathPlan:
             "nonzeros": "avx2" if self._faster("avx2 nonzeros", "avx512 nonzeros") else "avx512",
         }
 
-    def tiles_min_batch(self) -> int | None:
-        """The batch from which the AMX tile path beats the nonzero path on this CPU: 16
-        where it is faster at 16, 64 where only at 64, 0 where at neither; None where the
-        CPU has no tile path timed."""
-        if self.ns.get("amx tiles") is None:
+    def start_batch(self, path: str = "amx") -> int | None:
+        """The batch from which tile ``path`` (amx or pairs) beats the nonzero path on this
+        CPU: 16 where it is faster at 16, 64 where only at 64, 0 where at neither; None
+        where the CPU has no such path timed."""
+        name = {"amx": "amx tiles", "pairs": "avx512 pairs"}[path]
+        if self.ns.get(name) is None:
             return None
         nz16 = min(
             (t for t in (self.ns.get("avx512 nonzeros"), self.ns.get("avx2 nonzeros")) if t is not None), default=None
         )
-        if nz16 is None or self.ns["amx tiles"] < nz16:
+        if nz16 is None or self.ns[name] < nz16:
             return 16
-        return 64 if self._faster("amx tiles 64", "avx512 nonzeros 64") else 0
+        return 64 if self._faster(f"{name} 64", "avx512 nonzeros 64") else 0
 
 
 _PLAN: PathPlan | None = None
@@ -377,7 +400,7 @@ KIND_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}
 # (word path 0 means none: the nonzero path at every batch, as the portable path runs).
 _ISA_CODES = {"portable": 0, "avx2": 1, "avx512-vbmi2": 2}
 _NO_COLUMNS = torch.empty(0, dtype=torch.int16)
-_TILE_CODES = {"none": 0, "amx": 1, "amx-emulated": 2}
+_TILE_CODES = {"none": 0, "amx": 1, "amx-emulated": 2, "pairs": 3}
 
 
 @dataclass(frozen=True)
@@ -394,7 +417,7 @@ class Paths:
     bf16_dot: bool  # bf16 activations take the AVX512_BF16 dot-product path
     ymm: bool = False  # AVX-512 word path: the 256-bit variant (bf16 values: x split into bf16 parts)
     dot_ymm: bool = False  # the bf16 dot-product path's 256-bit variant
-    tiles: str = "none"  # the tile path for fp32 x from tiles_min_batch on: none, amx, or amx-emulated (tests)
+    tiles: str = "none"  # the tile path from tiles_min_batch on: none, amx, pairs, or amx-emulated (tests)
     tiles_min_batch: int = 0
 
     def codes(self) -> list[int]:
@@ -585,7 +608,9 @@ class CPUBitmapBackend:
                 f"nonzeros {choice['nonzeros']}"
             )
         tiles = tile_path()
-        if tiles != "none":
+        if tiles == "pairs":
+            text += f"; avx512-bf16 pairs from batch {tiles_min_batch()} (bf16 values)"
+        elif tiles != "none":
             text += f"; {tiles} tiles from batch {tiles_min_batch()} (bf16 values)"
         else:
             reason = amx_reason()

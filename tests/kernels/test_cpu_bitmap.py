@@ -61,8 +61,9 @@ def test_matches_dense(isa, value_dtype, shape, density, batch, seed):
         p = backend.prepare("bitmap", tensors, shape, torch.float32)
         x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(seed + 1))
         y = backend.matmul(p, x)
+        rounds_x = backend.path_at(p, batch).startswith(("pairs", "tiles"))  # these take x in bf16
     assert y.shape == (batch, shape[0])
-    assert _relative_error(y, x.double() @ dense.double().t()) < 1e-5
+    assert _relative_error(y, (x.bfloat16() if rounds_x else x).double() @ dense.double().t()) < 1e-5
 
 
 @pytest.mark.parametrize("batch", [2, 12, 33])
@@ -94,7 +95,14 @@ TILE_PATHS = [
         "amx",
         marks=pytest.mark.skipif(not cpu_bitmap.has_path("amx"), reason=cpu_bitmap.amx_reason() or "no AMX tile path"),
     ),
+    pytest.param(
+        "pairs",
+        marks=pytest.mark.skipif(
+            not cpu_bitmap.has_path("avx512-bf16"), reason="the pair path needs a CPU with AVX512_BF16"
+        ),
+    ),
 ]
+_TILE_PATH_NAMES = {"amx": "tiles amx", "amx-emulated": "tiles amx-emulated", "pairs": "pairs avx512-bf16"}
 
 
 @pytest.mark.parametrize("tiles", TILE_PATHS)
@@ -102,14 +110,15 @@ TILE_PATHS = [
 @given(
     shape=SHAPES,
     density=DENSITIES,
-    batch=st.one_of(st.sampled_from([1, 15, 16, 17, 64, 65, 130]), BATCHES),
+    batch=st.one_of(st.sampled_from([1, 15, 16, 17, 64, 65, 128, 130]), BATCHES),
     seed=st.integers(0, 2**16),
 )
 def test_tile_path_matches_float64_with_x_in_bf16(tiles, shape, density, batch, seed):
-    """The tile path (on AMX, and its scalar emulation of the same tiles) for bf16 values:
-    row blocks with tails, empty blocks, batch passes of up to four 16-row tiles with
-    tails; within fp32 accumulation error of float64 on x rounded to bf16 (the error
-    the path adds beyond that rounding is the accumulation's)."""
+    """The tile paths for bf16 values (AMX, its scalar emulation of the same tiles, and the
+    AVX512_BF16 pair path): row blocks with tails, empty blocks, column blocks, batch
+    passes of up to four (tiles) or eight (pairs) 16-row tiles with tails; within fp32
+    accumulation error of float64 on x rounded to bf16 (the error the path adds beyond
+    that rounding is the accumulation's)."""
     tensors, dense = _factor(shape, density, seed, torch.bfloat16)
     factor = [
         tensors["bitmap"],
@@ -118,10 +127,10 @@ def test_tile_path_matches_float64_with_x_in_bf16(tiles, shape, density, batch, 
         torch.empty(0),
         torch.empty(0, dtype=torch.int16),
     ]
-    code = {"amx": 1, "amx-emulated": 2}[tiles]
+    code = {"amx": 1, "amx-emulated": 2, "pairs": 3}[tiles]
     x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(seed + 1))
     plan = [1 if cpu_bitmap.has_path("avx2") else 0, 0, 1 << 30, 0, 0, code, 1]
-    assert torch.ops.dsf.bitmap_path(batch, torch.float32, factor, shape[1], plan) == f"tiles {tiles}"
+    assert torch.ops.dsf.bitmap_path(batch, torch.float32, factor, shape[1], plan) == _TILE_PATH_NAMES[tiles]
     y = torch.ops.dsf.bitmap_spmm(x, factor, shape[1], plan)
     assert y.shape == (batch, shape[0])
     assert _relative_error(y, x.bfloat16().double() @ dense.double().t()) < 1e-5
@@ -174,9 +183,16 @@ def test_the_tile_path_is_chosen_for_bf16_factors_from_its_batch(monkeypatch):
         tensors = get_format("bitmap").pack(random_sparse(20, 64, 0.5), dtype)
         assert backend.prepare("bitmap", tensors, (20, 64), torch.float32).paths.tiles == "none"
     monkeypatch.setenv("DSF_AMX", "off")
+    monkeypatch.setattr(cpu_bitmap, "_measured_start", lambda path: 0)  # the plan timed no tile path faster
     assert backend.refresh(right).paths.tiles == "none" and backend.refresh(right).plan[5:] == [0, 0]
+    monkeypatch.setattr(cpu_bitmap, "_measured_start", lambda path: 16)
+    pairs = "pairs" if cpu_bitmap.has_path("avx512-bf16") else "none"
+    assert backend.refresh(right).paths.tiles == pairs  # DSF_AMX=off leaves the AVX512_BF16 pair path
     monkeypatch.setenv("DSF_AMX", "auto")
+    assert backend.refresh(right).paths.tiles == ("amx" if cpu_bitmap.has_path("amx") else pairs)
+    monkeypatch.setenv("DSF_CPU_ISA", "avx512")  # without the bf16 dot products
     assert backend.refresh(right).paths.tiles == ("amx" if cpu_bitmap.has_path("amx") else "none")
+    monkeypatch.delenv("DSF_CPU_ISA")
     if not cpu_bitmap.has_path("amx"):
         with pytest.raises(RuntimeError, match="amx tile path is not available on this CPU"):
             torch.ops.dsf.bitmap_spmm(torch.randn(20, 90), right.tensors, 90, right.plan[:5] + [1, 1])
@@ -185,10 +201,11 @@ def test_the_tile_path_is_chosen_for_bf16_factors_from_its_batch(monkeypatch):
 @pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("shape", [(70, 1100), (130, 576)])
 @pytest.mark.parametrize("batch", [33, 48, 64, 65, 100, 129])
-def test_prefill_batches_in_chunks_of_up_to_64_match_dense(value_dtype, shape, batch):
+def test_prefill_batches_in_chunks_of_up_to_64_match_dense(monkeypatch, value_dtype, shape, batch):
     """Batches past 32 (prefill) run in chunks of up to 64 rows of x on the nonzero path,
     with one set of accumulators from 5 vectors per x^T row on; chunk edges and the
     column blocks (4 words at 64 rows) give the dense product."""
+    monkeypatch.setenv("DSF_PAIRS", "off")  # bf16 factors would take the pair path (x in bf16)
     tensors = get_format("bitmap").pack(random_sparse(*shape, 0.4, seed=batch, empty_rows=1), value_dtype)
     dense = get_format("bitmap").unpack(tensors, shape).double()
     p = backend.prepare("bitmap", tensors, shape, torch.float32)
@@ -376,6 +393,7 @@ def test_the_reported_path_is_the_ops_choice(monkeypatch):
     shape = (64, 300)
     tensors = get_format("bitmap").pack(random_sparse(*shape, 0.1), torch.bfloat16)
     monkeypatch.setenv("DSF_NZ_MIN_BATCH", "5")
+    monkeypatch.setenv("DSF_PAIRS", "off")
     p = backend.prepare("bitmap", tensors, shape, torch.float32)
     isa = p.paths.isa
     words = f"words {'avx512-256' if p.paths.ymm else 'avx512' if isa == 'avx512-vbmi2' else isa}"
@@ -471,6 +489,7 @@ def test_avx512_variants_match_dense(width, value_dtype, shape, density, batch, 
     sum |w| |x| per output."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DSF_AVX512_WIDTH", width)
+        mp.setenv("DSF_PAIRS", "off")  # the vector paths, not the pair path
         tensors, dense = _factor(shape, density, seed, value_dtype)
         dense = dense.double()
         p = backend.prepare("bitmap", tensors, shape, torch.float32)
@@ -511,11 +530,13 @@ def test_the_plan_times_every_variant_this_cpu_has():
     plan = cpu_bitmap.path_plan()
     assert plan is not None and set(plan.ns) == set(cpu_bitmap.PLAN_CANDIDATES)
     for name, ns in plan.ns.items():
-        needs_bf16 = name.startswith("avx512-256") or name.endswith("bf16 model")  # AVX512_BF16's
-        needs_amx = name.startswith("amx") or name.endswith(" 64")
-        missing = (needs_bf16 and not cpu_bitmap.has_path("avx512-bf16")) or (
-            needs_amx and not cpu_bitmap.has_path("amx")
-        )
+        bf16, amx = cpu_bitmap.has_path("avx512-bf16"), cpu_bitmap.has_path("amx")
+        if name.startswith("amx"):
+            missing = not amx
+        elif name == "avx512 nonzeros 64":  # timed beside the tile or pair path at 64
+            missing = not (amx or bf16)
+        else:  # AVX512_BF16's: the 256-bit variants, the bf16-model dot paths, the pair path
+            missing = (name.startswith(("avx512-256", "avx512 pairs")) or name.endswith("bf16 model")) and not bf16
         assert (ns is None) == missing, name
         assert ns is None or 0 < ns < 1e9  # one call on a 2048 x 4096 factor: well under a second
     assert backend.describe().startswith("avx512-vbmi2; words: bf16 values ")
@@ -547,7 +568,7 @@ def test_the_plan_is_timed_on_first_use_not_at_build(monkeypatch):
     "plan,message",
     [
         ([1, 1, 16, 0], "plan has 5 or 7 entries"),
-        ([1, 1, 16, 0, 0, 3, 16], "tile path code must be 0-2"),
+        ([1, 1, 16, 0, 0, 4, 16], "tile path code must be 0-3"),
         ([7, 1, 16, 0, 0], "word path code must be 0-3"),
         ([1, 5, 16, 0, 0], "nonzero path code must be 0-2"),
         ([1, 1, 16, 0, 1], "dot path code must be 0, 2 or 3"),
@@ -894,7 +915,10 @@ def test_the_plan_picks_the_fastest_variant(monkeypatch, ns, expected):
     ],
 )
 def test_the_plan_starts_the_tile_path_where_it_timed_it_faster(ns, expected):
-    assert cpu_bitmap.PathPlan(ns).tiles_min_batch() == expected
+    assert cpu_bitmap.PathPlan(ns).start_batch("amx") == expected
+    pairs = {k.replace("amx tiles", "avx512 pairs"): v for k, v in ns.items()}
+    assert cpu_bitmap.PathPlan(pairs).start_batch("pairs") == expected
+    assert cpu_bitmap.PathPlan(pairs).start_batch("amx") is None
 
 
 def test_the_width_setting_overrides_the_plan_and_is_checked(monkeypatch):

@@ -2,6 +2,10 @@
 // fp32, so the values are never widened. For bf16 activations (a model run in bf16) per
 // word the 32 expanded values dot the word's 32 bf16 activations; for fp32 activations
 // the 256-bit variant carries x as two bf16 parts (see below).
+#include <cstdlib>
+#include <memory>
+#include <new>
+
 #include "common.h"
 
 #ifdef DSF_X86
@@ -194,10 +198,204 @@ DSF_AVX512Y void tile_256(int nb, const int32_t* bitmap, const int32_t* offsets,
   }
 }
 
+// The pair path (bf16 values, batches from the plan's start, prefill). vdpbf16ps
+// multiplies pairs: per 32-bit lane, one factor row's values at columns 2k and 2k + 1
+// against the same two columns of x. So per factor row each column pair holding a
+// nonzero costs one vdpbf16ps per 16 batch rows: its two values broadcast (zero for a
+// column without one) against x's two columns for 16 batch rows, x laid out as
+// xp [pair][batch][2] bf16, rounded to bf16 once per call. At DSF's densities (16-50%)
+// 30-75% of the pairs hold a nonzero, so the work follows the nonzeros rather than the
+// positions: a 4096 x 4096 DSF pair (both factors 25% dense) issues 0.875x the
+// vdpbf16ps of dense bf16 W, where expanding both factors to dense tiles issues 2x.
+//
+// Each x operand is loaded for one vdpbf16ps, so where x comes from bounds the path: the
+// factor runs in column blocks whose x (the slab) stays in L1 while a block of factor
+// rows passes over it, with each row's partial sums kept between blocks. Per row and
+// column block the bitmap words are first decoded (each word's 16 value pairs expanded
+// into a scratch row, the indices of its nonempty pairs compressed into a list), once per
+// pass over up to eight batch tiles, so the multiply loop runs without data-dependent
+// branches.
+
+#define DSF_PAIRS __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,bmi2,popcnt")))
+
+constexpr int64_t kPairLanes = 16;         // batch rows per zmm of x pairs
+constexpr int64_t kPairMaxTiles = 8;       // batch tiles per pass (128 rows)
+constexpr int64_t kPairSlab = 16 << 10;    // bytes of x per column block (L1)
+constexpr int64_t kPairRowBlock = 32;      // factor rows per column-block sweep
+
+// x [nb][ldx] fp32 (32 * words columns readable) as bf16 pairs: xp [(16 w + k) * ldb + b]
+// holds (x[b][32 w + 2k], x[b][32 w + 2k + 1]), rounded to nearest even; zero for
+// nb <= b < ldb.
+DSF_PAIRS void pack_pairs(const float* x, int64_t ldx, int64_t nb, int64_t words, int64_t ldb, uint32_t* xp) {
+#pragma omp parallel for schedule(static)
+  for (int64_t w = 0; w < words; ++w) {
+    alignas(64) uint32_t tmp[16];
+    uint32_t* out = xp + 16 * w * ldb;
+    for (int64_t b = 0; b < ldb; ++b) {
+      if (b < nb) {
+        const float* xr = x + b * ldx + 32 * w;
+        _mm512_store_si512(tmp, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xr + 16), _mm512_loadu_ps(xr)));
+      } else {
+        std::memset(tmp, 0, sizeof(tmp));
+      }
+      for (int64_t k = 0; k < 16; ++k) out[k * ldb + b] = tmp[k];
+    }
+  }
+}
+
+// The next popcount(bits) packed values into the lanes of the set bits, with the
+// register form of vpexpandw where 32 values are readable (the compiler would fold the
+// load into the memory form, which on AMD Zen 4 took 1.8x the time of this decode loop).
+DSF_PAIRS inline __m512i expand32(const uint16_t* src, const uint16_t* end, uint32_t bits) {
+  if (src + 32 > end) return _mm512_maskz_expandloadu_epi16(bits, src);
+  __m512i raw = _mm512_loadu_si512(src);
+  __asm__("" : "+v"(raw));
+  return _mm512_maskz_expand_epi16(bits, raw);
+}
+
+// ``nw`` bitmap words of one factor row from its packed values at v: each word's 16
+// value pairs into val [16 w + k] (zero where a column has no value), the indices
+// (16 w + k) of its nonempty pairs into idx. Returns their count; idx holds 16 * nw + 16.
+DSF_PAIRS int64_t decode_pairs(const uint32_t* row, int64_t nw, const uint16_t*& next, const uint16_t* end,
+                               uint32_t* val, int32_t* idx) {
+  const uint16_t* v = next;  // a local: through the reference each word's stores would reload it
+  __m512i pos = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  int64_t n = 0;
+  for (int64_t w = 0; w < nw; ++w, pos = _mm512_add_epi32(pos, step)) {
+    const uint32_t bits = row[w];
+    const __mmask16 pm = __mmask16(_pext_u32(bits | (bits >> 1), 0x55555555u));
+    _mm512_store_si512(val + 16 * w, expand32(v, end, bits));
+    _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(pm, pos));
+    n += __builtin_popcount(pm);
+    v += __builtin_popcount(bits);
+  }
+  // The row's next block, decoded after the other rows of the sweep: its bitmap words
+  // and about as many values as this block held. Read block by block, the rows are
+  // dozens of interleaved streams, more than the hardware prefetcher follows.
+  const char* vn = reinterpret_cast<const char*>(v);
+  const int64_t ahead = std::min<int64_t>(vn - reinterpret_cast<const char*>(next), 512);
+  for (int64_t b = 64; b <= ahead + 63; b += 64) _mm_prefetch(vn + b, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(row + nw), _MM_HINT_T0);
+  next = v;
+  return n;
+}
+
+// One row's sums over n listed pairs for T batch tiles, added to part [T][16]; U pairs in
+// flight with their own accumulators (vdpbf16ps's latency). xs: the block's x slab, pair
+// k at xs + k * T * 64 bytes.
+template <int T, int U>
+DSF_PAIRS void pair_row(const int32_t* idx, int64_t n, const uint32_t* val, const char* xs, float* part) {
+  __m512 acc[U][T];
+  for (int t = 0; t < T; ++t) acc[0][t] = _mm512_load_ps(part + 16 * t);
+  for (int u = 1; u < U; ++u)
+    for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + U <= n; i += U)
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = idx[i + u];
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(int32_t(val[k]));
+      const float* p = reinterpret_cast<const float*>(xs + k * (T * 64));
+      for (int t = 0; t < T; ++t)
+        acc[u][t] = _mm512_dpbf16_ps(acc[u][t], a, (__m512bh)_mm512_loadu_ps(p + 16 * t));
+    }
+  for (; i < n; ++i) {
+    const int64_t k = idx[i];
+    const __m512bh a = (__m512bh)_mm512_set1_epi32(int32_t(val[k]));
+    const float* p = reinterpret_cast<const float*>(xs + k * (T * 64));
+    for (int t = 0; t < T; ++t) acc[0][t] = _mm512_dpbf16_ps(acc[0][t], a, (__m512bh)_mm512_loadu_ps(p + 16 * t));
+  }
+  for (int t = 0; t < T; ++t) {
+    __m512 s = acc[0][t];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][t]);
+    _mm512_store_ps(part + 16 * t, s);
+  }
+}
+
+// Rows r0..r1 (at most kPairRowBlock) of one pass with T batch tiles: column block by
+// column block, each row's partial sums in part [row][T][16], then written into
+// y [b][ldy] for the pass's nb batch rows.
+template <int T, int U>
+DSF_PAIRS void pair_rows(const Factor& f, const char* xp, int64_t r0, int64_t r1, int64_t nb, float* y,
+                         int64_t ldy, uint32_t* val, int32_t* idx, float* part) {
+  const uint16_t* values = static_cast<const uint16_t*>(f.values);
+  const uint16_t* end = values + f.nvalues;
+  const int64_t nr = r1 - r0, cb = std::max<int64_t>(1, kPairSlab / (16 * T * 64));
+  const uint16_t* v[kPairRowBlock];
+  for (int64_t i = 0; i < nr; ++i) v[i] = values + f.offsets[r0 + i];
+  std::memset(part, 0, size_t(nr * T * 16) * sizeof(float));
+  const uint32_t* bitmap = reinterpret_cast<const uint32_t*>(f.bitmap);
+  // Row i + 1 is decoded before row i is multiplied (two scratch sets): the multiply
+  // loop's loads then find the decoded lists in L1 rather than waiting on the stores
+  // that wrote them.
+  const int64_t scratch = cb * 16 + 16;
+  for (int64_t w0 = 0; w0 < f.words; w0 += cb) {
+    const int64_t nw = std::min(cb, f.words - w0);
+    const char* xs = xp + w0 * 16 * (T * 64);
+    int64_t n = decode_pairs(bitmap + r0 * f.words + w0, nw, v[0], end, val, idx);
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t cur = (i & 1) * scratch, nxt = scratch - cur;
+      int64_t n_next = 0;
+      if (i + 1 < nr)
+        n_next = decode_pairs(bitmap + (r0 + i + 1) * f.words + w0, nw, v[i + 1], end, val + nxt, idx + nxt);
+      pair_row<T, U>(idx + cur, n, val + cur, xs, part + i * T * 16);
+      n = n_next;
+    }
+  }
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t i = 0; i < nr; ++i) y[b * ldy + r0 + i] = part[i * T * 16 + b];
+}
+
+using PairRowsFn = void (*)(const Factor&, const char*, int64_t, int64_t, int64_t, float*, int64_t, uint32_t*,
+                            int32_t*, float*);
+constexpr PairRowsFn kPairRows[kPairMaxTiles + 1] = {
+    nullptr,          pair_rows<1, 4>, pair_rows<2, 4>, pair_rows<3, 3>, pair_rows<4, 2>,
+    pair_rows<5, 2>,  pair_rows<6, 2>, pair_rows<7, 2>, pair_rows<8, 2>};
+
 }  // namespace
 
+// The pair path: y [batch][ldy] = S x for fp32 x [batch][ldx] (32 * words columns, zero
+// padded), bf16 values; x rounded to bf16, fp32 accumulation. The batch runs in passes of
+// up to eight tiles of 16 rows, factor rows in blocks over the threads.
+void pairs_avx512(const Factor& f, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t batch) {
+  const int64_t pairs = 16 * f.words;
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  // The calling thread's packed x, reused, 64-byte aligned: an x operand split over two
+  // cache lines costs a second load (1.6x the time per vdpbf16ps with x in L1, Zen 4).
+  static thread_local std::unique_ptr<uint32_t, Free> xp;
+  static thread_local size_t xp_size = 0;
+  for (int64_t b0 = 0; b0 < batch; b0 += kPairMaxTiles * kPairLanes) {
+    const int64_t nb = std::min(kPairMaxTiles * kPairLanes, batch - b0), nt = (nb + kPairLanes - 1) / kPairLanes;
+    const int64_t ldb = nt * kPairLanes;
+    if (xp_size < size_t(pairs * ldb)) {
+      xp.reset(static_cast<uint32_t*>(std::aligned_alloc(64, size_t(pairs * ldb) * 4)));
+      if (!xp) throw std::bad_alloc();
+      xp_size = size_t(pairs * ldb);
+    }
+    pack_pairs(x + b0 * ldx, ldx, nb, f.words, ldb, xp.get());
+    const char* xb = reinterpret_cast<const char*>(xp.get());
+    const int64_t cb = std::max<int64_t>(1, kPairSlab / (16 * nt * 64));
+#pragma omp parallel
+    {
+      const size_t scratch = size_t(cb * 16 + 16);  // per decoded row; two rows
+      std::unique_ptr<uint32_t, Free> val(static_cast<uint32_t*>(std::aligned_alloc(64, 2 * scratch * 4)));
+      std::vector<int32_t> idx(2 * scratch);
+      std::unique_ptr<float, Free> part(
+          static_cast<float*>(std::aligned_alloc(64, size_t(kPairRowBlock * nt * 64))));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t blk = 0; blk < (f.rows + kPairRowBlock - 1) / kPairRowBlock; ++blk) {
+        const int64_t r0 = blk * kPairRowBlock, r1 = std::min(f.rows, r0 + kPairRowBlock);
+        kPairRows[nt](f, xb, r0, r1, nb, y + b0 * ldy, ldy, val.get(), idx.data(), part.get());
+      }
+    }
+  }
+}
+
 bool has_avx512_bf16() {
-  return has_avx512() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl");
+  return has_avx512() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("bmi2");
 }
 
 // The 256-bit word variant for fp32 x: x split into bf16 parts, tiles of 4, 3, 2, 1.

@@ -84,7 +84,7 @@ void attend_portable(const float* q, const float* keys, const float* values, int
 #ifdef DSF_X86
 bool has_avx2();
 bool has_avx512();       // F + BW + VBMI2
-bool has_avx512_bf16();  // the above + BF16 + VL
+bool has_avx512_bf16();  // the above + BF16 + VL (+ BMI2)
 void words_avx2(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void nz_avx2(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void cols_avx2(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
@@ -97,6 +97,7 @@ void tiles_emulated(const Factor&, const float*, int64_t, float*, int64_t, int64
 void words_avx512_256(const Factor&, const float*, int64_t, float*, int64_t, int64_t);
 void dot_avx512(const Factor&, const uint16_t*, int64_t, float*, int64_t, int64_t);
 void dot_avx512_256(const Factor&, const uint16_t*, int64_t, float*, int64_t, int64_t);
+void pairs_avx512(const Factor&, const float*, int64_t, float*, int64_t, int64_t);  // bf16 values, x rounded to bf16
 // The fp32 output layer of a sparse model at decode batches (see DenseFn).
 void dense_avx2(const DenseWeight& w, int64_t n, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy,
                 int64_t batch);

@@ -13,7 +13,8 @@
 // path (0 portable, 1 avx2, 2 avx512), nz_min_batch (from this batch on the nonzero path),
 // columns_max_batch (up to this batch the column-index path, where columns are given),
 // bf16 dot path for bf16 x (0 none, 2 avx512, 3 avx512-256), then tile path for bf16
-// values (0 none, 1 amx, 2 emulated tiles) and tiles_min_batch (from this batch on).
+// values (0 none, 1 amx, 2 emulated tiles, 3 AVX512_BF16 pairs) and tiles_min_batch (from
+// this batch on).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -44,7 +45,7 @@ struct Table {
   SpmmFn words[4] = {nullptr, nullptr, nullptr, nullptr};
   SpmmFn nz[3] = {nz_portable, nullptr, nullptr};
   SpmmFn cols = nullptr;
-  SpmmFn tiles[3] = {nullptr, nullptr, nullptr};  // 1: AMX, 2: emulated tiles (tests)
+  SpmmFn tiles[4] = {nullptr, nullptr, nullptr, nullptr};  // 1: AMX, 2: emulated tiles (tests), 3: AVX512_BF16 pairs
   DotFn dot[4] = {nullptr, nullptr, nullptr, nullptr};
   DenseFn dense = nullptr;
   AttendFn attend = attend_portable;
@@ -73,6 +74,7 @@ Table make_table() {
     t.words[3] = words_avx512_256;
     t.dot[2] = dot_avx512;
     t.dot[3] = dot_avx512_256;
+    t.tiles[3] = pairs_avx512;
     t.names.push_back("avx512-bf16");
   }
   if (has_amx()) {
@@ -89,7 +91,7 @@ struct Plan {
   int64_t word, nz, nz_min_batch, columns_max_batch, dot, tiles, tiles_min_batch;
 };
 
-const char* const kTileNames[] = {"none", "amx", "amx-emulated"};
+const char* const kTileNames[] = {"none", "amx", "amx-emulated", "pairs"};
 
 Plan unpack_plan(at::IntArrayRef p) {
   TORCH_CHECK(p.size() == 5 || p.size() == 7,
@@ -97,7 +99,7 @@ Plan unpack_plan(at::IntArrayRef p) {
               "tiles_min_batch]), got ",
               p.size());
   Plan plan{p[0], p[1], p[2], p[3], p[4], p.size() == 7 ? p[5] : 0, p.size() == 7 ? p[6] : 0};
-  TORCH_CHECK(plan.tiles >= 0 && plan.tiles <= 2, "plan: tile path code must be 0-2, got ", plan.tiles);
+  TORCH_CHECK(plan.tiles >= 0 && plan.tiles <= 3, "plan: tile path code must be 0-3, got ", plan.tiles);
   TORCH_CHECK(plan.tiles == 0 || kTable.tiles[plan.tiles], "the ", kTileNames[plan.tiles],
               " tile path is not available on this CPU");
   TORCH_CHECK(plan.word >= 0 && plan.word <= 3, "plan: word path code must be 0-3, got ", plan.word);
@@ -482,7 +484,7 @@ std::string bitmap_path(int64_t n, at::ScalarType dtype, const std::vector<at::T
   const Plan plan = unpack_plan(plan_codes);
   switch (choose_path(n, dtype, f, plan)) {
     case Path::kColumns: return "columns avx2";
-    case Path::kTiles: return std::string("tiles ") + kTileNames[plan.tiles];
+    case Path::kTiles: return plan.tiles == 3 ? std::string("pairs avx512-bf16") : std::string("tiles ") + kTileNames[plan.tiles];
     case Path::kNonzeros: return std::string("nonzeros ") + kNzNames[plan.nz];
     case Path::kDot: return std::string("dot ") + kWordNames[plan.dot];
     default: return std::string("words ") + kWordNames[plan.word];

@@ -52,14 +52,20 @@ std::vector<std::pair<const char*, double>> time_paths() {
     runs.emplace_back("avx512 bf16 model", [&] { dot_avx512(fb, xb.data(), cols, y.data(), rows, 1); });
     runs.emplace_back("avx512-256 bf16 model", [&] { dot_avx512_256(fb, xb.data(), cols, y.data(), rows, 1); });
   }
-  // The tile path against the AVX-512 nonzero path, at a decode batch and a prefill chunk.
+  // The tile and pair paths against the nonzero paths, at a decode batch and a prefill chunk.
   std::vector<float> x64, y64;
-  if (has_amx()) {
+  if (has_amx() || has_avx512_bf16()) {
     x64.assign(size_t(64 * cols), 0.25f);
     y64.resize(size_t(64 * rows));
+    runs.emplace_back("avx512 nonzeros 64", [&] { nz_avx512(fb, x64.data(), cols, y64.data(), rows, 64); });
+  }
+  if (has_amx()) {
     runs.emplace_back("amx tiles", [&] { tiles_amx(fb, x16.data(), cols, y16.data(), rows, 16); });
     runs.emplace_back("amx tiles 64", [&] { tiles_amx(fb, x64.data(), cols, y64.data(), rows, 64); });
-    runs.emplace_back("avx512 nonzeros 64", [&] { nz_avx512(fb, x64.data(), cols, y64.data(), rows, 64); });
+  }
+  if (has_avx512_bf16()) {
+    runs.emplace_back("avx512 pairs", [&] { pairs_avx512(fb, x16.data(), cols, y16.data(), rows, 16); });
+    runs.emplace_back("avx512 pairs 64", [&] { pairs_avx512(fb, x64.data(), cols, y64.data(), rows, 64); });
   }
   if (has_avx2()) {
     word("avx2 bf16", words_avx2, fb);
