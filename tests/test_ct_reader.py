@@ -21,7 +21,7 @@ NAMES = ["sparse-bitmask-bf16", "sparse-bitmask-fp16", "sparse-24-bitmask-bf16"]
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_fixture_loads_sparse_and_matches_the_pruned_dense_logits(name):
+def test_fixture_loads_sparse_and_matches_the_pruned_dense_logits(name, fp32_activations):
     path = FIXTURES / name
     assert is_compressed_tensors(path)
     model, _ = load_compressed_tensors(path, with_tokenizer=False, dtype=torch.float32)

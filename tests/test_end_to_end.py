@@ -49,7 +49,7 @@ def test_every_linear_is_compressed_within_budget(compressed, tiny_model_dir):
     assert all(r.rel_error < 0.2 for r in result.reports)
 
 
-def test_logits_match_dense_product(compressed, tiny_model_dir, tiny_tokenizer):
+def test_logits_match_dense_product(compressed, tiny_model_dir, tiny_tokenizer, fp32_activations):
     path, _ = compressed
     sparse, tokenizer = load_model(path)
     dense = dense_product_model(tiny_model_dir, sparse)

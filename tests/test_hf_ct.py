@@ -26,7 +26,7 @@ NAMES = ["sparse-bitmask-bf16", "sparse-bitmask-fp16", "sparse-24-bitmask-bf16"]
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_from_pretrained_runs_the_checkpoint_sparse(name):
+def test_from_pretrained_runs_the_checkpoint_sparse(name, fp32_activations):
     path = FIXTURES / name
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ref = load_file(path / "reference.safetensors")

@@ -69,7 +69,7 @@ def test_unsupported_architecture_is_a_clear_error():
     [None, lambda name: True, lambda name: name.endswith(("k_proj", "o_proj", "up_proj"))],
     ids=["pairs", "pruned", "mixed"],
 )
-def test_dsf_blocks_run_as_one_op_each_and_match_transformers(one_matrix):
+def test_dsf_blocks_run_as_one_op_each_and_match_transformers(one_matrix, fp32_activations):
     """A DSF model's MLP blocks and decode-step attention inputs (RMSNorm, SiLU, rotary,
     cache writes; cpu-bitmap pairs, fp32) take the fused ops; the runner still equals the transformers forward of the same modules, also after
     a move drops the bound operands mid-run (the block falls back to the modules for

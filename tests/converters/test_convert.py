@@ -60,7 +60,7 @@ def test_nothing_sparse_enough_is_a_clear_error(pruned_dir, tmp_path, capsys):
     assert main(["convert", str(path), str(tmp_path / "ck"), "--min-sparsity", "1.5"]) == 2
 
 
-def test_compressed_tensors_checkpoint_converts_and_matches(tmp_path, tiny_tokenizer):
+def test_compressed_tensors_checkpoint_converts_and_matches(tmp_path, tiny_tokenizer, fp32_activations):
     src = tmp_path / "ct"
     shutil.copytree(FIXTURES / "sparse-bitmask-bf16", src)
     tiny_tokenizer.save_pretrained(src)
