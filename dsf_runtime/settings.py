@@ -57,10 +57,10 @@ SETTINGS: dict[str, Setting] = {
             choices=("auto", "off", "emulate"),
         ),
         Setting(
-            "DSF_PAIRS",
+            "DSF_ROUND_X",
             "choice",
-            "the AVX512_BF16 pair path for bf16 factors at large batches (x rounded to bf16): auto (where the "
-            "plan times it faster than the nonzero path and no AMX tile path runs) or off",
+            "fp32 activations of bf16 factors rounded to bf16 on CPUs with AVX512_BF16: auto (the dot path "
+            "from batch 2, the pair path where the plan times it faster) or off (fp32 x paths only)",
             default="auto",
             choices=("auto", "off"),
         ),

@@ -97,9 +97,10 @@ def ct_copy(tmp_path):
 
 @pytest.fixture
 def fp32_activations(monkeypatch):
-    """Keep fp32 activations in every CPU kernel path. The AMX tile and AVX512_BF16 pair
-    paths round x to bf16 (from batch 16 where the CPU has them), within 2^-8 of the
-    product (tests/kernels checks them against that reference); tests that compare a
-    model's logits with the dense fp32 product at tighter tolerances turn them off."""
-    monkeypatch.setenv("DSF_PAIRS", "off")
+    """Keep fp32 activations in every CPU kernel path. On CPUs with AVX512_BF16 or AMX, bf16
+    factors take fp32 x rounded to bf16 (the dot path from batch 2, the pair and tile paths
+    from 16), within 2^-8 of the product (tests/kernels checks them against that
+    reference); tests that compare a model's logits with the dense fp32 product at tighter
+    tolerances turn that off."""
+    monkeypatch.setenv("DSF_ROUND_X", "off")
     monkeypatch.setenv("DSF_AMX", "off")

@@ -53,6 +53,8 @@ COLUMNS_MAX_DENSITY: float = tuning.cpu()["columns_max_density"]
 COLUMNS_MAX_BATCH: dict[str, int] = tuning.cpu()["columns_max_batch"]
 # From this batch on, bf16 factors take the AMX tile path where the CPU has one.
 TILES_MIN_BATCH: int = tuning.cpu()["tiles_min_batch"]
+# From this batch on, fp32 x of bf16 factors is rounded to bf16 for the AVX512_BF16 dot path.
+ROUND_X_MIN_BATCH: int = tuning.cpu()["round_x_min_batch"]
 
 
 def nz_min_batch(isa: str, cells: int = 0) -> int:
@@ -106,7 +108,7 @@ def tile_path() -> str:
     AMX (unless DSF_AMX=off), the plan times it faster than the nonzero path and a first
     call matches the emulated tiles; else "pairs" (AVX512_BF16: vdpbf16ps on the column
     pairs that hold a nonzero) where the CPU has it and the plan times it faster (not with
-    DSF_PAIRS=off or a narrower DSF_CPU_ISA); "amx-emulated" with DSF_AMX=emulate
+    DSF_ROUND_X=off or a narrower DSF_CPU_ISA); "amx-emulated" with DSF_AMX=emulate
     (scalar; for tests);
     else "none"."""
     mode = settings.get("DSF_AMX")
@@ -120,7 +122,7 @@ def tile_path() -> str:
         if _TILE_CHECK["amx"]:
             return "amx"
     if (
-        settings.get("DSF_PAIRS") != "off"
+        settings.get("DSF_ROUND_X") != "off"
         and has_path("avx512-bf16")
         and settings.get("DSF_CPU_ISA") is None
         and _measured_start("pairs")
@@ -419,10 +421,11 @@ class Paths:
     dot_ymm: bool = False  # the bf16 dot-product path's 256-bit variant
     tiles: str = "none"  # the tile path from tiles_min_batch on: none, amx, pairs, or amx-emulated (tests)
     tiles_min_batch: int = 0
+    round_min_batch: int = 0  # from this batch on fp32 x takes the bf16 dot path, rounded (0: never)
 
     def codes(self) -> list[int]:
         """The ops' plan: [word path, nonzero path, nz_min_batch, columns_max_batch, dot path,
-        tile path, tiles_min_batch]."""
+        tile path, tiles_min_batch, round_min_batch]."""
         word = 3 if self.isa == "avx512-vbmi2" and self.ymm else _ISA_CODES[self.isa]
         dot = (3 if self.dot_ymm else 2) if self.bf16_dot else 0
         tiles = _TILE_CODES[self.tiles]
@@ -434,6 +437,7 @@ class Paths:
             dot,
             tiles,
             self.tiles_min_batch if tiles else 0,
+            self.round_min_batch if dot else 0,
         ]
 
 
@@ -576,6 +580,7 @@ class CPUBitmapBackend:
             dot_ymm=choice.get("bf16 model") == "avx512-256",
             tiles=tiles,
             tiles_min_batch=tiles_min_batch() if tiles != "none" else 0,
+            round_min_batch=ROUND_X_MIN_BATCH if p.kind == 1 and settings.get("DSF_ROUND_X") != "off" else 0,
         )
         p.sync()
         return p
@@ -607,6 +612,8 @@ class CPUBitmapBackend:
                 f"{isa}; words: bf16 values {choice['bf16']}, fp16 values {choice['fp16']}; "
                 f"nonzeros {choice['nonzeros']}"
             )
+        if self.bf16_dot and settings.get("DSF_ROUND_X") != "off":
+            text += f"; fp32 x on bf16 values in bf16 from batch {ROUND_X_MIN_BATCH}"
         tiles = tile_path()
         if tiles == "pairs":
             text += f"; avx512-bf16 pairs from batch {tiles_min_batch()} (bf16 values)"

@@ -61,7 +61,7 @@ def test_matches_dense(isa, value_dtype, shape, density, batch, seed):
         p = backend.prepare("bitmap", tensors, shape, torch.float32)
         x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(seed + 1))
         y = backend.matmul(p, x)
-        rounds_x = backend.path_at(p, batch).startswith(("pairs", "tiles"))  # these take x in bf16
+        rounds_x = backend.path_at(p, batch).startswith(("pairs", "tiles", "dot"))  # these take x in bf16
     assert y.shape == (batch, shape[0])
     assert _relative_error(y, (x.bfloat16() if rounds_x else x).double() @ dense.double().t()) < 1e-5
 
@@ -184,7 +184,7 @@ def test_the_tile_path_is_chosen_for_bf16_factors_from_its_batch(monkeypatch):
         assert backend.prepare("bitmap", tensors, (20, 64), torch.float32).paths.tiles == "none"
     monkeypatch.setenv("DSF_AMX", "off")
     monkeypatch.setattr(cpu_bitmap, "_measured_start", lambda path: 0)  # the plan timed no tile path faster
-    assert backend.refresh(right).paths.tiles == "none" and backend.refresh(right).plan[5:] == [0, 0]
+    assert backend.refresh(right).paths.tiles == "none" and backend.refresh(right).plan[5:7] == [0, 0]
     monkeypatch.setattr(cpu_bitmap, "_measured_start", lambda path: 16)
     pairs = "pairs" if cpu_bitmap.has_path("avx512-bf16") else "none"
     assert backend.refresh(right).paths.tiles == pairs  # DSF_AMX=off leaves the AVX512_BF16 pair path
@@ -198,6 +198,33 @@ def test_the_tile_path_is_chosen_for_bf16_factors_from_its_batch(monkeypatch):
             torch.ops.dsf.bitmap_spmm(torch.randn(20, 90), right.tensors, 90, right.plan[:5] + [1, 1])
 
 
+@pytest.mark.skipif(not cpu_bitmap.has_path("avx512-bf16"), reason="the bf16 dot path needs AVX512_BF16")
+def test_fp32_x_takes_the_bf16_dot_path_from_its_batch(monkeypatch):
+    """On AVX512_BF16 CPUs fp32 x of a bf16 factor is rounded to bf16 for the dot path from
+    round_x_min_batch on (batch 1 keeps the split-x word path, exact to 2^-16), within fp32
+    accumulation error of float64 on the rounded x; DSF_ROUND_X=off keeps fp32 x; fp16
+    factors never round."""
+    monkeypatch.setenv("DSF_AMX", "off")
+    shape = (200, 700)
+    tensors, dense = _factor(shape, 0.3, 5, torch.bfloat16)
+    p = backend.prepare("bitmap", tensors, shape, torch.float32)
+    start = cpu_bitmap.ROUND_X_MIN_BATCH
+    assert p.plan[7] == start and not backend.path_at(p, start - 1).startswith("dot")
+    for batch in (start, 5, p.paths.nz_min_batch - 1):
+        assert backend.path_at(p, batch).startswith("dot"), batch
+        x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(batch))
+        ref = x.bfloat16().double() @ dense.double().t()
+        assert _relative_error(backend.matmul(p, x), ref) < 1e-5
+        assert _relative_error(backend.matmul(p, x), x.double() @ dense.double().t()) > 1e-5  # it did round
+    monkeypatch.setenv("DSF_ROUND_X", "off")
+    assert backend.refresh(p).plan[7] == 0 and backend.path_at(p, 5).startswith("words")
+    monkeypatch.delenv("DSF_ROUND_X")
+    fp16 = backend.prepare("bitmap", _factor(shape, 0.3, 5, torch.float16)[0], shape, torch.float32)
+    assert fp16.plan[7] == 0 and not backend.path_at(fp16, 5).startswith("dot")
+    with pytest.raises(RuntimeError, match="round_min_batch must be >= 0"):
+        torch.ops.dsf.bitmap_spmm(torch.randn(2, 700), p.tensors, 700, p.plan[:7] + [-1])
+
+
 @pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("shape", [(70, 1100), (130, 576)])
 @pytest.mark.parametrize("batch", [33, 48, 64, 65, 100, 129])
@@ -205,7 +232,8 @@ def test_prefill_batches_in_chunks_of_up_to_64_match_dense(monkeypatch, value_dt
     """Batches past 32 (prefill) run in chunks of up to 64 rows of x on the nonzero path,
     with one set of accumulators from 5 vectors per x^T row on; chunk edges and the
     column blocks (4 words at 64 rows) give the dense product."""
-    monkeypatch.setenv("DSF_PAIRS", "off")  # bf16 factors would take the pair path (x in bf16)
+    monkeypatch.setenv("DSF_ROUND_X", "off")  # bf16 factors would take the pair path (x in bf16)
+    monkeypatch.setenv("DSF_AMX", "off")
     tensors = get_format("bitmap").pack(random_sparse(*shape, 0.4, seed=batch, empty_rows=1), value_dtype)
     dense = get_format("bitmap").unpack(tensors, shape).double()
     p = backend.prepare("bitmap", tensors, shape, torch.float32)
@@ -393,18 +421,13 @@ def test_the_reported_path_is_the_ops_choice(monkeypatch):
     shape = (64, 300)
     tensors = get_format("bitmap").pack(random_sparse(*shape, 0.1), torch.bfloat16)
     monkeypatch.setenv("DSF_NZ_MIN_BATCH", "5")
-    monkeypatch.setenv("DSF_PAIRS", "off")
+    monkeypatch.setenv("DSF_ROUND_X", "off")
     p = backend.prepare("bitmap", tensors, shape, torch.float32)
     isa = p.paths.isa
     words = f"words {'avx512-256' if p.paths.ymm else 'avx512' if isa == 'avx512-vbmi2' else isa}"
     first = "columns avx2" if p.columns is not None else words
-    assert [backend.path_at(p, n) for n in (1, 2, 4, 5, 64)] == [
-        first,
-        words,
-        words,
-        f"nonzeros {p.paths.nz_isa}",
-        f"nonzeros {p.paths.nz_isa}",
-    ]
+    nonzeros = f"nonzeros {'avx512' if p.paths.nz_isa == 'avx512-vbmi2' else p.paths.nz_isa}"
+    assert [backend.path_at(p, n) for n in (1, 2, 4, 5, 64)] == [first, words, words, nonzeros, nonzeros]
     monkeypatch.setenv("DSF_CPU_ISA", "portable")
     assert backend.path_at(backend.refresh(p), 2) == "nonzeros portable"
 
@@ -489,7 +512,7 @@ def test_avx512_variants_match_dense(width, value_dtype, shape, density, batch, 
     sum |w| |x| per output."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DSF_AVX512_WIDTH", width)
-        mp.setenv("DSF_PAIRS", "off")  # the vector paths, not the pair path
+        mp.setenv("DSF_ROUND_X", "off")  # the vector paths, not the pair path
         tensors, dense = _factor(shape, density, seed, value_dtype)
         dense = dense.double()
         p = backend.prepare("bitmap", tensors, shape, torch.float32)
@@ -567,7 +590,7 @@ def test_the_plan_is_timed_on_first_use_not_at_build(monkeypatch):
 @pytest.mark.parametrize(
     "plan,message",
     [
-        ([1, 1, 16, 0], "plan has 5 or 7 entries"),
+        ([1, 1, 16, 0], "plan has 5, 7 or 8 entries"),
         ([1, 1, 16, 0, 0, 4, 16], "tile path code must be 0-3"),
         ([7, 1, 16, 0, 0], "word path code must be 0-3"),
         ([1, 5, 16, 0, 0], "nonzero path code must be 0-2"),
@@ -718,7 +741,7 @@ def test_bound_handles_are_released_and_checked():
     torch.testing.assert_close(clone(x), want, rtol=0, atol=0)
 
 
-def test_mlp_block_matches_float64_and_checks_its_operands():
+def test_mlp_block_matches_float64_and_checks_its_operands(fp32_activations):
     """x + down(silu(gate(h)) * up(h)), h the RMS-normed x: within fp32 error of a float64
     computation of the same factors, including gate values whose exp overflows; bad
     operands are clear errors."""
@@ -744,7 +767,7 @@ def test_mlp_block_matches_float64_and_checks_its_operands():
         torch.ops.dsf.mlp_block_bound(x, weight, 1e-5, handles[2:4] + handles[:2] + handles[:2])
 
 
-def test_attn_inputs_write_the_cache_and_refuse_bad_positions():
+def test_attn_inputs_write_the_cache_and_refuse_bad_positions(fp32_activations):
     """q/k/v of the RMS-normed x with rotary on q and k, k and v written at each row's slot
     and position (nothing else touched), against float64; a position outside the cache,
     wrong dtypes or shapes are errors before anything is written."""
@@ -942,6 +965,7 @@ def test_each_factor_takes_its_own_kinds_choice(monkeypatch, value_dtype):
         pytest.skip("this CPU has no AVX512_BF16")
     monkeypatch.delenv("DSF_AVX512_WIDTH", raising=False)
     monkeypatch.delenv("DSF_NZ_MIN_BATCH", raising=False)
+    monkeypatch.setenv("DSF_ROUND_X", "off")  # fp32 x on the word and nonzero paths
     monkeypatch.setattr(cpu_bitmap, "_PLAN", _plan(**{**ZEN4, "zf": 40}))
     monkeypatch.setattr(cpu_bitmap, "_PLANNED", True)
     shape = (70, 200)

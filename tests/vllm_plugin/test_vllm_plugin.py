@@ -35,7 +35,7 @@ def _vllm_env() -> dict[str, str]:
     # fp32 activations in every kernel path (as the fp32_activations fixture): these tests
     # compare logprobs between tensor-parallel layouts at 1e-3, and the AMX and pair paths
     # round x to bf16 (tests/kernels checks them against that rounding).
-    pinned = {"DSF_PAIRS": "off", "DSF_AMX": "off"}
+    pinned = {"DSF_ROUND_X": "off", "DSF_AMX": "off"}
     return {**env, **pinned, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
 
 

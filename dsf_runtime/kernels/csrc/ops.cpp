@@ -9,12 +9,13 @@
 // passed bitmap_check (done once when a checkpoint is loaded); each call checks shapes,
 // dtypes and the offsets' total only.
 //
-// A plan is int[5] or int[7]: word path (0 none, 1 avx2, 2 avx512, 3 avx512-256), nonzero
+// A plan is int[5], int[7] or int[8]: word path (0 none, 1 avx2, 2 avx512, 3 avx512-256), nonzero
 // path (0 portable, 1 avx2, 2 avx512), nz_min_batch (from this batch on the nonzero path),
 // columns_max_batch (up to this batch the column-index path, where columns are given),
 // bf16 dot path for bf16 x (0 none, 2 avx512, 3 avx512-256), then tile path for bf16
 // values (0 none, 1 amx, 2 emulated tiles, 3 AVX512_BF16 pairs) and tiles_min_batch (from
-// this batch on).
+// this batch on), then round_min_batch: from this batch on (0: never) fp32 x on bf16
+// values is rounded to bf16 and takes the dot path.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -88,17 +89,18 @@ Table make_table() {
 const Table kTable = make_table();  // once, at load
 
 struct Plan {
-  int64_t word, nz, nz_min_batch, columns_max_batch, dot, tiles, tiles_min_batch;
+  int64_t word, nz, nz_min_batch, columns_max_batch, dot, tiles, tiles_min_batch, round_min_batch;
 };
 
 const char* const kTileNames[] = {"none", "amx", "amx-emulated", "pairs"};
 
 Plan unpack_plan(at::IntArrayRef p) {
-  TORCH_CHECK(p.size() == 5 || p.size() == 7,
-              "a cpu-bitmap plan has 5 or 7 entries (word, nz, nz_min_batch, columns_max_batch, dot[, tiles, "
-              "tiles_min_batch]), got ",
+  TORCH_CHECK(p.size() == 5 || p.size() == 7 || p.size() == 8,
+              "a cpu-bitmap plan has 5, 7 or 8 entries (word, nz, nz_min_batch, columns_max_batch, dot[, tiles, "
+              "tiles_min_batch[, round_min_batch]]), got ",
               p.size());
-  Plan plan{p[0], p[1], p[2], p[3], p[4], p.size() == 7 ? p[5] : 0, p.size() == 7 ? p[6] : 0};
+  Plan plan{p[0], p[1], p[2], p[3], p[4], p.size() >= 7 ? p[5] : 0, p.size() >= 7 ? p[6] : 0, p.size() == 8 ? p[7] : 0};
+  TORCH_CHECK(plan.round_min_batch >= 0, "plan: round_min_batch must be >= 0 (0: never), got ", plan.round_min_batch);
   TORCH_CHECK(plan.tiles >= 0 && plan.tiles <= 3, "plan: tile path code must be 0-3, got ", plan.tiles);
   TORCH_CHECK(plan.tiles == 0 || kTable.tiles[plan.tiles], "the ", kTileNames[plan.tiles],
               " tile path is not available on this CPU");
@@ -167,7 +169,8 @@ Path choose_path(int64_t n, at::ScalarType dtype, const Factor& f, const Plan& p
   if (f.columns && n <= plan.columns_max_batch && kTable.cols) return Path::kColumns;
   if (plan.tiles && n >= plan.tiles_min_batch && f.kind == kBf16) return Path::kTiles;
   if (plan.word == 0 || n >= plan.nz_min_batch) return Path::kNonzeros;
-  if (dtype == at::kBFloat16 && f.kind == kBf16 && plan.dot) return Path::kDot;
+  const bool rounds = plan.round_min_batch && n >= plan.round_min_batch;  // fp32 x taken in bf16
+  if ((dtype == at::kBFloat16 || rounds) && f.kind == kBf16 && plan.dot) return Path::kDot;
   return Path::kWords;
 }
 
