@@ -28,7 +28,7 @@ def logits(path, text="Sir Walter Elliot"):
 
 
 @pytest.mark.parametrize("fmt,extra", [("csr", []), ("bsr", ["--block", "8"]), ("bitmap", [])])
-def test_repack_is_lossless(ckpt, tmp_path, fmt, extra):
+def test_repack_is_lossless(ckpt, tmp_path, fmt, extra, fp32_activations):
     out = tmp_path / fmt
     assert main(["pack", str(ckpt), str(out), "--format", fmt, *extra]) == 0
     _, quant = read_quant_config(out)

@@ -44,9 +44,15 @@ def checkpoint(tiny_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    app = create_app(make_loader(str(checkpoint), max_concurrency=8, max_queue=16), "tiny-dsf")
-    with BackgroundServer(app) as srv:
-        yield srv
+    # Concurrent streams must match solo ones token for token: fp32 activations in every
+    # kernel path (bf16-rounded x, the default on AVX512_BF16 CPUs from batch 2, makes a
+    # request's logits depend on what it is batched with; docs/serving.md).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DSF_ROUND_X", "off")
+        mp.setenv("DSF_AMX", "off")
+        app = create_app(make_loader(str(checkpoint), max_concurrency=8, max_queue=16), "tiny-dsf")
+        with BackgroundServer(app) as srv:
+            yield srv
 
 
 @pytest.fixture(scope="module")
