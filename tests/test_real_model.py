@@ -35,7 +35,7 @@ def real(tmp_path_factory):
     return out, eval_ids, dense_ppl
 
 
-def test_real_model_round_trip(real):
+def test_real_model_round_trip(real, fp32_activations):
     path, eval_ids, dense_ppl = real
     sparse, tokenizer = load_model(path)
     mods = dsf_modules(sparse)
