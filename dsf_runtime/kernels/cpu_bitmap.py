@@ -109,8 +109,7 @@ def tile_path() -> str:
     call matches the emulated tiles; else "pairs" (AVX512_BF16: vdpbf16ps on the column
     pairs that hold a nonzero) where the CPU has it and the plan times it faster (not with
     DSF_ROUND_X=off or a narrower DSF_CPU_ISA); "amx-emulated" with DSF_AMX=emulate
-    (scalar; for tests);
-    else "none"."""
+    (scalar; for tests); else "none"."""
     mode = settings.get("DSF_AMX")
     if not build():
         return "none"
@@ -121,14 +120,14 @@ def tile_path() -> str:
             _TILE_CHECK["amx"] = _tiles_agree()
         if _TILE_CHECK["amx"]:
             return "amx"
-    if (
-        settings.get("DSF_ROUND_X") != "off"
-        and has_path("avx512-bf16")
-        and settings.get("DSF_CPU_ISA") is None
-        and _measured_start("pairs")
-    ):
+    if rounds_x() and has_path("avx512-bf16") and settings.get("DSF_CPU_ISA") is None and _measured_start("pairs"):
         return "pairs"
     return "none"
+
+
+def rounds_x() -> bool:
+    """Whether paths that multiply in bf16 may take fp32 x rounded to bf16 (DSF_ROUND_X)."""
+    return settings.get("DSF_ROUND_X") != "off"
 
 
 def _tiles_agree() -> bool:
@@ -272,7 +271,7 @@ class PathPlan:
             "nonzeros": "avx2" if self._faster("avx2 nonzeros", "avx512 nonzeros") else "avx512",
         }
 
-    def start_batch(self, path: str = "amx") -> int | None:
+    def start_batch(self, path: str) -> int | None:
         """The batch from which tile ``path`` (amx or pairs) beats the nonzero path on this
         CPU: 16 where it is faster at 16, 64 where only at 64, 0 where at neither; None
         where the CPU has no such path timed."""
@@ -580,7 +579,7 @@ class CPUBitmapBackend:
             dot_ymm=choice.get("bf16 model") == "avx512-256",
             tiles=tiles,
             tiles_min_batch=tiles_min_batch() if tiles != "none" else 0,
-            round_min_batch=ROUND_X_MIN_BATCH if p.kind == 1 and settings.get("DSF_ROUND_X") != "off" else 0,
+            round_min_batch=ROUND_X_MIN_BATCH if p.kind == 1 and rounds_x() else 0,
         )
         p.sync()
         return p
@@ -612,7 +611,7 @@ class CPUBitmapBackend:
                 f"{isa}; words: bf16 values {choice['bf16']}, fp16 values {choice['fp16']}; "
                 f"nonzeros {choice['nonzeros']}"
             )
-        if self.bf16_dot and settings.get("DSF_ROUND_X") != "off":
+        if self.bf16_dot and rounds_x():
             text += f"; fp32 x on bf16 values in bf16 from batch {ROUND_X_MIN_BATCH}"
         tiles = tile_path()
         if tiles == "pairs":

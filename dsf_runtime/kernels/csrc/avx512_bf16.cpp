@@ -216,7 +216,7 @@ DSF_AVX512Y void tile_256(int nb, const int32_t* bitmap, const int32_t* offsets,
 // pass over up to eight batch tiles, so the multiply loop runs without data-dependent
 // branches.
 
-#define DSF_ROUND_X __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,bmi2,popcnt")))
+#define DSF_PAIRS __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,bmi2,popcnt")))
 
 constexpr int64_t kPairLanes = 16;         // batch rows per zmm of x pairs
 constexpr int64_t kPairMaxTiles = 8;       // batch tiles per pass (128 rows)
@@ -226,7 +226,7 @@ constexpr int64_t kPairRowBlock = 32;      // factor rows per column-block sweep
 // x [nb][ldx] fp32 (32 * words columns readable) as bf16 pairs: xp [(16 w + k) * ldb + b]
 // holds (x[b][32 w + 2k], x[b][32 w + 2k + 1]), rounded to nearest even; zero for
 // nb <= b < ldb.
-DSF_ROUND_X void pack_pairs(const float* x, int64_t ldx, int64_t nb, int64_t words, int64_t ldb, uint32_t* xp) {
+DSF_PAIRS void pack_pairs(const float* x, int64_t ldx, int64_t nb, int64_t words, int64_t ldb, uint32_t* xp) {
 #pragma omp parallel for schedule(static)
   for (int64_t w = 0; w < words; ++w) {
     alignas(64) uint32_t tmp[16];
@@ -246,7 +246,7 @@ DSF_ROUND_X void pack_pairs(const float* x, int64_t ldx, int64_t nb, int64_t wor
 // The next popcount(bits) packed values into the lanes of the set bits, with the
 // register form of vpexpandw where 32 values are readable (the compiler would fold the
 // load into the memory form, which on AMD Zen 4 took 1.8x the time of this decode loop).
-DSF_ROUND_X inline __m512i expand32(const uint16_t* src, const uint16_t* end, uint32_t bits) {
+DSF_PAIRS inline __m512i expand32(const uint16_t* src, const uint16_t* end, uint32_t bits) {
   if (src + 32 > end) return _mm512_maskz_expandloadu_epi16(bits, src);
   __m512i raw = _mm512_loadu_si512(src);
   __asm__("" : "+v"(raw));
@@ -256,7 +256,7 @@ DSF_ROUND_X inline __m512i expand32(const uint16_t* src, const uint16_t* end, ui
 // ``nw`` bitmap words of one factor row from its packed values at v: each word's 16
 // value pairs into val [16 w + k] (zero where a column has no value), the indices
 // (16 w + k) of its nonempty pairs into idx. Returns their count; idx holds 16 * nw + 16.
-DSF_ROUND_X int64_t decode_pairs(const uint32_t* row, int64_t nw, const uint16_t*& next, const uint16_t* end,
+DSF_PAIRS int64_t decode_pairs(const uint32_t* row, int64_t nw, const uint16_t*& next, const uint16_t* end,
                                uint32_t* val, int32_t* idx) {
   const uint16_t* v = next;  // a local: through the reference each word's stores would reload it
   __m512i pos = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -281,30 +281,27 @@ DSF_ROUND_X int64_t decode_pairs(const uint32_t* row, int64_t nw, const uint16_t
   return n;
 }
 
+// Pair k's two values against its x for T batch tiles, into one accumulator set.
+template <int T>
+DSF_PAIRS inline void pair_step(int64_t k, const uint32_t* val, const char* xs, __m512* sums) {
+  const __m512bh a = (__m512bh)_mm512_set1_epi32(int32_t(val[k]));
+  const float* p = reinterpret_cast<const float*>(xs + k * (T * 64));
+  for (int t = 0; t < T; ++t) sums[t] = _mm512_dpbf16_ps(sums[t], a, (__m512bh)_mm512_loadu_ps(p + 16 * t));
+}
+
 // One row's sums over n listed pairs for T batch tiles, added to part [T][16]; U pairs in
 // flight with their own accumulators (vdpbf16ps's latency). xs: the block's x slab, pair
 // k at xs + k * T * 64 bytes.
 template <int T, int U>
-DSF_ROUND_X void pair_row(const int32_t* idx, int64_t n, const uint32_t* val, const char* xs, float* part) {
+DSF_PAIRS void pair_row(const int32_t* idx, int64_t n, const uint32_t* val, const char* xs, float* part) {
   __m512 acc[U][T];
   for (int t = 0; t < T; ++t) acc[0][t] = _mm512_load_ps(part + 16 * t);
   for (int u = 1; u < U; ++u)
     for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + U <= n; i += U)
-    for (int u = 0; u < U; ++u) {
-      const int64_t k = idx[i + u];
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(int32_t(val[k]));
-      const float* p = reinterpret_cast<const float*>(xs + k * (T * 64));
-      for (int t = 0; t < T; ++t)
-        acc[u][t] = _mm512_dpbf16_ps(acc[u][t], a, (__m512bh)_mm512_loadu_ps(p + 16 * t));
-    }
-  for (; i < n; ++i) {
-    const int64_t k = idx[i];
-    const __m512bh a = (__m512bh)_mm512_set1_epi32(int32_t(val[k]));
-    const float* p = reinterpret_cast<const float*>(xs + k * (T * 64));
-    for (int t = 0; t < T; ++t) acc[0][t] = _mm512_dpbf16_ps(acc[0][t], a, (__m512bh)_mm512_loadu_ps(p + 16 * t));
-  }
+    for (int u = 0; u < U; ++u) pair_step<T>(idx[i + u], val, xs, acc[u]);
+  for (; i < n; ++i) pair_step<T>(idx[i], val, xs, acc[0]);
   for (int t = 0; t < T; ++t) {
     __m512 s = acc[0][t];
     for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][t]);
@@ -316,7 +313,7 @@ DSF_ROUND_X void pair_row(const int32_t* idx, int64_t n, const uint32_t* val, co
 // column block, each row's partial sums in part [row][T][16], then written into
 // y [b][ldy] for the pass's nb batch rows.
 template <int T, int U>
-DSF_ROUND_X void pair_rows(const Factor& f, const char* xp, int64_t r0, int64_t r1, int64_t nb, float* y,
+DSF_PAIRS void pair_rows(const Factor& f, const char* xp, int64_t r0, int64_t r1, int64_t nb, float* y,
                          int64_t ldy, uint32_t* val, int32_t* idx, float* part) {
   const uint16_t* values = static_cast<const uint16_t*>(f.values);
   const uint16_t* end = values + f.nvalues;
